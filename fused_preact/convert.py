@@ -1,0 +1,146 @@
+"""Swap the pre-activation blocks of an existing model for fused ones.
+
+A candidate is a module with the attribute layout of kuangliu/pytorch-cifar's
+PreActBlock (bn1, conv1, bn2, conv2 [, shortcut]) or PreActBottleneck (... bn3, conv3).
+Blocks of the same layout can compute different things: RobustBench / fast-adversarial
+blocks feed the projection shortcut raw x instead of relu(bn1(x)), some add dropout or
+squeeze-excitation. So every swap is verified numerically: the candidate and the fused
+block are run on a random probe, in eval mode, in float64 on CPU copies whose BN
+statistics and affine parameters are randomised (default statistics would make a block
+that skips a BN look equivalent). A block that matches no variant is left untouched
+and the report says why.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .dispatch import check_backend_name
+from .nn import SHORTCUT_SOURCES, PreActBlock, PreActBottleneck, _PreActUnits, from_modules
+
+log = logging.getLogger("fused_preact.convert")
+
+# Parameter-free modules a block may hold besides its units (used in its forward or not).
+_HARMLESS = (nn.ReLU, nn.Identity)
+
+
+@dataclass
+class ConversionReport:
+    swapped: list[tuple[str, str]] = field(default_factory=list)  # (module name, what it became)
+    left: list[tuple[str, str]] = field(default_factory=list)     # (module name, why not)
+
+    def __str__(self) -> str:
+        lines = [f"fused_preact.convert: {len(self.swapped)} blocks swapped, {len(self.left)} left"]
+        lines += [f"  swapped {name or '<root>'}: {what}" for name, what in self.swapped]
+        lines += [f"  left    {name or '<root>'}: {why}" for name, why in self.left]
+        return "\n".join(lines)
+
+
+def _layout(module: nn.Module):
+    """(fused class, unit names) when `module` has a pre-activation block layout, else None."""
+    if isinstance(module, _PreActUnits):
+        return None
+    if all(hasattr(module, a) for a in ("bn1", "conv1", "bn2", "conv2", "bn3", "conv3")):
+        return PreActBottleneck, ("bn1", "conv1", "bn2", "conv2", "bn3", "conv3")
+    if all(hasattr(module, a) for a in ("bn1", "conv1", "bn2", "conv2")) and not hasattr(module, "bn3"):
+        return PreActBlock, ("bn1", "conv1", "bn2", "conv2")
+    return None
+
+
+def _candidate_modules(module: nn.Module, unit_names) -> dict[str, nn.Module]:
+    """The submodules a fused block takes over; raises ValueError on anything extra."""
+    taken = {name: getattr(module, name) for name in unit_names}
+    shortcut = getattr(module, "shortcut", None)
+    if shortcut is not None:
+        taken["shortcut"] = shortcut
+    extra = [name for name, child in module.named_children()
+             if name not in taken and not isinstance(child, _HARMLESS)]
+    if extra:
+        raise ValueError(f"has submodules a fused block does not compute: {extra}")
+    if isinstance(shortcut, nn.Sequential) and len(shortcut) == 0:
+        taken["shortcut"] = shortcut  # an empty Sequential is the identity
+    return taken
+
+
+def _randomize_bn(module: nn.Module, generator: torch.Generator) -> None:
+    for bn in module.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            c = bn.num_features
+            if bn.running_mean is not None:
+                bn.running_mean.copy_(torch.randn(c, generator=generator, dtype=torch.float64))
+                bn.running_var.copy_(torch.rand(c, generator=generator, dtype=torch.float64) + 0.5)
+            if bn.weight is not None:
+                bn.weight.data.copy_(torch.randn(c, generator=generator, dtype=torch.float64))
+                bn.bias.data.copy_(torch.randn(c, generator=generator, dtype=torch.float64))
+
+
+@torch.no_grad()
+def _matching_shortcut_source(module: nn.Module, block_cls, unit_names) -> Optional[str]:
+    """The shortcut source under which the fused block computes what `module` computes."""
+    probe_model = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
+    generator = torch.Generator().manual_seed(0)
+    _randomize_bn(probe_model, generator)
+    in_channels = probe_model.bn1.num_features
+    x = torch.randn(2, in_channels, 8, 8, generator=generator, dtype=torch.float64)
+    expected = probe_model(x)
+    has_projection = isinstance(getattr(probe_model, "shortcut", None), nn.Sequential) and len(probe_model.shortcut) > 0
+    for source in (SHORTCUT_SOURCES if has_projection else SHORTCUT_SOURCES[:1]):
+        fused = from_modules(block_cls, _candidate_modules(probe_model, unit_names),
+                             shortcut=source, backend="reference").eval()
+        got = fused(x)
+        if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-9, atol=1e-9):
+            return source
+    return None
+
+
+def _try_swap(module: nn.Module, backend: Optional[str]):
+    """(fused block, description) or (None, reason)."""
+    block_cls, unit_names = _layout(module)
+    try:
+        modules = _candidate_modules(module, unit_names)
+        fused = from_modules(block_cls, modules, shortcut="preact", backend=backend)  # validates layout
+        source = _matching_shortcut_source(module, block_cls, unit_names)
+    except (ValueError, TypeError, RuntimeError) as e:
+        return None, str(e)
+    if source is None:
+        return None, "its output differs from every fused variant on a probe input"
+    fused.shortcut_source = source
+    fused.train(module.training)
+    return fused, f"{block_cls.__name__}(shortcut={source!r})"
+
+
+def convert(model: nn.Module, *, backend: Optional[str] = None, return_report: bool = False):
+    """Replace every recognised pre-activation block of `model` by a fused one, in place.
+
+    Parameters and buffers are shared with the original submodules (state_dict keys,
+    device, dtype, optimizer references and train/eval mode are unchanged). Returns the
+    model, or (model, ConversionReport) with return_report=True. Blocks that look like
+    pre-activation blocks but do not compute what a fused block computes are left
+    untouched and logged as warnings.
+    """
+    check_backend_name(backend)
+    report = ConversionReport()
+
+    def visit(name: str, module: nn.Module) -> nn.Module:
+        if _layout(module) is not None:
+            fused, what = _try_swap(module, backend)
+            if fused is not None:
+                report.swapped.append((name, what))
+                return fused
+            report.left.append((name, what))
+            log.warning("fused_preact.convert: left %s (%s) untouched: %s", name or "<root>",
+                        type(module).__name__, what)
+        for child_name, child in list(module.named_children()):
+            new = visit(f"{name}.{child_name}" if name else child_name, child)
+            if new is not child:
+                setattr(module, child_name, new)
+        return module
+
+    model = visit("", model)
+    log.info("%s", report)
+    return (model, report) if return_report else model

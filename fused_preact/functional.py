@@ -1,0 +1,107 @@
+"""Glue between nn.BatchNorm2d / nn.Conv2d modules and the ops.
+
+Modules own parameters and buffers (so state_dicts match the eager definitions); these
+functions turn them into op calls with the semantics of nn.BatchNorm2d + F.relu +
+nn.Conv2d, in training and eval mode, under autocast too.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+
+class BNStats(NamedTuple):
+    """The statistics a BN prologue normalises with."""
+    mean: Tensor
+    var: Tensor
+    batch: bool  # True: batch statistics of the input (training-mode BN)
+
+
+def check_bn(bn: nn.Module, name: str) -> None:
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"fused_preact: {name} must be nn.BatchNorm2d, got {type(bn).__name__}")
+
+
+def check_conv(conv: nn.Module, name: str) -> None:
+    """Only what the kernels implement: groups=1, dilation=1, zero padding, no bias."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"fused_preact: {name} must be nn.Conv2d, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(f"fused_preact: {name}.groups={conv.groups} is not supported (groups=1 only)")
+    if tuple(conv.dilation) != (1, 1):
+        raise ValueError(f"fused_preact: {name}.dilation={tuple(conv.dilation)} is not supported (dilation=1 only)")
+    if conv.bias is not None:
+        raise ValueError(f"fused_preact: {name} has a bias; only bias=False convolutions are supported")
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(
+            f"fused_preact: {name} padding={conv.padding!r}, padding_mode={conv.padding_mode!r} is not "
+            "supported (explicit integer zero padding only)")
+
+
+def needs_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """nn.BatchNorm2d normalises with batch statistics in training, or when it tracks none."""
+    return bn.training or bn.running_mean is None
+
+
+def bn_stats(bn: nn.BatchNorm2d, x: Tensor, partials: Optional[Tensor], backend: str) -> BNStats:
+    """Statistics for `bn` applied to x; in training also updates its running statistics.
+
+    partials: statistics of x already produced by the conv that wrote x, else None
+    (then one standalone statistics pass reads x).
+    """
+    if not needs_batch_stats(bn):
+        return BNStats(bn.running_mean, bn.running_var, False)
+    if x.numel() // x.shape[1] <= 1:
+        raise ValueError(
+            f"fused_preact: expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    if partials is None:
+        partials = ops.batch_stats(x.detach(), backend)
+    update = bn.training and bn.track_running_stats
+    if update:
+        bn.num_batches_tracked.add_(1)
+    mean, var = ops.bn_finalize(
+        partials.detach(),
+        bn.running_mean if update else None,
+        bn.running_var if update else None,
+        bn.num_batches_tracked if update else None,
+        bn.momentum,
+        backend,
+    )
+    return BNStats(mean, var, True)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The conv dtype: the autocast dtype where autocast is on (as nn.Conv2d), else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.dtype == torch.float32:
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv: nn.Conv2d,
+         residual: Optional[Tensor], want_stats: bool, backend: str) -> tuple[Tensor, Optional[Tensor]]:
+    """conv(relu(bn(x))) [+ residual] with `stats` (None: plain conv of x, no BN, no ReLU).
+
+    Returns the output and, if want_stats, its partial statistics (None when they could
+    not be produced in the same pass).
+    """
+    dtype = compute_dtype(x)
+    weight = conv.weight.to(dtype)
+    if stats is None:
+        x, mean, var, bn_weight, bn_bias, eps, batch = x.to(dtype), None, None, None, None, 0.0, False
+    else:
+        mean, var, batch = stats
+        bn_weight, bn_bias, eps = bn.weight, bn.bias, bn.eps
+    # A residual of another dtype (fp32 identity under autocast) is added outside, with
+    # PyTorch's type promotion, exactly as the eager `out + shortcut` does.
+    fused_residual = residual if residual is None or residual.dtype == dtype else None
+    y, partials = ops.bn_relu_conv(
+        x, mean, var, bn_weight, bn_bias, weight, fused_residual, list(conv.stride),
+        list(conv.padding), float(eps), batch, want_stats and residual is fused_residual, backend)
+    if residual is not None and fused_residual is None:
+        return y + residual, None
+    return y, (partials if want_stats else None)

@@ -1,0 +1,103 @@
+"""Pre-activation ResNets built from the fused blocks.
+
+preact_resnet18/34/50/101/152: kuangliu/pytorch-cifar layout and state_dict keys
+(conv1 stem, layer1..4, linear; no final BN, 4x4 average pool: 32x32 inputs).
+preact_resnet110/164/1001: He et al. 2016 CIFAR networks (3x3 stem to 16 channels,
+three stages of widths 16/32/64, final BN-ReLU, global average pool, linear);
+110 uses basic blocks, 164 and 1001 bottlenecks.
+
+Consecutive blocks hand their conv-epilogue statistics to the next block's bn1
+(nn.run_chain), so only the first block needs a standalone statistics pass.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import nn
+
+from .nn import PreActBlock, PreActBottleneck, run_chain
+
+
+def _make_layer(block, in_planes: int, planes: int, n_blocks: int, stride: int, backend):
+    layers = []
+    for s in [stride] + [1] * (n_blocks - 1):
+        layers.append(block(in_planes, planes, s, backend=backend))
+        in_planes = planes * block.expansion
+    return nn.Sequential(*layers), in_planes
+
+
+class PreActResNet(nn.Module):
+    """kuangliu/pytorch-cifar PreActResNet, keys conv1, layer1..4, linear."""
+
+    def __init__(self, block, num_blocks, num_classes: int = 10, backend: Optional[str] = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        in_planes = 64
+        self.layer1, in_planes = _make_layer(block, in_planes, 64, num_blocks[0], 1, backend)
+        self.layer2, in_planes = _make_layer(block, in_planes, 128, num_blocks[1], 2, backend)
+        self.layer3, in_planes = _make_layer(block, in_planes, 256, num_blocks[2], 2, backend)
+        self.layer4, in_planes = _make_layer(block, in_planes, 512, num_blocks[3], 2, backend)
+        self.linear = nn.Linear(512 * block.expansion, num_classes)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        out = run_chain([*self.layer1, *self.layer2, *self.layer3, *self.layer4], out)
+        out = F.avg_pool2d(out, 4)
+        return self.linear(out.flatten(1))
+
+
+class PreActResNetCifar(nn.Module):
+    """He et al. 2016 CIFAR pre-activation ResNet, keys conv1, layer1..3, bn, linear."""
+
+    def __init__(self, block, n_per_stage: int, num_classes: int = 10, backend: Optional[str] = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
+        in_planes = 16
+        self.layer1, in_planes = _make_layer(block, in_planes, 16, n_per_stage, 1, backend)
+        self.layer2, in_planes = _make_layer(block, in_planes, 32, n_per_stage, 2, backend)
+        self.layer3, in_planes = _make_layer(block, in_planes, 64, n_per_stage, 2, backend)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        out = run_chain([*self.layer1, *self.layer2, *self.layer3], out)
+        out = F.relu(self.bn(out))
+        out = F.adaptive_avg_pool2d(out, 1)
+        return self.linear(out.flatten(1))
+
+
+def preact_resnet18(num_classes=10, backend=None):
+    return PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes, backend)
+
+
+def preact_resnet34(num_classes=10, backend=None):
+    return PreActResNet(PreActBlock, [3, 4, 6, 3], num_classes, backend)
+
+
+def preact_resnet50(num_classes=10, backend=None):
+    return PreActResNet(PreActBottleneck, [3, 4, 6, 3], num_classes, backend)
+
+
+def preact_resnet101(num_classes=10, backend=None):
+    return PreActResNet(PreActBottleneck, [3, 4, 23, 3], num_classes, backend)
+
+
+def preact_resnet152(num_classes=10, backend=None):
+    return PreActResNet(PreActBottleneck, [3, 8, 36, 3], num_classes, backend)
+
+
+def preact_resnet110(num_classes=10, backend=None):
+    """Depth 6n + 2, n = 18 basic blocks per stage."""
+    return PreActResNetCifar(PreActBlock, 18, num_classes, backend)
+
+
+def preact_resnet164(num_classes=10, backend=None):
+    """Depth 9n + 2, n = 18 bottlenecks per stage."""
+    return PreActResNetCifar(PreActBottleneck, 18, num_classes, backend)
+
+
+def preact_resnet1001(num_classes=10, backend=None):
+    """Depth 9n + 2, n = 111 bottlenecks per stage."""
+    return PreActResNetCifar(PreActBottleneck, 111, num_classes, backend)

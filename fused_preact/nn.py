@@ -1,0 +1,176 @@
+"""Drop-in modules: FusedBNReLUConv2d, PreActBlock, PreActBottleneck.
+
+Parameters and buffers live in ordinary nn.BatchNorm2d / nn.Conv2d submodules with the
+names of kuangliu/pytorch-cifar (bn1, conv1, ..., shortcut), so state_dicts load both
+ways and weight-init code that walks `model.modules()` keeps working. Forward runs the
+fused ops instead of the submodules' own forward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as Fp
+from .dispatch import check_backend_name
+
+SHORTCUT_SOURCES = ("preact", "input")
+
+
+class FusedBNReLUConv2d(nn.Module):
+    """y = conv(relu(bn(x))) [+ residual] as one fused unit.
+
+    Submodules `bn` (nn.BatchNorm2d) and `conv` (nn.Conv2d, bias=False, groups=1,
+    dilation=1). forward(x, residual=None).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=None, *,
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        if padding is None:
+            padding = kernel_size // 2 if isinstance(kernel_size, int) else tuple(k // 2 for k in kernel_size)
+        factory = dict(device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum, affine=affine,
+                                 track_running_stats=track_running_stats, **factory)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False, **factory)
+        check_backend_name(backend)
+        self.backend = backend
+
+    @classmethod
+    def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, *, backend: Optional[str] = None):
+        """Wrap existing modules (shared, not copied: optimizers keep their parameters)."""
+        Fp.check_bn(bn, "bn")
+        Fp.check_conv(conv, "conv")
+        check_backend_name(backend)
+        unit = cls.__new__(cls)
+        nn.Module.__init__(unit)
+        unit.bn, unit.conv, unit.backend = bn, conv, backend
+        return unit
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        backend = self.backend or "auto"
+        stats = Fp.bn_stats(self.bn, x, None, backend)
+        return Fp.unit(x, stats, self.bn, self.conv, residual, False, backend)[0]
+
+
+class _PreActUnits(nn.Module):
+    """Shared forward of pre-activation blocks: a chain of (bnK, convK) units + shortcut.
+
+    x_{l+1} = x_l + F(x_l); the projection shortcut (if any) reads relu(bn1(x))
+    ("preact": kuangliu, timm, the paper) or raw x ("input": RobustBench, fast-adversarial).
+    """
+
+    n_units = 0
+
+    def _setup(self, shortcut: str, backend: Optional[str]) -> None:
+        if shortcut not in SHORTCUT_SOURCES:
+            raise ValueError(f"fused_preact: shortcut must be one of {SHORTCUT_SOURCES}, got {shortcut!r}")
+        check_backend_name(backend)
+        self.shortcut_source = shortcut
+        self.backend = backend
+        for i in range(1, self.n_units + 1):
+            Fp.check_bn(getattr(self, f"bn{i}"), f"bn{i}")
+            Fp.check_conv(getattr(self, f"conv{i}"), f"conv{i}")
+        if self.has_projection():
+            if not isinstance(self.shortcut, nn.Sequential) or len(self.shortcut) != 1:
+                raise ValueError("fused_preact: shortcut must be nn.Sequential(nn.Conv2d(...)) (no BN)")
+            Fp.check_conv(self.shortcut[0], "shortcut[0]")
+
+    def has_projection(self) -> bool:
+        return isinstance(getattr(self, "shortcut", None), nn.Sequential) and len(self.shortcut) > 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_stats(x, None, False)[0]
+
+    def forward_with_stats(self, x: Tensor, x_partials: Optional[Tensor], want_stats: bool):
+        """Forward that takes and gives partial statistics, so a chain of blocks needs no
+        standalone statistics pass between blocks (the conv epilogue produced them)."""
+        backend = self.backend or "auto"
+        stats = Fp.bn_stats(self.bn1, x, x_partials, backend)
+        if not self.has_projection():
+            shortcut = x
+        elif self.shortcut_source == "preact":
+            shortcut = Fp.unit(x, stats, self.bn1, self.shortcut[0], None, False, backend)[0]
+        else:
+            shortcut = Fp.unit(x, None, None, self.shortcut[0], None, False, backend)[0]
+        h = x
+        for i in range(1, self.n_units + 1):
+            last = i == self.n_units
+            if i > 1:
+                stats = Fp.bn_stats(getattr(self, f"bn{i}"), h, partials, backend)
+            next_bn = None if last else getattr(self, f"bn{i + 1}")
+            want = want_stats if last else Fp.needs_batch_stats(next_bn)
+            h, partials = Fp.unit(h, stats, getattr(self, f"bn{i}"), getattr(self, f"conv{i}"),
+                                  shortcut if last else None, want, backend)
+        return h, partials
+
+    def extra_repr(self) -> str:
+        return f"shortcut_source={self.shortcut_source!r}, backend={self.backend!r}"
+
+
+def _projection(in_planes: int, out_planes: int, stride: int) -> Optional[nn.Sequential]:
+    if stride != 1 or in_planes != out_planes:
+        return nn.Sequential(nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False))
+    return None
+
+
+class PreActBlock(_PreActUnits):
+    """Pre-activation basic block: bn1, conv1 (3x3, stride), bn2, conv2 (3x3) [+ shortcut]."""
+
+    expansion = 1
+    n_units = 2
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, *, shortcut: str = "preact",
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        projection = _projection(in_planes, self.expansion * planes, stride)
+        if projection is not None:
+            self.shortcut = projection
+        self._setup(shortcut, backend)
+
+
+class PreActBottleneck(_PreActUnits):
+    """Pre-activation bottleneck: bn1, conv1 (1x1), bn2, conv2 (3x3, stride), bn3, conv3 (1x1, x4)."""
+
+    expansion = 4
+    n_units = 3
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, *, shortcut: str = "preact",
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, self.expansion * planes, kernel_size=1, bias=False)
+        projection = _projection(in_planes, self.expansion * planes, stride)
+        if projection is not None:
+            self.shortcut = projection
+        self._setup(shortcut, backend)
+
+
+def from_modules(block_cls, modules: dict[str, nn.Module], *, shortcut: str, backend: Optional[str]):
+    """A fused block around existing submodules (used by `convert`; parameters are shared)."""
+    block = block_cls.__new__(block_cls)
+    nn.Module.__init__(block)
+    for name, module in modules.items():
+        setattr(block, name, module)
+    block._setup(shortcut, backend)
+    return block
+
+
+def run_chain(blocks, x: Tensor) -> Tensor:
+    """Run consecutive fused blocks, handing each conv epilogue's statistics to the next BN."""
+    blocks = list(blocks)
+    partials = None
+    for i, block in enumerate(blocks):
+        want = i + 1 < len(blocks) and Fp.needs_batch_stats(blocks[i + 1].bn1)
+        x, partials = block.forward_with_stats(x, partials, want)
+    return x

@@ -1,0 +1,267 @@
+"""The op layer: every fused op declared once with torch.library.custom_op.
+
+This is the only door from Python into kernels. Each op validates its arguments
+(clear errors naming the argument), asks `dispatch.select` for a backend and calls that
+backend's implementation. Fake implementations make the ops traceable by
+torch.compile; `bn_relu_conv` carries the autograd formula of a whole
+bn -> relu -> conv (+ residual) unit, saving only the pre-BN input x.
+
+Ops (DESIGN.md section 1):
+  bn_relu_conv        y = conv(relu(bn(x)), W) [+ residual], optional partial stats of y
+  batch_stats         partial statistics of x (first block of a network)
+  bn_finalize         merge partials -> (mean, biased var); update running stats in place
+  bn_relu_conv_dgrad  g = dgrad(dy, W) * [bn(x) > 0], per-channel sums of g and g * xhat
+  bn_relu_conv_wgrad  dW = wgrad(relu(bn(x)), dy)
+  bn_backward_apply   dx = scale * (g - mean(g) - xhat * mean(g * xhat))   (training)
+
+Partial statistics are [T, 3, C] (count, mean, M2) per row tile, T chosen by the backend.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- checks
+def _check_nchw(name: str, t: Tensor) -> None:
+    if t.dim() != 4:
+        raise ValueError(f"fused_preact: {name} must be a 4-D NCHW tensor, got shape {tuple(t.shape)}")
+
+
+def _check_vector(name: str, v: Optional[Tensor], channels: int, device: torch.device) -> None:
+    if v is None:
+        return
+    if v.dim() != 1 or v.shape[0] != channels:
+        raise ValueError(f"fused_preact: {name} must have shape ({channels},), got {tuple(v.shape)}")
+    if v.device != device:
+        raise ValueError(f"fused_preact: {name} is on {v.device} but x is on {device}")
+    if not v.is_floating_point():
+        raise TypeError(f"fused_preact: {name} must be floating point, got {v.dtype}")
+
+
+def _check_pair(name: str, value: Sequence[int], minimum: int) -> None:
+    if len(value) != 2 or any(v < minimum for v in value):
+        raise ValueError(f"fused_preact: {name} must be two ints >= {minimum}, got {list(value)}")
+
+
+def check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding) -> None:
+    """Validate a bn -> relu -> conv unit; raise naming the offending argument."""
+    _check_nchw("x", x)
+    _check_nchw("weight", weight)
+    if not x.is_floating_point():
+        raise TypeError(f"fused_preact: x must be float32, float16 or bfloat16, got {x.dtype}")
+    # Under autocast x may stay float32 (BN reads it in full precision) while the conv runs
+    # in the weight's low precision; otherwise the two dtypes must agree.
+    if weight.dtype != x.dtype and not (x.dtype == torch.float32 and weight.dtype in LOW_PRECISION):
+        raise TypeError(
+            f"fused_preact: weight dtype {weight.dtype} does not go with x dtype {x.dtype} "
+            "(equal dtypes, or float32 x with float16/bfloat16 weight under autocast)")
+    if weight.device != x.device:
+        raise ValueError(f"fused_preact: weight is on {weight.device} but x is on {x.device}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"fused_preact: weight expects {weight.shape[1]} input channels (groups=1 only), "
+            f"x has {x.shape[1]}")
+    _check_pair("stride", stride, 1)
+    _check_pair("padding", padding, 0)
+    if (mean is None) != (var is None):
+        raise ValueError("fused_preact: mean and var must be given together (or neither: no BN prologue)")
+    for name, v in (("mean", mean), ("var", var), ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        _check_vector(name, v, x.shape[1], x.device)
+    out_hw = conv_output_hw(x.shape[2:], weight.shape[2:], stride, padding)
+    if min(out_hw) < 1:
+        raise ValueError(
+            f"fused_preact: input {tuple(x.shape[2:])} is too small for kernel "
+            f"{tuple(weight.shape[2:])} with padding {list(padding)}")
+    if residual is not None:
+        expected = (x.shape[0], weight.shape[0], *out_hw)
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"fused_preact: residual must have shape {expected}, got {tuple(residual.shape)}")
+        if residual.device != x.device or residual.dtype != weight.dtype:
+            raise ValueError(
+                f"fused_preact: residual must be {weight.dtype} (the output dtype) on {x.device}, "
+                f"got {residual.dtype} on {residual.device}")
+
+
+def conv_output_hw(in_hw, kernel_hw, stride, padding) -> tuple[int, int]:
+    return tuple((i + 2 * p - k) // s + 1 for i, k, s, p in zip(in_hw, kernel_hw, stride, padding))
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty_nchw_channels_last(like: Tensor, shape, dtype=None) -> Tensor:
+    return like.new_empty(shape, dtype=dtype or like.dtype).contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------- forward unit
+@torch.library.custom_op("fused_preact::bn_relu_conv", mutates_args=())
+def bn_relu_conv(
+    x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor], weight: Tensor, residual: Optional[Tensor], stride: Sequence[int],
+    padding: Sequence[int], eps: float, batch_stats: bool, want_stats: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """y = conv(relu(bn(x)), weight) (+ residual) and, if want_stats, partial stats of y.
+
+    y has weight's dtype; the activation relu(bn(x)) is cast to it before the conv.
+    mean/var None: no BN prologue (a plain conv). batch_stats: mean/var are the batch
+    statistics of x (training mode), so the backward differentiates through them.
+    """
+    check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding)
+    impl = dispatch.select("bn_relu_conv", [x, weight, residual, mean, var, bn_weight, bn_bias], backend)
+    return impl.impls["bn_relu_conv"](x, mean, var, bn_weight, bn_bias, weight, residual,
+                                      list(stride), list(padding), eps, want_stats)
+
+
+@bn_relu_conv.register_fake
+def _(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, batch_stats,
+      want_stats, backend):
+    check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding)
+    out_hw = conv_output_hw(x.shape[2:], weight.shape[2:], stride, padding)
+    n, c_out = x.shape[0], weight.shape[0]
+    y = _empty_nchw_channels_last(x, (n, c_out, *out_hw), dtype=weight.dtype)
+    tiles = 0
+    if want_stats:
+        chosen = dispatch.select("bn_relu_conv", [x, weight, residual, mean, var], backend)
+        tiles = chosen.stats_tiles(n * out_hw[0] * out_hw[1], c_out)
+    return y, x.new_empty((tiles, 3, c_out), dtype=stats_dtype(weight.dtype))
+
+
+def _unit_setup_context(ctx, inputs, output):
+    (x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, batch_stats,
+     _want_stats, backend) = inputs
+    # Only the pre-BN input and per-channel vectors: relu(bn(x)) is recomputed in backward.
+    ctx.save_for_backward(x, mean, var, bn_weight, bn_bias, weight)
+    ctx.conf = (list(stride), list(padding), eps, batch_stats, backend, residual is not None)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _unit_backward(ctx, dy, _dstats):
+    x, mean, var, bn_weight, bn_bias, weight = ctx.saved_tensors
+    stride, padding, eps, batch_stats, backend, has_residual = ctx.conf
+    needs = ctx.needs_input_grad
+    dx = dgamma = dbeta = dweight = None
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    if needs[5]:
+        dweight = bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, list(weight.shape),
+                                     stride, padding, eps, backend)
+    if needs[0] or needs[3] or needs[4]:
+        g, sums = bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding,
+                                     eps, backend)
+        if mean is None:
+            dx = g
+        else:
+            if needs[0]:
+                dx = bn_backward_apply(g, x, mean, var, bn_weight, sums, eps, batch_stats, backend)
+            if needs[3]:
+                dgamma = sums[1].to(bn_weight.dtype)
+            if needs[4]:
+                dbeta = sums[0].to(bn_bias.dtype)
+    dresidual = dy if (has_residual and needs[6]) else None
+    return dx, None, None, dgamma, dbeta, dweight, dresidual, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fused_preact::bn_relu_conv", _unit_backward,
+                                setup_context=_unit_setup_context)
+
+
+# --------------------------------------------------------------------------- statistics
+@torch.library.custom_op("fused_preact::batch_stats", mutates_args=())
+def batch_stats(x: Tensor, backend: str) -> Tensor:
+    """Partial (count, mean, M2) statistics per channel of x: [T, 3, C]."""
+    _check_nchw("x", x)
+    return dispatch.select("batch_stats", [x], backend).impls["batch_stats"](x)
+
+
+@batch_stats.register_fake
+def _(x, backend):
+    _check_nchw("x", x)
+    n, c, h, w = x.shape
+    tiles = dispatch.select("batch_stats", [x], backend).stats_tiles(n * h * w, c)
+    return x.new_empty((tiles, 3, c), dtype=stats_dtype(x.dtype))
+
+
+@torch.library.custom_op("fused_preact::bn_finalize", mutates_args=("running_mean", "running_var"))
+def bn_finalize(partials: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                backend: str) -> tuple[Tensor, Tensor]:
+    """Merge partials into (mean, biased var); update running stats like nn.BatchNorm2d.
+
+    momentum=None: cumulative average with factor 1 / num_batches_tracked (already
+    incremented by the caller, as nn.BatchNorm2d does).
+    """
+    if partials.dim() != 3 or partials.shape[1] != 3:
+        raise ValueError(f"fused_preact: partials must be [T, 3, C], got {tuple(partials.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("fused_preact: running_mean and running_var must be given together")
+    if running_mean is not None and momentum is None and num_batches_tracked is None:
+        raise ValueError("fused_preact: momentum=None (cumulative average) needs num_batches_tracked")
+    impl = dispatch.select("bn_finalize", [partials, running_mean, running_var], backend)
+    return impl.impls["bn_finalize"](partials, running_mean, running_var, num_batches_tracked, momentum)
+
+
+@bn_finalize.register_fake
+def _(partials, running_mean, running_var, num_batches_tracked, momentum, backend):
+    c = partials.shape[2]
+    return partials.new_empty((c,)), partials.new_empty((c,))
+
+
+# --------------------------------------------------------------------------- backward pieces
+@torch.library.custom_op("fused_preact::bn_relu_conv_dgrad", mutates_args=())
+def bn_relu_conv_dgrad(dy: Tensor, weight: Tensor, x: Tensor, mean: Optional[Tensor],
+                       var: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                       stride: Sequence[int], padding: Sequence[int], eps: float,
+                       backend: str) -> tuple[Tensor, Tensor]:
+    """g = dgrad(dy, W) * [bn(x) > 0] and sums [2, C] = (sum g, sum g * xhat).
+
+    Without a BN prologue (mean None): g = dgrad(dy, W), sums empty.
+    """
+    impl = dispatch.select("bn_relu_conv_dgrad", [dy, weight, x, mean, var, bn_weight, bn_bias], backend)
+    return impl.impls["bn_relu_conv_dgrad"](dy, weight, x, mean, var, bn_weight, bn_bias,
+                                            list(stride), list(padding), eps)
+
+
+@bn_relu_conv_dgrad.register_fake
+def _(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, backend):
+    channels = 0 if mean is None else x.shape[1]
+    return (_empty_nchw_channels_last(x, x.shape),
+            x.new_empty((2, channels), dtype=stats_dtype(x.dtype)))
+
+
+@torch.library.custom_op("fused_preact::bn_relu_conv_wgrad", mutates_args=())
+def bn_relu_conv_wgrad(dy: Tensor, x: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
+                       bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                       weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                       eps: float, backend: str) -> Tensor:
+    """dW = wgrad(relu(bn(x)), dy), the activation recomputed from x."""
+    impl = dispatch.select("bn_relu_conv_wgrad", [dy, x, mean, var, bn_weight, bn_bias], backend)
+    return impl.impls["bn_relu_conv_wgrad"](dy, x, mean, var, bn_weight, bn_bias, list(weight_shape),
+                                            list(stride), list(padding), eps)
+
+
+@bn_relu_conv_wgrad.register_fake
+def _(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, backend):
+    return x.new_empty(weight_shape)
+
+
+@torch.library.custom_op("fused_preact::bn_backward_apply", mutates_args=())
+def bn_backward_apply(g: Tensor, x: Tensor, mean: Tensor, var: Tensor, bn_weight: Optional[Tensor],
+                      sums: Tensor, eps: float, batch_stats: bool, backend: str) -> Tensor:
+    """dx of BatchNorm given g = dL/d bn(x): scale * (g - mean(g) - xhat * mean(g xhat)).
+
+    With batch_stats False (eval-mode statistics) the mean terms vanish: scale * g.
+    """
+    impl = dispatch.select("bn_backward_apply", [g, x, mean, var, bn_weight, sums], backend)
+    return impl.impls["bn_backward_apply"](g, x, mean, var, bn_weight, sums, eps, batch_stats)
+
+
+@bn_backward_apply.register_fake
+def _(g, x, mean, var, bn_weight, sums, eps, batch_stats, backend):
+    return _empty_nchw_channels_last(x, x.shape)

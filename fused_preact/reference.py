@@ -1,0 +1,131 @@
+"""The reference backend: every op in plain PyTorch, on any device.
+
+It is the CPU backend, the oracle of the tests and a baseline of the benchmarks, so it
+is written for clarity: BN statistics and the BN transform in float32 (float64 for
+float64 inputs), activations cast back to the input dtype before the convolution, as
+nn.BatchNorm2d + F.relu + nn.Conv2d do under mixed precision.
+
+Partial statistics ("partials") are a [T, 3, C] tensor of per-tile (count, mean, M2);
+this backend always produces a single tile, fast backends produce one per row block.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import Backend, register_backend
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+    def stats_tiles(self, rows: int, channels: int) -> int:
+        return 1
+
+
+reference = register_backend(ReferenceBackend())
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def bn_scale(var, bn_weight, eps):
+    """gamma / sqrt(var + eps), per channel."""
+    invstd = torch.rsqrt(var + eps)
+    return invstd if bn_weight is None else invstd * bn_weight.to(invstd.dtype)
+
+
+def bn_apply(x, mean, var, bn_weight, bn_bias, eps):
+    """bn(x) in statistics precision; (x - mean) first keeps it exact for |mean| >> std."""
+    y = (x.to(mean.dtype) - _channel(mean)) * _channel(bn_scale(var, bn_weight, eps))
+    return y if bn_bias is None else y + _channel(bn_bias.to(y.dtype))
+
+
+def activation(x, mean, var, bn_weight, bn_bias, eps, dtype):
+    """relu(bn(x)) cast to the conv dtype, or x itself when the unit has no BN prologue."""
+    if mean is None:
+        return x.to(dtype)
+    return F.relu(bn_apply(x, mean, var, bn_weight, bn_bias, eps)).to(dtype)
+
+
+def partials_of(y: torch.Tensor) -> torch.Tensor:
+    """One tile of (count, mean, M2) per channel of an NCHW tensor, in statistics precision."""
+    ys = y.to(stats_dtype(y.dtype)).transpose(0, 1).reshape(y.shape[1], -1)
+    mean = ys.mean(dim=1)
+    m2 = ((ys - mean[:, None]) ** 2).sum(dim=1)
+    count = torch.full_like(mean, ys.shape[1])
+    return torch.stack([count, mean, m2]).unsqueeze(0)
+
+
+@reference.register("bn_relu_conv")
+def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps,
+                 want_stats):
+    a = activation(x, mean, var, bn_weight, bn_bias, eps, weight.dtype)
+    y = F.conv2d(a.contiguous(memory_format=torch.channels_last), weight, None, stride, padding)
+    if residual is not None:
+        y = y + residual
+    y = y.contiguous(memory_format=torch.channels_last)
+    stats = partials_of(y) if want_stats else y.new_empty((0, 3, y.shape[1]), dtype=stats_dtype(y.dtype))
+    return y, stats
+
+
+@reference.register("batch_stats")
+def batch_stats(x):
+    return partials_of(x)
+
+
+def merge_partials(partials: torch.Tensor):
+    """Chan's parallel merge of (count, mean, M2) tiles -> (count, mean, biased var)."""
+    count, means, m2s = partials.unbind(dim=1)
+    total = count.sum(dim=0)
+    mean = (count * means).sum(dim=0) / total
+    m2 = m2s.sum(dim=0) + (count * (means - mean) ** 2).sum(dim=0)
+    return total, mean, m2 / total
+
+
+@reference.register("bn_finalize")
+def bn_finalize(partials, running_mean, running_var, num_batches_tracked, momentum):
+    count, mean, var = merge_partials(partials)
+    if running_mean is not None:
+        # nn.BatchNorm2d: momentum=None means a cumulative average, 1 / num_batches_tracked.
+        factor = (1.0 / num_batches_tracked.to(mean.dtype)) if momentum is None else momentum
+        unbiased = var * count / (count - 1).clamp_min(1)
+        running_mean.copy_(running_mean + factor * (mean.to(running_mean.dtype) - running_mean))
+        running_var.copy_(running_var + factor * (unbiased.to(running_var.dtype) - running_var))
+    return mean, var
+
+
+@reference.register("bn_relu_conv_dgrad")
+def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps):
+    da = torch.nn.grad.conv2d_input(x.shape, weight, dy, stride, padding)
+    if mean is None:
+        return da.to(x.dtype).contiguous(memory_format=torch.channels_last), da.new_empty((2, 0))
+    xhat_affine = bn_apply(x, mean, var, bn_weight, bn_bias, eps)
+    g = torch.where(xhat_affine > 0, da.to(mean.dtype), 0.0)
+    xhat = (x.to(mean.dtype) - _channel(mean)) * _channel(torch.rsqrt(var + eps))
+    sums = torch.stack([g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))])
+    return g.to(x.dtype).contiguous(memory_format=torch.channels_last), sums
+
+
+@reference.register("bn_relu_conv_wgrad")
+def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps):
+    a = activation(x, mean, var, bn_weight, bn_bias, eps, dy.dtype)
+    return torch.nn.grad.conv2d_weight(a, weight_shape, dy, stride, padding)
+
+
+@reference.register("bn_backward_apply")
+def bn_backward_apply(g, x, mean, var, bn_weight, sums, eps, batch_stats):
+    scale = _channel(bn_scale(var, bn_weight, eps))
+    gs = g.to(mean.dtype)
+    if batch_stats:
+        count = g.numel() // g.shape[1]
+        xhat = (x.to(mean.dtype) - _channel(mean)) * _channel(torch.rsqrt(var + eps))
+        gs = gs - _channel(sums[0] / count) - xhat * _channel(sums[1] / count)
+    return (scale * gs).to(x.dtype).contiguous(memory_format=torch.channels_last)
