@@ -74,12 +74,13 @@ def bn_stats(bn: nn.BatchNorm2d, x: Tensor, partials: Optional[Tensor], backend:
     return BNStats(mean, var, True)
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The conv dtype: the autocast dtype where autocast is on (as nn.Conv2d), else x's."""
+def compute_dtype(x: Tensor, conv: nn.Conv2d) -> torch.dtype:
+    """The conv dtype: the autocast dtype where autocast is on (as nn.Conv2d), else the
+    weight's (a mismatch with x is then reported by the op, never cast silently)."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.dtype == torch.float32:
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
         return torch.get_autocast_dtype(device_type)
-    return x.dtype
+    return conv.weight.dtype
 
 
 def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv: nn.Conv2d,
@@ -89,10 +90,11 @@ def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv
     Returns the output and, if want_stats, its partial statistics (None when they could
     not be produced in the same pass).
     """
-    dtype = compute_dtype(x)
+    dtype = compute_dtype(x, conv)
     weight = conv.weight.to(dtype)
     if stats is None:
-        x, mean, var, bn_weight, bn_bias, eps, batch = x.to(dtype), None, None, None, None, 0.0, False
+        x = x.to(dtype) if torch.is_autocast_enabled(x.device.type) else x
+        mean, var, bn_weight, bn_bias, eps, batch = None, None, None, None, 0.0, False
     else:
         mean, var, batch = stats
         bn_weight, bn_bias, eps = bn.weight, bn.bias, bn.eps

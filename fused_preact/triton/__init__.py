@@ -1,1 +1,1 @@
-"""Triton kernels and their launchers. Imported lazily: `import fused_preact` never imports triton."""
+"""Triton kernels and their launchers, imported when the triton backend is first used."""

@@ -1,0 +1,46 @@
+"""Shared test helpers: comparison with a located report, tolerances per dtype."""
+import torch
+
+# (atol, rtol) of fused vs eager, per dtype. float64: both sides compute the same
+# formulas in double, so only summation order differs. float32: conv + BN sums over
+# a few hundred terms, ~1e-6 relative each. Low precision: one rounding of the
+# activation and output to 8 (bf16) / 11 (fp16) mantissa bits, ~2 ulp.
+TOL = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-5, 2e-4),
+    torch.float16: (2e-2, 1e-2),
+    torch.bfloat16: (8e-2, 4e-2),
+}
+
+
+def assert_close(actual, expected, dtype=None, what="", atol=None, rtol=None):
+    """allclose with a report of where and by how much it failed."""
+    dtype = dtype or expected.dtype
+    a_tol, r_tol = TOL[dtype]
+    atol = a_tol if atol is None else atol
+    rtol = r_tol if rtol is None else rtol
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.double(), expected.double()
+    assert not torch.isnan(a).any(), f"{what}: NaN in result"
+    err = (a - e).abs()
+    bad = err > atol + rtol * e.abs()
+    if bad.any():
+        idx = tuple(i.item() for i in bad.nonzero()[0])
+        raise AssertionError(
+            f"{what}: {bad.sum().item()}/{bad.numel()} elements off; max abs err {err.max().item():.3e}; "
+            f"first at {idx}: got {a[idx].item():.6g}, expected {e[idx].item():.6g} (atol={atol}, rtol={rtol})")
+
+
+def randomize_bn(module, seed=0):
+    """Non-trivial BN affine parameters and running statistics (defaults hide mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    for bn in module.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            c = bn.num_features
+            with torch.no_grad():
+                if bn.weight is not None:
+                    bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    bn.bias.copy_(torch.randn(c, generator=g) * 0.5)
+                if bn.running_mean is not None:
+                    bn.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+                    bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)

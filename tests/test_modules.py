@@ -1,0 +1,230 @@
+"""Fused modules vs the eager definitions: outputs, gradients, running stats, training steps."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_preact as fp
+from eager_blocks import PreActBlock as EagerBlock
+from eager_blocks import PreActBottleneck as EagerBottleneck
+from eager_blocks import PreActResNet as EagerResNet
+from eager_blocks import RawShortcutPreActBlock
+from helpers import assert_close, randomize_bn
+
+BLOCKS = {"basic": (fp.PreActBlock, EagerBlock), "bottleneck": (fp.PreActBottleneck, EagerBottleneck)}
+# (in_planes, planes, stride): identity, channel projection, strided projection, odd sizes.
+CONFIGS = [(8, 8, 1), (5, 8, 1), (8, 6, 2), (3, 5, 2)]
+
+
+def make_pair(kind, in_planes, planes, stride, dtype, shortcut="preact"):
+    ours_cls, eager_cls = BLOCKS[kind]
+    if shortcut == "input":
+        eager_cls = RawShortcutPreActBlock
+    eager = eager_cls(in_planes, planes, stride).to(dtype)
+    randomize_bn(eager)
+    ours = ours_cls(in_planes, planes, stride, shortcut=shortcut).to(dtype)
+    ours.load_state_dict(eager.state_dict())
+    return ours, eager
+
+
+def run_step(model, x):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    # A loss that weights outputs unevenly, so every gradient term matters.
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+    loss.backward()
+    return out, x.grad
+
+
+def compare_models(ours, eager, dtype, what):
+    for (name, p), (_, q) in zip(ours.named_parameters(), eager.named_parameters()):
+        assert_close(p.grad, q.grad, dtype, f"{what}: grad of {name}")
+    for (name, b), (_, c) in zip(ours.named_buffers(), eager.named_buffers()):
+        if b.is_floating_point():
+            assert_close(b, c, dtype, f"{what}: buffer {name}")
+        else:
+            assert torch.equal(b, c), f"{what}: buffer {name}: {b} != {c}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("in_planes,planes,stride", CONFIGS)
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_block_matches_eager(kind, in_planes, planes, stride, training, dtype):
+    if kind == "bottleneck" and in_planes == planes * 4:
+        pytest.skip("identity case covered by (8, 2, 1) below")
+    ours, eager = make_pair(kind, in_planes, planes, stride, dtype)
+    ours.train(training), eager.train(training)
+    x = torch.randn(3, in_planes, 7, 7, dtype=dtype) * 2 + 0.5
+    out, dx = run_step(ours, x)
+    ref, ref_dx = run_step(eager, x)
+    assert_close(out, ref, dtype, "output")
+    assert_close(dx, ref_dx, dtype, "grad x")
+    compare_models(ours, eager, dtype, kind)
+
+
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_bottleneck_identity_and_raw_shortcut(kind):
+    dtype = torch.float64
+    planes = 2
+    in_planes = planes * BLOCKS[kind][0].expansion
+    ours, eager = make_pair(kind, in_planes, planes, 1, dtype)  # identity shortcut
+    x = torch.randn(2, in_planes, 6, 6, dtype=dtype)
+    assert_close(run_step(ours, x)[1], run_step(eager, x)[1], dtype, "identity grad x")
+    compare_models(ours, eager, dtype, "identity")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_raw_input_shortcut_matches_robustbench_block(training):
+    dtype = torch.float64
+    ours, eager = make_pair("basic", 4, 6, 2, dtype, shortcut="input")
+    ours.train(training), eager.train(training)
+    x = torch.randn(2, 4, 9, 9, dtype=dtype)
+    out, dx = run_step(ours, x)
+    ref, ref_dx = run_step(eager, x)
+    assert_close(out, ref, dtype, "output")
+    assert_close(dx, ref_dx, dtype, "grad x")
+    compare_models(ours, eager, dtype, "raw shortcut")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+def test_fused_unit_bn_options(momentum, affine, track):
+    """FusedBNReLUConv2d == conv(relu(bn(x))) for every nn.BatchNorm2d option, over steps."""
+    dtype = torch.float64
+    ours = fp.FusedBNReLUConv2d(5, 7, 3, stride=2, momentum=momentum, affine=affine,
+                                track_running_stats=track, dtype=dtype)
+    bn = nn.BatchNorm2d(5, momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype)
+    conv = nn.Conv2d(5, 7, 3, 2, 1, bias=False, dtype=dtype)
+    bn.load_state_dict(ours.bn.state_dict())
+    conv.load_state_dict(ours.conv.state_dict())
+    eager = nn.Sequential(bn, nn.ReLU(), conv)
+    for step in range(3):
+        for m in (ours, eager):
+            m.train(step < 2)  # two training steps, then eval
+        x = torch.randn(2, 5, 7, 7, dtype=dtype) + step
+        out, dx = run_step(ours, x)
+        ref, ref_dx = run_step(eager, x)
+        assert_close(out, ref, dtype, f"step {step} output")
+        assert_close(dx, ref_dx, dtype, f"step {step} grad x")
+        assert_close(ours.conv.weight.grad, conv.weight.grad, dtype, "grad conv")
+        if track:
+            assert_close(ours.bn.running_mean, bn.running_mean, dtype, "running_mean")
+            assert_close(ours.bn.running_var, bn.running_var, dtype, "running_var")
+            assert torch.equal(ours.bn.num_batches_tracked, bn.num_batches_tracked)
+
+
+def test_fused_unit_residual():
+    dtype = torch.float64
+    ours = fp.FusedBNReLUConv2d(4, 6, 1, dtype=dtype)
+    x = torch.randn(2, 4, 5, 5, dtype=dtype)
+    r = torch.randn(2, 6, 5, 5, dtype=dtype, requires_grad=True)
+    out = ours(x, r)
+    ref = ours.conv(torch.relu(nn.functional.batch_norm(
+        x, None, None, ours.bn.weight, ours.bn.bias, True, 0.0, ours.bn.eps))) + r
+    assert_close(out, ref, dtype, "with residual")
+    out.sum().backward()
+    assert_close(r.grad, torch.ones_like(r), dtype, "grad residual")
+
+
+def test_sgd_steps_match_eager():
+    """Five SGD steps of a 3-block network: parameters and running stats track eager."""
+    dtype = torch.float64
+    torch.manual_seed(0)
+    eager = nn.Sequential(EagerBlock(3, 4, 1), EagerBlock(4, 4, 2), EagerBottleneck(4, 2, 1))
+    ours = nn.Sequential(fp.PreActBlock(3, 4, 1), fp.PreActBlock(4, 4, 2), fp.PreActBottleneck(4, 2, 1))
+    ours.to(dtype), eager.to(dtype)
+    ours.load_state_dict(eager.state_dict())
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt_o = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for _ in range(5):
+        x = torch.randn(4, 3, 8, 8, dtype=dtype)
+        for model, opt in ((eager, opt_e), (ours, opt_o)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for (name, p), (_, q) in zip(ours.state_dict().items(), eager.state_dict().items()):
+        if p.is_floating_point():
+            assert_close(p, q, dtype, f"after 5 steps: {name}")
+        else:
+            assert torch.equal(p, q), name
+
+
+def test_preact_resnet18_matches_kuangliu():
+    dtype = torch.float32
+    torch.manual_seed(0)
+    eager = EagerResNet(EagerBlock, [2, 2, 2, 2])
+    randomize_bn(eager)
+    ours = fp.models.preact_resnet18()
+    assert list(ours.state_dict()) == list(eager.state_dict())
+    ours.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    out, dx = run_step(ours, x)
+    ref, ref_dx = run_step(eager, x)
+    assert_close(out, ref, dtype, "logits", atol=1e-4, rtol=1e-3)
+    assert_close(dx, ref_dx, dtype, "grad x", atol=1e-4, rtol=1e-3)
+    for (name, p), (_, q) in zip(ours.named_parameters(), eager.named_parameters()):
+        assert_close(p.grad, q.grad, dtype, name, atol=1e-3, rtol=1e-3)
+    for (name, b), (_, c) in zip(ours.named_buffers(), eager.named_buffers()):
+        if b.is_floating_point():
+            assert_close(b, c, dtype, name)
+
+
+def test_state_dict_round_trip():
+    eager = EagerResNet(EagerBottleneck, [1, 1, 1, 1])
+    randomize_bn(eager)
+    ours = fp.models.PreActResNet(fp.PreActBottleneck, [1, 1, 1, 1])
+    ours.load_state_dict(eager.state_dict(), strict=True)
+    back = EagerResNet(EagerBottleneck, [1, 1, 1, 1])
+    back.load_state_dict(ours.state_dict(), strict=True)
+    for (k, a), (_, b) in zip(back.state_dict().items(), eager.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("name,params_m", [("preact_resnet164", 1.7), ("preact_resnet1001", 10.2)])
+def test_paper_model_sizes(name, params_m):
+    """Parameter counts of He et al. 2016, Table 2 (1.7M, 10.2M), within 2%: the paper
+    rounds, and implementations differ in small details (10.33M here for 1001)."""
+    model = getattr(fp.models, name)()
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(params - params_m) / params_m < 0.02, params
+
+
+def test_paper_resnet110_trains_a_step():
+    torch.manual_seed(0)
+    model = fp.models.preact_resnet110()
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_saved_activations_at_most_55_percent_of_eager():
+    """Autograd keeps x and t (pre-BN) only; eager keeps x, relu(bn1 x), t, relu(bn2 t)."""
+    def saved_bytes(model, x):
+        storages = {}
+
+        def pack(t):
+            if t.dim() == 4:  # activations, not per-channel vectors or weights
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(storages.values())
+
+    ours, eager = make_pair("basic", 16, 16, 1, torch.float32)
+    x = torch.randn(4, 16, 16, 16, requires_grad=True)
+    ratio = saved_bytes(ours, x) / saved_bytes(eager, x)
+    assert ratio <= 0.55, ratio
+
+
+def test_output_is_channels_last_and_any_input_layout_works():
+    ours, eager = make_pair("basic", 4, 4, 1, torch.float64)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for layout in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        out = ours(layout)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert_close(out, eager(layout), torch.float64, "layout")

@@ -1,0 +1,62 @@
+"""torch.library.opcheck of every op (schema, fake tensors, autograd registration, AOT)."""
+import pytest
+import torch
+
+from fused_preact import ops
+
+
+def unit_args(dtype=torch.float64, residual=True, prologue=True, requires_grad=True):
+    x = torch.randn(2, 3, 5, 5, dtype=dtype, requires_grad=requires_grad)
+    w = torch.randn(4, 3, 3, 3, dtype=dtype, requires_grad=requires_grad)
+    mean, var = torch.randn(3, dtype=dtype), torch.rand(3, dtype=dtype) + 0.5
+    gamma = torch.rand(3, dtype=dtype, requires_grad=requires_grad)
+    beta = torch.randn(3, dtype=dtype, requires_grad=requires_grad)
+    r = torch.randn(2, 4, 3, 3, dtype=dtype, requires_grad=requires_grad) if residual else None
+    if not prologue:
+        mean = var = gamma = beta = None
+    return (x, mean, var, gamma, beta, w, r, [2, 2], [1, 1], 1e-5, True, True, "reference")
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("prologue", [True, False])
+def test_opcheck_bn_relu_conv(residual, prologue):
+    torch.library.opcheck(ops.bn_relu_conv, unit_args(residual=residual, prologue=prologue))
+
+
+def test_opcheck_statistics_ops():
+    x = torch.randn(2, 3, 5, 5)
+    torch.library.opcheck(ops.batch_stats, (x, "reference"))
+    partials = ops.batch_stats(x, "reference")
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(1)
+    torch.library.opcheck(ops.bn_finalize, (partials, rm, rv, nbt, 0.1, "reference"))
+    torch.library.opcheck(ops.bn_finalize, (partials, rm, rv, nbt, None, "reference"))
+    torch.library.opcheck(ops.bn_finalize, (partials, None, None, None, 0.1, "reference"))
+
+
+def test_opcheck_backward_ops():
+    x, mean, var, gamma, beta, w, _, stride, padding, eps, *_ = unit_args(requires_grad=False)
+    dy = torch.randn(2, 4, 3, 3, dtype=x.dtype)
+    torch.library.opcheck(ops.bn_relu_conv_dgrad, (dy, w, x, mean, var, gamma, beta, stride, padding, eps, "reference"))
+    torch.library.opcheck(ops.bn_relu_conv_wgrad, (dy, x, mean, var, gamma, beta, list(w.shape), stride, padding, eps, "reference"))
+    g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, stride, padding, eps, "reference")
+    torch.library.opcheck(ops.bn_backward_apply, (g, x, mean, var, gamma, sums, eps, True, "reference"))
+
+
+def test_gradcheck_unit_eval_statistics():
+    """With fixed (eval) statistics, the unit's gradient is exactly differentiable: gradcheck."""
+    x, mean, var, gamma, beta, w, r, stride, padding, eps, _, _, backend = unit_args()
+
+    def f(x, gamma, beta, w, r):
+        return ops.bn_relu_conv(x, mean, var, gamma, beta, w, r, stride, padding, eps, False, False, backend)[0]
+    assert torch.autograd.gradcheck(f, (x, gamma, beta, w, r))
+
+
+def test_gradcheck_unit_batch_statistics():
+    """Training mode: mean/var are functions of x; the unit's backward includes their terms."""
+    from fused_preact.reference import merge_partials
+    x, _, _, gamma, beta, w, r, stride, padding, eps, _, _, backend = unit_args()
+
+    def f(x, gamma, beta, w, r):
+        _, mean, var = merge_partials(ops.batch_stats(x.detach(), backend))
+        return ops.bn_relu_conv(x, mean, var, gamma, beta, w, r, stride, padding, eps, True, False, backend)[0]
+    assert torch.autograd.gradcheck(f, (x, gamma, beta, w, r))
