@@ -21,7 +21,13 @@ class TritonBackend(Backend):
     def availability_reason(self):
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install triton)"
+        if not self.impls:
+            load_kernels()
         return None
+
+    def stats_tiles(self, rows: int, channels: int) -> int:
+        from .common import rows_per_tile
+        return -(-rows // rows_per_tile(rows))
 
     def device_reason(self, device):
         if device.type == "cuda":
@@ -32,3 +38,8 @@ class TritonBackend(Backend):
 
 
 triton_backend = register_backend(TritonBackend())
+
+
+def load_kernels() -> None:
+    """Import the kernel modules; each registers its ops on `triton_backend`."""
+    from . import bn_backward, conv_dgrad, conv_fwd, conv_wgrad, stats  # noqa: F401

@@ -1,0 +1,80 @@
+"""Pieces shared by the Triton kernels: the BN->ReLU prologue, tile statistics, configs.
+
+Conventions: activations are addressed through (n, h, w, c) strides, so any layout works
+and channels_last is the coalesced one; offsets are int64 (tensors may pass 2^31
+elements); arithmetic is float32 whatever the storage dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .backend import interpreter_on
+
+
+def rows_per_tile(rows: int) -> int:
+    """Rows (output pixels) per program, fixed by the problem size alone: the number of
+    statistics tiles must be known before launch (fake tensors, torch.compile)."""
+    return 64 if interpreter_on() or rows < 32768 else 128
+
+
+def pow2_block(n: int, lo: int = 16, hi: int = 64) -> int:
+    """A power-of-two tile width in [lo, hi] covering n if possible (tl.dot needs >= 16)."""
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def warp_configs() -> list[triton.Config]:
+    """Autotune space: warps and pipeline depth (tile shapes are fixed by the launcher).
+    The interpreter takes exactly one config."""
+    if interpreter_on():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 4)]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tf32 for float32 where torch allows it for convolutions (as nn.Conv2d), else exact."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreter_on():
+        return "tf32"
+    return "ieee"
+
+
+def nhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """Element strides of an NCHW-shaped tensor in (n, h, w, c) order."""
+    sn, sc, sh, sw = t.stride()
+    return sn, sh, sw, sc
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@triton.jit
+def bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, cmask, eps,
+                   HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
+    """Per-channel (mean, scale, beta) so that bn(x) = (x - mean) * scale + beta; (x - mean)
+    first keeps it exact when |mean| >> std."""
+    mean = tl.load(mean_ptr + rc, mask=cmask, other=0.0).to(tl.float32)
+    var = tl.load(var_ptr + rc, mask=cmask, other=1.0).to(tl.float32)
+    scale = 1.0 / tl.sqrt(var + eps)
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + rc, mask=cmask, other=0.0).to(tl.float32)
+    beta = tl.zeros_like(scale)
+    if HAS_BETA:
+        beta = tl.load(beta_ptr + rc, mask=cmask, other=0.0).to(tl.float32)
+    return mean, scale, beta
+
+
+@triton.jit
+def write_tile_stats(part_ptr, tile, values, rowmask, rc, cmask, C):
+    """Per-channel (count, mean, M2) of the valid rows of a [rows, channels] fp32 tile, into
+    partials[tile, 0:3, rc]. Centred on the tile mean: no E[x^2] - E[x]^2 cancellation."""
+    count = tl.sum(rowmask.to(tl.float32), axis=0)
+    rows = rowmask[:, None]
+    mean = tl.sum(tl.where(rows, values, 0.0), axis=0) / count
+    centred = tl.where(rows, values - mean[None, :], 0.0)
+    m2 = tl.sum(centred * centred, axis=0)
+    base = part_ptr + tile.to(tl.int64) * 3 * C + rc
+    tl.store(base, tl.zeros_like(mean) + count, mask=cmask)
+    tl.store(base + C, mean, mask=cmask)
+    tl.store(base + 2 * C, m2, mask=cmask)

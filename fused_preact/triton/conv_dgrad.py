@@ -1,0 +1,117 @@
+"""Backward through a unit's input: g = dgrad(dy, W) * [bn(x) > 0], and the BN sums.
+
+Implicit GEMM over input pixels: rows = N*H*W input pixels, columns = C input channels,
+reduction over the filter taps (r, s) and the K output channels. For stride > 1 the
+input pixels are split into stride_h * stride_w phases (sub-pixel decomposition): in the
+phase (h % stride_h, w % stride_w) only the taps r = (h + pad_h) mod stride_h (+ k*stride_h)
+reach an output pixel, so no zero-inserted work is done. A phase with no tap (1x1
+stride 2) still writes its zeros. The epilogue recomputes the ReLU mask from the saved
+pre-BN x and writes per-tile sums of g and g * xhat (fixed order, no atomics).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .backend import triton_backend
+from .common import bn_scale_shift, dot_precision, nhwc_strides, pow2_block, rows_per_tile, warp_configs
+
+
+@triton.autotune(configs=warp_configs(), key=["HP", "WP", "C", "K", "R", "S"])
+@triton.jit
+def bn_relu_conv_dgrad_kernel(
+    dy_ptr, sdn, sdh, sdw, sdc,                # output gradient [N, P, Q, K] by strides
+    w_ptr,                                     # weight packed [R, S, K, C], C contiguous
+    x_ptr, sxn, sxh, sxw, sxc,                 # saved pre-BN input [N, H, W, C]
+    mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
+    g_ptr, sgn, sgh, sgw, sgc,                 # result [N, H, W, C] by strides
+    sums_ptr,                                  # per-tile sums [tiles, 2, C] fp32
+    N, H, W, C, P, Q, K, HP, WP, tiles_per_phase,
+    R: tl.constexpr, S: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    phase = pid // tiles_per_phase
+    ph = phase // STRIDE_W
+    pw = phase % STRIDE_W
+    # Pixels of this phase: h = ph + STRIDE_H * i for i < ceil((H - ph) / STRIDE_H).
+    hp = (H - ph + STRIDE_H - 1) // STRIDE_H
+    wp = (W - pw + STRIDE_W - 1) // STRIDE_W
+    rm = (pid % tiles_per_phase) * BM + tl.arange(0, BM)
+    row_ok = rm < N * hp * wp
+    n = (rm // (hp * wp)).to(tl.int64)
+    h = ph + STRIDE_H * ((rm % (hp * wp)) // wp)
+    w = pw + STRIDE_W * (rm % wp)
+    rc = tl.program_id(1) * BN + tl.arange(0, BN)
+    c_ok = rc < C
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    r0 = (ph + PAD_H) % STRIDE_H
+    s0 = (pw + PAD_W) % STRIDE_W
+    for r in range(r0, R, STRIDE_H):
+        p = (h + PAD_H - r) // STRIDE_H  # exact: h + PAD_H - r is a multiple of STRIDE_H
+        for s in range(s0, S, STRIDE_W):
+            q = (w + PAD_W - s) // STRIDE_W
+            pix_ok = row_ok & (h + PAD_H - r >= 0) & (p < P) & (w + PAD_W - s >= 0) & (q < Q)
+            dy_row = n * sdn + p.to(tl.int64) * sdh + q.to(tl.int64) * sdw
+            for k0 in range(0, K, BK):
+                rk = k0 + tl.arange(0, BK)
+                k_ok = rk < K
+                a = tl.load(dy_ptr + dy_row[:, None] + rk[None, :] * sdc,
+                            mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + ((r * S + s) * K + rk)[:, None] * C + rc[None, :],
+                            mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+                acc += tl.dot(a, b, input_precision=PRECISION)
+
+    ok = row_ok[:, None] & c_ok[None, :]
+    g = acc
+    if HAS_PROLOGUE:
+        x_row = n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+        x = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
+        mean, scale, beta = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, c_ok, eps,
+                                           HAS_GAMMA, HAS_BETA)
+        xc = x - mean[None, :]
+        g = tl.where(xc * scale[None, :] + beta[None, :] > 0.0, g, 0.0)
+    g = g.to(g_ptr.dtype.element_ty)
+    g_row = n * sgn + h.to(tl.int64) * sgh + w.to(tl.int64) * sgw
+    tl.store(g_ptr + g_row[:, None] + rc[None, :] * sgc, g, mask=ok)
+    if HAS_PROLOGUE:
+        # Sums of the stored g, so the BN backward pass subtracts exactly their mean.
+        gs = tl.where(ok, g.to(tl.float32), 0.0)
+        invstd = 1.0 / tl.sqrt(tl.load(var_ptr + rc, mask=c_ok, other=1.0).to(tl.float32) + eps)
+        base = sums_ptr + pid.to(tl.int64) * 2 * C + rc
+        tl.store(base, tl.sum(gs, axis=0), mask=c_ok)
+        tl.store(base + C, tl.sum(gs * xc * invstd[None, :], axis=0), mask=c_ok)
+
+
+@triton_backend.register("bn_relu_conv_dgrad")
+def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps):
+    n, c, h, w = x.shape
+    k, _, r, s = weight.shape
+    _, _, p, q = dy.shape
+    hp, wp = triton.cdiv(h, stride[0]), triton.cdiv(w, stride[1])  # largest phase
+    bm, bn, bk = rows_per_tile(n * hp * wp), pow2_block(c, hi=128), pow2_block(k)
+    tiles_per_phase = triton.cdiv(n * hp * wp, bm)
+    tiles = tiles_per_phase * stride[0] * stride[1]
+    g = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    has_prologue = mean is not None
+    sums = torch.empty((tiles if has_prologue else 0, 2, c), device=x.device, dtype=torch.float32)
+    dummy = g
+    bn_relu_conv_dgrad_kernel[(tiles, triton.cdiv(c, bn))](
+        dy, *nhwc_strides(dy),
+        weight.permute(2, 3, 0, 1).contiguous(),  # [R, S, K, C]
+        x, *nhwc_strides(x),
+        mean if has_prologue else dummy, var if has_prologue else dummy,
+        bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,
+        g, *nhwc_strides(g), sums if has_prologue else dummy,
+        n, h, w, c, p, q, k, hp, wp, tiles_per_phase,
+        R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+        HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
+        HAS_BETA=has_prologue and bn_bias is not None, PRECISION=dot_precision(dy.dtype),
+        BM=bm, BN=bn, BK=bk,
+    )
+    # Tiles reduced in a fixed order (a single-kernel torch reduction, no atomics).
+    return g, sums.sum(dim=0) if has_prologue else sums.new_empty((2, 0))

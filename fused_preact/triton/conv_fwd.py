@@ -1,0 +1,114 @@
+"""Forward unit: y = conv(relu(bn(x)), W) [+ residual], partial statistics of y.
+
+Implicit GEMM over output pixels: M = N*P*Q rows, N = K output channels, reduction over
+R*S*C. The prologue normalises each loaded input tile with the BN scale/shift and
+applies ReLU in registers; padding positions are zeroed AFTER the activation (the conv
+pads the activation, and relu(shift) is not 0). The epilogue adds the residual, stores,
+and writes per-tile (count, mean, M2) of the stored values for the next BatchNorm.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .backend import triton_backend
+from .common import (bn_scale_shift, dot_precision, nhwc_strides, pow2_block, rows_per_tile,
+                     stats_dtype, warp_configs, write_tile_stats)
+
+
+@triton.autotune(configs=warp_configs(), key=["M", "K", "C", "R", "S"])
+@triton.jit
+def bn_relu_conv_fwd_kernel(
+    x_ptr, sxn, sxh, sxw, sxc,                 # input [N, H, W, C] by strides
+    mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,  # BN of the input (per channel C)
+    w_ptr,                                     # weight packed [R, S, C, K], K contiguous
+    y_ptr, syn, syh, syw, syc,                 # output [N, P, Q, K] by strides
+    res_ptr, srn, srh, srw, src,               # residual, same shape as y
+    part_ptr,                                  # partial statistics [tiles, 3, K] fp32
+    M, H, W, C, P, Q, K,
+    stride_h, stride_w, pad_h, pad_w,
+    R: tl.constexpr, S: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, WANT_STATS: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    row_ok = rm < M
+    col_ok = rn < K
+    n = (rm // (P * Q)).to(tl.int64)
+    pq = rm % (P * Q)
+    p = pq // Q
+    q = pq % Q
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r in tl.static_range(R):
+        for s in tl.static_range(S):
+            h = p * stride_h - pad_h + r
+            w = q * stride_w - pad_w + s
+            pix_ok = row_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            x_row = n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+            for c0 in range(0, C, BK):
+                rc = c0 + tl.arange(0, BK)
+                c_ok = rc < C
+                ok = pix_ok[:, None] & c_ok[None, :]
+                a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
+                if HAS_PROLOGUE:
+                    mean, scale, beta = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, c_ok,
+                                                       eps, HAS_GAMMA, HAS_BETA)
+                    a = tl.maximum((a - mean[None, :]) * scale[None, :] + beta[None, :], 0.0)
+                    a = tl.where(ok, a, 0.0)  # zero padding after the activation
+                b = tl.load(w_ptr + ((r * S + s) * C + rc)[:, None] * K + rn[None, :],
+                            mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+                acc += tl.dot(a.to(b.dtype), b, input_precision=PRECISION)
+
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    y_row = n * syn + p.to(tl.int64) * syh + q.to(tl.int64) * syw
+    if HAS_RESIDUAL:
+        r_row = n * srn + p.to(tl.int64) * srh + q.to(tl.int64) * srw
+        acc += tl.load(res_ptr + r_row[:, None] + rn[None, :] * src, mask=out_ok, other=0.0).to(tl.float32)
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + y_row[:, None] + rn[None, :] * syc, y, mask=out_ok)
+    if WANT_STATS:
+        # Statistics of the stored (rounded) values, as the next nn.BatchNorm2d would see them.
+        write_tile_stats(part_ptr, pid_m, y.to(tl.float32), row_ok, rn, col_ok, K)
+
+
+def pack_weight_rsck(weight: torch.Tensor) -> torch.Tensor:
+    """[K, C, R, S] -> [R, S, C, K] contiguous: a weight row per (r, s, c), K contiguous."""
+    return weight.permute(2, 3, 1, 0).contiguous()
+
+
+@triton_backend.register("bn_relu_conv")
+def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats):
+    n, c, h, w = x.shape
+    k, _, r, s = weight.shape
+    p = (h + 2 * padding[0] - r) // stride[0] + 1
+    q = (w + 2 * padding[1] - s) // stride[1] + 1
+    m = n * p * q
+    y = torch.empty((n, k, p, q), device=x.device, dtype=weight.dtype, memory_format=torch.channels_last)
+    bm, bn, bk = rows_per_tile(m), pow2_block(k, hi=128), pow2_block(c)
+    tiles = triton_backend.stats_tiles(m, k)
+    part = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=stats_dtype(weight.dtype))
+    has_prologue = mean is not None
+    dummy = y  # never read: the matching constexpr flag is off
+    res = residual if residual is not None else dummy
+    grid = (tiles, triton.cdiv(k, bn))
+    bn_relu_conv_fwd_kernel[grid](
+        x, *nhwc_strides(x),
+        mean if has_prologue else dummy, var if has_prologue else dummy,
+        bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,
+        pack_weight_rsck(weight),
+        y, *nhwc_strides(y),
+        res, *nhwc_strides(res),
+        part if want_stats else dummy,
+        m, h, w, c, p, q, k, stride[0], stride[1], padding[0], padding[1],
+        R=r, S=s, HAS_PROLOGUE=has_prologue,
+        HAS_GAMMA=has_prologue and bn_weight is not None, HAS_BETA=has_prologue and bn_bias is not None,
+        HAS_RESIDUAL=residual is not None, WANT_STATS=want_stats, PRECISION=dot_precision(weight.dtype),
+        BM=bm, BN=bn, BK=bk,
+    )
+    return y, part
