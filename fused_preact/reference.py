@@ -107,11 +107,12 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     da = torch.nn.grad.conv2d_input(x.shape, weight, dy, stride, padding)
     if mean is None:
         return da.to(x.dtype).contiguous(memory_format=torch.channels_last), da.new_empty((2, 0))
-    xhat_affine = bn_apply(x, mean, var, bn_weight, bn_bias, eps)
-    g = torch.where(xhat_affine > 0, da.to(mean.dtype), 0.0)
+    g = torch.where(bn_apply(x, mean, var, bn_weight, bn_bias, eps) > 0, da, 0.0).to(x.dtype)
+    # Sums of g as stored, so the BN backward subtracts exactly the mean of what it reads.
+    gs = g.to(mean.dtype)
     xhat = (x.to(mean.dtype) - _channel(mean)) * _channel(torch.rsqrt(var + eps))
-    sums = torch.stack([g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))])
-    return g.to(x.dtype).contiguous(memory_format=torch.channels_last), sums
+    sums = torch.stack([gs.sum(dim=(0, 2, 3)), (gs * xhat).sum(dim=(0, 2, 3))])
+    return g.contiguous(memory_format=torch.channels_last), sums
 
 
 @reference.register("bn_relu_conv_wgrad")

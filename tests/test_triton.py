@@ -1,0 +1,260 @@
+"""Triton kernels (CPU, interpreter) against the reference backend on fresh random inputs.
+
+Outputs are allocated poisoned (NaN) so an element a kernel forgets to write fails the
+comparison. Tolerances: float32 compares two float32 computations that sum in different
+orders; float16 allows one rounding of the output (~1 ulp at |y| ~ 4).
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_preact as fp
+from eager_blocks import PreActBlock as EagerBlock
+from eager_blocks import PreActBottleneck as EagerBottleneck
+from eager_blocks import RawShortcutPreActBlock
+from fused_preact import ops
+from helpers import assert_close, assert_earned, randomize_bn
+
+DTYPES = [torch.float32, torch.float16]
+# (C_in, C_out, kernel, stride, padding, H=W): 3x3 / 1x1, stride 1 / 2, odd sizes.
+CONV_SHAPES = [(5, 24, 3, 1, 1, 7), (3, 5, 3, 2, 1, 9), (24, 16, 1, 2, 0, 7), (16, 8, 1, 1, 0, 9), (5, 6, 3, 2, 1, 8)]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """torch.empty returns NaN-filled float tensors inside the `with` block."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    class Poison:
+        def __enter__(self):
+            monkeypatch.setattr(torch, "empty", empty)
+
+        def __exit__(self, *exc):
+            monkeypatch.setattr(torch, "empty", real_empty)
+    return Poison()
+
+
+def unit_inputs(c, k, kernel, stride, pad, hw, n, dtype, mean_shift=1.0):
+    x = (torch.randn(n, c, hw, hw) * 2 + mean_shift).to(dtype)
+    if torch.rand(()) < 0.5:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(k, c, kernel, kernel) * (2.0 / (c * kernel * kernel)) ** 0.5).to(dtype)
+    mean = x.float().mean((0, 2, 3))
+    var = x.float().var((0, 2, 3), unbiased=False)
+    gamma, beta = torch.rand(c) + 0.5, torch.randn(c)
+    p = (hw + 2 * pad - kernel) // stride + 1
+    residual = torch.randn(n, k, p, p).to(dtype)
+    return x, mean, var, gamma, beta, w, residual
+
+
+def tol(dtype):
+    return {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=2e-3)}[dtype]
+
+
+def double(args):
+    return tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def check(got, lowp_ref, truth_args_fn, dtype, what, **tolerance):
+    """float32: direct comparison; float16: earned tolerance against an fp64 truth."""
+    if dtype == torch.float32:
+        assert_close(got, lowp_ref, dtype, what, **tolerance)
+    else:
+        assert_earned(got, lowp_ref, truth_args_fn(), dtype, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+@pytest.mark.parametrize("residual,prologue", [(True, True), (False, True), (False, False)])
+def test_forward_matches_reference(shape, dtype, residual, prologue, poisoned):
+    c, k, kernel, stride, pad, hw = shape
+    x, mean, var, gamma, beta, w, res = unit_inputs(c, k, kernel, stride, pad, hw, 3, dtype)
+    if not residual:
+        res = None
+    if not prologue:
+        mean = var = gamma = beta = None
+    args = (x, mean, var, gamma, beta, w, res, [stride] * 2, [pad] * 2, 1e-5, True, True)
+    with poisoned:
+        y, partials = ops.bn_relu_conv(*args, "triton")
+        got_mean, got_var = ops.bn_finalize(partials, None, None, None, 0.1, "triton")
+    ref, ref_partials = ops.bn_relu_conv(*args, "reference")
+    ref_mean, ref_var = ops.bn_finalize(ref_partials, None, None, None, 0.1, "reference")
+    truth, truth_partials = ops.bn_relu_conv(*double(args), "reference")
+    truth_mean, truth_var = ops.bn_finalize(truth_partials, None, None, None, 0.1, "reference")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    check(y, ref, lambda: truth, dtype, "output", atol=1e-4, rtol=1e-4)
+    check(got_mean, ref_mean, lambda: truth_mean, dtype, "stats mean", atol=1e-4, rtol=1e-4)
+    check(got_var, ref_var, lambda: truth_var, dtype, "stats var", atol=1e-4, rtol=1e-4)
+
+
+def test_forward_without_stats_and_bf16_rejected_nowhere():
+    """want_stats=False writes no partials; bf16 is accepted (checked numerically on GPU only)."""
+    x, mean, var, gamma, beta, w, _ = unit_inputs(5, 16, 3, 1, 1, 7, 2, torch.float32)
+    y, partials = ops.bn_relu_conv(x, mean, var, gamma, beta, w, None, [1, 1], [1, 1], 1e-5, False, False, "triton")
+    assert partials.shape == (0, 3, 16)
+    from fused_preact import dispatch
+    assert not dispatch.get_backend("triton").not_supported_reasons("bn_relu_conv", [x.bfloat16()])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_stats_and_running_update_large_mean(momentum, poisoned):
+    """|mean| = 1e3 >> std = 1: statistics still match nn.BatchNorm2d."""
+    x = torch.randn(3, 24, 9, 9) + 1e3
+    bn = nn.BatchNorm2d(24, momentum=momentum)
+    rm, rv, nbt = torch.randn(24), torch.rand(24) + 0.5, torch.tensor(3)
+    bn.running_mean.copy_(rm), bn.running_var.copy_(rv), bn.num_batches_tracked.copy_(nbt)
+    bn(x)  # eager: increments num_batches_tracked to 4, updates running stats
+    with poisoned:
+        partials = ops.batch_stats(x, "triton")
+        mean, var = ops.bn_finalize(partials, rm, rv, nbt + 1, momentum, "triton")
+    assert_close(mean, x.mean((0, 2, 3)), torch.float32, "mean", atol=1e-4, rtol=1e-6)
+    assert_close(var, x.var((0, 2, 3), unbiased=False), torch.float32, "var", atol=2e-3, rtol=2e-3)
+    assert_close(rm, bn.running_mean, torch.float32, "running_mean", atol=1e-4, rtol=1e-6)
+    assert_close(rv, bn.running_var, torch.float32, "running_var", atol=2e-3, rtol=2e-3)
+
+
+def test_output_statistics_with_large_mean():
+    """The epilogue's statistics of an output with mean 1e3 (a large residual)."""
+    x, mean, var, gamma, beta, w, res = unit_inputs(5, 16, 3, 1, 1, 9, 3, torch.float32)
+    res = res + 1e3
+    y, partials = ops.bn_relu_conv(x, mean, var, gamma, beta, w, res, [1, 1], [1, 1], 1e-5, True, True, "triton")
+    got_mean, got_var = ops.bn_finalize(partials, None, None, None, 0.1, "triton")
+    yd = y.double()
+    assert_close(got_mean, yd.mean((0, 2, 3)), torch.float64, "mean", atol=1e-4, rtol=1e-6)
+    assert_close(got_var, yd.var((0, 2, 3), unbiased=False), torch.float64, "var", atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+@pytest.mark.parametrize("prologue", [True, False])
+def test_backward_pieces_match_reference(shape, dtype, prologue, poisoned):
+    c, k, kernel, stride, pad, hw = shape
+    x, mean, var, gamma, beta, w, _ = unit_inputs(c, k, kernel, stride, pad, hw, 2, dtype)
+    if not prologue:
+        mean = var = gamma = beta = None
+    p = (hw + 2 * pad - kernel) // stride + 1
+    dy = torch.randn(2, k, p, p).to(dtype)
+    conf = ([stride] * 2, [pad] * 2, 1e-5)
+    def pieces(backend, x, mean, var, gamma, beta, w, dy):
+        g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, backend)
+        dw = ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf, backend)
+        if not prologue:
+            return dict(g=g, dw=dw)
+        dx = ops.bn_backward_apply(g, x, mean, var, gamma, sums, 1e-5, True, backend)
+        dx_eval = ops.bn_backward_apply(g, x, mean, var, gamma, sums, 1e-5, False, backend)
+        return dict(g=g, sums=sums, dw=dw, dx=dx, dx_eval=dx_eval)
+
+    inputs = (x, mean, var, gamma, beta, w, dy)
+    with poisoned:
+        got = pieces("triton", *inputs)
+    ref = pieces("reference", *inputs)
+    truth = pieces("reference", *double(inputs)) if dtype != torch.float32 else None
+    for name in ref:
+        check(got[name], ref[name], lambda: truth[name], dtype, name, atol=1e-4, rtol=1e-3)
+
+
+def test_determinism_bitwise():
+    x, mean, var, gamma, beta, w, res = unit_inputs(24, 16, 3, 2, 1, 9, 3, torch.float32)
+    args = (x, mean, var, gamma, beta, w, res, [2, 2], [1, 1], 1e-5, True, True, "triton")
+    y1, p1 = ops.bn_relu_conv(*args)
+    y2, p2 = ops.bn_relu_conv(*args)
+    assert torch.equal(y1, y2) and torch.equal(p1, p2)
+    dy = torch.randn_like(y1)
+
+    def backward():
+        g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, [2, 2], [1, 1], 1e-5, "triton")
+        dw = ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), [2, 2], [1, 1], 1e-5, "triton")
+        return g, sums, dw
+    for first, second in zip(backward(), backward()):
+        assert torch.equal(first, second)
+
+
+# ------------------------------------------------------------------ whole blocks on triton
+def run_step(model, x):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out, x.grad
+
+
+BLOCK_CASES = [
+    (fp.PreActBlock, EagerBlock, 5, 5, 1, "preact"),        # identity shortcut
+    (fp.PreActBlock, EagerBlock, 3, 5, 2, "preact"),        # strided projection
+    (fp.PreActBlock, RawShortcutPreActBlock, 5, 8, 2, "input"),
+    (fp.PreActBottleneck, EagerBottleneck, 5, 4, 2, "preact"),
+]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("ours_cls,eager_cls,cin,planes,stride,source", BLOCK_CASES)
+def test_block_training_step_matches_eager(ours_cls, eager_cls, cin, planes, stride, source, training):
+    eager = eager_cls(cin, planes, stride)
+    randomize_bn(eager)
+    ours = ours_cls(cin, planes, stride, shortcut=source, backend="triton")
+    ours.load_state_dict(eager.state_dict())
+    ours.train(training), eager.train(training)
+    x = torch.randn(2, cin, 7, 7) + 0.5
+    out, dx = run_step(ours, x)
+    ref, ref_dx = run_step(eager, x)
+    assert_close(out, ref, torch.float32, "output", atol=1e-4, rtol=1e-4)
+    assert_close(dx, ref_dx, torch.float32, "grad x", atol=1e-4, rtol=1e-3)
+    for (name, p), (_, q) in zip(ours.named_parameters(), eager.named_parameters()):
+        assert_close(p.grad, q.grad, torch.float32, f"grad {name}", atol=1e-4, rtol=1e-3)
+    for (name, b), (_, e) in zip(ours.named_buffers(), eager.named_buffers()):
+        assert_close(b.double(), e.double(), torch.float64, name, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_parameters_get_no_gradient():
+    eager = EagerBlock(4, 6, 2)
+    randomize_bn(eager)
+    ours = fp.PreActBlock(4, 6, 2, backend="triton")
+    ours.load_state_dict(eager.state_dict())
+    frozen = ["bn1.weight", "bn1.bias", "conv2.weight"]
+    for model in (ours, eager):
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+    x = torch.randn(2, 4, 7, 7)
+    out, dx = run_step(ours, x)
+    ref, ref_dx = run_step(eager, x)
+    assert_close(dx, ref_dx, torch.float32, "grad x", atol=1e-4, rtol=1e-3)
+    for (name, p), (_, q) in zip(ours.named_parameters(), eager.named_parameters()):
+        if name in frozen:
+            assert p.grad is None, name
+        else:
+            assert_close(p.grad, q.grad, torch.float32, name, atol=1e-4, rtol=1e-3)
+
+
+def test_three_sgd_steps_of_two_block_network():
+    torch.manual_seed(1)
+    eager = nn.Sequential(EagerBlock(3, 5, 2), EagerBlock(5, 5, 1))
+    ours = nn.Sequential(fp.PreActBlock(3, 5, 2, backend="triton"), fp.PreActBlock(5, 5, 1, backend="triton"))
+    ours.load_state_dict(eager.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (eager, ours)]
+    for _ in range(3):
+        x = torch.randn(3, 3, 9, 9)
+        for model, opt in zip((eager, ours), opts):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for (name, a), (_, b) in zip(ours.state_dict().items(), eager.state_dict().items()):
+        assert_close(a.double(), b.double(), torch.float64, name, atol=1e-4, rtol=1e-3)
+
+
+def test_chained_blocks_hand_statistics_forward():
+    """Two blocks chained through run_chain (epilogue statistics) == two separate calls."""
+    blocks = [fp.PreActBlock(5, 5, backend="triton"), fp.PreActBlock(5, 5, backend="triton")]
+    eager = [copy.deepcopy(b).to(torch.float64) for b in blocks]
+    for e in eager:
+        e.backend = "reference"
+    x = torch.randn(3, 5, 7, 7)
+    out = fp.nn.run_chain(blocks, x)
+    ref = eager[1](eager[0](x.double()))
+    assert_close(out.double(), ref, torch.float64, "chained output", atol=1e-4, rtol=1e-4)
+    for b, e in zip(blocks, eager):
+        assert_close(b.bn1.running_var.double(), e.bn1.running_var, torch.float64, "running var", atol=1e-5, rtol=1e-5)
