@@ -118,7 +118,7 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
 @reference.register("bn_relu_conv_wgrad")
 def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps):
     a = activation(x, mean, var, bn_weight, bn_bias, eps, dy.dtype)
-    return torch.nn.grad.conv2d_weight(a, weight_shape, dy, stride, padding)
+    return torch.nn.grad.conv2d_weight(a, weight_shape, dy, stride, padding).contiguous()
 
 
 @reference.register("bn_backward_apply")

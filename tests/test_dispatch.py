@@ -1,4 +1,8 @@
 """Backend choice: explicit argument > use_backend() > FUSED_PREACT_BACKEND > auto; reasons."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -6,11 +10,31 @@ import fused_preact as fp
 from fused_preact import dispatch
 
 
-def test_auto_on_cpu_without_interpreter_is_reference(monkeypatch):
+def run_without_interpreter(code: str) -> str:
+    """Run `code` in a fresh process without TRITON_INTERPRET (the mode is fixed at import)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSED_PREACT_BACKEND")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_without_interpreter_cpu_goes_to_reference_and_triton_says_why():
+    out = run_without_interpreter(
+        "import torch, fused_preact as fp\n"
+        "from fused_preact import dispatch\n"
+        "x = torch.randn(2, 3, 4, 4)\n"
+        "print(dispatch.select('bn_relu_conv', [x]).name)\n"
+        "try:\n"
+        "    dispatch.select('bn_relu_conv', [x], 'triton')\n"
+        "except fp.BackendNotSupported as e:\n"
+        "    print(e)\n")
+    assert out.startswith("reference\n")
+    assert "triton: cpu tensors need TRITON_INTERPRET=1" in out
+
+
+def test_auto_under_interpreter_picks_triton(monkeypatch):
     monkeypatch.setenv("FUSED_PREACT_BACKEND", "auto")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x = torch.randn(2, 3, 4, 4)
-    assert dispatch.select("bn_relu_conv", [x]).name == "reference"
+    assert dispatch.select("bn_relu_conv", [torch.randn(2, 3, 4, 4)]).name == "triton"
 
 
 def test_cuda_backend_declines_on_cpu_with_reason():
@@ -20,17 +44,13 @@ def test_cuda_backend_declines_on_cpu_with_reason():
         assert any("CUDA" in r or "not built" in r for r in reasons)
 
 
-def test_forcing_a_declining_backend_lists_reasons(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_forcing_a_declining_backend_lists_reasons():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(fp.BackendNotSupported, match=r"backend 'cuda' was requested.*\n  cuda: "):
         dispatch.select("bn_relu_conv", [x], "cuda")
-    with pytest.raises(fp.BackendNotSupported, match="cpu tensors need TRITON_INTERPRET=1"):
-        dispatch.select("bn_relu_conv", [x], "triton")
 
 
-def test_dtype_reason_names_the_dtype(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_dtype_reason_names_the_dtype():
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     reasons = dispatch.get_backend("triton").not_supported_reasons("bn_relu_conv", [x])
     assert any("dtype torch.float64 not supported" in r for r in reasons)
@@ -47,7 +67,6 @@ def test_precedence(monkeypatch):
 
 def test_module_backend_argument_is_used(monkeypatch):
     monkeypatch.setenv("FUSED_PREACT_BACKEND", "reference")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     block = fp.PreActBlock(4, 4, backend="cuda")
     with pytest.raises(fp.BackendNotSupported, match="backend 'cuda' was requested"):
         block(torch.randn(2, 4, 5, 5))

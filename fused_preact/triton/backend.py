@@ -1,4 +1,10 @@
-"""The triton backend: limits and op registrations for the Triton kernels."""
+"""The triton backend: limits and op registrations for the Triton kernels.
+
+triton.jit decides at decoration time whether a kernel runs compiled or in the
+interpreter (TRITON_INTERPRET=1, on the CPU). So the mode is read once, when this
+module is imported, and the kernels are imported with it: changing TRITON_INTERPRET
+later has no effect, and this backend's reasons say so.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -8,10 +14,14 @@ import torch
 
 from ..dispatch import Backend, register_backend
 
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+# Mode of the kernels, fixed when they are defined (see the module docstring).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 
 def interpreter_on() -> bool:
-    """TRITON_INTERPRET=1 runs kernels on the CPU (how this backend is tested without a GPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether the kernels run in the Triton interpreter (on the CPU)."""
+    return INTERPRETED
 
 
 class TritonBackend(Backend):
@@ -19,27 +29,25 @@ class TritonBackend(Backend):
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
 
     def availability_reason(self):
-        if importlib.util.find_spec("triton") is None:
+        if not TRITON_INSTALLED:
             return "triton is not installed (pip install triton)"
-        if not self.impls:
-            load_kernels()
         return None
+
+    def device_reason(self, device):
+        if device.type == "cuda":
+            return "cuda tensors need TRITON_INTERPRET unset when triton is first used" if INTERPRETED else None
+        if device.type == "cpu":
+            return None if INTERPRETED else (
+                "cpu tensors need TRITON_INTERPRET=1 (the Triton interpreter), set before triton is first used")
+        return f"tensors on {device.type} are not supported"
 
     def stats_tiles(self, rows: int, channels: int) -> int:
         from .common import rows_per_tile
         return -(-rows // rows_per_tile(rows))
 
-    def device_reason(self, device):
-        if device.type == "cuda":
-            return None
-        if device.type == "cpu":
-            return None if interpreter_on() else "cpu tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
-        return f"tensors on {device.type} are not supported"
-
 
 triton_backend = register_backend(TritonBackend())
 
-
-def load_kernels() -> None:
-    """Import the kernel modules; each registers its ops on `triton_backend`."""
-    from . import bn_backward, conv_dgrad, conv_fwd, conv_wgrad, stats  # noqa: F401
+if TRITON_INSTALLED:
+    # Each kernel module registers its ops on `triton_backend`.
+    from . import bn_backward, conv_dgrad, conv_fwd, conv_wgrad, stats  # noqa: E402,F401

@@ -1,0 +1,117 @@
+"""Ecosystem: torch.compile, autocast, checkpoints / pickling / deepcopy, .to(), determinism."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import fused_preact as fp
+from eager_blocks import PreActBlock as EagerBlock
+from eager_blocks import PreActBottleneck as EagerBottleneck
+from helpers import assert_close, randomize_bn
+
+
+def small_pair(dtype=torch.float32):
+    torch.manual_seed(0)
+    eager = nn.Sequential(EagerBlock(3, 4, 2), EagerBottleneck(4, 2, 1)).to(dtype)
+    randomize_bn(eager)
+    ours = nn.Sequential(fp.PreActBlock(3, 4, 2), fp.PreActBottleneck(4, 2, 1)).to(dtype)
+    ours.load_state_dict(eager.state_dict())
+    return ours, eager
+
+
+def step(model, x):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    out.square().mean().backward()
+    return out, x.grad
+
+
+@pytest.mark.parametrize("training,compiler", [(True, "aot_eager"), (False, "aot_eager"), (True, "inductor")])
+def test_torch_compile_fullgraph(training, compiler):
+    """No graph breaks (custom ops with fake implementations, real strides = fake strides);
+    same numbers as eager, running statistics included."""
+    ours, eager = small_pair()
+    ours.train(training), eager.train(training)
+    compiled = torch.compile(ours, fullgraph=True, backend=compiler)
+    for _ in range(2):  # second call: the running-stat mutations replay correctly
+        x = torch.randn(2, 3, 8, 8)
+        out, dx = step(compiled, x)
+        ref, ref_dx = step(eager, x)
+        assert_close(out, ref, torch.float32, "compiled output")
+        assert_close(dx, ref_dx, torch.float32, "compiled grad x")
+    for (name, a), (_, b) in zip(ours.state_dict().items(), eager.state_dict().items()):
+        assert_close(a.double(), b.double(), torch.float64, name, atol=1e-5, rtol=1e-5)
+    for (name, p), (_, q) in zip(ours.named_parameters(), eager.named_parameters()):
+        assert_close(p.grad, q.grad, torch.float32, f"grad {name}", atol=1e-4, rtol=1e-3)
+
+
+def test_autocast_bf16_cpu_matches_eager_autocast():
+    """Conv in bf16, BN statistics and parameters in fp32, fp32 parameter gradients."""
+    ours, eager = small_pair()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, dx = step(ours, x)
+        ref, ref_dx = step(eager, x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert_close(out.float(), ref.float(), torch.bfloat16, "output")
+    for (name, p), (_, q) in zip(ours.named_parameters(), eager.named_parameters()):
+        assert p.grad.dtype == torch.float32, name
+        scale = q.grad.abs().max().item()
+        assert_close(p.grad, q.grad, torch.bfloat16, f"grad {name}", atol=0.05 * scale, rtol=0.05)
+    for (name, a), (_, b) in zip(ours.named_buffers(), eager.named_buffers()):
+        assert a.dtype == b.dtype, name
+        if a.is_floating_point():
+            assert_close(a, b, torch.bfloat16, name)
+
+
+def test_checkpoint_pickle_deepcopy_round_trips():
+    ours, _ = small_pair()
+    ours(torch.randn(2, 3, 8, 8))  # non-default running statistics
+    ours.eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = ours(x)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    for clone in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours)):
+        assert torch.equal(clone(x), expected)
+    fresh = nn.Sequential(fp.PreActBlock(3, 4, 2), fp.PreActBottleneck(4, 2, 1)).eval()
+    buffer = io.BytesIO()
+    torch.save(ours.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer))
+    assert torch.equal(fresh(x), expected)
+
+
+def test_to_dtype_and_channels_last():
+    ours, eager = small_pair()
+    ours.to(torch.float64).to(memory_format=torch.channels_last)
+    eager.to(torch.float64)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    out, dx = step(ours, x)
+    ref, ref_dx = step(eager, x)
+    assert_close(out, ref, torch.float64, "float64 channels_last")
+    assert_close(dx, ref_dx, torch.float64, "float64 grad")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_deterministic_algorithms_mode(backend):
+    """torch.use_deterministic_algorithms(True) never meets a non-deterministic kernel of
+    ours: a training step runs, and two runs agree bitwise."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        results = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            block = fp.PreActBlock(4, 5, 2, backend=backend)
+            x = torch.randn(2, 4, 7, 7, requires_grad=True)
+            block(x).square().sum().backward()
+            results.append([x.grad] + [p.grad for p in block.parameters()])
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(previous)
