@@ -111,3 +111,26 @@ class PreActResNet(nn.Module):
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.avg_pool2d(out, 4)
         return self.linear(out.view(out.size(0), -1))
+
+
+class PreActResNetCifar(nn.Module):
+    """He et al. 2016 CIFAR network (keys of fused_preact.models.PreActResNetCifar)."""
+
+    def __init__(self, block, n_per_stage, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
+        in_planes, stages = 16, []
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for s in [stride] + [1] * (n_per_stage - 1):
+                blocks.append(block(in_planes, planes, s))
+                in_planes = planes * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x):
+        out = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        out = F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1)
+        return self.linear(out.flatten(1))

@@ -1,6 +1,9 @@
 """Shared test helpers: comparison with a located report, tolerances per dtype."""
 import torch
 
+# Where the Triton tests run: compiled on a GPU, else in the interpreter on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # (atol, rtol) of fused vs eager, per dtype. float64: both sides compute the same
 # formulas in double, so only summation order differs. float32: conv + BN sums over
 # a few hundred terms, ~1e-6 relative each. Low precision: one rounding of the

@@ -10,7 +10,7 @@ from torch import nn
 import fused_preact as fp
 from eager_blocks import PreActBlock as EagerBlock
 from eager_blocks import PreActBottleneck as EagerBottleneck
-from helpers import assert_close, randomize_bn
+from helpers import DEVICE, assert_close, randomize_bn
 
 
 def small_pair(dtype=torch.float32):
@@ -107,8 +107,9 @@ def test_deterministic_algorithms_mode(backend):
         results = []
         for _ in range(2):
             torch.manual_seed(0)
-            block = fp.PreActBlock(4, 5, 2, backend=backend)
-            x = torch.randn(2, 4, 7, 7, requires_grad=True)
+            device = DEVICE if backend == "triton" else "cpu"
+            block = fp.PreActBlock(4, 5, 2, backend=backend).to(device)
+            x = torch.randn(2, 4, 7, 7, device=device, requires_grad=True)
             block(x).square().sum().backward()
             results.append([x.grad] + [p.grad for p in block.parameters()])
         for a, b in zip(*results):

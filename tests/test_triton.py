@@ -15,7 +15,7 @@ from eager_blocks import PreActBlock as EagerBlock
 from eager_blocks import PreActBottleneck as EagerBottleneck
 from eager_blocks import RawShortcutPreActBlock
 from fused_preact import ops
-from helpers import assert_close, assert_earned, randomize_bn
+from helpers import DEVICE, assert_close, assert_earned, randomize_bn
 
 DTYPES = [torch.float32, torch.float16]
 # (C_in, C_out, kernel, stride, padding, H=W): 3x3 / 1x1, stride 1 / 2, odd sizes.
@@ -50,7 +50,7 @@ def unit_inputs(c, k, kernel, stride, pad, hw, n, dtype, mean_shift=1.0):
     gamma, beta = torch.rand(c) + 0.5, torch.randn(c)
     p = (hw + 2 * pad - kernel) // stride + 1
     residual = torch.randn(n, k, p, p).to(dtype)
-    return x, mean, var, gamma, beta, w, residual
+    return tuple(t.to(DEVICE) for t in (x, mean, var, gamma, beta, w, residual))
 
 
 def tol(dtype):
@@ -105,9 +105,9 @@ def test_forward_without_stats_and_bf16_rejected_nowhere():
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_batch_stats_and_running_update_large_mean(momentum, poisoned):
     """|mean| = 1e3 >> std = 1: statistics still match nn.BatchNorm2d."""
-    x = torch.randn(3, 24, 9, 9) + 1e3
-    bn = nn.BatchNorm2d(24, momentum=momentum)
-    rm, rv, nbt = torch.randn(24), torch.rand(24) + 0.5, torch.tensor(3)
+    x = torch.randn(3, 24, 9, 9, device=DEVICE) + 1e3
+    bn = nn.BatchNorm2d(24, momentum=momentum).to(DEVICE)
+    rm, rv, nbt = (t.to(DEVICE) for t in (torch.randn(24), torch.rand(24) + 0.5, torch.tensor(3)))
     bn.running_mean.copy_(rm), bn.running_var.copy_(rv), bn.num_batches_tracked.copy_(nbt)
     bn(x)  # eager: increments num_batches_tracked to 4, updates running stats
     with poisoned:
@@ -139,7 +139,7 @@ def test_backward_pieces_match_reference(shape, dtype, prologue, poisoned):
     if not prologue:
         mean = var = gamma = beta = None
     p = (hw + 2 * pad - kernel) // stride + 1
-    dy = torch.randn(2, k, p, p).to(dtype)
+    dy = torch.randn(2, k, p, p).to(dtype).to(DEVICE)
     conf = ([stride] * 2, [pad] * 2, 1e-5)
     def pieces(backend, x, mean, var, gamma, beta, w, dy):
         g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, backend)
@@ -177,9 +177,9 @@ def test_determinism_bitwise():
 
 # ------------------------------------------------------------------ whole blocks on triton
 def run_step(model, x):
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    x = x.to(DEVICE).requires_grad_(True)
+    out = model.to(DEVICE)(x)
+    (out * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum().backward()
     return out, x.grad
 
 
@@ -207,7 +207,7 @@ def test_block_training_step_matches_eager(ours_cls, eager_cls, cin, planes, str
     for (name, p), (_, q) in zip(ours.named_parameters(), eager.named_parameters()):
         assert_close(p.grad, q.grad, torch.float32, f"grad {name}", atol=1e-4, rtol=1e-3)
     for (name, b), (_, e) in zip(ours.named_buffers(), eager.named_buffers()):
-        assert_close(b.double(), e.double(), torch.float64, name, atol=1e-5, rtol=1e-5)
+        assert_close(b.cpu().double(), e.cpu().double(), torch.float64, name, atol=1e-5, rtol=1e-5)
 
 
 def test_frozen_parameters_get_no_gradient():
@@ -235,14 +235,16 @@ def test_three_sgd_steps_of_two_block_network():
     eager = nn.Sequential(EagerBlock(3, 5, 2), EagerBlock(5, 5, 1))
     ours = nn.Sequential(fp.PreActBlock(3, 5, 2, backend="triton"), fp.PreActBlock(5, 5, 1, backend="triton"))
     ours.load_state_dict(eager.state_dict())
+    ours.to(DEVICE), eager.to(DEVICE)
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (eager, ours)]
     for _ in range(3):
-        x = torch.randn(3, 3, 9, 9)
+        x = torch.randn(3, 3, 9, 9, device=DEVICE)
         for model, opt in zip((eager, ours), opts):
             opt.zero_grad()
             model(x).square().mean().backward()
             opt.step()
     for (name, a), (_, b) in zip(ours.state_dict().items(), eager.state_dict().items()):
+        a, b = a.cpu(), b.cpu()
         assert_close(a.double(), b.double(), torch.float64, name, atol=1e-4, rtol=1e-3)
 
 
@@ -252,9 +254,10 @@ def test_chained_blocks_hand_statistics_forward():
     eager = [copy.deepcopy(b).to(torch.float64) for b in blocks]
     for e in eager:
         e.backend = "reference"
+    blocks = [b.to(DEVICE) for b in blocks]
     x = torch.randn(3, 5, 7, 7)
-    out = fp.nn.run_chain(blocks, x)
+    out = fp.nn.run_chain(blocks, x.to(DEVICE)).cpu()
     ref = eager[1](eager[0](x.double()))
     assert_close(out.double(), ref, torch.float64, "chained output", atol=1e-4, rtol=1e-4)
     for b, e in zip(blocks, eager):
-        assert_close(b.bn1.running_var.double(), e.bn1.running_var, torch.float64, "running var", atol=1e-5, rtol=1e-5)
+        assert_close(b.bn1.running_var.cpu().double(), e.bn1.running_var, torch.float64, "running var", atol=1e-5, rtol=1e-5)

@@ -1,0 +1,48 @@
+"""What the suite measures: block shapes and model steps.
+
+Block cases are (name, block kind, in_planes, planes, stride, batch, H=W). CIFAR shapes
+follow PreActResNet-18 / ResNet-164 stages; ImageNet shapes the ResNet-50 stages.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BlockCase:
+    name: str
+    kind: str  # "basic" | "bottleneck"
+    in_planes: int
+    planes: int
+    stride: int
+    batch: int
+    hw: int
+
+
+GPU_BLOCKS = [
+    # PreActResNet-18 on CIFAR (N=128 and 256): identity and projection blocks per stage.
+    BlockCase("r18-s1-id", "basic", 64, 64, 1, 256, 32),
+    BlockCase("r18-s1-id", "basic", 64, 64, 1, 128, 32),
+    BlockCase("r18-s2-proj", "basic", 64, 128, 2, 128, 32),
+    BlockCase("r18-s2-id", "basic", 128, 128, 1, 128, 16),
+    BlockCase("r18-s3-id", "basic", 256, 256, 1, 128, 8),
+    # ResNet-164 on CIFAR (bottleneck, widths 16/32/64 x4).
+    BlockCase("r164-s1-id", "bottleneck", 64, 16, 1, 128, 32),
+    BlockCase("r164-s2-proj", "bottleneck", 64, 32, 2, 128, 32),
+    BlockCase("r164-s3-id", "bottleneck", 256, 64, 1, 128, 8),
+    # ImageNet ResNet-50 stages (N=64).
+    BlockCase("in-r50-56", "bottleneck", 256, 64, 1, 64, 56),
+    BlockCase("in-r50-28", "bottleneck", 512, 128, 1, 64, 28),
+    BlockCase("in-r50-14", "bottleneck", 1024, 256, 1, 64, 14),
+    BlockCase("in-r50-7", "bottleneck", 2048, 512, 1, 64, 7),
+    BlockCase("in-r50-28-proj", "bottleneck", 256, 128, 2, 64, 56),
+]
+
+# Small enough for a 2-core CPU: the default when no GPU is present.
+CPU_BLOCKS = [
+    BlockCase("cpu-basic-id", "basic", 32, 32, 1, 16, 16),
+    BlockCase("cpu-basic-proj", "basic", 32, 64, 2, 16, 16),
+    BlockCase("cpu-bottleneck-id", "bottleneck", 64, 16, 1, 16, 16),
+]
+
+# (model name, batch): one training step (forward + backward + SGD).
+GPU_MODELS = [("preact_resnet18", 128), ("preact_resnet164", 128), ("preact_resnet1001", 64)]
+CPU_MODELS = [("preact_resnet18", 8)]

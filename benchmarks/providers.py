@@ -1,0 +1,97 @@
+"""The implementations compared in one run, each building a block or model from a case.
+
+eager-fp32-nchw     eager PyTorch blocks (kuangliu definitions), fp32, NCHW
+eager-cl-amp        eager, channels_last, under autocast to the case dtype
+compile             torch.compile of the eager block (default mode), channels_last + autocast
+compile-max         torch.compile(mode="max-autotune") (GPU, when asked for)
+fused-<backend>     fused_preact blocks on one backend, channels_last + autocast
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import fused_preact as fp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import eager_blocks  # noqa: E402  (the same eager definitions the tests use as oracles)
+
+
+@dataclass
+class Provider:
+    name: str
+    fused_backend: str | None      # None: an eager model
+    channels_last: bool
+    autocast: bool                 # run under autocast to the case dtype
+    compile_mode: str | None = None
+
+    def autocast_context(self, device: str, dtype: torch.dtype):
+        if self.autocast and dtype != torch.float32:
+            return torch.autocast(device, dtype=dtype)
+        return contextlib.nullcontext()
+
+
+def providers(device: str, max_autotune: bool) -> list[Provider]:
+    out = [Provider("eager-fp32-nchw", None, False, False),
+           Provider("eager-cl-amp", None, True, True)]
+    if device == "cuda":
+        out.append(Provider("compile", None, True, True, "default"))
+        if max_autotune:
+            out.append(Provider("compile-max", None, True, True, "max-autotune"))
+        backends = ["triton", "cuda", "reference"]
+    else:
+        backends = ["reference"]
+    out += [Provider(f"fused-{b}", b, True, True) for b in backends]
+    return out
+
+
+def eager_block(case):
+    cls = eager_blocks.PreActBlock if case.kind == "basic" else eager_blocks.PreActBottleneck
+    return cls(case.in_planes, case.planes, case.stride)
+
+
+def build_block(provider: Provider, case, reference_state: dict, device: str) -> Callable:
+    """The module for `provider`, loaded with the same weights as the eager one."""
+    if provider.fused_backend is None:
+        module = eager_block(case)
+    else:
+        cls = fp.PreActBlock if case.kind == "basic" else fp.PreActBottleneck
+        module = cls(case.in_planes, case.planes, case.stride, backend=provider.fused_backend)
+    module.load_state_dict(reference_state)
+    module = module.to(device)
+    if provider.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if provider.compile_mode:
+        module = torch.compile(module, mode=provider.compile_mode)
+    return module
+
+
+def build_model(provider: Provider, name: str, device: str):
+    backend = provider.fused_backend
+    torch.manual_seed(0)
+    if backend is None:
+        model = eager_model(name)
+    else:
+        model = getattr(fp.models, name)(backend=backend)
+    model = model.to(device)
+    if provider.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if provider.compile_mode:
+        model = torch.compile(model, mode=provider.compile_mode)
+    return model
+
+
+EAGER_MODELS = {
+    "preact_resnet18": lambda: eager_blocks.PreActResNet(eager_blocks.PreActBlock, [2, 2, 2, 2]),
+    "preact_resnet164": lambda: eager_blocks.PreActResNetCifar(eager_blocks.PreActBottleneck, 18),
+    "preact_resnet1001": lambda: eager_blocks.PreActResNetCifar(eager_blocks.PreActBottleneck, 111),
+}
+
+
+def eager_model(name: str):
+    return EAGER_MODELS[name]()

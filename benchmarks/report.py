@@ -1,0 +1,110 @@
+"""Tables and plots from a benchmark results folder (the data, never typed numbers).
+
+    python -m benchmarks.report bench_out     # writes bench_out/results.md and *.png
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+BASELINES = ("eager-fp32-nchw", "eager-cl-amp", "compile")
+
+
+def load(folder: Path):
+    with open(folder / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    return rows, json.loads((folder / "meta.json").read_text())
+
+
+def block_table(rows) -> list[str]:
+    times = defaultdict(dict)  # (case, dtype, mode) -> provider -> ms
+    saved = defaultdict(dict)
+    problems = []
+    for r in rows:
+        key = (r["case"], r["dtype"], r["mode"])
+        if r["metric"] == "time_ms":
+            times[key][r["provider"]] = float(r["value"])
+        elif r["metric"] == "saved_activation_bytes":
+            saved[key][r["provider"]] = float(r["value"])
+        elif r["metric"] in ("wrong", "error"):
+            problems.append(f"- {r['case']} {r['dtype']} {r['mode']} **{r['provider']}**: {r['metric']} {r['note']}")
+    providers = sorted({p for t in times.values() for p in t if p != "floor"})
+    fused = [p for p in providers if p.startswith("fused-")]
+    lines = ["| case | dtype | mode | " + " | ".join(f"{p} ms" for p in providers) + " | "
+             + " | ".join(f"{f} vs {b}" for f in fused for b in BASELINES if b in providers)
+             + " | saved act. fused/eager |",
+             "|" + "---|" * (3 + len(providers) + sum(1 for _ in fused for b in BASELINES if b in providers) + 1)]
+    for key, t in times.items():
+        cells = [f"{t[p]:.3f}" if p in t else "-" for p in providers]
+        ratios = [f"{t[b] / t[f]:.2f}x" if f in t and b in t else "-" for f in fused for b in BASELINES if b in providers]
+        s = saved.get(key, {})
+        mem = next((f"{s[f] / s['eager-cl-amp']:.2f}" for f in fused if f in s and s.get("eager-cl-amp")), "-")
+        lines.append("| " + " | ".join(key) + " | " + " | ".join(cells + ratios) + f" | {mem} |")
+    return lines + ([""] + ["Not timed:"] + problems if problems else [])
+
+
+def model_table(rows) -> list[str]:
+    lines = ["| model | provider | dtype | images/s | peak memory MiB | note |", "|---|---|---|---|---|---|"]
+    by_key = defaultdict(dict)
+    for r in rows:
+        if r["mode"] == "train_step":
+            by_key[(r["case"], r["provider"], r["dtype"])][r["metric"]] = r
+    for (model, prov, dtype), metrics in by_key.items():
+        ips = metrics.get("images_per_s")
+        mem = metrics.get("peak_memory_bytes")
+        err = metrics.get("error")
+        lines.append(f"| {model} | {prov} | {dtype} | {float(ips['value']):.0f} |" if ips else f"| {model} | {prov} | {dtype} | - |")
+        lines[-1] += (f" {float(mem['value']) / 2**20:.0f} |" if mem else " - |") + (f" {err['note']} |" if err else f" {ips['note'] if ips else ''} |")
+    return lines
+
+
+def plot_speedups(rows, folder: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots (pip install .[bench])")
+        return
+    times = defaultdict(dict)
+    for r in rows:
+        if r["metric"] == "time_ms" and r["mode"] == "fwdbwd":
+            times[(r["case"], r["dtype"])][r["provider"]] = float(r["value"])
+    base = "eager-cl-amp"
+    fused = sorted({p for t in times.values() for p in t if p.startswith("fused-")})
+    keys = [k for k in times if base in times[k]]
+    fig, ax = plt.subplots(figsize=(max(6, len(keys) * 0.6), 4))
+    width = 0.8 / max(len(fused), 1)
+    for i, p in enumerate(fused):
+        ax.bar([j + i * width for j in range(len(keys))],
+               [times[k][base] / times[k][p] if p in times[k] else 0 for k in keys], width, label=p)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(keys)), [f"{c}\n{d}" for c, d in keys], rotation=60, fontsize=7)
+    ax.set_ylabel(f"speedup vs {base} (fwd+bwd)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "speedup_blocks.png", dpi=120)
+
+
+def main(argv=None) -> None:
+    folder = Path((argv or sys.argv[1:])[0])
+    rows, meta = load(folder)
+    header = [f"# Benchmark results: {meta['device']}",
+              "", f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+              f"commit {meta['git_commit'][:10]}, {meta['date']}", ""]
+    if meta.get("ceilings"):
+        c = meta["ceilings"]
+        header += [f"Measured ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
+                   f"bf16 matmul {c['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s.", ""]
+    text = header + ["## Blocks (median ms; speedup = baseline time / fused time)", ""] + block_table(rows) \
+        + ["", "## Model training steps", ""] + model_table(rows)
+    (folder / "results.md").write_text("\n".join(text) + "\n")
+    plot_speedups(rows, folder)
+    print(f"wrote {folder / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Benchmark suite: speed and memory of the fused blocks against eager PyTorch and torch.compile.
+
+    python -m benchmarks.run --out bench_out            # GPU if present, else a small CPU default
+    python -m benchmarks.report bench_out               # markdown table + PNG plots from the data
+
+Every provider's output is first compared with eager fp32 (a wrong provider is reported,
+not timed). One CSV row per (case, provider, dtype, mode, metric); the run's metadata
+(device, versions, git commit, date) goes in every row and in meta.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from . import cases as C
+from .providers import Provider, build_block, build_model, eager_block, providers
+
+FIELDS = ["case", "provider", "dtype", "mode", "metric", "value", "unit", "note"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Relative L2 error of a provider's output vs eager fp32 above which it is "wrong".
+GUARD = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def metadata(device: str) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "device_type": device, "torch": torch.__version__, "triton": triton_version,
+        "cuda": torch.version.cuda, "python": platform.python_version(), "git_commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------- timing
+def timer(device: str):
+    if device == "cuda":
+        import triton.testing
+
+        def measure(fn):
+            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return measure
+
+    def measure_cpu(fn, repeats=5):
+        fn()  # warm-up
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(samples)
+    return measure_cpu
+
+
+def ceilings(device: str) -> dict:
+    """Measured copy bandwidth (bytes read + written per s) and bf16 matmul rate (FLOP/s)."""
+    if device != "cuda":
+        return {}
+    measure = timer(device)
+    src = torch.empty(2**28, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = measure(lambda: dst.copy_(src))
+    bandwidth = 2 * src.numel() * 4 / (ms * 1e-3)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = measure(lambda: a @ b)
+    return {"copy_bytes_per_s": bandwidth, "bf16_flop_per_s": 2 * 8192**3 / (ms * 1e-3)}
+
+
+# ---------------------------------------------------------------------------- block cases
+def conv_flops(case: C.BlockCase) -> float:
+    """Forward FLOPs of the block's convolutions (2 per multiply-add)."""
+    n, hw, s = case.batch, case.hw, case.stride
+    out_hw = hw // s
+    if case.kind == "basic":
+        convs = [(case.in_planes, case.planes, 9, out_hw), (case.planes, case.planes, 9, out_hw)]
+        out_c = case.planes
+    else:
+        convs = [(case.in_planes, case.planes, 1, hw), (case.planes, case.planes, 9, out_hw),
+                 (case.planes, 4 * case.planes, 1, out_hw)]
+        out_c = 4 * case.planes
+    if s != 1 or case.in_planes != out_c:
+        convs.append((case.in_planes, out_c, 1, out_hw))
+    return sum(2.0 * n * o * o * cin * cout * k for cin, cout, k, o in convs)
+
+
+def saved_activation_bytes(module, x) -> int:
+    """Bytes of distinct 4-D non-parameter tensors autograd saves in one forward."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if t.dim() == 4 and ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+def run_block_case(case, dtype_name, provs, device, ceil, rows, measure):
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    eager = eager_block(case)
+    for bn in (m for m in eager.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.normal_(0, 0.3)
+    state = eager.state_dict()
+    x32 = torch.randn(case.batch, case.in_planes, case.hw, case.hw, device=device)
+    expected = eager.to(device)(x32).float()
+    out_elems = expected.numel()
+    flops = conv_flops(case)
+    item = 2 if dtype != torch.float32 else 4
+    for mode in ("fwd", "fwdbwd"):
+        floor_bytes = (x32.numel() + out_elems) * item * (1 if mode == "fwd" else 2)
+        floor_flops = flops * (1 if mode == "fwd" else 3)
+        floor_ms = None
+        if ceil:
+            floor_ms = 1e3 * max(floor_bytes / ceil["copy_bytes_per_s"], floor_flops / ceil["bf16_flop_per_s"])
+            rows.append([case.name, "floor", dtype_name, mode, "time_ms", floor_ms, "ms", f"batch={case.batch}"])
+        for prov in provs:
+            if dtype != torch.float32 and not prov.autocast:
+                continue  # the fp32 NCHW baseline runs in fp32 only
+            if prov.compile_mode and dtype_name != "bf16":
+                continue  # compile time: torch.compile is measured in bf16 only
+            row = [case.name, prov.name, dtype_name, mode]
+            try:
+                module = build_block(prov, case, state, device)
+            except Exception as e:  # noqa: BLE001 - report, do not crash the sweep
+                rows.append(row + ["error", math.nan, "", f"build: {type(e).__name__}: {e}"[:300]])
+                continue
+            memory_format = torch.channels_last if prov.channels_last else torch.contiguous_format
+            # Rotate inputs so repeated runs are not served from L2.
+            n_inputs = max(1, min(8, math.ceil(2 * 60e6 / (x32.numel() * 4)))) if device == "cuda" else 1
+            xs = [x32.contiguous(memory_format=memory_format) + 0.01 * i for i in range(n_inputs)]
+            if mode == "fwdbwd":
+                xs = [x.requires_grad_(True) for x in xs]
+            autocast = prov.autocast_context(device, dtype)
+            try:
+                with autocast:
+                    got = module(xs[0]).float()
+                err = ((got - expected).norm() / expected.norm()).item()
+                if not err <= GUARD[dtype]:
+                    rows.append(row + ["wrong", err, "rel_l2", "output differs from eager fp32: not timed"])
+                    continue
+                counter = iter(range(10**9))
+
+                def call():
+                    x = xs[next(counter) % n_inputs]
+                    with autocast:
+                        out = module(x)
+                    if mode == "fwdbwd":
+                        out.backward(torch.ones_like(out))
+                ms = measure(call)
+                rows.append(row + ["time_ms", ms, "ms", f"rel_l2={err:.1e}"])
+                if floor_ms:
+                    rows.append(row + ["time_over_floor", ms / floor_ms, "x", ""])
+                with autocast:
+                    rows.append(row + ["saved_activation_bytes", saved_activation_bytes(module, xs[0]), "B", ""])
+                if device == "cuda" and mode == "fwdbwd":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    call()
+                    torch.cuda.synchronize()
+                    rows.append(row + ["peak_memory_bytes", torch.cuda.max_memory_allocated() - base, "B", ""])
+            except Exception as e:  # noqa: BLE001
+                rows.append(row + ["error", math.nan, "", f"{type(e).__name__}: {e}"[:300]])
+
+
+# ---------------------------------------------------------------------------- model steps
+def training_step(model, prov, batch, dtype, device):
+    """A closure running one SGD step of `model` on a random CIFAR batch."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    memory_format = torch.channels_last if prov.channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (batch,), device=device)
+    autocast = prov.autocast_context(device, dtype)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def largest_batch(prov, name, dtype, device, start: int, limit: int = 4096) -> int:
+    """The largest batch (doubling from `start`) whose training step fits in GPU memory."""
+    fits = 0
+    batch = start
+    while batch <= limit:
+        try:
+            model = build_model(prov, name, device)
+            training_step(model, prov, batch, dtype, device)()
+            torch.cuda.synchronize()
+            fits = batch
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            model = None
+            torch.cuda.empty_cache()
+        batch *= 2
+    return fits
+
+
+def run_model_case(name, batch, dtype_name, provs, device, rows, measure):
+    dtype = DTYPES[dtype_name]
+    for prov in provs:
+        if dtype != torch.float32 and not prov.autocast:
+            continue
+        if prov.compile_mode and (dtype_name != "bf16" or name == "preact_resnet1001"):
+            continue  # compile time
+        row = [name, prov.name, dtype_name, "train_step"]
+        try:
+            model = build_model(prov, name, device)
+            step = training_step(model, prov, batch, dtype, device)
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            ms = measure(step)
+            rows.append(row + ["images_per_s", batch / (ms * 1e-3), "img/s", f"batch={batch}"])
+            if device == "cuda":
+                rows.append(row + ["peak_memory_bytes", torch.cuda.max_memory_allocated(), "B", f"batch={batch}"])
+            model = step = None
+            if device == "cuda" and name == "preact_resnet1001" and dtype_name == "bf16" and not prov.compile_mode:
+                rows.append(row + ["largest_batch", largest_batch(prov, name, dtype, device, batch), "images", ""])
+        except Exception as e:  # noqa: BLE001
+            rows.append(row + ["error", math.nan, "", f"{type(e).__name__}: {e}"[:300]])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for results.csv, meta.json")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: all on GPU, fp32 on CPU)")
+    parser.add_argument("--max-autotune", action="store_true", help="also torch.compile(mode='max-autotune')")
+    parser.add_argument("--no-models", action="store_true", help="skip the model training steps")
+    args = parser.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cpu":
+        print("fused_preact benchmarks: no GPU here, running the small CPU default "
+              "(reference backend vs eager). GPU numbers need a GPU.")
+    dtypes = (args.dtypes or ("fp32,bf16,fp16" if device == "cuda" else "fp32")).split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = metadata(device)
+    meta["ceilings"] = ceil = ceilings(device)
+    provs: list[Provider] = providers(device, args.max_autotune)
+    measure = timer(device)
+    block_cases = C.GPU_BLOCKS if device == "cuda" else C.CPU_BLOCKS
+    model_cases = [] if args.no_models else (C.GPU_MODELS if device == "cuda" else C.CPU_MODELS)
+    work = [("block", c, d) for c in block_cases for d in dtypes] + [("model", m, d) for m in model_cases for d in dtypes]
+    try:
+        from tqdm import tqdm
+        work_iter = tqdm(work, desc="benchmarks")
+    except ImportError:
+        work_iter = work
+    rows: list[list] = []
+    for kind, case, dtype_name in work_iter:
+        if kind == "block":
+            run_block_case(case, dtype_name, provs, device, ceil, rows, measure)
+        else:
+            run_model_case(*case, dtype_name, provs, device, rows, measure)
+    import csv
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(FIELDS + [k for k in meta if k != "ceilings"])
+        for row in rows:
+            writer.writerow(row + [meta[k] for k in meta if k != "ceilings"])
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    print(f"wrote {len(rows)} rows to {out / 'results.csv'}")
+
+
+if __name__ == "__main__":
+    main()

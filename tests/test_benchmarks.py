@@ -1,0 +1,57 @@
+"""The benchmark suite on CPU: its correctness guard, its output files, and cheap
+pytest-benchmark micro-benchmarks (reference backend vs eager, tiny shapes)."""
+import csv
+
+import pytest
+import torch
+
+import fused_preact as fp
+from benchmarks import cases, providers, report, run
+from eager_blocks import PreActBlock as EagerBlock
+
+
+def test_wrong_provider_is_reported_not_timed(monkeypatch):
+    case = cases.BlockCase("tiny", "basic", 4, 4, 1, 2, 6)
+    good = providers.Provider("fused-reference", "reference", True, True)
+    bad = providers.Provider("fused-broken", "reference", True, True)
+    real_build = providers.build_block
+
+    def build(prov, case, state, device):
+        module = real_build(prov, case, state, device)
+        if prov.name == "fused-broken":
+            with torch.no_grad():
+                module.conv2.weight.mul_(1.5)  # computes something else
+        return module
+    monkeypatch.setattr(run, "build_block", build)
+    rows = []
+    run.run_block_case(case, "fp32", [good, bad], "cpu", {}, rows, run.timer("cpu"))
+    by = {(r[1], r[3], r[4]) for r in rows}
+    assert ("fused-reference", "fwd", "time_ms") in by and ("fused-reference", "fwdbwd", "time_ms") in by
+    assert ("fused-broken", "fwd", "wrong") in by
+    assert not any(r[1] == "fused-broken" and r[4] == "time_ms" for r in rows)
+
+
+def test_cpu_default_run_writes_results_and_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(cases, "CPU_BLOCKS", [cases.BlockCase("tiny", "bottleneck", 8, 2, 2, 2, 6)])
+    run.main(["--out", str(tmp_path), "--device", "cpu", "--no-models"])
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} == {"eager-fp32-nchw", "eager-cl-amp", "fused-reference"}
+    assert all(r["device_type"] == "cpu" and r["git_commit"] is not None for r in rows)
+    saved = {r["provider"]: float(r["value"]) for r in rows
+             if r["metric"] == "saved_activation_bytes" and r["mode"] == "fwd"}
+    assert saved["fused-reference"] <= 0.55 * saved["eager-cl-amp"]
+    report.main([str(tmp_path)])
+    assert "| tiny | fp32 | fwdbwd |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.benchmark(group="block-fwdbwd-cpu")
+@pytest.mark.parametrize("impl", ["eager", "fused-reference"])
+def test_micro_block_fwdbwd(benchmark, impl):
+    torch.manual_seed(0)
+    block = EagerBlock(16, 16) if impl == "eager" else fp.PreActBlock(16, 16, backend="reference")
+    x = torch.randn(8, 16, 16, 16, requires_grad=True)
+
+    def step():
+        block(x).sum().backward()
+    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
