@@ -98,12 +98,13 @@ def _matching_shortcut_source(module: nn.Module, block_cls, unit_names) -> Optio
     return None
 
 
-def _try_swap(module: nn.Module, backend: Optional[str]):
+def _try_swap(module: nn.Module, backend: Optional[str], sync_bn: bool, process_group):
     """(fused block, description) or (None, reason)."""
     block_cls, unit_names = _layout(module)
     try:
         modules = _candidate_modules(module, unit_names)
-        fused = from_modules(block_cls, modules, shortcut="preact", backend=backend)  # validates layout
+        fused = from_modules(block_cls, modules, shortcut="preact", backend=backend,  # validates layout
+                             sync_bn=sync_bn, process_group=process_group)
         source = _matching_shortcut_source(module, block_cls, unit_names)
     except (ValueError, TypeError, RuntimeError) as e:
         return None, str(e)
@@ -114,21 +115,23 @@ def _try_swap(module: nn.Module, backend: Optional[str]):
     return fused, f"{block_cls.__name__}(shortcut={source!r})"
 
 
-def convert(model: nn.Module, *, backend: Optional[str] = None, return_report: bool = False):
+def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = False,
+            process_group=None, return_report: bool = False):
     """Replace every recognised pre-activation block of `model` by a fused one, in place.
 
     Parameters and buffers are shared with the original submodules (state_dict keys,
-    device, dtype, optimizer references and train/eval mode are unchanged). Returns the
-    model, or (model, ConversionReport) with return_report=True. Blocks that look like
-    pre-activation blocks but do not compute what a fused block computes are left
-    untouched and logged as warnings.
+    device, dtype, optimizer references and train/eval mode are unchanged). sync_bn:
+    synchronise the blocks' BatchNorm statistics over `process_group` (default: world)
+    like nn.SyncBatchNorm. Returns the model, or (model, ConversionReport) with
+    return_report=True. Blocks that look like pre-activation blocks but do not compute
+    what a fused block computes are left untouched and logged as warnings.
     """
     check_backend_name(backend)
     report = ConversionReport()
 
     def visit(name: str, module: nn.Module) -> nn.Module:
         if _layout(module) is not None:
-            fused, what = _try_swap(module, backend)
+            fused, what = _try_swap(module, backend, sync_bn, process_group)
             if fused is not None:
                 report.swapped.append((name, what))
                 return fused

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import distributed, ops
 
 
 class BNStats(NamedTuple):
@@ -19,6 +19,7 @@ class BNStats(NamedTuple):
     mean: Tensor
     var: Tensor
     batch: bool  # True: batch statistics of the input (training-mode BN)
+    sync_group: int = 0  # fused_preact.distributed handle when synchronised across ranks
 
 
 def check_bn(bn: nn.Module, name: str) -> None:
@@ -47,11 +48,13 @@ def needs_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or bn.running_mean is None
 
 
-def bn_stats(bn: nn.BatchNorm2d, x: Tensor, partials: Optional[Tensor], backend: str) -> BNStats:
+def bn_stats(bn: nn.BatchNorm2d, x: Tensor, partials: Optional[Tensor], backend: str,
+             sync_group: int = 0) -> BNStats:
     """Statistics for `bn` applied to x; in training also updates its running statistics.
 
     partials: statistics of x already produced by the conv that wrote x, else None
-    (then one standalone statistics pass reads x).
+    (then one standalone statistics pass reads x). sync_group: a
+    fused_preact.distributed handle to synchronise the statistics over (0: local).
     """
     if not needs_batch_stats(bn):
         return BNStats(bn.running_mean, bn.running_var, False)
@@ -60,18 +63,23 @@ def bn_stats(bn: nn.BatchNorm2d, x: Tensor, partials: Optional[Tensor], backend:
             f"fused_preact: expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     if partials is None:
         partials = ops.batch_stats(x.detach(), backend)
+    partials = partials.detach()
+    sync_group = sync_group if bn.training and distributed.sync_active(distributed.process_group(sync_group)) else 0
+    if sync_group:
+        local_mean, local_var = ops.bn_finalize(partials, None, None, None, None, backend)
+        partials = distributed.gather_partials(local_mean, local_var, x.numel() // x.shape[1], sync_group)
     update = bn.training and bn.track_running_stats
     if update:
         bn.num_batches_tracked.add_(1)
     mean, var = ops.bn_finalize(
-        partials.detach(),
+        partials,
         bn.running_mean if update else None,
         bn.running_var if update else None,
         bn.num_batches_tracked if update else None,
         bn.momentum,
         backend,
     )
-    return BNStats(mean, var, True)
+    return BNStats(mean, var, True, sync_group)
 
 
 def compute_dtype(x: Tensor, conv: nn.Conv2d) -> torch.dtype:
@@ -94,16 +102,16 @@ def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv
     weight = conv.weight.to(dtype)
     if stats is None:
         x = x.to(dtype) if torch.is_autocast_enabled(x.device.type) else x
-        mean, var, bn_weight, bn_bias, eps, batch = None, None, None, None, 0.0, False
+        mean, var, bn_weight, bn_bias, eps, batch, sync_group = None, None, None, None, 0.0, False, 0
     else:
-        mean, var, batch = stats
+        mean, var, batch, sync_group = stats
         bn_weight, bn_bias, eps = bn.weight, bn.bias, bn.eps
     # A residual of another dtype (fp32 identity under autocast) is added outside, with
     # PyTorch's type promotion, exactly as the eager `out + shortcut` does.
     fused_residual = residual if residual is None or residual.dtype == dtype else None
     y, partials = ops.bn_relu_conv(
         x, mean, var, bn_weight, bn_bias, weight, fused_residual, list(conv.stride),
-        list(conv.padding), float(eps), batch, want_stats and residual is fused_residual, backend)
+        list(conv.padding), float(eps), batch, want_stats and residual is fused_residual, backend, sync_group)
     if residual is not None and fused_residual is None:
         return y + residual, None
     return y, (partials if want_stats else None)

@@ -12,13 +12,27 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from . import functional as Fp
 from .dispatch import check_backend_name
 
 SHORTCUT_SOURCES = ("preact", "input")
 
 
-class FusedBNReLUConv2d(nn.Module):
+class _SyncBNOption:
+    """`sync_bn` / `process_group`: synchronise training statistics across ranks like
+    nn.SyncBatchNorm (only while a multi-process group is initialised)."""
+
+    def set_sync_bn(self, sync_bn: bool, process_group=None) -> None:
+        self.sync_bn = bool(sync_bn)
+        self.process_group = process_group
+
+    @property
+    def sync_group(self) -> int:
+        return distributed.group_handle(self.process_group) if self.sync_bn else 0
+
+
+class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
     """y = conv(relu(bn(x))) [+ residual] as one fused unit.
 
     Submodules `bn` (nn.BatchNorm2d) and `conv` (nn.Conv2d, bias=False, groups=1,
@@ -27,7 +41,8 @@ class FusedBNReLUConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=None, *,
                  eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, backend: Optional[str] = None, device=None, dtype=None):
+                 track_running_stats: bool = True, backend: Optional[str] = None, sync_bn: bool = False,
+                 process_group=None, device=None, dtype=None):
         super().__init__()
         if padding is None:
             padding = kernel_size // 2 if isinstance(kernel_size, int) else tuple(k // 2 for k in kernel_size)
@@ -37,9 +52,11 @@ class FusedBNReLUConv2d(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False, **factory)
         check_backend_name(backend)
         self.backend = backend
+        self.set_sync_bn(sync_bn, process_group)
 
     @classmethod
-    def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, *, backend: Optional[str] = None):
+    def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, *, backend: Optional[str] = None,
+                     sync_bn: bool = False, process_group=None):
         """Wrap existing modules (shared, not copied: optimizers keep their parameters)."""
         Fp.check_bn(bn, "bn")
         Fp.check_conv(conv, "conv")
@@ -47,15 +64,16 @@ class FusedBNReLUConv2d(nn.Module):
         unit = cls.__new__(cls)
         nn.Module.__init__(unit)
         unit.bn, unit.conv, unit.backend = bn, conv, backend
+        unit.set_sync_bn(sync_bn, process_group)
         return unit
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         backend = self.backend or "auto"
-        stats = Fp.bn_stats(self.bn, x, None, backend)
+        stats = Fp.bn_stats(self.bn, x, None, backend, self.sync_group)
         return Fp.unit(x, stats, self.bn, self.conv, residual, False, backend)[0]
 
 
-class _PreActUnits(nn.Module):
+class _PreActUnits(_SyncBNOption, nn.Module):
     """Shared forward of pre-activation blocks: a chain of (bnK, convK) units + shortcut.
 
     x_{l+1} = x_l + F(x_l); the projection shortcut (if any) reads relu(bn1(x))
@@ -64,7 +82,8 @@ class _PreActUnits(nn.Module):
 
     n_units = 0
 
-    def _setup(self, shortcut: str, backend: Optional[str]) -> None:
+    def _setup(self, shortcut: str, backend: Optional[str], sync_bn: bool = False, process_group=None) -> None:
+        self.set_sync_bn(sync_bn, process_group)
         if shortcut not in SHORTCUT_SOURCES:
             raise ValueError(f"fused_preact: shortcut must be one of {SHORTCUT_SOURCES}, got {shortcut!r}")
         check_backend_name(backend)
@@ -88,7 +107,8 @@ class _PreActUnits(nn.Module):
         """Forward that takes and gives partial statistics, so a chain of blocks needs no
         standalone statistics pass between blocks (the conv epilogue produced them)."""
         backend = self.backend or "auto"
-        stats = Fp.bn_stats(self.bn1, x, x_partials, backend)
+        sync = self.sync_group
+        stats = Fp.bn_stats(self.bn1, x, x_partials, backend, sync)
         if not self.has_projection():
             shortcut = x
         elif self.shortcut_source == "preact":
@@ -99,7 +119,7 @@ class _PreActUnits(nn.Module):
         for i in range(1, self.n_units + 1):
             last = i == self.n_units
             if i > 1:
-                stats = Fp.bn_stats(getattr(self, f"bn{i}"), h, partials, backend)
+                stats = Fp.bn_stats(getattr(self, f"bn{i}"), h, partials, backend, sync)
             next_bn = None if last else getattr(self, f"bn{i + 1}")
             want = want_stats if last else Fp.needs_batch_stats(next_bn)
             h, partials = Fp.unit(h, stats, getattr(self, f"bn{i}"), getattr(self, f"conv{i}"),
@@ -107,7 +127,7 @@ class _PreActUnits(nn.Module):
         return h, partials
 
     def extra_repr(self) -> str:
-        return f"shortcut_source={self.shortcut_source!r}, backend={self.backend!r}"
+        return f"shortcut_source={self.shortcut_source!r}, backend={self.backend!r}, sync_bn={self.sync_bn}"
 
 
 def _projection(in_planes: int, out_planes: int, stride: int) -> Optional[nn.Sequential]:
@@ -123,7 +143,7 @@ class PreActBlock(_PreActUnits):
     n_units = 2
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, *, shortcut: str = "preact",
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, sync_bn: bool = False, process_group=None):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
@@ -132,7 +152,7 @@ class PreActBlock(_PreActUnits):
         projection = _projection(in_planes, self.expansion * planes, stride)
         if projection is not None:
             self.shortcut = projection
-        self._setup(shortcut, backend)
+        self._setup(shortcut, backend, sync_bn, process_group)
 
 
 class PreActBottleneck(_PreActUnits):
@@ -142,7 +162,7 @@ class PreActBottleneck(_PreActUnits):
     n_units = 3
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, *, shortcut: str = "preact",
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, sync_bn: bool = False, process_group=None):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=1, bias=False)
@@ -153,16 +173,17 @@ class PreActBottleneck(_PreActUnits):
         projection = _projection(in_planes, self.expansion * planes, stride)
         if projection is not None:
             self.shortcut = projection
-        self._setup(shortcut, backend)
+        self._setup(shortcut, backend, sync_bn, process_group)
 
 
-def from_modules(block_cls, modules: dict[str, nn.Module], *, shortcut: str, backend: Optional[str]):
+def from_modules(block_cls, modules: dict[str, nn.Module], *, shortcut: str, backend: Optional[str],
+                 sync_bn: bool = False, process_group=None):
     """A fused block around existing submodules (used by `convert`; parameters are shared)."""
     block = block_cls.__new__(block_cls)
     nn.Module.__init__(block)
     for name, module in modules.items():
         setattr(block, name, module)
-    block._setup(shortcut, backend)
+    block._setup(shortcut, backend, sync_bn, process_group)
     return block
 
 

@@ -14,6 +14,9 @@ Ops (DESIGN.md section 1):
   bn_relu_conv_wgrad  dW = wgrad(relu(bn(x)), dy)
   bn_backward_apply   dx = scale * (g - mean(g) - xhat * mean(g * xhat))   (training)
 
+Synchronised BatchNorm (fused_preact.distributed) exchanges the partial statistics
+before bn_finalize and the gradient sums before bn_backward_apply.
+
 Partial statistics are [T, 3, C] (count, mean, M2) per row tile, T chosen by the backend.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, distributed
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -107,12 +110,15 @@ def bn_relu_conv(
     x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor], weight: Tensor, residual: Optional[Tensor], stride: Sequence[int],
     padding: Sequence[int], eps: float, batch_stats: bool, want_stats: bool, backend: str,
+    sync_group: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """y = conv(relu(bn(x)), weight) (+ residual) and, if want_stats, partial stats of y.
 
     y has weight's dtype; the activation relu(bn(x)) is cast to it before the conv.
     mean/var None: no BN prologue (a plain conv). batch_stats: mean/var are the batch
-    statistics of x (training mode), so the backward differentiates through them.
+    statistics of x (training mode), so the backward differentiates through them;
+    sync_group (a fused_preact.distributed handle, 0 for none): they are statistics over
+    all ranks of that group, and so are the means the backward subtracts.
     """
     check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding)
     impl = dispatch.select("bn_relu_conv", [x, weight, residual, mean, var, bn_weight, bn_bias], backend)
@@ -122,7 +128,7 @@ def bn_relu_conv(
 
 @bn_relu_conv.register_fake
 def _(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, batch_stats,
-      want_stats, backend):
+      want_stats, backend, sync_group=0):
     check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding)
     out_hw = conv_output_hw(x.shape[2:], weight.shape[2:], stride, padding)
     n, c_out = x.shape[0], weight.shape[0]
@@ -136,16 +142,16 @@ def _(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, 
 
 def _unit_setup_context(ctx, inputs, output):
     (x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, batch_stats,
-     _want_stats, backend) = inputs
+     _want_stats, backend, sync_group) = inputs
     # Only the pre-BN input and per-channel vectors: relu(bn(x)) is recomputed in backward.
     ctx.save_for_backward(x, mean, var, bn_weight, bn_bias, weight)
-    ctx.conf = (list(stride), list(padding), eps, batch_stats, backend, residual is not None)
+    ctx.conf = (list(stride), list(padding), eps, batch_stats, backend, residual is not None, sync_group)
     ctx.mark_non_differentiable(output[1])
 
 
 def _unit_backward(ctx, dy, _dstats):
     x, mean, var, bn_weight, bn_bias, weight = ctx.saved_tensors
-    stride, padding, eps, batch_stats, backend, has_residual = ctx.conf
+    stride, padding, eps, batch_stats, backend, has_residual, sync_group = ctx.conf
     needs = ctx.needs_input_grad
     dx = dgamma = dbeta = dweight = None
     dy = dy.contiguous(memory_format=torch.channels_last)
@@ -159,13 +165,18 @@ def _unit_backward(ctx, dy, _dstats):
             dx = g
         else:
             if needs[0]:
-                dx = bn_backward_apply(g, x, mean, var, bn_weight, sums, eps, batch_stats, backend)
+                count = x.numel() // x.shape[1]
+                if batch_stats and sync_group:
+                    grad_means = distributed.global_grad_means(sums, count, sync_group)
+                else:
+                    grad_means = sums / count
+                dx = bn_backward_apply(g, x, mean, var, bn_weight, grad_means, eps, batch_stats, backend)
             if needs[3]:
                 dgamma = sums[1].to(bn_weight.dtype)
             if needs[4]:
                 dbeta = sums[0].to(bn_bias.dtype)
     dresidual = dy if (has_residual and needs[6]) else None
-    return dx, None, None, dgamma, dbeta, dweight, dresidual, None, None, None, None, None, None
+    return dx, None, None, dgamma, dbeta, dweight, dresidual, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fused_preact::bn_relu_conv", _unit_backward,
@@ -253,15 +264,17 @@ def _(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, 
 
 @torch.library.custom_op("fused_preact::bn_backward_apply", mutates_args=())
 def bn_backward_apply(g: Tensor, x: Tensor, mean: Tensor, var: Tensor, bn_weight: Optional[Tensor],
-                      sums: Tensor, eps: float, batch_stats: bool, backend: str) -> Tensor:
+                      grad_means: Tensor, eps: float, batch_stats: bool, backend: str) -> Tensor:
     """dx of BatchNorm given g = dL/d bn(x): scale * (g - mean(g) - xhat * mean(g xhat)).
 
-    With batch_stats False (eval-mode statistics) the mean terms vanish: scale * g.
+    grad_means [2, C] = (mean g, mean g * xhat) over the batch the statistics came from
+    (all ranks under synchronised BN). With batch_stats False (eval-mode statistics)
+    the mean terms vanish: scale * g.
     """
-    impl = dispatch.select("bn_backward_apply", [g, x, mean, var, bn_weight, sums], backend)
-    return impl.impls["bn_backward_apply"](g, x, mean, var, bn_weight, sums, eps, batch_stats)
+    impl = dispatch.select("bn_backward_apply", [g, x, mean, var, bn_weight, grad_means], backend)
+    return impl.impls["bn_backward_apply"](g, x, mean, var, bn_weight, grad_means, eps, batch_stats)
 
 
 @bn_backward_apply.register_fake
-def _(g, x, mean, var, bn_weight, sums, eps, batch_stats, backend):
+def _(g, x, mean, var, bn_weight, grad_means, eps, batch_stats, backend):
     return _empty_nchw_channels_last(x, x.shape)

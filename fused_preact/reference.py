@@ -122,11 +122,10 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
 
 
 @reference.register("bn_backward_apply")
-def bn_backward_apply(g, x, mean, var, bn_weight, sums, eps, batch_stats):
+def bn_backward_apply(g, x, mean, var, bn_weight, grad_means, eps, batch_stats):
     scale = _channel(bn_scale(var, bn_weight, eps))
     gs = g.to(mean.dtype)
     if batch_stats:
-        count = g.numel() // g.shape[1]
         xhat = (x.to(mean.dtype) - _channel(mean)) * _channel(torch.rsqrt(var + eps))
-        gs = gs - _channel(sums[0] / count) - xhat * _channel(sums[1] / count)
+        gs = gs - _channel(grad_means[0]) - xhat * _channel(grad_means[1])
     return (scale * gs).to(x.dtype).contiguous(memory_format=torch.channels_last)

@@ -1,7 +1,7 @@
 """BatchNorm backward apply: dx = scale * (g - mean(g) - xhat * mean(g * xhat)).
 
 g is the gradient at the BN output (ReLU mask applied by the dgrad epilogue); the two
-means come from the dgrad epilogue's sums. Eval-mode statistics are constants: dx = scale * g.
+means come from the dgrad epilogue's sums (all-reduced first under synchronised BN). Eval-mode statistics are constants: dx = scale * g.
 Element-wise over N*H*W rows x C channels, one [rows, channels] tile per program.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .common import nhwc_strides
 @triton.jit
 def bn_backward_apply_kernel(
     g_ptr, sgn, sgh, sgw, sgc, x_ptr, sxn, sxh, sxw, sxc, dx_ptr, son, soh, sow, soc,
-    mean_ptr, var_ptr, gamma_ptr, sums_ptr, eps, count, M, HW, W, C,
+    mean_ptr, var_ptr, gamma_ptr, grad_means_ptr, eps, M, HW, W, C,
     HAS_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
 ):
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -35,8 +35,8 @@ def bn_backward_apply_kernel(
     if BATCH_STATS:
         x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
-        mean_g = tl.load(sums_ptr + rc, mask=c_ok, other=0.0) / count
-        mean_gx = tl.load(sums_ptr + C + rc, mask=c_ok, other=0.0) / count
+        mean_g = tl.load(grad_means_ptr + rc, mask=c_ok, other=0.0)
+        mean_gx = tl.load(grad_means_ptr + C + rc, mask=c_ok, other=0.0)
         xhat = (x - mean[None, :]) * invstd[None, :]
         g = g - mean_g[None, :] - xhat * mean_gx[None, :]
     dx = (g * scale[None, :]).to(dx_ptr.dtype.element_ty)
@@ -44,14 +44,14 @@ def bn_backward_apply_kernel(
 
 
 @triton_backend.register("bn_backward_apply")
-def bn_backward_apply(g, x, mean, var, bn_weight, sums, eps, batch_stats):
+def bn_backward_apply(g, x, mean, var, bn_weight, grad_means, eps, batch_stats):
     n, c, h, w = x.shape
     m = n * h * w
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     bm, bc = 64, min(64, triton.next_power_of_2(c))
     bn_backward_apply_kernel[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
         g, *nhwc_strides(g), x, *nhwc_strides(x), dx, *nhwc_strides(dx),
-        mean, var, bn_weight if bn_weight is not None else var, sums.contiguous(), eps, float(m), m, h * w, w, c,
+        mean, var, bn_weight if bn_weight is not None else var, grad_means.contiguous(), eps, m, h * w, w, c,
         HAS_GAMMA=bn_weight is not None, BATCH_STATS=batch_stats, BM=bm, BC=bc,
     )
     return dx
