@@ -1,7 +1,9 @@
 """Swap the pre-activation blocks of an existing model for fused ones.
 
 A candidate is a module with the attribute layout of kuangliu/pytorch-cifar's
-PreActBlock (bn1, conv1, bn2, conv2 [, shortcut]) or PreActBottleneck (... bn3, conv3).
+PreActBlock (bn1, conv1, bn2, conv2 [, shortcut]) or PreActBottleneck (... bn3, conv3),
+or of timm's resnetv2 PreActBasic / PreActBottleneck (norm1, conv1, ... [, downsample],
+drop_path) with BatchNormAct2d norms.
 Blocks of the same layout can compute different things: RobustBench / fast-adversarial
 blocks feed the projection shortcut raw x instead of relu(bn1(x)), some add dropout or
 squeeze-excitation. So every swap is verified numerically: the candidate and the fused
@@ -21,7 +23,8 @@ import torch
 from torch import nn
 
 from .dispatch import check_backend_name
-from .nn import SHORTCUT_SOURCES, PreActBlock, PreActBottleneck, _PreActUnits, from_modules
+from .nn import (SHORTCUT_SOURCES, PreActBlock, PreActBottleneck, TimmPreActBasic, TimmPreActBottleneck,
+                 _PreActUnits, from_modules)
 
 log = logging.getLogger("fused_preact.convert")
 
@@ -41,29 +44,38 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+# (fused class, names of the submodules it takes over), most specific first.
+_LAYOUTS = (
+    (PreActBottleneck, ("bn1", "conv1", "bn2", "conv2", "bn3", "conv3"), ("shortcut",)),
+    (PreActBlock, ("bn1", "conv1", "bn2", "conv2"), ("shortcut",)),
+    (TimmPreActBottleneck, ("norm1", "conv1", "norm2", "conv2", "norm3", "conv3"), ("downsample", "drop_path")),
+    (TimmPreActBasic, ("norm1", "conv1", "norm2", "conv2"), ("downsample", "drop_path")),
+)
+
+
 def _layout(module: nn.Module):
-    """(fused class, unit names) when `module` has a pre-activation block layout, else None."""
+    """(fused class, unit names, optional names) for a pre-activation block layout, else None."""
     if isinstance(module, _PreActUnits):
         return None
-    if all(hasattr(module, a) for a in ("bn1", "conv1", "bn2", "conv2", "bn3", "conv3")):
-        return PreActBottleneck, ("bn1", "conv1", "bn2", "conv2", "bn3", "conv3")
-    if all(hasattr(module, a) for a in ("bn1", "conv1", "bn2", "conv2")) and not hasattr(module, "bn3"):
-        return PreActBlock, ("bn1", "conv1", "bn2", "conv2")
+    for block_cls, unit_names, optional in _LAYOUTS:
+        if all(hasattr(module, a) for a in unit_names):
+            return block_cls, unit_names, optional
     return None
 
 
-def _candidate_modules(module: nn.Module, unit_names) -> dict[str, nn.Module]:
+def _candidate_modules(module: nn.Module, unit_names, optional) -> dict[str, nn.Module]:
     """The submodules a fused block takes over; raises ValueError on anything extra."""
-    taken = {name: getattr(module, name) for name in unit_names}
-    shortcut = getattr(module, "shortcut", None)
-    if shortcut is not None:
-        taken["shortcut"] = shortcut
+    # In the module's own child order, so state_dict keys keep their order too.
+    wanted = set(unit_names) | set(optional)
+    taken = {name: child for name, child in module.named_children() if name in wanted}
+    for name in optional:
+        if name not in taken and hasattr(module, name):
+            taken[name] = getattr(module, name)  # e.g. downsample = None
     extra = [name for name, child in module.named_children()
-             if name not in taken and not isinstance(child, _HARMLESS)]
+             if (name not in taken or (name == "drop_path" and not isinstance(child, nn.Identity)))
+             and not isinstance(child, _HARMLESS)]
     if extra:
         raise ValueError(f"has submodules a fused block does not compute: {extra}")
-    if isinstance(shortcut, nn.Sequential) and len(shortcut) == 0:
-        taken["shortcut"] = shortcut  # an empty Sequential is the identity
     return taken
 
 
@@ -80,18 +92,19 @@ def _randomize_bn(module: nn.Module, generator: torch.Generator) -> None:
 
 
 @torch.no_grad()
-def _matching_shortcut_source(module: nn.Module, block_cls, unit_names) -> Optional[str]:
+def _matching_shortcut_source(module: nn.Module, block_cls, unit_names, optional) -> Optional[str]:
     """The shortcut source under which the fused block computes what `module` computes."""
     probe_model = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
     generator = torch.Generator().manual_seed(0)
     _randomize_bn(probe_model, generator)
-    in_channels = probe_model.bn1.num_features
+    in_channels = getattr(probe_model, unit_names[0]).num_features
     x = torch.randn(2, in_channels, 8, 8, generator=generator, dtype=torch.float64)
     expected = probe_model(x)
-    has_projection = isinstance(getattr(probe_model, "shortcut", None), nn.Sequential) and len(probe_model.shortcut) > 0
-    for source in (SHORTCUT_SOURCES if has_projection else SHORTCUT_SOURCES[:1]):
-        fused = from_modules(block_cls, _candidate_modules(probe_model, unit_names),
+    for source in SHORTCUT_SOURCES:
+        fused = from_modules(block_cls, _candidate_modules(probe_model, unit_names, optional),
                              shortcut=source, backend="reference").eval()
+        if fused.projection() is None and source != SHORTCUT_SOURCES[0]:
+            break  # identity shortcut: the source does not matter
         got = fused(x)
         if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-9, atol=1e-9):
             return source
@@ -100,12 +113,12 @@ def _matching_shortcut_source(module: nn.Module, block_cls, unit_names) -> Optio
 
 def _try_swap(module: nn.Module, backend: Optional[str], sync_bn: bool, process_group):
     """(fused block, description) or (None, reason)."""
-    block_cls, unit_names = _layout(module)
+    block_cls, unit_names, optional = _layout(module)
     try:
-        modules = _candidate_modules(module, unit_names)
+        modules = _candidate_modules(module, unit_names, optional)
         fused = from_modules(block_cls, modules, shortcut="preact", backend=backend,  # validates layout
                              sync_bn=sync_bn, process_group=process_group)
-        source = _matching_shortcut_source(module, block_cls, unit_names)
+        source = _matching_shortcut_source(module, block_cls, unit_names, optional)
     except (ValueError, TypeError, RuntimeError) as e:
         return None, str(e)
     if source is None:

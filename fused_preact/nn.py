@@ -74,13 +74,15 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
 
 
 class _PreActUnits(_SyncBNOption, nn.Module):
-    """Shared forward of pre-activation blocks: a chain of (bnK, convK) units + shortcut.
+    """Shared forward of pre-activation blocks: a chain of (bn, conv) units + shortcut.
 
     x_{l+1} = x_l + F(x_l); the projection shortcut (if any) reads relu(bn1(x))
     ("preact": kuangliu, timm, the paper) or raw x ("input": RobustBench, fast-adversarial).
+    Subclasses name their units (`unit_names`) and their projection conv, so each keeps
+    the state_dict keys of the definition it replaces.
     """
 
-    n_units = 0
+    unit_names: tuple[tuple[str, str], ...] = ()
 
     def _setup(self, shortcut: str, backend: Optional[str], sync_bn: bool = False, process_group=None) -> None:
         self.set_sync_bn(sync_bn, process_group)
@@ -89,16 +91,23 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         check_backend_name(backend)
         self.shortcut_source = shortcut
         self.backend = backend
-        for i in range(1, self.n_units + 1):
-            Fp.check_bn(getattr(self, f"bn{i}"), f"bn{i}")
-            Fp.check_conv(getattr(self, f"conv{i}"), f"conv{i}")
-        if self.has_projection():
-            if not isinstance(self.shortcut, nn.Sequential) or len(self.shortcut) != 1:
-                raise ValueError("fused_preact: shortcut must be nn.Sequential(nn.Conv2d(...)) (no BN)")
-            Fp.check_conv(self.shortcut[0], "shortcut[0]")
+        for bn_name, conv_name in self.unit_names:
+            Fp.check_bn(getattr(self, bn_name), bn_name)
+            Fp.check_conv(getattr(self, conv_name), conv_name)
+        self._check_projection()
 
-    def has_projection(self) -> bool:
-        return isinstance(getattr(self, "shortcut", None), nn.Sequential) and len(self.shortcut) > 0
+    def units(self) -> list[tuple[nn.BatchNorm2d, nn.Conv2d]]:
+        return [(getattr(self, b), getattr(self, c)) for b, c in self.unit_names]
+
+    def first_bn(self) -> nn.BatchNorm2d:
+        return getattr(self, self.unit_names[0][0])
+
+    def projection(self) -> Optional[nn.Conv2d]:
+        """The 1x1 projection conv of the shortcut, or None for the identity."""
+        raise NotImplementedError
+
+    def _check_projection(self) -> None:
+        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with_stats(x, None, False)[0]
@@ -108,26 +117,43 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         standalone statistics pass between blocks (the conv epilogue produced them)."""
         backend = self.backend or "auto"
         sync = self.sync_group
-        stats = Fp.bn_stats(self.bn1, x, x_partials, backend, sync)
-        if not self.has_projection():
+        units = self.units()
+        bn1 = units[0][0]
+        stats = Fp.bn_stats(bn1, x, x_partials, backend, sync)
+        projection = self.projection()
+        if projection is None:
             shortcut = x
         elif self.shortcut_source == "preact":
-            shortcut = Fp.unit(x, stats, self.bn1, self.shortcut[0], None, False, backend)[0]
+            shortcut = Fp.unit(x, stats, bn1, projection, None, False, backend)[0]
         else:
-            shortcut = Fp.unit(x, None, None, self.shortcut[0], None, False, backend)[0]
-        h = x
-        for i in range(1, self.n_units + 1):
-            last = i == self.n_units
-            if i > 1:
-                stats = Fp.bn_stats(getattr(self, f"bn{i}"), h, partials, backend, sync)
-            next_bn = None if last else getattr(self, f"bn{i + 1}")
-            want = want_stats if last else Fp.needs_batch_stats(next_bn)
-            h, partials = Fp.unit(h, stats, getattr(self, f"bn{i}"), getattr(self, f"conv{i}"),
-                                  shortcut if last else None, want, backend)
+            shortcut = Fp.unit(x, None, None, projection, None, False, backend)[0]
+        h, partials = x, x_partials
+        for i, (bn, conv) in enumerate(units):
+            last = i == len(units) - 1
+            if i > 0:
+                stats = Fp.bn_stats(bn, h, partials, backend, sync)
+            want = want_stats if last else Fp.needs_batch_stats(units[i + 1][0])
+            h, partials = Fp.unit(h, stats, bn, conv, shortcut if last else None, want, backend)
         return h, partials
 
     def extra_repr(self) -> str:
         return f"shortcut_source={self.shortcut_source!r}, backend={self.backend!r}, sync_bn={self.sync_bn}"
+
+
+class _KuangliuUnits(_PreActUnits):
+    """kuangliu/pytorch-cifar layout: bn1, conv1, ..., shortcut = Sequential(Conv2d) or absent."""
+
+    def projection(self) -> Optional[nn.Conv2d]:
+        shortcut = getattr(self, "shortcut", None)
+        return shortcut[0] if isinstance(shortcut, nn.Sequential) and len(shortcut) > 0 else None
+
+    def _check_projection(self) -> None:
+        shortcut = getattr(self, "shortcut", None)
+        if shortcut is None or (isinstance(shortcut, nn.Sequential) and len(shortcut) == 0):
+            return
+        if not isinstance(shortcut, nn.Sequential) or len(shortcut) != 1:
+            raise ValueError("fused_preact: shortcut must be nn.Sequential(nn.Conv2d(...)) (no BN)")
+        Fp.check_conv(shortcut[0], "shortcut[0]")
 
 
 def _projection(in_planes: int, out_planes: int, stride: int) -> Optional[nn.Sequential]:
@@ -136,11 +162,11 @@ def _projection(in_planes: int, out_planes: int, stride: int) -> Optional[nn.Seq
     return None
 
 
-class PreActBlock(_PreActUnits):
+class PreActBlock(_KuangliuUnits):
     """Pre-activation basic block: bn1, conv1 (3x3, stride), bn2, conv2 (3x3) [+ shortcut]."""
 
     expansion = 1
-    n_units = 2
+    unit_names = (("bn1", "conv1"), ("bn2", "conv2"))
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, *, shortcut: str = "preact",
                  backend: Optional[str] = None, sync_bn: bool = False, process_group=None):
@@ -155,11 +181,11 @@ class PreActBlock(_PreActUnits):
         self._setup(shortcut, backend, sync_bn, process_group)
 
 
-class PreActBottleneck(_PreActUnits):
+class PreActBottleneck(_KuangliuUnits):
     """Pre-activation bottleneck: bn1, conv1 (1x1), bn2, conv2 (3x3, stride), bn3, conv3 (1x1, x4)."""
 
     expansion = 4
-    n_units = 3
+    unit_names = (("bn1", "conv1"), ("bn2", "conv2"), ("bn3", "conv3"))
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, *, shortcut: str = "preact",
                  backend: Optional[str] = None, sync_bn: bool = False, process_group=None):
@@ -192,6 +218,31 @@ def run_chain(blocks, x: Tensor) -> Tensor:
     blocks = list(blocks)
     partials = None
     for i, block in enumerate(blocks):
-        want = i + 1 < len(blocks) and Fp.needs_batch_stats(blocks[i + 1].bn1)
+        want = i + 1 < len(blocks) and Fp.needs_batch_stats(blocks[i + 1].first_bn())
         x, partials = block.forward_with_stats(x, partials, want)
     return x
+
+
+class TimmPreActBasic(_PreActUnits):
+    """Fused stand-in for timm resnetv2.PreActBasic: norm1 (BatchNormAct2d), conv1, norm2,
+    conv2, downsample (DownsampleConv: conv + Identity norm) or None, drop_path Identity."""
+
+    unit_names = (("norm1", "conv1"), ("norm2", "conv2"))
+
+    def projection(self) -> Optional[nn.Conv2d]:
+        return None if self.downsample is None else self.downsample.conv
+
+    def _check_projection(self) -> None:
+        if self.downsample is None:
+            return
+        children = dict(self.downsample.named_children())
+        if set(children) != {"conv", "norm"} or not isinstance(children["norm"], nn.Identity):
+            raise ValueError(f"fused_preact: downsample must be a 1x1 conv with an Identity norm "
+                             f"(timm DownsampleConv, preact=True), got {type(self.downsample).__name__}")
+        Fp.check_conv(self.downsample.conv, "downsample.conv")
+
+
+class TimmPreActBottleneck(TimmPreActBasic):
+    """Fused stand-in for timm resnetv2.PreActBottleneck (norm3 / conv3 added)."""
+
+    unit_names = (("norm1", "conv1"), ("norm2", "conv2"), ("norm3", "conv3"))

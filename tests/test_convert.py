@@ -2,6 +2,8 @@
 import copy
 import logging
 
+import pytest
+
 import torch
 from torch import nn
 
@@ -59,3 +61,50 @@ def test_convert_keeps_device_dtype_and_backend():
     block = converted[0]
     assert isinstance(block, fp.PreActBlock) and block.backend == "reference"
     assert block.conv1.weight.dtype == torch.bfloat16
+
+
+def test_convert_timm_resnetv2_layout():
+    import timm_like
+    model = nn.Sequential(timm_like.PreActBottleneck(8, 16, 2), timm_like.PreActBasic(16, 16),
+                          timm_like.PreActBasic(16, 24, 2)).double()
+    randomize_bn(model)
+    reference = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    converted, report = fp.convert(model, return_report=True)
+    assert [what for _, what in report.swapped] == [
+        "TimmPreActBottleneck(shortcut='preact')", "TimmPreActBasic(shortcut='preact')",
+        "TimmPreActBasic(shortcut='preact')"]
+    assert list(converted.state_dict()) == keys
+    for training in (True, False):
+        converted.train(training), reference.train(training)
+        x = torch.randn(3, 8, 9, 9, dtype=torch.float64, requires_grad=True)
+        out = converted(x)
+        ref = reference(x)
+        assert_close(out, ref, torch.float64, f"timm layout output (training={training})")
+        gx, = torch.autograd.grad(out.square().sum(), x)
+        ref_gx, = torch.autograd.grad(ref.square().sum(), x)
+        assert_close(gx, ref_gx, torch.float64, "timm layout grad x")
+
+
+def test_convert_timm_leaves_other_activations_and_drop_path():
+    import timm_like
+    model = nn.Sequential(timm_like.PreActBasic(8, 8, act_layer=nn.SiLU),
+                          timm_like.PreActBasic(8, 8, drop_path=timm_like.DropPath()))
+    converted, report = fp.convert(model, return_report=True)
+    assert not report.swapped
+    reasons = dict(report.left)
+    assert "differs from every fused variant" in reasons["0"]  # SiLU, not ReLU
+    assert "['drop_path']" in reasons["1"]
+
+
+def test_convert_real_timm_resnetv2_if_installed():
+    timm = pytest.importorskip("timm", reason="timm (which needs torchvision) is not installed")
+    from timm.models.resnetv2 import ResNetV2, PreActBasic
+    from timm.layers import BatchNormAct2d
+    model = ResNetV2([1, 1, 1, 1], channels=(32, 32, 64, 64), num_classes=10, stem_chs=16,
+                     conv_layer=nn.Conv2d, norm_layer=BatchNormAct2d, block_fn=PreActBasic, bottle_ratio=1.0)
+    reference = copy.deepcopy(model).double().eval()
+    converted, report = fp.convert(model.double().eval(), return_report=True)
+    assert len(report.swapped) == 4, report
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert_close(converted(x), reference(x), torch.float64, "timm ResNetV2")

@@ -1,0 +1,74 @@
+"""A structural replica of timm's resnetv2 pre-activation blocks (timm needs torchvision,
+which has no CPU build here). Attribute names, BatchNormAct2d (BN -> drop -> act) and the
+forward follow timm/models/resnetv2.py; tests against real timm run where it is installed.
+"""
+import torch.nn.functional as F
+from torch import nn
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    def __init__(self, num_features, act_layer=nn.ReLU):
+        super().__init__(num_features)
+        self.drop = nn.Identity()
+        self.act = act_layer()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class DownsampleConv(nn.Module):
+    def __init__(self, in_chs, out_chs, stride):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+        self.norm = nn.Identity()
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+class PreActBasic(nn.Module):
+    def __init__(self, in_chs, out_chs, stride=1, act_layer=nn.ReLU, drop_path=None):
+        super().__init__()
+        self.downsample = DownsampleConv(in_chs, out_chs, stride) if stride != 1 or in_chs != out_chs else None
+        self.norm1 = BatchNormAct2d(in_chs, act_layer)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+        self.norm2 = BatchNormAct2d(out_chs, act_layer)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
+        self.drop_path = drop_path or nn.Identity()
+
+    def forward(self, x):
+        x_preact = self.norm1(x)
+        shortcut = x if self.downsample is None else self.downsample(x_preact)
+        x = self.conv2(self.norm2(self.conv1(x_preact)))
+        return self.drop_path(x) + shortcut
+
+
+class PreActBottleneck(nn.Module):
+    def __init__(self, in_chs, out_chs, stride=1):
+        super().__init__()
+        mid = out_chs // 4
+        self.downsample = DownsampleConv(in_chs, out_chs, stride)
+        self.norm1 = BatchNormAct2d(in_chs)
+        self.conv1 = nn.Conv2d(in_chs, mid, 1, bias=False)
+        self.norm2 = BatchNormAct2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, bias=False)
+        self.norm3 = BatchNormAct2d(mid)
+        self.conv3 = nn.Conv2d(mid, out_chs, 1, bias=False)
+        self.drop_path = nn.Identity()
+
+    def forward(self, x):
+        x_preact = self.norm1(x)
+        shortcut = self.downsample(x_preact)
+        x = self.conv1(x_preact)
+        x = self.conv2(self.norm2(x))
+        x = self.conv3(self.norm3(x))
+        return self.drop_path(x) + shortcut
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: identity in eval, so only the layout check can refuse it."""
+
+    def forward(self, x):
+        return x
