@@ -47,17 +47,18 @@ def block_table(rows) -> list[str]:
 
 
 def model_table(rows) -> list[str]:
-    lines = ["| model | provider | dtype | images/s | peak memory MiB | note |", "|---|---|---|---|---|---|"]
+    lines = ["| model | provider | dtype | images/s | peak memory MiB | largest batch | note |",
+             "|---|---|---|---|---|---|---|"]
     by_key = defaultdict(dict)
     for r in rows:
         if r["mode"] == "train_step":
             by_key[(r["case"], r["provider"], r["dtype"])][r["metric"]] = r
-    for (model, prov, dtype), metrics in by_key.items():
-        ips = metrics.get("images_per_s")
-        mem = metrics.get("peak_memory_bytes")
-        err = metrics.get("error")
-        lines.append(f"| {model} | {prov} | {dtype} | {float(ips['value']):.0f} |" if ips else f"| {model} | {prov} | {dtype} | - |")
-        lines[-1] += (f" {float(mem['value']) / 2**20:.0f} |" if mem else " - |") + (f" {err['note']} |" if err else f" {ips['note'] if ips else ''} |")
+    for (model, prov, dtype), m in by_key.items():
+        ips = f"{float(m['images_per_s']['value']):.0f}" if "images_per_s" in m else "-"
+        mem = f"{float(m['peak_memory_bytes']['value']) / 2**20:.0f}" if "peak_memory_bytes" in m else "-"
+        largest = f"{float(m['largest_batch']['value']):.0f}" if "largest_batch" in m else "-"
+        note = m["error"]["note"] if "error" in m else m.get("images_per_s", {}).get("note", "")
+        lines.append(f"| {model} | {prov} | {dtype} | {ips} | {mem} | {largest} | {note} |")
     return lines
 
 
