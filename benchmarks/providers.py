@@ -63,6 +63,11 @@ def build_block(provider: Provider, case, reference_state: dict, device: str) ->
         cls = fp.PreActBlock if case.kind == "basic" else fp.PreActBottleneck
         module = cls(case.in_planes, case.planes, case.stride, backend=provider.fused_backend)
     module.load_state_dict(reference_state)
+    return prepare(provider, module, device)
+
+
+def prepare(provider: Provider, module, device: str):
+    """Device, memory format and compilation as the provider asks."""
     module = module.to(device)
     if provider.channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -78,12 +83,7 @@ def build_model(provider: Provider, name: str, device: str):
         model = eager_model(name)
     else:
         model = getattr(fp.models, name)(backend=backend)
-    model = model.to(device)
-    if provider.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if provider.compile_mode:
-        model = torch.compile(model, mode=provider.compile_mode)
-    return model
+    return prepare(provider, model, device)
 
 
 EAGER_MODELS = {
