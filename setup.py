@@ -18,7 +18,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
-SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c[up]*"))
+SOURCES = sorted(str(p.relative_to(ROOT)) for pattern in ("*.cu", "*.cpp") for p in (ROOT / "csrc").glob(pattern))
 
 
 def find_nvcc():

@@ -1,14 +1,24 @@
 """The cuda backend: the Python side of the hand-written kernels in csrc/ (fused_preact._C).
 
-The kernels are torch-free; this side validates tensors, passes data pointers and the
-CURRENT stream on every call (a cached stream breaks CUDA graphs). Until the kernels
-land (issue 5) the backend declines every op with a reason.
+The kernels are torch-free: this side validates tensors, fills the params structs with
+data pointers, sizes and element strides, and passes the CURRENT stream on every call
+(a cached stream breaks CUDA graphs), under a device guard for the tensors' device.
+
+The kernels have not yet run on a GPU (no GPU was available when they were written), so
+the backend declines unless FUSED_PREACT_CUDA_UNVERIFIED=1: an unverified kernel must
+never be picked silently by "auto".
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .dispatch import Backend, register_backend
+
+UNVERIFIED_FLAG = "FUSED_PREACT_CUDA_UNVERIFIED"
+# Which tensor of each conv op carries the conv's dtype (the order ops.py passes them in).
+_CONV_DTYPE_ARG = {"bn_relu_conv": 1, "bn_relu_conv_dgrad": 0, "bn_relu_conv_wgrad": 0}
 
 
 def load_extension():
@@ -18,6 +28,17 @@ def load_extension():
     except ImportError as e:
         return None, f"fused_preact._C was not built ({e}); reinstall with nvcc on PATH"
     return _C, None
+
+
+def tf32_reason(op: str, tensors) -> str | None:
+    """float32 convolutions run on tf32 tensor cores here, as nn.Conv2d does by default;
+    with torch.backends.cudnn.allow_tf32 off they would not match it."""
+    index = _CONV_DTYPE_ARG.get(op)
+    if index is None or tensors[index] is None or tensors[index].dtype != torch.float32:
+        return None
+    if torch.backends.cudnn.allow_tf32:
+        return None
+    return "float32 convolutions run as tf32: needs torch.backends.cudnn.allow_tf32=True"
 
 
 class CudaBackend(Backend):
@@ -30,12 +51,227 @@ class CudaBackend(Backend):
             return why
         if ext.device_count() == 0:
             return f"no CUDA device ({ext.device_error()})"
+        if os.environ.get(UNVERIFIED_FLAG) != "1":
+            return f"kernels not yet verified on a GPU (set {UNVERIFIED_FLAG}=1 to use them)"
         return None
 
     def device_reason(self, device):
         if device.type != "cuda":
             return f"tensors on {device.type} are not supported (CUDA tensors only)"
+        ext, _ = load_extension()
+        major, minor = torch.cuda.get_device_capability(device)
+        built = [int(a) for a in ext.built_archs.split(";") if a]
+        if not any(a // 10 == major and a % 10 <= minor for a in built):
+            return (f"no kernel image for sm_{major}{minor} (built for {ext.built_archs}; "
+                    "rebuild with FUSED_PREACT_CUDA_ARCHS)")
         return None
 
+    def not_supported_reasons(self, op, tensors):
+        tensors = list(tensors)
+        reasons = super().not_supported_reasons(op, tensors)
+        why = None if reasons else tf32_reason(op, tensors)
+        return reasons + ([f"cuda: {why}"] if why else [])
 
-register_backend(CudaBackend())
+    def stats_tiles(self, rows: int, channels: int) -> int:
+        ext, _ = load_extension()
+        return -(-rows // ext.stats_rows)
+
+
+cuda_backend = register_backend(CudaBackend())
+
+
+# --------------------------------------------------------------------------- marshalling
+def require_cuda(name: str, t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cuda":
+        raise ValueError(f"fused_preact.cuda: {name} must be a CUDA tensor, got {t.device}")
+    return t
+
+
+def act(ext, t: torch.Tensor):
+    """An _C.Act describing NCHW-shaped `t` by pointer, sizes and element strides."""
+    a = ext.Act()
+    a.ptr = t.data_ptr()
+    a.n, a.c, a.h, a.w = t.shape
+    a.sn, a.sc, a.sh, a.sw = t.stride()
+    return a
+
+
+def dtype_code(ext, dtype: torch.dtype):
+    codes = {torch.float32: ext.DType.f32, torch.float16: ext.DType.f16, torch.bfloat16: ext.DType.bf16}
+    if dtype not in codes:
+        raise TypeError(f"fused_preact.cuda: dtype {dtype} not supported (float32, float16, bfloat16)")
+    return codes[dtype]
+
+
+def fp32_vector(name: str, v: torch.Tensor | None, channels: int) -> torch.Tensor | None:
+    """Per-channel vectors as contiguous float32 (kept alive by the caller until launch)."""
+    if v is None:
+        return None
+    require_cuda(name, v)
+    if v.shape != (channels,):
+        raise ValueError(f"fused_preact.cuda: {name} must have shape ({channels},), got {tuple(v.shape)}")
+    return v.detach().to(torch.float32).contiguous()
+
+
+def bn_args(ext, mean, var, gamma, beta, eps, channels, keep: list):
+    """_C.BnArgs for a BN prologue (all pointers 0 without one)."""
+    args = ext.BnArgs()
+    args.eps = float(eps)
+    for field, name, v in (("mean", "mean", mean), ("var", "var", var), ("gamma", "bn_weight", gamma),
+                           ("beta", "bn_bias", beta)):
+        v = fp32_vector(name, v, channels)
+        if v is not None:
+            keep.append(v)
+            setattr(args, field, v.data_ptr())
+    return args
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """The CURRENT stream of t's device, read on every call (never cached)."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def conv_geometry(p, weight_shape, stride, padding):
+    p.k, _, p.r, p.s = weight_shape
+    p.stride_h, p.stride_w = stride
+    p.pad_h, p.pad_w = padding
+
+
+def wgrad_split(rows: int, output_blocks: int) -> int:
+    """Splits of the pixel reduction: ~1000 blocks in all, each over >= 1024 pixels."""
+    return max(1, min(max(1, 1024 // max(output_blocks, 1)), rows // 1024, 64))
+
+
+# --------------------------------------------------------------------------- ops
+@cuda_backend.register("bn_relu_conv")
+def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats):
+    ext, _ = load_extension()
+    for name, t in (("x", x), ("weight", weight)):
+        require_cuda(name, t)
+    n, c, h, w = x.shape
+    k, _, r, s = weight.shape
+    out_h = (h + 2 * padding[0] - r) // stride[0] + 1
+    out_w = (w + 2 * padding[1] - s) // stride[1] + 1
+    y = torch.empty((n, k, out_h, out_w), device=x.device, dtype=weight.dtype, memory_format=torch.channels_last)
+    tiles = cuda_backend.stats_tiles(n * out_h * out_w, k)
+    partials = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=torch.float32)
+    keep = [weight.permute(2, 3, 1, 0).contiguous()]  # [R, S, C, K]
+    p = ext.ConvFwdParams()
+    p.x, p.y = act(ext, x), act(ext, y)
+    if residual is not None:
+        p.residual = act(ext, require_cuda("residual", residual))
+    p.w_rsck = keep[0].data_ptr()
+    conv_geometry(p, weight.shape, stride, padding)
+    p.bn = bn_args(ext, mean, var, bn_weight, bn_bias, eps, c, keep)
+    if want_stats:
+        p.partials = partials.data_ptr()
+    with torch.cuda.device(x.device):
+        ext.conv_fwd(p, dtype_code(ext, x.dtype), dtype_code(ext, weight.dtype), stream_of(x))
+    return y, partials
+
+
+@cuda_backend.register("batch_stats")
+def batch_stats(x):
+    ext, _ = load_extension()
+    require_cuda("x", x)
+    n, c, h, w = x.shape
+    partials = torch.empty((cuda_backend.stats_tiles(n * h * w, c), 3, c), device=x.device, dtype=torch.float32)
+    p = ext.StatsParams()
+    p.x, p.partials = act(ext, x), partials.data_ptr()
+    with torch.cuda.device(x.device):
+        ext.batch_stats(p, dtype_code(ext, x.dtype), stream_of(x))
+    return partials
+
+
+@cuda_backend.register("bn_finalize")
+def bn_finalize(partials, running_mean, running_var, num_batches_tracked, momentum):
+    ext, _ = load_extension()
+    require_cuda("partials", partials)
+    partials = partials.to(torch.float32).contiguous()
+    tiles, _, c = partials.shape
+    mean = torch.empty(c, device=partials.device, dtype=torch.float32)
+    var = torch.empty_like(mean)
+    p = ext.FinalizeParams()
+    p.partials, p.tiles, p.c, p.mean, p.var = partials.data_ptr(), tiles, c, mean.data_ptr(), var.data_ptr()
+    if running_mean is not None:
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if not (require_cuda(name, t).is_contiguous() and t.dtype == running_mean.dtype):
+                raise ValueError(f"fused_preact.cuda: {name} must be contiguous, of running_mean's dtype")
+        p.running_mean, p.running_var = running_mean.data_ptr(), running_var.data_ptr()
+        p.running_dtype = dtype_code(ext, running_mean.dtype)
+        if momentum is None:
+            nbt = require_cuda("num_batches_tracked", num_batches_tracked)
+            if nbt.dtype != torch.int64:
+                raise TypeError("fused_preact.cuda: num_batches_tracked must be int64")
+            p.num_batches_tracked = nbt.data_ptr()
+        p.momentum = -1.0 if momentum is None else float(momentum)
+    with torch.cuda.device(partials.device):
+        ext.bn_finalize(p, stream_of(partials))
+    return mean, var
+
+
+@cuda_backend.register("bn_relu_conv_dgrad")
+def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps):
+    ext, _ = load_extension()
+    for name, t in (("dy", dy), ("weight", weight), ("x", x)):
+        require_cuda(name, t)
+    n, c, h, w = x.shape
+    g = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    has_bn = mean is not None
+    tiles = ext.dgrad_tiles(n, h, w, stride[0], stride[1])
+    sums = torch.empty((tiles if has_bn else 0, 2, c), device=x.device, dtype=torch.float32)
+    keep = [weight.permute(2, 3, 0, 1).contiguous()]  # [R, S, K, C]
+    p = ext.ConvDgradParams()
+    p.dy, p.x, p.g = act(ext, dy), act(ext, x), act(ext, g)
+    p.w_rskc = keep[0].data_ptr()
+    conv_geometry(p, weight.shape, stride, padding)
+    p.bn = bn_args(ext, mean, var, bn_weight, bn_bias, eps, c, keep)
+    if has_bn:
+        p.sums = sums.data_ptr()
+    with torch.cuda.device(x.device):
+        ext.conv_dgrad(p, dtype_code(ext, x.dtype), dtype_code(ext, dy.dtype), stream_of(x))
+    # Tiles reduced in a fixed order (one torch reduction kernel, no atomics).
+    return g, sums.sum(dim=0) if has_bn else sums.new_empty((2, 0))
+
+
+@cuda_backend.register("bn_relu_conv_wgrad")
+def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps):
+    ext, _ = load_extension()
+    for name, t in (("dy", dy), ("x", x)):
+        require_cuda(name, t)
+    n, c, _, _ = x.shape
+    k, _, r, s = weight_shape
+    rows = n * dy.shape[2] * dy.shape[3]
+    tile = ext.stats_rows
+    split = wgrad_split(rows, -(-k // tile) * -(-c // tile) * r * s)
+    rows_per_split = -(-rows // split)
+    split = -(-rows // rows_per_split)
+    partials = torch.empty((split, k, c, r, s), device=x.device, dtype=torch.float32)
+    keep: list = []
+    p = ext.ConvWgradParams()
+    p.dy, p.x = act(ext, dy), act(ext, x)
+    conv_geometry(p, weight_shape, stride, padding)
+    p.bn = bn_args(ext, mean, var, bn_weight, bn_bias, eps, c, keep)
+    p.partials, p.split, p.rows_per_split = partials.data_ptr(), split, rows_per_split
+    with torch.cuda.device(x.device):
+        ext.conv_wgrad(p, dtype_code(ext, x.dtype), dtype_code(ext, dy.dtype), stream_of(x))
+    return partials.sum(dim=0).to(dy.dtype)
+
+
+@cuda_backend.register("bn_backward_apply")
+def bn_backward_apply(g, x, mean, var, bn_weight, grad_means, eps, batch_stats):
+    ext, _ = load_extension()
+    for name, t in (("g", g), ("x", x)):
+        require_cuda(name, t)
+    if g.dtype != x.dtype:
+        raise TypeError(f"fused_preact.cuda: g dtype {g.dtype} must equal x dtype {x.dtype}")
+    c = x.shape[1]
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    keep = [fp32_vector("grad_means", grad_means.flatten(), 2 * c)]
+    p = ext.BnBackwardParams()
+    p.g, p.x, p.dx = act(ext, g), act(ext, x), act(ext, dx)
+    p.bn = bn_args(ext, mean, var, bn_weight, None, eps, c, keep)
+    p.grad_means, p.batch_stats = keep[0].data_ptr(), bool(batch_stats)
+    with torch.cuda.device(x.device):
+        ext.bn_backward_apply(p, dtype_code(ext, x.dtype), stream_of(x))
+    return dx

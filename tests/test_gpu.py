@@ -128,3 +128,69 @@ def test_compile_reduce_overhead_matches_eager():
     for _ in range(3):
         out = compiled(x)
     torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ the cuda backend (csrc/)
+CUDA_SHAPES = [(5, 24, 3, 1, 1, 7), (3, 5, 3, 2, 1, 9), (24, 16, 1, 2, 0, 7), (64, 64, 3, 1, 1, 32),
+               (128, 256, 1, 2, 0, 15), (96, 72, 3, 2, 1, 17)]
+
+
+@pytest.fixture
+def cuda_kernels(monkeypatch):
+    monkeypatch.setenv("FUSED_PREACT_CUDA_UNVERIFIED", "1")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                    (torch.float32, torch.float32), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+@pytest.mark.parametrize("prologue", [True, False])
+def test_cuda_backend_ops_match_reference(shape, dtypes, prologue, cuda_kernels):
+    """Every op of the cuda backend vs the reference in fp64 on the same inputs: relative
+    L2 error within what one rounding to the conv dtype (tf32 for fp32) allows."""
+    from fused_preact import ops
+    c, k, kernel, stride, pad, hw = shape
+    x_dtype, dtype = dtypes
+    torch.manual_seed(0)
+    x = (torch.randn(3, c, hw, hw, device="cuda") * 2 + 1).to(x_dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(k, c, kernel, kernel, device="cuda") * (2 / (c * kernel * kernel)) ** 0.5).to(dtype)
+    mean, var = x.float().mean((0, 2, 3)), x.float().var((0, 2, 3), unbiased=False)
+    gamma, beta = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
+    if not prologue:
+        mean = var = gamma = beta = None
+    p = (hw + 2 * pad - kernel) // stride + 1
+    res = torch.randn(3, k, p, p, device="cuda").to(dtype)
+    dy = torch.randn(3, k, p, p, device="cuda").to(dtype)
+    conf = ([stride] * 2, [pad] * 2, 1e-5)
+    bound = {torch.float32: 3e-3, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+
+    def run(backend, cast):
+        xs, ws, rs, dys = (cast(t) for t in (x, w, res, dy))
+        y, part = ops.bn_relu_conv(xs, mean, var, gamma, beta, ws, rs, *conf[:2], 1e-5, True, True, backend)
+        g, sums = ops.bn_relu_conv_dgrad(dys, ws, xs, mean, var, gamma, beta, *conf, backend)
+        dw = ops.bn_relu_conv_wgrad(dys, xs, mean, var, gamma, beta, list(w.shape), *conf, backend)
+        x_stats = ops.bn_finalize(ops.batch_stats(xs, backend), None, None, None, 0.1, backend)
+        out = dict(y=y, stats=torch.stack(ops.bn_finalize(part, None, None, None, 0.1, backend)), g=g, dw=dw,
+                   x_stats=torch.stack(x_stats))
+        if prologue:
+            means = sums / (x.numel() // c)
+            out["sums"] = sums
+            out["dx"] = ops.bn_backward_apply(g, xs, mean, var, gamma, means.to(sums.dtype), 1e-5, True, backend)
+        return out
+
+    got = run("cuda", lambda t: t)
+    truth = run("reference", lambda t: t.double())
+    for name, ref in truth.items():
+        err = ((got[name].double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+        assert err < bound, f"{name}: relative L2 error {err:.2e} (bound {bound:.0e})"
+
+
+def test_cuda_backend_block_training_step(cuda_kernels):
+    torch.manual_seed(0)
+    ours, eager = pair("bottleneck", 64, 32, 2)
+    ours.backend = "cuda"
+    x = torch.randn(32, 64, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    got = grads(ours, x, torch.bfloat16)
+    ref = grads(eager, x, torch.bfloat16)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert rel_err(g, r) < 3e-2, f"tensor {i}: {rel_err(g, r):.2e}"

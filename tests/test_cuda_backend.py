@@ -1,0 +1,65 @@
+"""The cuda backend's Python side, without launching: marshalling into the torch-free
+params structs, argument checks naming the argument, declared limits and reasons."""
+import pytest
+import torch
+
+from fused_preact import cuda
+
+ext, why_not_built = cuda.load_extension()
+needs_ext = pytest.mark.skipif(ext is None, reason=f"fused_preact._C not built: {why_not_built}")
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_act_describes_any_layout(layout):
+    t = torch.randn(2, 3, 5, 7)
+    if layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        t = t.transpose(2, 3).contiguous().transpose(2, 3)
+    a = cuda.act(ext, t)
+    assert (a.ptr, a.n, a.c, a.h, a.w) == (t.data_ptr(), 2, 3, 5, 7)
+    assert (a.sn, a.sc, a.sh, a.sw) == t.stride()
+    # The element at (n, c, h, w) is where the kernels' offset() computes it.
+    flat = torch.as_strided(t, (t.untyped_storage().nbytes() // 4,), (1,), 0)
+    assert flat[1 * a.sn + 2 * a.sc + 3 * a.sh + 4 * a.sw] == t[1, 2, 3, 4]
+
+
+@needs_ext
+def test_dtype_codes_and_errors():
+    assert cuda.dtype_code(ext, torch.bfloat16) == ext.DType.bf16
+    with pytest.raises(TypeError, match="dtype torch.float64 not supported"):
+        cuda.dtype_code(ext, torch.float64)
+
+
+@needs_ext
+def test_wrappers_reject_cpu_tensors_before_launch():
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        cuda.bn_relu_conv(x, None, None, None, None, w, None, [1, 1], [1, 1], 1e-5, False)
+    with pytest.raises(ValueError, match="dy must be a CUDA tensor"):
+        cuda.bn_relu_conv_dgrad(torch.randn(2, 6, 5, 5), w, x, None, None, None, None, [1, 1], [1, 1], 1e-5)
+    with pytest.raises(ValueError, match="partials must be a CUDA tensor"):
+        cuda.bn_finalize(torch.zeros(1, 3, 4), None, None, None, 0.1)
+    with pytest.raises(ValueError, match="mean must be a CUDA tensor"):
+        cuda.bn_args(ext, torch.zeros(4), torch.ones(4), None, None, 1e-5, 4, [])
+
+
+def test_tf32_limit_is_declared():
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    previous = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = False
+        assert "allow_tf32" in cuda.tf32_reason("bn_relu_conv", [x, w])
+        assert cuda.tf32_reason("bn_relu_conv", [x, w.half()]) is None  # autocast: fp32 x, fp16 conv
+        assert cuda.tf32_reason("bn_finalize", [x]) is None
+        torch.backends.cudnn.allow_tf32 = True
+        assert cuda.tf32_reason("bn_relu_conv", [x, w]) is None
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+
+
+def test_wgrad_split_heuristic():
+    assert cuda.wgrad_split(100, 4) == 1              # few pixels: no split
+    assert cuda.wgrad_split(128 * 32 * 32, 9) == 64   # many pixels, few output blocks: capped
+    assert cuda.wgrad_split(64 * 7 * 7, 2048) == 1    # enough output blocks already
