@@ -5,6 +5,8 @@
 #pragma once
 #include <mma.h>
 
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace fused_preact {
