@@ -11,7 +11,6 @@ carry an integer handle (0: no synchronisation).
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.distributed as dist

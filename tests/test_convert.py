@@ -98,7 +98,7 @@ def test_convert_timm_leaves_other_activations_and_drop_path():
 
 
 def test_convert_real_timm_resnetv2_if_installed():
-    timm = pytest.importorskip("timm", reason="timm (which needs torchvision) is not installed")
+    pytest.importorskip("timm", reason="timm (which needs torchvision) is not installed")
     from timm.models.resnetv2 import ResNetV2, PreActBasic
     from timm.layers import BatchNormAct2d
     model = ResNetV2([1, 1, 1, 1], channels=(32, 32, 64, 64), num_classes=10, stem_chs=16,

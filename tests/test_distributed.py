@@ -5,10 +5,7 @@ one process running the whole (concatenated) batch. With sync_bn each rank's out
 input gradients, running statistics and, after DDP averaging, its parameters match
 that big-batch run; without sync_bn each rank matches a run on its own half.
 """
-import copy
-import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -1,5 +1,4 @@
 """Fused modules vs the eager definitions: outputs, gradients, running stats, training steps."""
-import copy
 
 import pytest
 import torch
