@@ -22,7 +22,7 @@ from .common import bn_scale_shift, dot_precision, nhwc_strides, pow2_block, row
 @triton.jit
 def bn_relu_conv_dgrad_kernel(
     dy_ptr, sdn, sdh, sdw, sdc,                # output gradient [N, P, Q, K] by strides
-    w_ptr,                                     # weight packed [R, S, K, C], C contiguous
+    w_ptr, swk, swc, swr, sws,                 # weight [K, C, R, S] by strides
     x_ptr, sxn, sxh, sxw, sxc,                 # saved pre-BN input [N, H, W, C]
     mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
     g_ptr, sgn, sgh, sgw, sgc,                 # result [N, H, W, C] by strides
@@ -62,7 +62,7 @@ def bn_relu_conv_dgrad_kernel(
                 k_ok = rk < K
                 a = tl.load(dy_ptr + dy_row[:, None] + rk[None, :] * sdc,
                             mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + ((r * S + s) * K + rk)[:, None] * C + rc[None, :],
+                b = tl.load(w_ptr + rk[:, None] * swk + rc[None, :] * swc + r * swr + s * sws,
                             mask=k_ok[:, None] & c_ok[None, :], other=0.0)
                 acc += tl.dot(a, b, input_precision=PRECISION)
 
@@ -102,7 +102,7 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     dummy = g
     bn_relu_conv_dgrad_kernel[(tiles, triton.cdiv(c, bn))](
         dy, *nhwc_strides(dy),
-        weight.permute(2, 3, 0, 1).contiguous(),  # [R, S, K, C]
+        weight, *weight.stride(),
         x, *nhwc_strides(x),
         mean if has_prologue else dummy, var if has_prologue else dummy,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,

@@ -22,7 +22,7 @@ from .common import (bn_scale_shift, dot_precision, nhwc_strides, pow2_block, ro
 def bn_relu_conv_fwd_kernel(
     x_ptr, sxn, sxh, sxw, sxc,                 # input [N, H, W, C] by strides
     mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,  # BN of the input (per channel C)
-    w_ptr,                                     # weight packed [R, S, C, K], K contiguous
+    w_ptr, swk, swc, swr, sws,                 # weight [K, C, R, S] by strides (small, L2-resident)
     y_ptr, syn, syh, syw, syc,                 # output [N, P, Q, K] by strides
     res_ptr, srn, srh, srw, src,               # residual, same shape as y
     part_ptr,                                  # partial statistics [tiles, 3, K] fp32
@@ -61,7 +61,7 @@ def bn_relu_conv_fwd_kernel(
                                                        eps, HAS_GAMMA, HAS_BETA)
                     a = tl.maximum((a - mean[None, :]) * scale[None, :] + beta[None, :], 0.0)
                     a = tl.where(ok, a, 0.0)  # zero padding after the activation
-                b = tl.load(w_ptr + ((r * S + s) * C + rc)[:, None] * K + rn[None, :],
+                b = tl.load(w_ptr + rc[:, None] * swc + rn[None, :] * swk + r * swr + s * sws,
                             mask=c_ok[:, None] & col_ok[None, :], other=0.0)
                 acc += tl.dot(a.to(b.dtype), b, input_precision=PRECISION)
 
@@ -75,11 +75,6 @@ def bn_relu_conv_fwd_kernel(
     if WANT_STATS:
         # Statistics of the stored (rounded) values, as the next nn.BatchNorm2d would see them.
         write_tile_stats(part_ptr, pid_m, y.to(tl.float32), row_ok, rn, col_ok, K)
-
-
-def pack_weight_rsck(weight: torch.Tensor) -> torch.Tensor:
-    """[K, C, R, S] -> [R, S, C, K] contiguous: a weight row per (r, s, c), K contiguous."""
-    return weight.permute(2, 3, 1, 0).contiguous()
 
 
 @triton_backend.register("bn_relu_conv")
@@ -101,7 +96,7 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
         x, *nhwc_strides(x),
         mean if has_prologue else dummy, var if has_prologue else dummy,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,
-        pack_weight_rsck(weight),
+        weight, *weight.stride(),
         y, *nhwc_strides(y),
         res, *nhwc_strides(res),
         part if want_stats else dummy,
