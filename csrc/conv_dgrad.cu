@@ -44,11 +44,8 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(ConvDgradParams p,
           }
           sA[row * kLdA + col] = from_float<T>(v);
         }
-        for (int idx = tid; idx < kBK * kTile; idx += kThreads) {
-          const int krow = idx / kTile, ccol = idx % kTile;
-          const int64_t kk = k0 + krow, c = n0 + ccol;
-          sB[krow * kLdB + ccol] = (kk < K && c < C) ? w[((r * p.s + s) * K + kk) * C + c] : from_float<T>(0.f);
-        }
+        // B: kBK output channels x kTile input channels of the packed weight (C contiguous).
+        stage_b_tile(sB, w + ((r * p.s + s) * K + k0) * C + n0, C, K - k0, C - n0);
         __syncthreads();
         mma.step(sA, sB);
         __syncthreads();

@@ -47,11 +47,7 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(ConvFwdParams p) {
           sA[row * kLdA + col] = from_float<T>(v);
         }
         // B: kBK channels x kTile output channels of the packed weight (K contiguous).
-        for (int idx = tid; idx < kBK * kTile; idx += kThreads) {
-          const int krow = idx / kTile, kcol = idx % kTile;
-          const int64_t cc = c0 + krow, k = n0 + kcol;
-          sB[krow * kLdB + kcol] = (cc < C && k < K) ? w[((r * p.s + s) * C + cc) * K + k] : from_float<T>(0.f);
-        }
+        stage_b_tile(sB, w + ((r * p.s + s) * C + c0) * K + n0, K, C - c0, K - n0);
         __syncthreads();
         mma.step(sA, sB);
         __syncthreads();

@@ -75,6 +75,16 @@ struct TileMma {
   }
 };
 
+// Stage a kBK x kTile B tile from a row-major matrix: sB[i][j] = src[i * ld + j] for
+// i < rows, j < cols (src already at the tile's corner), zero elsewhere.
+template <typename T>
+__device__ void stage_b_tile(T* sB, const T* src, int64_t ld, int64_t rows, int64_t cols) {
+  for (int idx = threadIdx.x; idx < kBK * kTile; idx += kThreads) {
+    const int i = idx / kTile, j = idx % kTile;
+    sB[i * kLdB + j] = (i < rows && j < cols) ? src[i * ld + j] : from_float<T>(0.f);
+  }
+}
+
 // Launch a kernel template for the (x dtype, conv dtype) pairs the ops allow: equal
 // dtypes, or float32 x with a float16 / bfloat16 conv (autocast).
 template <template <typename, typename> class Kernel, typename Params>
