@@ -262,3 +262,22 @@ def test_chained_blocks_hand_statistics_forward():
     assert_close(out.double(), ref, torch.float64, "chained output", atol=1e-4, rtol=1e-4)
     for b, e in zip(blocks, eager):
         assert_close(b.bn1.running_var.cpu().double(), e.bn1.running_var, torch.float64, "running var", atol=1e-5, rtol=1e-5)
+
+
+def test_paper_cifar_net_training_step_on_triton():
+    """A whole network on Triton (statistics handed conv epilogue -> next BN across stages)."""
+    from eager_blocks import PreActResNetCifar
+    torch.manual_seed(0)
+    eager = PreActResNetCifar(EagerBottleneck, 1)
+    randomize_bn(eager)
+    ours = fp.models.PreActResNetCifar(fp.PreActBottleneck, 1, backend="triton")
+    ours.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    out, dx = run_step(ours, x)
+    ref, ref_dx = run_step(eager, x)
+    assert_close(out, ref, torch.float32, "logits", atol=1e-4, rtol=1e-3)
+    assert_close(dx, ref_dx, torch.float32, "grad x", atol=1e-4, rtol=1e-3)
+    for (name, p), (_, q) in zip(ours.named_parameters(), eager.named_parameters()):
+        assert_close(p.grad, q.grad, torch.float32, f"grad {name}", atol=1e-4, rtol=2e-3)
+    for (name, b), (_, e) in zip(ours.named_buffers(), eager.named_buffers()):
+        assert_close(b.cpu().double(), e.cpu().double(), torch.float64, name, atol=1e-5, rtol=1e-5)
