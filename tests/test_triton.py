@@ -184,6 +184,14 @@ def run_step(model, x):
     return out, x.grad
 
 
+def assert_grads_and_buffers_match(ours, eager, grad_rtol):
+    """Every parameter gradient (float32 sums in another order) and every buffer."""
+    for (name, p), (_, q) in zip(ours.named_parameters(), eager.named_parameters()):
+        assert_close(p.grad, q.grad, torch.float32, f"grad {name}", atol=1e-4, rtol=grad_rtol)
+    for (name, b), (_, e) in zip(ours.named_buffers(), eager.named_buffers()):
+        assert_close(b.cpu().double(), e.cpu().double(), torch.float64, name, atol=1e-5, rtol=1e-5)
+
+
 BLOCK_CASES = [
     (fp.PreActBlock, EagerBlock, 5, 5, 1, "preact"),        # identity shortcut
     (fp.PreActBlock, EagerBlock, 3, 5, 2, "preact"),        # strided projection
@@ -205,10 +213,7 @@ def test_block_training_step_matches_eager(ours_cls, eager_cls, cin, planes, str
     ref, ref_dx = run_step(eager, x)
     assert_close(out, ref, torch.float32, "output", atol=1e-4, rtol=1e-4)
     assert_close(dx, ref_dx, torch.float32, "grad x", atol=1e-4, rtol=1e-3)
-    for (name, p), (_, q) in zip(ours.named_parameters(), eager.named_parameters()):
-        assert_close(p.grad, q.grad, torch.float32, f"grad {name}", atol=1e-4, rtol=1e-3)
-    for (name, b), (_, e) in zip(ours.named_buffers(), eager.named_buffers()):
-        assert_close(b.cpu().double(), e.cpu().double(), torch.float64, name, atol=1e-5, rtol=1e-5)
+    assert_grads_and_buffers_match(ours, eager, grad_rtol=1e-3)
 
 
 def test_frozen_parameters_get_no_gradient():
@@ -277,7 +282,4 @@ def test_paper_cifar_net_training_step_on_triton():
     ref, ref_dx = run_step(eager, x)
     assert_close(out, ref, torch.float32, "logits", atol=1e-4, rtol=1e-3)
     assert_close(dx, ref_dx, torch.float32, "grad x", atol=1e-4, rtol=1e-3)
-    for (name, p), (_, q) in zip(ours.named_parameters(), eager.named_parameters()):
-        assert_close(p.grad, q.grad, torch.float32, f"grad {name}", atol=1e-4, rtol=2e-3)
-    for (name, b), (_, e) in zip(ours.named_buffers(), eager.named_buffers()):
-        assert_close(b.cpu().double(), e.cpu().double(), torch.float64, name, atol=1e-5, rtol=1e-5)
+    assert_grads_and_buffers_match(ours, eager, grad_rtol=2e-3)
