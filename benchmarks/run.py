@@ -10,9 +10,11 @@ not timed). One CSV row per (case, provider, dtype, mode, metric); the run's met
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -31,11 +33,14 @@ GUARD = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
 def metadata(device: str) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
+    # A copy of the tree without .git (a device machine) is told its commit by the caller.
+    commit = os.environ.get("FUSED_PREACT_GIT_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            pass
     try:
         import triton
         triton_version = triton.__version__
@@ -128,30 +133,34 @@ def run_block_case(case, dtype_name, provs, device, ceil, rows, measure):
     out_elems = expected.numel()
     flops = conv_flops(case)
     item = 2 if dtype != torch.float32 else 4
-    for mode in ("fwd", "fwdbwd"):
+    modes = ("fwd", "fwdbwd")
+    floor_ms = {}
+    for mode in modes:
         floor_bytes = (x32.numel() + out_elems) * item * (1 if mode == "fwd" else 2)
         floor_flops = flops * (1 if mode == "fwd" else 3)
-        floor_ms = None
         if ceil:
-            floor_ms = 1e3 * max(floor_bytes / ceil["copy_bytes_per_s"], floor_flops / ceil["bf16_flop_per_s"])
-            rows.append([case.name, "floor", dtype_name, mode, "time_ms", floor_ms, "ms", f"batch={case.batch}"])
-        for prov in provs:
-            if dtype != torch.float32 and not prov.autocast:
-                continue  # the fp32 NCHW baseline runs in fp32 only
-            if prov.compile_mode and dtype_name != "bf16":
-                continue  # compile time: torch.compile is measured in bf16 only
+            floor_ms[mode] = 1e3 * max(floor_bytes / ceil["copy_bytes_per_s"], floor_flops / ceil["bf16_flop_per_s"])
+            rows.append([case.name, "floor", dtype_name, mode, "time_ms", floor_ms[mode], "ms", f"batch={case.batch}"])
+    for prov in provs:
+        if dtype != torch.float32 and not prov.autocast:
+            continue  # the fp32 NCHW baseline runs in fp32 only
+        if prov.compile_mode and dtype_name != "bf16":
+            continue  # compile time: torch.compile is measured in bf16 only
+        try:
+            # One module per provider for both modes: torch.compile compiles once.
+            module = build_block(prov, case, state, device)
+        except Exception as e:  # noqa: BLE001 - report, do not crash the sweep
+            for mode in modes:
+                rows.append([case.name, prov.name, dtype_name, mode, "error", math.nan, "",
+                             f"build: {type(e).__name__}: {e}"[:300]])
+            continue
+        memory_format = torch.channels_last if prov.channels_last else torch.contiguous_format
+        # Rotate inputs so repeated runs are not served from L2.
+        n_inputs = max(1, min(8, math.ceil(2 * 60e6 / (x32.numel() * 4)))) if device == "cuda" else 1
+        for mode in modes:
             row = [case.name, prov.name, dtype_name, mode]
-            try:
-                module = build_block(prov, case, state, device)
-            except Exception as e:  # noqa: BLE001 - report, do not crash the sweep
-                rows.append(row + ["error", math.nan, "", f"build: {type(e).__name__}: {e}"[:300]])
-                continue
-            memory_format = torch.channels_last if prov.channels_last else torch.contiguous_format
-            # Rotate inputs so repeated runs are not served from L2.
-            n_inputs = max(1, min(8, math.ceil(2 * 60e6 / (x32.numel() * 4)))) if device == "cuda" else 1
-            xs = [x32.contiguous(memory_format=memory_format) + 0.01 * i for i in range(n_inputs)]
-            if mode == "fwdbwd":
-                xs = [x.requires_grad_(True) for x in xs]
+            xs = [(x32.contiguous(memory_format=memory_format) + 0.01 * i).requires_grad_(mode == "fwdbwd")
+                  for i in range(n_inputs)]
             autocast = prov.autocast_context(device, dtype)
             try:
                 with autocast:
@@ -170,10 +179,11 @@ def run_block_case(case, dtype_name, provs, device, ceil, rows, measure):
                         out.backward(torch.ones_like(out))
                 ms = measure(call)
                 rows.append(row + ["time_ms", ms, "ms", f"rel_l2={err:.1e}"])
-                if floor_ms:
-                    rows.append(row + ["time_over_floor", ms / floor_ms, "x", ""])
-                with autocast:
-                    rows.append(row + ["saved_activation_bytes", saved_activation_bytes(module, xs[0]), "B", ""])
+                if mode in floor_ms:
+                    rows.append(row + ["time_over_floor", ms / floor_ms[mode], "x", ""])
+                if not prov.compile_mode:  # saved-tensor hooks would recompile the graph
+                    with autocast:
+                        rows.append(row + ["saved_activation_bytes", saved_activation_bytes(module, xs[0]), "B", ""])
                 if device == "cuda" and mode == "fwdbwd":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -248,6 +258,26 @@ def run_model_case(name, batch, dtype_name, provs, device, rows, measure):
             rows.append(row + ["error", math.nan, "", f"{type(e).__name__}: {e}"[:300]])
 
 
+def write_results(out: Path, rows: list[list], meta: dict) -> None:
+    columns = [k for k in meta if k != "ceilings"]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(FIELDS + columns)
+        for row in rows:
+            writer.writerow(row + [meta[k] for k in columns])
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def work_in_priority_order(block_cases, model_cases, dtypes) -> list[tuple]:
+    """Per dtype in the order given: the first block case (the headline target), the model
+    steps, then the other blocks, so a time budget cuts the least important work."""
+    work = []
+    for dtype_name in dtypes:
+        blocks = [("block", c, dtype_name) for c in block_cases]
+        work += blocks[:1] + [("model", m, dtype_name) for m in model_cases] + blocks[1:]
+    return work
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for results.csv, meta.json")
@@ -255,12 +285,14 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: all on GPU, fp32 on CPU)")
     parser.add_argument("--max-autotune", action="store_true", help="also torch.compile(mode='max-autotune')")
     parser.add_argument("--no-models", action="store_true", help="skip the model training steps")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop starting new cases after this many seconds (the rest is recorded as skipped)")
     args = parser.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cpu":
         print("fused_preact benchmarks: no GPU here, running the small CPU default "
               "(reference backend vs eager). GPU numbers need a GPU.")
-    dtypes = (args.dtypes or ("fp32,bf16,fp16" if device == "cuda" else "fp32")).split(",")
+    dtypes = (args.dtypes or ("bf16,fp16,fp32" if device == "cuda" else "fp32")).split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = metadata(device)
@@ -269,7 +301,8 @@ def main(argv=None) -> None:
     measure = timer(device)
     block_cases = C.GPU_BLOCKS if device == "cuda" else C.CPU_BLOCKS
     model_cases = [] if args.no_models else (C.GPU_MODELS if device == "cuda" else C.CPU_MODELS)
-    work = [("block", c, d) for c in block_cases for d in dtypes] + [("model", m, d) for m in model_cases for d in dtypes]
+    work = work_in_priority_order(block_cases, model_cases, dtypes)
+    deadline = time.monotonic() + args.budget_s if args.budget_s else math.inf
     try:
         from tqdm import tqdm
         work_iter = tqdm(work, desc="benchmarks")
@@ -277,17 +310,14 @@ def main(argv=None) -> None:
         work_iter = work
     rows: list[list] = []
     for kind, case, dtype_name in work_iter:
-        if kind == "block":
+        if time.monotonic() > deadline:
+            name = case.name if kind == "block" else case[0]
+            rows.append([name, "-", dtype_name, "-", "skipped", math.nan, "", f"--budget-s {args.budget_s:g} spent"])
+        elif kind == "block":
             run_block_case(case, dtype_name, provs, device, ceil, rows, measure)
         else:
             run_model_case(*case, dtype_name, provs, device, rows, measure)
-    import csv
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(FIELDS + [k for k in meta if k != "ceilings"])
-        for row in rows:
-            writer.writerow(row + [meta[k] for k in meta if k != "ceilings"])
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+        write_results(out, rows, meta)  # after every case: a run cut short keeps what it measured
     print(f"wrote {len(rows)} rows to {out / 'results.csv'}")
 
 

@@ -45,6 +45,23 @@ def test_cpu_default_run_writes_results_and_report(tmp_path, monkeypatch):
     assert "| tiny | fp32 | fwdbwd |" in (tmp_path / "results.md").read_text()
 
 
+def test_time_budget_skips_and_records_the_rest(tmp_path):
+    run.main(["--out", str(tmp_path), "--device", "cpu", "--budget-s", "1e-9"])
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    expected = {c.name for c in cases.CPU_BLOCKS} | {m for m, _ in cases.CPU_MODELS}
+    assert {r["case"] for r in rows if r["metric"] == "skipped"} == expected
+    report.main([str(tmp_path)])
+    assert "skipped" in (tmp_path / "results.md").read_text()
+
+
+def test_priority_order_puts_headline_case_and_models_first():
+    work = run.work_in_priority_order(cases.GPU_BLOCKS, cases.GPU_MODELS, ["bf16", "fp32"])
+    assert work[0] == ("block", cases.GPU_BLOCKS[0], "bf16")
+    assert [w[1] for w in work[1:4]] == cases.GPU_MODELS
+    assert {w[2] for w in work[:len(work) // 2]} == {"bf16"}
+
+
 @pytest.mark.benchmark(group="block-fwdbwd-cpu")
 @pytest.mark.parametrize("impl", ["eager", "fused-reference"])
 def test_micro_block_fwdbwd(benchmark, impl):
