@@ -5,7 +5,7 @@
 # small run of each cuda kernel, then the benchmark suite and its report. No network needed.
 #   bash scripts/gpu_all.sh OUT_FOLDER
 # BENCH_BUDGET_S (default 240): seconds after which the benchmark starts no new case
-# (the rest is recorded as skipped, most important cases first).
+# (the rest is recorded as skipped, most important cases first). TESTS_TIMEOUT_S (330): the tests' limit.
 set -uo pipefail
 out=${1:?usage: gpu_all.sh OUT_FOLDER}
 mkdir -p "$out"
@@ -21,7 +21,7 @@ step tests
 # Parallel workers where pytest-xdist is installed: the Triton compilation is CPU-bound.
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 timeout_flag=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 300" || echo "")
-python -m pytest -q -p no:cacheprovider $workers $timeout_flag --durations 15 -rfE tests > "$out/tests.txt" 2>&1
+timeout "${TESTS_TIMEOUT_S:-330}" python -m pytest -q -p no:cacheprovider $workers $timeout_flag --durations 15 -rfE tests > "$out/tests.txt" 2>&1
 tail -40 "$out/tests.txt"
 
 step compute-sanitizer
