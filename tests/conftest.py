@@ -9,6 +9,9 @@ if not torch.cuda.is_available():
 # Module/model tests run on the reference backend unless a test asks for another one
 # (under TRITON_INTERPRET=1 "auto" would pick the slow interpreted Triton kernels).
 os.environ.setdefault("FUSED_PREACT_BACKEND", "reference")
+# On a GPU, one launch config per Triton kernel: the tests check numerics, and autotuning
+# every test shape over all configs would cost minutes of compiling and timing.
+os.environ.setdefault("FUSED_PREACT_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

@@ -49,22 +49,28 @@ def bn_relu_conv_dgrad_kernel(
     c_ok = rc < C
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # The taps of this phase: r = r0 + STRIDE_H * i, s = s0 + STRIDE_W * j. One flat loop
+    # over (tap, K block), so the software pipeliner prefetches across all of them.
     r0 = (ph + PAD_H) % STRIDE_H
     s0 = (pw + PAD_W) % STRIDE_W
-    for r in range(r0, R, STRIDE_H):
+    taps_w = (S - s0 + STRIDE_W - 1) // STRIDE_W
+    taps = ((R - r0 + STRIDE_H - 1) // STRIDE_H) * taps_w
+    k_blocks = tl.cdiv(K, BK)
+    for t in range(0, taps * k_blocks):
+        tap = t // k_blocks
+        r = r0 + STRIDE_H * (tap // taps_w)
+        s = s0 + STRIDE_W * (tap % taps_w)
+        rk = (t % k_blocks) * BK + tl.arange(0, BK)
         p = (h + PAD_H - r) // STRIDE_H  # exact: h + PAD_H - r is a multiple of STRIDE_H
-        for s in range(s0, S, STRIDE_W):
-            q = (w + PAD_W - s) // STRIDE_W
-            pix_ok = row_ok & (h + PAD_H - r >= 0) & (p < P) & (w + PAD_W - s >= 0) & (q < Q)
-            dy_row = n * sdn + p.to(tl.int64) * sdh + q.to(tl.int64) * sdw
-            for k0 in range(0, K, BK):
-                rk = k0 + tl.arange(0, BK)
-                k_ok = rk < K
-                a = tl.load(dy_ptr + dy_row[:, None] + rk[None, :] * sdc,
-                            mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + rk[:, None] * swk + rc[None, :] * swc + r * swr + s * sws,
-                            mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-                acc += tl.dot(a, b, input_precision=PRECISION)
+        q = (w + PAD_W - s) // STRIDE_W
+        pix_ok = row_ok & (h + PAD_H - r >= 0) & (p < P) & (w + PAD_W - s >= 0) & (q < Q)
+        dy_row = n * sdn + p.to(tl.int64) * sdh + q.to(tl.int64) * sdw
+        k_ok = rk < K
+        a = tl.load(dy_ptr + dy_row[:, None] + rk[None, :] * sdc,
+                    mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + rk[:, None] * swk + rc[None, :] * swc + r * swr + s * sws,
+                    mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        acc += tl.dot(a, b, input_precision=PRECISION)
 
     ok = row_ok[:, None] & c_ok[None, :]
     g = acc

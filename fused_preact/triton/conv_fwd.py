@@ -45,25 +45,29 @@ def bn_relu_conv_fwd_kernel(
     q = pq % Q
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for r in tl.static_range(R):
-        for s in tl.static_range(S):
-            h = p * stride_h - pad_h + r
-            w = q * stride_w - pad_w + s
-            pix_ok = row_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            x_row = n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
-            for c0 in range(0, C, BK):
-                rc = c0 + tl.arange(0, BK)
-                c_ok = rc < C
-                ok = pix_ok[:, None] & c_ok[None, :]
-                a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
-                if HAS_PROLOGUE:
-                    mean, scale, beta = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, c_ok,
-                                                       eps, HAS_GAMMA, HAS_BETA)
-                    a = tl.maximum((a - mean[None, :]) * scale[None, :] + beta[None, :], 0.0)
-                    a = tl.where(ok, a, 0.0)  # zero padding after the activation
-                b = tl.load(w_ptr + rc[:, None] * swc + rn[None, :] * swk + r * swr + s * sws,
-                            mask=c_ok[:, None] & col_ok[None, :], other=0.0)
-                acc += tl.dot(a.to(b.dtype), b, input_precision=PRECISION)
+    # One flat loop over (tap, channel block): the software pipeliner prefetches the next
+    # iteration's loads only across the iterations of a single innermost loop.
+    c_blocks = tl.cdiv(C, BK)
+    for t in range(0, R * S * c_blocks):
+        tap = t // c_blocks
+        r = tap // S
+        s = tap % S
+        rc = (t % c_blocks) * BK + tl.arange(0, BK)
+        h = p * stride_h - pad_h + r
+        w = q * stride_w - pad_w + s
+        pix_ok = row_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        x_row = n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+        c_ok = rc < C
+        ok = pix_ok[:, None] & c_ok[None, :]
+        a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
+        if HAS_PROLOGUE:
+            mean, scale, beta = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, c_ok,
+                                               eps, HAS_GAMMA, HAS_BETA)
+            a = tl.maximum((a - mean[None, :]) * scale[None, :] + beta[None, :], 0.0)
+            a = tl.where(ok, a, 0.0)  # zero padding after the activation
+        b = tl.load(w_ptr + rc[:, None] * swc + rn[None, :] * swk + r * swr + s * sws,
+                    mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += tl.dot(a.to(b.dtype), b, input_precision=PRECISION)
 
     out_ok = row_ok[:, None] & col_ok[None, :]
     y_row = n * syn + p.to(tl.int64) * syh + q.to(tl.int64) * syw
