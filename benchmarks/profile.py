@@ -4,11 +4,14 @@
 
 Same cases and providers as benchmarks.run; prints, per provider, each kernel's GPU time
 per iteration (torch.profiler, after a warm-up), the kernel count, and the wall time of
-the iteration, whose excess over the summed kernel time is launch and Python overhead.
+the iteration, whose excess over the summed kernel time is launch and Python overhead
+(--host: where that host time goes, by Python function).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 from collections import defaultdict
 
@@ -21,7 +24,7 @@ from .run import DTYPES
 ITERATIONS = 5
 
 
-def profile_provider(prov, case, state, dtype) -> tuple[dict, float]:
+def profile_provider(prov, case, state, dtype, host_profile=False) -> tuple[dict, float]:
     module = build_block(prov, case, state, "cuda")
     memory_format = torch.channels_last if prov.channels_last else torch.contiguous_format
     x = torch.randn(case.batch, case.in_planes, case.hw, case.hw, device="cuda")
@@ -41,6 +44,11 @@ def profile_provider(prov, case, state, dtype) -> tuple[dict, float]:
             step()
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3 / ITERATIONS
+    if host_profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [step() for _ in range(ITERATIONS)])
+        torch.cuda.synchronize()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     per_kernel = defaultdict(lambda: [0.0, 0])
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
@@ -55,6 +63,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=None, help="pick the case with this batch")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--providers", default="eager-cl-amp,fused-triton")
+    parser.add_argument("--host", action="store_true", help="also the Python functions costing host time (cProfile)")
     args = parser.parse_args(argv)
     case = next(c for c in C.GPU_BLOCKS if c.name == args.case and args.batch in (None, c.batch))
     dtype = DTYPES[args.dtype]
@@ -62,7 +71,7 @@ def main(argv=None) -> None:
     state = eager_block(case).state_dict()
     wanted = args.providers.split(",")
     for prov in (p for p in providers("cuda", False) if p.name in wanted):
-        per_kernel, wall_ms = profile_provider(prov, case, state, dtype)
+        per_kernel, wall_ms = profile_provider(prov, case, state, dtype, args.host)
         total = sum(t for t, _ in per_kernel.values())
         launches = sum(n for _, n in per_kernel.values()) / ITERATIONS
         print(f"\n{case} {args.dtype} {prov.name}: fwd+bwd wall {wall_ms:.3f} ms, "

@@ -50,6 +50,7 @@ def metadata(device: str) -> dict:
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "device_type": device, "torch": torch.__version__, "triton": triton_version,
         "cuda": torch.version.cuda, "python": platform.python_version(), "git_commit": commit,
+        "triton_autotune": os.environ.get("FUSED_PREACT_TRITON_AUTOTUNE", "1") != "0",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -119,6 +119,21 @@ def test_batch_stats_and_running_update_large_mean(momentum, poisoned):
     assert_close(rv, bn.running_var, torch.float32, "running_var", atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("tiles,channels", [(300, 200), (1000, 24), (7, 3)])
+def test_finalize_merges_many_tiles_and_channel_blocks(tiles, channels, poisoned):
+    """Several steps over the tiles and several channel programs (real networks have
+    thousands of tiles): the merge matches a float64 merge of the same partials."""
+    counts = torch.randint(1, 129, (tiles, 1, channels)).float()
+    means = torch.randn(tiles, 1, channels) * 3 + 5
+    m2 = torch.rand(tiles, 1, channels) * counts
+    partials = torch.cat([counts, means, m2], dim=1).to(DEVICE)
+    with poisoned:
+        mean, var = ops.bn_finalize(partials, None, None, None, 0.1, "triton")
+    ref_mean, ref_var = ops.bn_finalize(partials.double(), None, None, None, 0.1, "reference")
+    assert_close(mean, ref_mean, torch.float32, "mean", atol=1e-5, rtol=1e-5)
+    assert_close(var, ref_var, torch.float32, "var", atol=1e-4, rtol=1e-4)
+
+
 def test_output_statistics_with_large_mean():
     """The epilogue's statistics of an output with mean 1e3 (a large residual)."""
     x, mean, var, gamma, beta, w, res = unit_inputs(5, 16, 3, 1, 1, 9, 3, torch.float32)
