@@ -19,6 +19,15 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 BACKEND_NAMES = ("cuda", "triton", "reference")
+# Which tensor of each conv op carries the conv's dtype (the order ops.py passes them in).
+CONV_DTYPE_ARG = {"bn_relu_conv": 1, "bn_relu_conv_dgrad": 0, "bn_relu_conv_wgrad": 0}
+
+
+def conv_tensor(op: str, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """The tensor whose dtype the conv of `op` computes in; None for non-conv ops (or a
+    shorter probe list, as `report` passes)."""
+    index = CONV_DTYPE_ARG.get(op)
+    return tensors[index] if index is not None and index < len(tensors) else None
 _choice = threading.local()
 
 

@@ -2,7 +2,7 @@
 racecheck in scripts/gpu_all.sh) and print each op's max error against the reference."""
 import os
 
-os.environ["FUSED_PREACT_CUDA_UNVERIFIED"] = "1"
+os.environ["FUSED_PREACT_ENABLE_CUDA_BACKEND"] = "1"
 
 import torch  # noqa: E402
 

@@ -37,7 +37,7 @@ for tool in memcheck racecheck; do
 done
 
 step benchmarks
-FUSED_PREACT_CUDA_UNVERIFIED=1 python -m benchmarks.run --out "$out" --budget-s "${BENCH_BUDGET_S:-240}" 2>&1 | tail -3
+FUSED_PREACT_ENABLE_CUDA_BACKEND=1 python -m benchmarks.run --out "$out" --budget-s "${BENCH_BUDGET_S:-240}" 2>&1 | tail -3
 python -m benchmarks.report "$out"
 step done
 tail -60 "$out/results.md"

@@ -12,6 +12,9 @@ os.environ.setdefault("FUSED_PREACT_BACKEND", "reference")
 # On a GPU, one launch config per Triton kernel: the tests check numerics, and autotuning
 # every test shape over all configs would cost minutes of compiling and timing.
 os.environ.setdefault("FUSED_PREACT_TRITON_AUTOTUNE", "0")
+# The Triton float32 conv kernels are declined on GPUs by default (they failed there);
+# the tests run them anyway, to keep checking them (known failures are marked xfail).
+os.environ.setdefault("FUSED_PREACT_TRITON_FP32", "1")
 
 import pytest  # noqa: E402
 

@@ -1,5 +1,6 @@
 """convert(): swaps verified blocks, keeps parameters / keys / mode, reports what it left."""
 import copy
+import functools
 import inspect
 import logging
 
@@ -101,12 +102,14 @@ def test_convert_timm_leaves_other_activations_and_drop_path():
 def test_convert_real_timm_resnetv2_if_installed():
     pytest.importorskip("timm", reason="timm (which needs torchvision) is not installed")
     from timm.models.resnetv2 import ResNetV2, PreActBasic
-    from timm.layers import BatchNormAct2d
+    from timm.layers import BatchNormAct2d, create_conv2d
     # timm releases name the basic-block switch differently: `basic=True` or `block_fn=`.
     params = inspect.signature(ResNetV2).parameters
     block = {"basic": True} if "basic" in params else {"block_fn": PreActBasic}
+    # timm's own conv factory (symmetric padding) without bias: a plain bias-free nn.Conv2d.
+    conv = functools.partial(create_conv2d, bias=False)
     model = ResNetV2([1, 1, 1, 1], channels=(32, 32, 64, 64), num_classes=10, stem_chs=16,
-                     conv_layer=nn.Conv2d, norm_layer=BatchNormAct2d, bottle_ratio=1.0, **block)
+                     conv_layer=conv, norm_layer=BatchNormAct2d, bottle_ratio=1.0, **block)
     reference = copy.deepcopy(model).double().eval()
     converted, report = fp.convert(model.double().eval(), return_report=True)
     assert len(report.swapped) == 4, report

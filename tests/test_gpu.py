@@ -39,9 +39,19 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+# Known failures of the Triton float32 kernels on an H100 (triton 3.6, 2026-11-22), the
+# reason float32 convolutions are declined on GPUs unless FUSED_PREACT_TRITON_FP32=1.
+FP32_BLOCK_FAILURES = {
+    ("bottleneck", 1024, 256, 2, 64, 14): "input gradient 1.3e-3 off vs eager's 1.5e-6",
+    ("bottleneck", 256, 64, 1, 64, 56): "weight/BN gradients 3-4x eager's fp32 error (4e-5 to 8e-5)",
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("case", REAL_CASES)
-def test_real_size_block_gradients_earned_tolerance(case, dtype):
+def test_real_size_block_gradients_earned_tolerance(case, dtype, request):
+    if dtype == torch.float32 and case in FP32_BLOCK_FAILURES:
+        request.applymarker(pytest.mark.xfail(reason=f"triton fp32 on H100: {FP32_BLOCK_FAILURES[case]}"))
     kind, cin, planes, stride, batch, hw = case
     torch.manual_seed(0)
     ours, eager = pair(kind, cin, planes, stride)
@@ -141,7 +151,7 @@ OP_SHAPES = [(5, 24, 3, 1, 1, 7, 3), (3, 5, 3, 2, 1, 9, 3), (24, 16, 1, 2, 0, 7,
 
 @pytest.fixture
 def cuda_kernels(monkeypatch):
-    monkeypatch.setenv("FUSED_PREACT_CUDA_UNVERIFIED", "1")
+    monkeypatch.setenv("FUSED_PREACT_ENABLE_CUDA_BACKEND", "1")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
 
 
@@ -150,16 +160,19 @@ def cuda_kernels(monkeypatch):
 @pytest.mark.parametrize("shape", OP_SHAPES)
 @pytest.mark.parametrize("prologue", [True, False])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_ops_match_fp64_reference(backend, shape, dtypes, prologue, monkeypatch):
+def test_ops_match_fp64_reference(backend, shape, dtypes, prologue, monkeypatch, request):
     """Every op vs the reference in fp64 on the same inputs: relative L2 error within what
     one rounding to the conv dtype allows. fp32 runs exact on triton (tf32 off, as in
     conftest) and as tf32 on cuda (the only fp32 mode it has)."""
     from fused_preact import ops
     if backend == "cuda":
-        monkeypatch.setenv("FUSED_PREACT_CUDA_UNVERIFIED", "1")
+        monkeypatch.setenv("FUSED_PREACT_ENABLE_CUDA_BACKEND", "1")
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     c, k, kernel, stride, pad, hw, batch = shape
     x_dtype, dtype = dtypes
+    if backend == "triton" and dtype == torch.float32 and prologue and kernel == 1 and stride == 2 and c >= 64:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="triton fp32 wgrad of a 1x1 stride-2 unit "
+                                              "with BN prologue: relative error 0.16-0.26 on H100"))
     torch.manual_seed(0)
     x = (torch.randn(batch, c, hw, hw, device="cuda") * 2 + 1).to(x_dtype).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(k, c, kernel, kernel, device="cuda") * (2 / (c * kernel * kernel)) ** 0.5).to(dtype)
@@ -194,6 +207,22 @@ def test_ops_match_fp64_reference(backend, shape, dtypes, prologue, monkeypatch)
               for name, ref in truth.items()}
     bad = {name: f"{e:.2e}" for name, e in errors.items() if not e < bound}
     assert not bad, f"relative L2 errors over {bound:.0e}: {bad} (all: { {n: f'{e:.1e}' for n, e in errors.items()} })"
+
+
+def test_triton_declines_float32_convolutions_by_default(monkeypatch):
+    """Without the opt-in, float32 on the GPU never reaches the failing kernels: forcing
+    triton raises with the reason, auto falls back to the reference backend."""
+    monkeypatch.delenv("FUSED_PREACT_TRITON_FP32")
+    monkeypatch.delenv("FUSED_PREACT_BACKEND")  # conftest's "reference": let auto choose
+    monkeypatch.delenv("FUSED_PREACT_ENABLE_CUDA_BACKEND", raising=False)
+    x = torch.randn(4, 16, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+    with pytest.raises(fp.dispatch.BackendNotSupported, match="float32 convolutions on the GPU"):
+        fp.PreActBlock(16, 32, 2, backend="triton").cuda()(x)
+    w = torch.randn(32, 16, 1, 1, device="cuda")
+    assert fp.dispatch.select("bn_relu_conv", [x, w]).name == "reference"
+    assert fp.dispatch.select("bn_relu_conv", [x, w.bfloat16()]).name == "triton"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fp.PreActBlock(16, 32, 2, backend="triton").cuda()(x)  # bf16 convolutions still run on triton
 
 
 def test_cuda_backend_block_training_step(cuda_kernels):
