@@ -289,6 +289,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: all on GPU, fp32 on CPU)")
     parser.add_argument("--max-autotune", action="store_true", help="also torch.compile(mode='max-autotune')")
     parser.add_argument("--no-models", action="store_true", help="skip the model training steps")
+    parser.add_argument("--cases", default=None,
+                        help="comma list of block case / model names to run (default: all); "
+                             "splits a long sweep over several calls")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting new cases after this many seconds (the rest is recorded as skipped)")
     args = parser.parse_args(argv)
@@ -305,6 +308,13 @@ def main(argv=None) -> None:
     measure = timer(device)
     block_cases = C.GPU_BLOCKS if device == "cuda" else C.CPU_BLOCKS
     model_cases = [] if args.no_models else (C.GPU_MODELS if device == "cuda" else C.CPU_MODELS)
+    if args.cases:
+        wanted = set(args.cases.split(","))
+        known = {c.name for c in block_cases} | {m for m, _ in model_cases}
+        if wanted - known:
+            parser.error(f"--cases: unknown {sorted(wanted - known)}; known: {sorted(known)}")
+        block_cases = [c for c in block_cases if c.name in wanted]
+        model_cases = [m for m in model_cases if m[0] in wanted]
     work = work_in_priority_order(block_cases, model_cases, dtypes)
     deadline = time.monotonic() + args.budget_s if args.budget_s else math.inf
     try:

@@ -55,6 +55,14 @@ def test_time_budget_skips_and_records_the_rest(tmp_path):
     assert "skipped" in (tmp_path / "results.md").read_text()
 
 
+def test_cases_option_runs_only_the_named_cases(tmp_path):
+    run.main(["--out", str(tmp_path), "--device", "cpu", "--cases", "cpu-basic-proj", "--budget-s", "1e-9"])
+    with open(tmp_path / "results.csv") as f:
+        assert {r["case"] for r in csv.DictReader(f)} == {"cpu-basic-proj"}
+    with pytest.raises(SystemExit):
+        run.main(["--out", str(tmp_path), "--device", "cpu", "--cases", "no-such-case"])
+
+
 def test_priority_order_puts_headline_case_and_models_first():
     work = run.work_in_priority_order(cases.GPU_BLOCKS, cases.GPU_MODELS, ["bf16", "fp32"])
     assert work[0] == ("block", cases.GPU_BLOCKS[0], "bf16")
