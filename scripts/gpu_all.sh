@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call (about 8 minutes on an H100, 2026-11-22):
+# Everything that needs a GPU, in one call (it fit one 10-minute call on an H100, 2026-11-22):
 # build the extension in place, run the whole test suite on the GPU (the Triton tests
 # run compiled; tests/test_gpu.py checks the cuda backend too), compute-sanitizer on a
 # small run of each cuda kernel, then the benchmark suite and its report. No network needed.
