@@ -92,7 +92,8 @@ def bn_finalize(partials, running_mean, running_var, num_batches_tracked, moment
     update = running_mean is not None
     bc = min(128, triton.next_power_of_2(c))
     # Few programs (one per channel block) walk thousands of tiles: wide steps of 8192
-    # values and 8 warps keep that walk short (measured 0.1 ms with 32 tiles per step).
+    # values and 8 warps keep that walk short (32 tiles per step was slow: see
+    # bn_finalize_kernel in benchmarks/results/2026-11-22-h100-f908c4d/profile.txt).
     bt = min(max(8192 // bc, 16), triton.next_power_of_2(t))
     bn_finalize_kernel[(triton.cdiv(c, bc),)](
         partials.contiguous(), t, c, mean, var,
