@@ -160,14 +160,13 @@ def cuda_kernels(monkeypatch):
 @pytest.mark.parametrize("shape", OP_SHAPES)
 @pytest.mark.parametrize("prologue", [True, False])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_ops_match_fp64_reference(backend, shape, dtypes, prologue, monkeypatch, request):
+def test_ops_match_fp64_reference(backend, shape, dtypes, prologue, request):
     """Every op vs the reference in fp64 on the same inputs: relative L2 error within what
     one rounding to the conv dtype allows. fp32 runs exact on triton (tf32 off, as in
     conftest) and as tf32 on cuda (the only fp32 mode it has)."""
     from fused_preact import ops
     if backend == "cuda":
-        monkeypatch.setenv("FUSED_PREACT_ENABLE_CUDA_BACKEND", "1")
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+        request.getfixturevalue("cuda_kernels")
     c, k, kernel, stride, pad, hw, batch = shape
     x_dtype, dtype = dtypes
     if backend == "triton" and dtype == torch.float32 and prologue and kernel == 1 and stride == 2 and c >= 64:
