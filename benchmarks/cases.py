@@ -1,7 +1,8 @@
 """What the suite measures: block shapes and model steps.
 
-Block cases are (name, block kind, in_planes, planes, stride, batch, H=W). CIFAR shapes
-follow PreActResNet-18 / ResNet-164 stages; ImageNet shapes the ResNet-50 stages.
+Block cases are (name, block kind, in_planes, planes, stride, batch, H=W), names unique
+(results are keyed by them). CIFAR shapes follow PreActResNet-18 / ResNet-164 stages;
+ImageNet shapes the ResNet-50 stages; "tiny-overhead" measures the host time per block.
 """
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ class BlockCase:
 GPU_BLOCKS = [
     # PreActResNet-18 on CIFAR (N=128 and 256): identity and projection blocks per stage.
     BlockCase("r18-s1-id", "basic", 64, 64, 1, 256, 32),
-    BlockCase("r18-s1-id", "basic", 64, 64, 1, 128, 32),
+    BlockCase("r18-s1-id-n128", "basic", 64, 64, 1, 128, 32),
     BlockCase("r18-s2-proj", "basic", 64, 128, 2, 128, 32),
     BlockCase("r18-s2-id", "basic", 128, 128, 1, 128, 16),
     BlockCase("r18-s3-id", "basic", 256, 256, 1, 128, 8),
@@ -34,6 +35,8 @@ GPU_BLOCKS = [
     BlockCase("in-r50-14", "bottleneck", 1024, 256, 1, 64, 14),
     BlockCase("in-r50-7", "bottleneck", 2048, 512, 1, 64, 7),
     BlockCase("in-r50-28-proj", "bottleneck", 256, 128, 2, 64, 56),
+    # Host overhead: so little work that the time is launches, dispatch and Python.
+    BlockCase("tiny-overhead", "basic", 16, 16, 1, 2, 8),
 ]
 
 # Small enough for a 2-core CPU: the default when no GPU is present.
@@ -41,6 +44,7 @@ CPU_BLOCKS = [
     BlockCase("cpu-basic-id", "basic", 32, 32, 1, 16, 16),
     BlockCase("cpu-basic-proj", "basic", 32, 64, 2, 16, 16),
     BlockCase("cpu-bottleneck-id", "bottleneck", 64, 16, 1, 16, 16),
+    BlockCase("tiny-overhead", "basic", 16, 16, 1, 2, 8),
 ]
 
 # (model name, batch): one training step (forward + backward + SGD).

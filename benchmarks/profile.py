@@ -26,9 +26,8 @@ ITERATIONS = 5
 
 def profile_provider(prov, case, state, dtype, host_profile=False) -> tuple[dict, float]:
     module = build_block(prov, case, state, "cuda")
-    memory_format = torch.channels_last if prov.channels_last else torch.contiguous_format
     x = torch.randn(case.batch, case.in_planes, case.hw, case.hw, device="cuda")
-    x = x.contiguous(memory_format=memory_format).requires_grad_(True)
+    x = prov.block_input(x, dtype).requires_grad_(True)
     autocast = prov.autocast_context("cuda", dtype)
 
     def step():
@@ -60,12 +59,11 @@ def profile_provider(prov, case, state, dtype, host_profile=False) -> tuple[dict
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", default=C.GPU_BLOCKS[0].name, help="a block case name from benchmarks/cases.py")
-    parser.add_argument("--batch", type=int, default=None, help="pick the case with this batch")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--providers", default="eager-cl-amp,fused-triton")
     parser.add_argument("--host", action="store_true", help="also the Python functions costing host time (cProfile)")
     args = parser.parse_args(argv)
-    case = next(c for c in C.GPU_BLOCKS if c.name == args.case and args.batch in (None, c.batch))
+    case = next(c for c in C.GPU_BLOCKS if c.name == args.case)
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     state = eager_block(case).state_dict()

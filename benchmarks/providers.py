@@ -35,6 +35,12 @@ class Provider:
             return torch.autocast(device, dtype=dtype)
         return contextlib.nullcontext()
 
+    def block_input(self, x32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x32 as a block inside a network receives it: under autocast, the previous
+        block's output is already in the autocast dtype (conv output + residual)."""
+        x = x32.to(dtype) if self.autocast else x32
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
 
 def providers(device: str, max_autotune: bool) -> list[Provider]:
     out = [Provider("eager-fp32-nchw", None, False, False),

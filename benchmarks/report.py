@@ -34,17 +34,17 @@ def block_table(rows) -> list[str]:
     providers = sorted({p for t in times.values() for p in t if p != "floor"})
     # Speedups for the fast backends; the reference backend's times are in its column.
     fused = [p for p in providers if p.startswith("fused-") and p != "fused-reference"]
-    lines = ["| case | dtype | mode | " + " | ".join(f"{p} ms" for p in providers) + " | "
-             + " | ".join(f"{f} vs {b}" for f in fused for b in BASELINES if b in providers)
-             + " | saved act. fused/eager |",
-             "|" + "---|" * (3 + len(providers) + sum(1 for _ in fused for b in BASELINES if b in providers) + 1)]
+    ratio_pairs = [(f, b) for f in fused for b in BASELINES if b in providers]
+    header = ["case", "dtype", "mode", *(f"{p} ms" for p in providers), *(f"{f} vs {b}" for f, b in ratio_pairs),
+              "saved act. fused/eager"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, t in times.items():
         cells = [f"{t[p]:.3f}" if p in t else "-" for p in providers]
-        ratios = [f"{t[b] / t[f]:.2f}x" if f in t and b in t else "-" for f in fused for b in BASELINES if b in providers]
+        ratios = [f"{t[b] / t[f]:.2f}x" if f in t and b in t else "-" for f, b in ratio_pairs]
         s = saved.get(key, {})
         mem = next((f"{s[f] / s['eager-cl-amp']:.2f}" for f in sorted(s) if f.startswith("fused-")
                     and s.get("eager-cl-amp")), "-")
-        lines.append("| " + " | ".join(key) + " | " + " | ".join(cells + ratios) + f" | {mem} |")
+        lines.append("| " + " | ".join([*key, *cells, *ratios, mem]) + " |")
     return lines + ([""] + ["Not timed:"] + problems if problems else [])
 
 

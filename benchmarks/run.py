@@ -64,10 +64,10 @@ def timer(device: str):
             return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
         return measure
 
-    def measure_cpu(fn, repeats=5):
+    def measure_cpu(fn, min_repeats=5, min_total_s=0.2):
         fn()  # warm-up
         samples = []
-        for _ in range(repeats):
+        while len(samples) < min_repeats or (sum(samples) < min_total_s * 1e3 and len(samples) < 1000):
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
@@ -155,12 +155,11 @@ def run_block_case(case, dtype_name, provs, device, ceil, rows, measure):
                 rows.append([case.name, prov.name, dtype_name, mode, "error", math.nan, "",
                              f"build: {type(e).__name__}: {e}"[:300]])
             continue
-        memory_format = torch.channels_last if prov.channels_last else torch.contiguous_format
         # Rotate inputs so repeated runs are not served from L2.
         n_inputs = max(1, min(8, math.ceil(2 * 60e6 / (x32.numel() * 4)))) if device == "cuda" else 1
         for mode in modes:
             row = [case.name, prov.name, dtype_name, mode]
-            xs = [(x32.contiguous(memory_format=memory_format) + 0.01 * i).requires_grad_(mode == "fwdbwd")
+            xs = [prov.block_input(x32 + 0.01 * i, dtype).requires_grad_(mode == "fwdbwd")
                   for i in range(n_inputs)]
             autocast = prov.autocast_context(device, dtype)
             try:
