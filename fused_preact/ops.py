@@ -1,6 +1,7 @@
 """The op layer: every fused op declared once with torch.library.custom_op.
 
-This is the only door from Python into kernels. Each op validates its arguments
+This is the only door from Python into kernels (entry.py: plain eager calls run the op's
+body directly, everything that traces gets the registered op). Each op validates its arguments
 (clear errors naming the argument), asks `dispatch.select` for a backend and calls that
 backend's implementation. Fake implementations make the ops traceable by
 torch.compile; `bn_relu_conv` carries the autograd formula of a whole
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch, distributed
+from .entry import declare
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -105,7 +107,7 @@ def _empty_nchw_channels_last(like: Tensor, shape, dtype=None) -> Tensor:
 
 
 # --------------------------------------------------------------------------- forward unit
-@torch.library.custom_op("fused_preact::bn_relu_conv", mutates_args=())
+@declare("bn_relu_conv")
 def bn_relu_conv(
     x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor], weight: Tensor, residual: Optional[Tensor], stride: Sequence[int],
@@ -126,7 +128,7 @@ def bn_relu_conv(
                                       list(stride), list(padding), eps, want_stats)
 
 
-@bn_relu_conv.register_fake
+@bn_relu_conv.op.register_fake
 def _(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, batch_stats,
       want_stats, backend, sync_group=0):
     check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding)
@@ -179,19 +181,18 @@ def _unit_backward(ctx, dy, _dstats):
     return dx, None, None, dgamma, dbeta, dweight, dresidual, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("fused_preact::bn_relu_conv", _unit_backward,
-                                setup_context=_unit_setup_context)
+bn_relu_conv.register_autograd(_unit_backward, _unit_setup_context)
 
 
 # --------------------------------------------------------------------------- statistics
-@torch.library.custom_op("fused_preact::batch_stats", mutates_args=())
+@declare("batch_stats")
 def batch_stats(x: Tensor, backend: str) -> Tensor:
     """Partial (count, mean, M2) statistics per channel of x: [T, 3, C]."""
     _check_nchw("x", x)
     return dispatch.select("batch_stats", [x], backend).impls["batch_stats"](x)
 
 
-@batch_stats.register_fake
+@batch_stats.op.register_fake
 def _(x, backend):
     _check_nchw("x", x)
     n, c, h, w = x.shape
@@ -199,7 +200,7 @@ def _(x, backend):
     return x.new_empty((tiles, 3, c), dtype=stats_dtype(x.dtype))
 
 
-@torch.library.custom_op("fused_preact::bn_finalize", mutates_args=("running_mean", "running_var"))
+@declare("bn_finalize", mutates_args=("running_mean", "running_var"))
 def bn_finalize(partials: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 num_batches_tracked: Optional[Tensor], momentum: Optional[float],
                 backend: str) -> tuple[Tensor, Tensor]:
@@ -218,14 +219,14 @@ def bn_finalize(partials: Tensor, running_mean: Optional[Tensor], running_var: O
     return impl.impls["bn_finalize"](partials, running_mean, running_var, num_batches_tracked, momentum)
 
 
-@bn_finalize.register_fake
+@bn_finalize.op.register_fake
 def _(partials, running_mean, running_var, num_batches_tracked, momentum, backend):
     c = partials.shape[2]
     return partials.new_empty((c,)), partials.new_empty((c,))
 
 
 # --------------------------------------------------------------------------- backward pieces
-@torch.library.custom_op("fused_preact::bn_relu_conv_dgrad", mutates_args=())
+@declare("bn_relu_conv_dgrad")
 def bn_relu_conv_dgrad(dy: Tensor, weight: Tensor, x: Tensor, mean: Optional[Tensor],
                        var: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                        stride: Sequence[int], padding: Sequence[int], eps: float,
@@ -239,14 +240,14 @@ def bn_relu_conv_dgrad(dy: Tensor, weight: Tensor, x: Tensor, mean: Optional[Ten
                                             list(stride), list(padding), eps)
 
 
-@bn_relu_conv_dgrad.register_fake
+@bn_relu_conv_dgrad.op.register_fake
 def _(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, backend):
     channels = 0 if mean is None else x.shape[1]
     return (_empty_nchw_channels_last(x, x.shape),
             x.new_empty((2, channels), dtype=stats_dtype(x.dtype)))
 
 
-@torch.library.custom_op("fused_preact::bn_relu_conv_wgrad", mutates_args=())
+@declare("bn_relu_conv_wgrad")
 def bn_relu_conv_wgrad(dy: Tensor, x: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
                        bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                        weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
@@ -257,12 +258,12 @@ def bn_relu_conv_wgrad(dy: Tensor, x: Tensor, mean: Optional[Tensor], var: Optio
                                             list(stride), list(padding), eps)
 
 
-@bn_relu_conv_wgrad.register_fake
+@bn_relu_conv_wgrad.op.register_fake
 def _(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, backend):
     return x.new_empty(weight_shape)
 
 
-@torch.library.custom_op("fused_preact::bn_backward_apply", mutates_args=())
+@declare("bn_backward_apply")
 def bn_backward_apply(g: Tensor, x: Tensor, mean: Tensor, var: Tensor, bn_weight: Optional[Tensor],
                       grad_means: Tensor, eps: float, batch_stats: bool, backend: str) -> Tensor:
     """dx of BatchNorm given g = dL/d bn(x): scale * (g - mean(g) - xhat * mean(g xhat)).
@@ -275,6 +276,6 @@ def bn_backward_apply(g: Tensor, x: Tensor, mean: Tensor, var: Tensor, bn_weight
     return impl.impls["bn_backward_apply"](g, x, mean, var, bn_weight, grad_means, eps, batch_stats)
 
 
-@bn_backward_apply.register_fake
+@bn_backward_apply.op.register_fake
 def _(g, x, mean, var, bn_weight, grad_means, eps, batch_stats, backend):
     return _empty_nchw_channels_last(x, x.shape)

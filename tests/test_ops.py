@@ -20,26 +20,26 @@ def unit_args(dtype=torch.float64, residual=True, prologue=True, requires_grad=T
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("prologue", [True, False])
 def test_opcheck_bn_relu_conv(residual, prologue):
-    torch.library.opcheck(ops.bn_relu_conv, unit_args(residual=residual, prologue=prologue))
+    torch.library.opcheck(ops.bn_relu_conv.op, unit_args(residual=residual, prologue=prologue))
 
 
 def test_opcheck_statistics_ops():
     x = torch.randn(2, 3, 5, 5)
-    torch.library.opcheck(ops.batch_stats, (x, "reference"))
+    torch.library.opcheck(ops.batch_stats.op, (x, "reference"))
     partials = ops.batch_stats(x, "reference")
     rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(1)
-    torch.library.opcheck(ops.bn_finalize, (partials, rm, rv, nbt, 0.1, "reference"))
-    torch.library.opcheck(ops.bn_finalize, (partials, rm, rv, nbt, None, "reference"))
-    torch.library.opcheck(ops.bn_finalize, (partials, None, None, None, 0.1, "reference"))
+    torch.library.opcheck(ops.bn_finalize.op, (partials, rm, rv, nbt, 0.1, "reference"))
+    torch.library.opcheck(ops.bn_finalize.op, (partials, rm, rv, nbt, None, "reference"))
+    torch.library.opcheck(ops.bn_finalize.op, (partials, None, None, None, 0.1, "reference"))
 
 
 def test_opcheck_backward_ops():
     x, mean, var, gamma, beta, w, _, stride, padding, eps, *_ = unit_args(requires_grad=False)
     dy = torch.randn(2, 4, 3, 3, dtype=x.dtype)
-    torch.library.opcheck(ops.bn_relu_conv_dgrad, (dy, w, x, mean, var, gamma, beta, stride, padding, eps, "reference"))
-    torch.library.opcheck(ops.bn_relu_conv_wgrad, (dy, x, mean, var, gamma, beta, list(w.shape), stride, padding, eps, "reference"))
+    torch.library.opcheck(ops.bn_relu_conv_dgrad.op, (dy, w, x, mean, var, gamma, beta, stride, padding, eps, "reference"))
+    torch.library.opcheck(ops.bn_relu_conv_wgrad.op, (dy, x, mean, var, gamma, beta, list(w.shape), stride, padding, eps, "reference"))
     g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, stride, padding, eps, "reference")
-    torch.library.opcheck(ops.bn_backward_apply, (g, x, mean, var, gamma, sums, eps, True, "reference"))
+    torch.library.opcheck(ops.bn_backward_apply.op, (g, x, mean, var, gamma, sums, eps, True, "reference"))
 
 
 def test_gradcheck_unit_eval_statistics():

@@ -1,0 +1,78 @@
+"""The ops' entry points: plain eager calls run the op bodies directly, anything that
+intercepts or traces gets the registered custom ops, and both give the same numbers."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_preact as fp
+from fused_preact import ops
+from fused_preact.entry import OpEntry
+
+ENTRIES = [e for e in vars(ops).values() if isinstance(e, OpEntry)]
+
+
+class Passthrough(TorchDispatchMode):
+    """Sees every op and changes nothing: the calls must then go through the registered ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def training_step(block, x, grad_out):
+    x = x.clone().requires_grad_(True)
+    out = block(x)
+    out.backward(grad_out)
+    return [out, x.grad] + [p.grad.clone() for p in block.parameters()] + [b.clone() for b in block.buffers()]
+
+
+def test_every_op_has_an_entry():
+    assert {e.__name__ for e in ENTRIES} == {"bn_relu_conv", "batch_stats", "bn_finalize", "bn_relu_conv_dgrad",
+                                              "bn_relu_conv_wgrad", "bn_backward_apply"}
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_eager_path_skips_the_registered_ops_and_matches_them(kind, monkeypatch):
+    cls = fp.PreActBlock if kind == "basic" else fp.PreActBottleneck
+    make = lambda: cls(8, 4, stride=2, backend="reference").double()  # noqa: E731
+    torch.manual_seed(1)
+    direct_block = make()
+    torch.manual_seed(1)
+    traced_block = make()
+    x = torch.randn(3, 8, 7, 7, dtype=torch.float64)
+    grad_out = torch.randn_like(make()(x))
+
+    with Passthrough() as mode:
+        through_ops = training_step(traced_block, x, grad_out)
+    assert {f"fused_preact::{e.__name__}" for e in ENTRIES} <= mode.seen
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("plain eager mode went through a registered op")
+    for entry in ENTRIES:
+        monkeypatch.setattr(entry, "op", refuse)
+    direct = training_step(direct_block, x, grad_out)
+    assert len(direct) == len(through_ops)
+    for a, b in zip(direct, through_ops):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_keyword_and_default_arguments_reach_the_body():
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.randn(6, 4, 3, 3)
+    positional = ops.bn_relu_conv(x, None, None, None, None, w, None, [1, 1], [1, 1], 0.0, False, False,
+                                  "reference", 0)
+    keywords = ops.bn_relu_conv(x, None, None, None, None, w, None, [1, 1], [1, 1], 0.0, False, False,
+                                backend="reference")
+    torch.testing.assert_close(positional[0], keywords[0], rtol=0, atol=0)
+
+
+def test_double_backward_raises_instead_of_a_wrong_answer():
+    block = fp.PreActBlock(4, 4, backend="reference")
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        grad_x.sum().backward()
