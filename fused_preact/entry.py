@@ -49,11 +49,16 @@ class OpEntry:
     def register_autograd(self, backward: Callable, setup_context: Callable) -> None:
         """The op's autograd formula, for the registered op and for the direct path alike."""
         self.op.register_autograd(backward, setup_context=setup_context)
+        body = self.body
+
+        def forward(ctx, *args):
+            # ctx-first style: Function.apply binds the signature of a separate
+            # setup_context on every call (inspect.signature), which costs more than the op.
+            output = body(*args)
+            setup_context(ctx, args, output)
+            return output
         self.function = type(f"{self.__name__}_function", (torch.autograd.Function,), {
-            "forward": staticmethod(self.body),
-            "setup_context": staticmethod(setup_context),
-            "backward": staticmethod(backward),
-        })
+            "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args, **kwargs):
         if kwargs or len(args) < self.positional_count:
