@@ -6,6 +6,7 @@ elements); arithmetic is float32 whatever the storage dtype.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -34,6 +35,27 @@ def warp_configs() -> list[triton.Config]:
         return [triton.Config({}, num_warps=4, num_stages=1)]
     configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 4)]
     return configs if os.environ.get("FUSED_PREACT_TRITON_AUTOTUNE", "1") != "0" else configs[:1]
+
+
+def autotune_warps(key: list[str]):
+    """Decorator: triton.autotune over warp_configs(), keyed on the argument names `key`.
+    With one config there is nothing to choose, so no autotuner (its bookkeeping is host
+    time on every launch): the kernel launches with that config's warps and stages."""
+    configs = warp_configs()
+    if len(configs) > 1:
+        return triton.autotune(configs=configs, key=key)
+    return lambda kernel: FixedConfig(kernel, configs[0])
+
+
+class FixedConfig:
+    """A kernel launched as kernel[grid](...) with one fixed triton.Config."""
+
+    def __init__(self, kernel, config: triton.Config):
+        self.kernel = kernel
+        self.launch_options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+
+    def __getitem__(self, grid):
+        return functools.partial(self.kernel[grid], **self.launch_options)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

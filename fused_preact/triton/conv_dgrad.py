@@ -15,10 +15,10 @@ import triton
 import triton.language as tl
 
 from .backend import triton_backend
-from .common import bn_scale_shift, dot_precision, nhwc_strides, pow2_block, rows_per_tile, warp_configs
+from .common import autotune_warps, bn_scale_shift, dot_precision, nhwc_strides, pow2_block, rows_per_tile
 
 
-@triton.autotune(configs=warp_configs(), key=["HP", "WP", "C", "K", "R", "S"])
+@autotune_warps(key=["HP", "WP", "C", "K", "R", "S"])
 @triton.jit
 def bn_relu_conv_dgrad_kernel(
     dy_ptr, sdn, sdh, sdw, sdc,                # output gradient [N, P, Q, K] by strides

@@ -13,11 +13,11 @@ import triton
 import triton.language as tl
 
 from .backend import triton_backend
-from .common import (bn_scale_shift, dot_precision, nhwc_strides, pow2_block, rows_per_tile,
-                     stats_dtype, warp_configs, write_tile_stats)
+from .common import (autotune_warps, bn_scale_shift, dot_precision, nhwc_strides,
+                     pow2_block, rows_per_tile, stats_dtype, write_tile_stats)
 
 
-@triton.autotune(configs=warp_configs(), key=["M", "K", "C", "R", "S"])
+@autotune_warps(key=["M", "K", "C", "R", "S"])
 @triton.jit
 def bn_relu_conv_fwd_kernel(
     x_ptr, sxn, sxh, sxw, sxc,                 # input [N, H, W, C] by strides

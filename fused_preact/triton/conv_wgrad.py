@@ -13,10 +13,10 @@ import triton
 import triton.language as tl
 
 from .backend import interpreter_on, triton_backend
-from .common import bn_scale_shift, dot_precision, nhwc_strides, pow2_block, warp_configs
+from .common import autotune_warps, bn_scale_shift, dot_precision, nhwc_strides, pow2_block
 
 
-@triton.autotune(configs=warp_configs(), key=["L", "K", "C", "R", "S", "SPLIT"])
+@autotune_warps(key=["L", "K", "C", "R", "S", "SPLIT"])
 @triton.jit
 def bn_relu_conv_wgrad_kernel(
     dy_ptr, sdn, sdh, sdw, sdc,                # output gradient [N, P, Q, K] by strides
