@@ -4,19 +4,26 @@
 # run compiled; tests/test_gpu.py checks the cuda backend too), compute-sanitizer on a
 # small run of each cuda kernel, then the benchmark suite and its report. No network needed.
 #   bash scripts/gpu_all.sh OUT_FOLDER
+# STEPS (default "tests sanitizer profile bench"): which steps run after the build, so a
+# later call can spend its minutes on the benchmark sweep alone.
 # BENCH_BUDGET_S (default 100): seconds after which the benchmark starts no new case
-# (the rest is recorded as skipped, most important cases first). TESTS_TIMEOUT_S (330): the tests' limit.
+# (the rest is recorded as skipped, most important cases first). BENCH_CASES / BENCH_DTYPES:
+# comma lists for benchmarks.run --cases / --dtypes (default: all). PROFILE_CASES (default
+# "r18-s1-id tiny-overhead"): blocks for benchmarks.profile --host. TESTS_TIMEOUT_S (330): the tests' limit.
 set -uo pipefail
 out=${1:?usage: gpu_all.sh OUT_FOLDER}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+steps=" ${STEPS:-tests sanitizer profile bench} "
 start=$SECONDS
 step() { echo "== [$((SECONDS - start)) s] $*"; }
+wanted() { [[ $steps == *" $1 "* ]]; }
 
 step build
 python -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
 python -m fused_preact.info | tee "$out/info.txt"
 
+if wanted tests; then
 step tests
 # Parallel workers where pytest-xdist is installed: the Triton compilation is CPU-bound.
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
@@ -28,18 +35,33 @@ else
 fi
 timeout "$(( ${TESTS_TIMEOUT_S:-330} + 60 ))" python -m pytest -q -p no:cacheprovider $workers $timeout_flag --durations 15 -rfE tests > "$out/tests.txt" 2>&1
 tail -40 "$out/tests.txt"
+fi
 
+if wanted sanitizer; then
 step compute-sanitizer
 for tool in memcheck racecheck; do
   echo "### $tool" >> "$out/sanitizer.txt"
   timeout 150 compute-sanitizer --tool "$tool" python scripts/cuda_smoke.py >> "$out/sanitizer.txt" 2>&1
   tail -2 "$out/sanitizer.txt"
 done
+fi
 
-step benchmarks
 # Autotuning every shape costs minutes of compiling; one launch config (recorded in meta.json).
-FUSED_PREACT_TRITON_AUTOTUNE=0 FUSED_PREACT_ENABLE_CUDA_BACKEND=1 \
-  python -m benchmarks.run --out "$out" --budget-s "${BENCH_BUDGET_S:-100}" 2>&1 | tail -3
+export FUSED_PREACT_TRITON_AUTOTUNE=0 FUSED_PREACT_ENABLE_CUDA_BACKEND=1
+
+if wanted profile; then
+step profile
+for case in ${PROFILE_CASES:-r18-s1-id tiny-overhead}; do
+  timeout 120 python -m benchmarks.profile --case "$case" --host >> "$out/profile.txt" 2>&1
+done
+grep "wall" "$out/profile.txt"
+fi
+
+if wanted bench; then
+step benchmarks
+python -m benchmarks.run --out "$out" --budget-s "${BENCH_BUDGET_S:-100}" \
+  ${BENCH_CASES:+--cases "$BENCH_CASES"} ${BENCH_DTYPES:+--dtypes "$BENCH_DTYPES"} 2>&1 | tail -3
 python -m benchmarks.report "$out"
-step done
 tail -60 "$out/results.md"
+fi
+step done
