@@ -21,13 +21,13 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
 
 
-def plain_eager(args: Sequence) -> bool:
+def plain_eager(args: Sequence, kwargs: dict) -> bool:
     """True where the body may run directly: no compiler or tracer is recording, no
     dispatch mode (fake tensors, functionalization, FlopCounterMode...) intercepts, and
     every tensor argument is a plain tensor (not a subclass that must see the op)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return False
-    return all(type(a) in PLAIN_TENSOR_TYPES for a in args if isinstance(a, Tensor))
+    return all(type(a) in PLAIN_TENSOR_TYPES for a in (*args, *kwargs.values()) if isinstance(a, Tensor))
 
 
 def declare(name: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable], "OpEntry"]:
@@ -61,12 +61,12 @@ class OpEntry:
             "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args, **kwargs):
+        if not plain_eager(args, kwargs):
+            return self.op(*args, **kwargs)
         if kwargs or len(args) < self.positional_count:
-            bound = self.signature.bind(*args, **kwargs)
+            bound = self.signature.bind(*args, **kwargs)  # the Function takes positional arguments
             bound.apply_defaults()
             args = bound.args
-        if not plain_eager(args):
-            return self.op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
             # An op without a formula goes through the registered op, which raises
             # PyTorch's own "no autograd formula" error (double backward, say).
