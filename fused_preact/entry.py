@@ -23,9 +23,11 @@ PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
 
 def plain_eager(args: Sequence, kwargs: dict) -> bool:
     """True where the body may run directly: no compiler or tracer is recording, no
-    dispatch mode (fake tensors, functionalization, FlopCounterMode...) intercepts, and
-    every tensor argument is a plain tensor (not a subclass that must see the op)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+    dispatch mode (fake tensors, functionalization, FlopCounterMode...) or torch.func
+    transform intercepts, and every tensor argument is a plain tensor (not a subclass
+    that must see the op)."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
+            or torch._C._are_functorch_transforms_active()):
         return False
     return all(type(a) in PLAIN_TENSOR_TYPES for a in (*args, *kwargs.values()) if isinstance(a, Tensor))
 

@@ -76,3 +76,12 @@ def test_double_backward_raises_instead_of_a_wrong_answer():
     (grad_x,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         grad_x.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_func_transforms_get_the_registered_op(backend):
+    """Under vmap the op is batched by PyTorch (per-sample fallback), as a registered op is;
+    a kernel handed the batched tensor itself would not know the batch dimension."""
+    x = torch.randn(3, 2, 4, 5, 5)
+    batched = torch.func.vmap(lambda t: ops.batch_stats(t, backend))(x)
+    torch.testing.assert_close(batched, torch.stack([ops.batch_stats(t, backend) for t in x]))
