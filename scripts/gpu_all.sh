@@ -8,7 +8,8 @@
 # later call can spend its minutes on the benchmark sweep alone.
 # BENCH_BUDGET_S (default 100): seconds after which the benchmark starts no new case
 # (the rest is recorded as skipped, most important cases first). BENCH_CASES / BENCH_DTYPES:
-# comma lists for benchmarks.run --cases / --dtypes (default: all). PROFILE_CASES (default
+# comma lists for benchmarks.run --cases / --dtypes (default: all); BENCH_ARGS: more of its options
+# (e.g. --max-autotune, --no-models). PROFILE_CASES (default
 # "r18-s1-id tiny-overhead"): blocks for benchmarks.profile --host. TESTS_TIMEOUT_S (330): the tests' limit.
 set -uo pipefail
 out=${1:?usage: gpu_all.sh OUT_FOLDER}
@@ -60,7 +61,7 @@ fi
 if wanted bench; then
 step benchmarks
 python -m benchmarks.run --out "$out" --budget-s "${BENCH_BUDGET_S:-100}" \
-  ${BENCH_CASES:+--cases "$BENCH_CASES"} ${BENCH_DTYPES:+--dtypes "$BENCH_DTYPES"} 2>&1 | tail -3
+  ${BENCH_CASES:+--cases "$BENCH_CASES"} ${BENCH_DTYPES:+--dtypes "$BENCH_DTYPES"} ${BENCH_ARGS:-} 2>&1 | tail -3
 python -m benchmarks.report "$out"
 tail -60 "$out/results.md"
 fi
