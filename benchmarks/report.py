@@ -98,7 +98,8 @@ def main(argv=None) -> None:
     header = [f"# Benchmark results: {meta['device']}",
               "", f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
               f"commit {meta['git_commit'][:10]}, {meta['date']}"
-              + ("" if meta.get("triton_autotune", True) else ", Triton autotuning off (one launch config)"), ""]
+              + ("" if meta.get("triton_autotune", True) else ", Triton autotuning off (one launch config)")
+              + (f", fp32 convolutions {meta['fp32_convolutions']}" if "fp32_convolutions" in meta else ""), ""]
     if meta.get("ceilings"):
         c = meta["ceilings"]
         header += [f"Measured ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "

@@ -51,6 +51,7 @@ def metadata(device: str) -> dict:
         "device_type": device, "torch": torch.__version__, "triton": triton_version,
         "cuda": torch.version.cuda, "python": platform.python_version(), "git_commit": commit,
         "triton_autotune": os.environ.get("FUSED_PREACT_TRITON_AUTOTUNE", "1") != "0",
+        "fp32_convolutions": "tf32" if torch.backends.cudnn.allow_tf32 else "exact",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -10,7 +10,8 @@
 # (the rest is recorded as skipped, most important cases first). BENCH_CASES / BENCH_DTYPES:
 # comma lists for benchmarks.run --cases / --dtypes (default: all); BENCH_ARGS: more of its options
 # (e.g. --max-autotune, --no-models). PROFILE_CASES (default
-# "r18-s1-id tiny-overhead"): blocks for benchmarks.profile --host. TESTS_TIMEOUT_S (330): the tests' limit.
+# "r18-s1-id tiny-overhead"): blocks for benchmarks.profile --host. TESTS (default "tests"): test paths
+# for the tests step, TESTS_K a pytest -k expression to select within them; TESTS_TIMEOUT_S (330): their limit.
 set -uo pipefail
 out=${1:?usage: gpu_all.sh OUT_FOLDER}
 mkdir -p "$out"
@@ -34,7 +35,7 @@ if python -m pytest --help 2>/dev/null | grep -q -- --session-timeout; then
 else
   timeout_flag=""
 fi
-timeout "$(( ${TESTS_TIMEOUT_S:-330} + 60 ))" python -m pytest -q -p no:cacheprovider $workers $timeout_flag --durations 15 -rfE tests > "$out/tests.txt" 2>&1
+timeout "$(( ${TESTS_TIMEOUT_S:-330} + 60 ))" python -m pytest -q -p no:cacheprovider $workers $timeout_flag --durations 15 -rfE ${TESTS_K:+-k "$TESTS_K"} ${TESTS:-tests} > "$out/tests.txt" 2>&1
 tail -40 "$out/tests.txt"
 fi
 

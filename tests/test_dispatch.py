@@ -45,18 +45,22 @@ def test_cuda_backend_declines_on_cpu_with_reason():
         assert any("CUDA" in r or "not built" in r for r in reasons)
 
 
-def test_triton_declines_float32_gpu_convolutions_unless_asked(monkeypatch):
-    """float32 conv kernels failed verification on a GPU: declined there with the way out
-    named; low precision, other ops and the interpreter (CPU) are unaffected."""
+def test_triton_declines_exact_float32_gpu_convolutions_unless_asked(monkeypatch):
+    """Exact float32 conv kernels failed verification on a GPU: declined there with the ways
+    out named; tf32, low precision, other ops and the interpreter (CPU) are unaffected."""
     from fused_preact.triton.backend import FP32_GPU_FLAG, fp32_gpu_reason
     monkeypatch.delenv(FP32_GPU_FLAG, raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     why = fp32_gpu_reason("bn_relu_conv_wgrad", torch.float32, "cuda")
-    assert "float32 convolutions" in why and "autocast" in why and FP32_GPU_FLAG in why
+    assert "exact float32" in why and "allow_tf32" in why and "autocast" in why and FP32_GPU_FLAG in why
     for op in ("bn_relu_conv", "bn_relu_conv_dgrad"):
         assert fp32_gpu_reason(op, torch.float32, "cuda") == why
     assert fp32_gpu_reason("bn_relu_conv", torch.bfloat16, "cuda") is None
     assert fp32_gpu_reason("bn_relu_conv", torch.float32, "cpu") is None
     assert fp32_gpu_reason("bn_finalize", torch.float32, "cuda") is None
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert fp32_gpu_reason("bn_relu_conv", torch.float32, "cuda") is None
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setenv(FP32_GPU_FLAG, "1")
     assert fp32_gpu_reason("bn_relu_conv", torch.float32, "cuda") is None
 

@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fused_preact as fp
 from fused_preact import ops
 from fused_preact.entry import OpEntry
+from helpers import DEVICE
 
 ENTRIES = [e for e in vars(ops).values() if isinstance(e, OpEntry)]
 
@@ -82,6 +83,6 @@ def test_double_backward_raises_instead_of_a_wrong_answer():
 def test_torch_func_transforms_get_the_registered_op(backend):
     """Under vmap the op is batched by PyTorch (per-sample fallback), as a registered op is;
     a kernel handed the batched tensor itself would not know the batch dimension."""
-    x = torch.randn(3, 2, 4, 5, 5)
+    x = torch.randn(3, 2, 4, 5, 5, device=DEVICE)
     batched = torch.func.vmap(lambda t: ops.batch_stats(t, backend))(x)
     torch.testing.assert_close(batched, torch.stack([ops.batch_stats(t, backend) for t in x]))

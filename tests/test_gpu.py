@@ -40,17 +40,23 @@ def rel_err(a, b):
 
 
 # Known failures of the Triton float32 kernels on an H100 (triton 3.6, 2026-11-22), the
-# reason float32 convolutions are declined on GPUs unless FUSED_PREACT_TRITON_FP32=1.
+# reason exact float32 convolutions are declined on GPUs unless FUSED_PREACT_TRITON_FP32=1.
 FP32_BLOCK_FAILURES = {
     ("bottleneck", 1024, 256, 2, 64, 14): "input gradient 1.3e-3 off vs eager's 1.5e-6",
     ("bottleneck", 256, 64, 1, 64, 56): "weight/BN gradients 3-4x eager's fp32 error (4e-5 to 8e-5)",
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+# (dtype, tf32 allowed for convolutions, on both sides): float32 exact and as tf32 (PyTorch's default).
+BLOCK_PRECISIONS = [(torch.bfloat16, False), (torch.float16, False), (torch.float32, False), (torch.float32, True)]
+
+
+@pytest.mark.parametrize("precision", BLOCK_PRECISIONS, ids=["bf16", "fp16", "fp32", "tf32"])
 @pytest.mark.parametrize("case", REAL_CASES)
-def test_real_size_block_gradients_earned_tolerance(case, dtype, request):
-    if dtype == torch.float32 and case in FP32_BLOCK_FAILURES:
+def test_real_size_block_gradients_earned_tolerance(case, precision, request, monkeypatch):
+    dtype, tf32 = precision
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    if dtype == torch.float32 and not tf32 and case in FP32_BLOCK_FAILURES:
         request.applymarker(pytest.mark.xfail(reason=f"triton fp32 on H100: {FP32_BLOCK_FAILURES[case]}"))
     kind, cin, planes, stride, batch, hw = case
     torch.manual_seed(0)
@@ -62,7 +68,7 @@ def test_real_size_block_gradients_earned_tolerance(case, dtype, request):
     got = grads(ours, x, dtype)
     ref = grads(eager, x, dtype)
     for i, (g, r, t) in enumerate(zip(got, ref, truth)):
-        # tf32 is off in the tests (conftest), so float32 errors are tiny on both sides.
+        # Exact float32 errors are tiny on both sides; with tf32 both convolve in tf32.
         assert rel_err(g, t) <= 3 * rel_err(r, t) + 1e-5, f"tensor {i}: {rel_err(g, t):.2e} vs eager {rel_err(r, t):.2e}"
 
 
@@ -217,20 +223,25 @@ def test_ops_match_fp64_reference(backend, shape, dtypes, prologue, request, mon
     assert not bad, f"relative L2 errors over {bound:.0e}: {bad} (all: { {n: f'{e:.1e}' for n, e in errors.items()} })"
 
 
-def test_triton_declines_float32_convolutions_by_default(monkeypatch):
-    """Without the opt-in, float32 on the GPU never reaches the failing kernels: forcing
-    triton raises with the reason, auto falls back to the reference backend."""
+def test_triton_declines_exact_float32_convolutions_by_default(monkeypatch):
+    """Without the opt-in, exact float32 on the GPU never reaches the failing kernels: forcing
+    triton raises with the reason, auto falls back to the reference backend; as tf32 (PyTorch's
+    default for convolutions) triton runs them."""
     monkeypatch.delenv("FUSED_PREACT_TRITON_FP32")
     monkeypatch.delenv("FUSED_PREACT_BACKEND")  # conftest's "reference": let auto choose
     monkeypatch.delenv("FUSED_PREACT_ENABLE_CUDA_BACKEND", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     x = torch.randn(4, 16, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
-    with pytest.raises(fp.dispatch.BackendNotSupported, match="float32 convolutions on the GPU"):
+    with pytest.raises(fp.dispatch.BackendNotSupported, match="exact float32 convolutions"):
         fp.PreActBlock(16, 32, 2, backend="triton").cuda()(x)
     w = torch.randn(32, 16, 1, 1, device="cuda")
     assert fp.dispatch.select("bn_relu_conv", [x, w]).name == "reference"
     assert fp.dispatch.select("bn_relu_conv", [x, w.bfloat16()]).name == "triton"
     with torch.autocast("cuda", dtype=torch.bfloat16):
         fp.PreActBlock(16, 32, 2, backend="triton").cuda()(x)  # bf16 convolutions still run on triton
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert fp.dispatch.select("bn_relu_conv", [x, w]).name == "triton"
+    fp.PreActBlock(16, 32, 2, backend="triton").cuda()(x)
 
 
 def test_cuda_backend_block_training_step(cuda_kernels):
