@@ -47,6 +47,8 @@ FP32_BLOCK_FAILURES = {
 }
 
 
+# Relative L2 error that tf32's rounding of both conv operands (10 mantissa bits) allows.
+TF32_BOUND = 3e-3
 # (dtype, tf32 allowed for convolutions, on both sides): float32 exact and as tf32 (PyTorch's default).
 BLOCK_PRECISIONS = [(torch.bfloat16, False), (torch.float16, False), (torch.float32, False), (torch.float32, True)]
 
@@ -67,9 +69,15 @@ def test_real_size_block_gradients_earned_tolerance(case, precision, request, mo
     truth = grads(truth_model, x.double(), torch.float32)
     got = grads(ours, x, dtype)
     ref = grads(eager, x, dtype)
-    for i, (g, r, t) in enumerate(zip(got, ref, truth)):
-        # Exact float32 errors are tiny on both sides; with tf32 both convolve in tf32.
-        assert rel_err(g, t) <= 3 * rel_err(r, t) + 1e-5, f"tensor {i}: {rel_err(g, t):.2e} vs eager {rel_err(r, t):.2e}"
+    # Exact float32 errors are tiny on both sides. tf32 rounds both conv operands to 10
+    # mantissa bits (unit roundoff 2^-11): on an H100 our weight/BN gradients came out at
+    # 1.3-1.5e-3 where cuDNN, free to pick fp32 kernels under allow_tf32, was at 0.5-4.5e-4. So
+    # with tf32 the floor is tf32's own rounding, as in the op-level test, not eager's error.
+    floor = TF32_BOUND if tf32 else 1e-5
+    errors = [(rel_err(g, t), rel_err(r, t)) for g, r, t in zip(got, ref, truth)]
+    bad = {i: f"{ours:.2e} vs eager {theirs:.2e}" for i, (ours, theirs) in enumerate(errors)
+           if not ours <= 3 * theirs + floor}
+    assert not bad, f"tensors (output, input grad, parameter grads) over 3x eager + {floor:.0e}: {bad}"
 
 
 def kernel_names(fn):
@@ -199,7 +207,7 @@ def test_ops_match_fp64_reference(backend, shape, dtypes, prologue, request, mon
     dy = torch.randn(batch, k, p, p, device="cuda").to(dtype)
     conf = ([stride] * 2, [pad] * 2, 1e-5)
     exact_fp32 = dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
-    bound = {torch.float32: 1e-5 if exact_fp32 else 3e-3, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    bound = {torch.float32: 1e-5 if exact_fp32 else TF32_BOUND, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
 
     def run(backend, cast):
         xs, ws, rs, dys = (cast(t) for t in (x, w, res, dy))
