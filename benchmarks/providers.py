@@ -3,7 +3,9 @@
 eager-fp32-nchw     eager PyTorch blocks (kuangliu definitions), fp32, NCHW
 eager-cl-amp        eager, channels_last, under autocast to the case dtype
 compile             torch.compile of the eager block (default mode), channels_last + autocast
-compile-max         torch.compile(mode="max-autotune") (GPU, when asked for)
+compile-max         torch.compile(mode="max-autotune-no-cudagraphs") (GPU, when asked for): the
+                    autotuned kernels without CUDA graphs, which no other provider uses
+                    (with them the timed loop also failed: graph outputs overwritten by the next replay)
 fused-<backend>     fused_preact blocks on one backend, channels_last + autocast
 """
 from __future__ import annotations
@@ -48,7 +50,7 @@ def providers(device: str, max_autotune: bool) -> list[Provider]:
     if device == "cuda":
         out.append(Provider("compile", None, True, True, "default"))
         if max_autotune:
-            out.append(Provider("compile-max", None, True, True, "max-autotune"))
+            out.append(Provider("compile-max", None, True, True, "max-autotune-no-cudagraphs"))
         backends = ["triton", "cuda", "reference"]
     else:
         backends = ["reference"]

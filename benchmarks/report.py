@@ -45,7 +45,8 @@ def block_table(rows) -> list[str]:
         mem = next((f"{s[f] / s['eager-cl-amp']:.2f}" for f in sorted(s) if f.startswith("fused-")
                     and s.get("eager-cl-amp")), "-")
         lines.append("| " + " | ".join([*key, *cells, *ratios, mem]) + " |")
-    return lines + ([""] + ["Not timed:"] + problems if problems else [])
+    table = lines if times else []  # a model-only run has no block table
+    return table + ([""] + ["Not timed:"] + problems if problems else [])
 
 
 def model_table(rows) -> list[str]:
@@ -79,6 +80,8 @@ def plot_speedups(rows, folder: Path) -> None:
     base = "eager-cl-amp"
     fused = sorted({p for t in times.values() for p in t if p.startswith("fused-")})
     keys = [k for k in times if base in times[k]]
+    if not keys:
+        return
     fig, ax = plt.subplots(figsize=(max(6, len(keys) * 0.6), 4))
     width = 0.8 / max(len(fused), 1)
     for i, p in enumerate(fused):
@@ -92,20 +95,30 @@ def plot_speedups(rows, folder: Path) -> None:
     fig.savefig(folder / "speedup_blocks.png", dpi=120)
 
 
+def source_line(meta: dict) -> str:
+    """The commit, and where the files differed from it, the tree they had (find its commit
+    with `git log --format='%h %T' | grep TREE`)."""
+    line = f"commit {meta['git_commit'][:10]}"
+    if meta.get("source_is_commit") is False:
+        line += f" with uncommitted changes (source tree {meta['source_tree'][:10]})"
+    return line
+
+
 def main(argv=None) -> None:
     folder = Path((argv or sys.argv[1:])[0])
     rows, meta = load(folder)
     header = [f"# Benchmark results: {meta['device']}",
               "", f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
-              f"commit {meta['git_commit'][:10]}, {meta['date']}"
+              f"{source_line(meta)}, {meta['date']}"
               + ("" if meta.get("triton_autotune", True) else ", Triton autotuning off (one launch config)")
               + (f", fp32 convolutions {meta['fp32_convolutions']}" if "fp32_convolutions" in meta else ""), ""]
     if meta.get("ceilings"):
         c = meta["ceilings"]
         header += [f"Measured ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
                    f"bf16 matmul {c['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s.", ""]
-    text = header + ["## Blocks (median ms; speedup = baseline time / fused time)", ""] + block_table(rows) \
-        + ["", "## Model training steps", ""] + model_table(rows)
+    blocks, models = block_table(rows), model_table(rows)
+    text = header + (["## Blocks (median ms; speedup = baseline time / fused time)", ""] + blocks if blocks else []) \
+        + (["", "## Model training steps", ""] + models if len(models) > 2 else [])
     (folder / "results.md").write_text("\n".join(text) + "\n")
     plot_speedups(rows, folder)
     print(f"wrote {folder / 'results.md'}")

@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +33,25 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GUARD = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
+def source_tree(repo: Path = Path(__file__).resolve().parent.parent) -> tuple[str, bool] | None:
+    """git's tree hash of the files as they are on disk (tracked and untracked-not-ignored),
+    and whether it is HEAD's tree. The GPU machine gets a copy of the working tree whose .git
+    may be older than its files: HEAD alone would name the wrong commit. The hash equals
+    `git rev-parse C^{tree}` of the commit C that holds exactly these files."""
+    with tempfile.TemporaryDirectory() as scratch:
+        env = dict(os.environ, GIT_INDEX_FILE=str(Path(scratch) / "index"))  # leaves the real index alone
+
+        def git(*args):
+            return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        try:
+            git("add", "-A")
+            tree = git("write-tree")
+            return tree, tree == git("rev-parse", "HEAD^{tree}")
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+
 def metadata(device: str) -> dict:
     # A copy of the tree without .git (a device machine) is told its commit by the caller.
     commit = os.environ.get("FUSED_PREACT_GIT_COMMIT", "")
@@ -41,6 +61,7 @@ def metadata(device: str) -> dict:
                                     cwd=Path(__file__).parent).stdout.strip()
         except OSError:
             pass
+    tree, clean = source_tree() or (None, None)
     try:
         import triton
         triton_version = triton.__version__
@@ -50,6 +71,7 @@ def metadata(device: str) -> dict:
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "device_type": device, "torch": torch.__version__, "triton": triton_version,
         "cuda": torch.version.cuda, "python": platform.python_version(), "git_commit": commit,
+        "source_tree": tree, "source_is_commit": clean,
         "triton_autotune": os.environ.get("FUSED_PREACT_TRITON_AUTOTUNE", "1") != "0",
         "fp32_convolutions": "tf32" if torch.backends.cudnn.allow_tf32 else "exact",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -287,7 +309,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="folder for results.csv, meta.json")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: all on GPU, fp32 on CPU)")
-    parser.add_argument("--max-autotune", action="store_true", help="also torch.compile(mode='max-autotune')")
+    parser.add_argument("--max-autotune", action="store_true", help="also torch.compile(mode='max-autotune-no-cudagraphs')")
     parser.add_argument("--no-models", action="store_true", help="skip the model training steps")
     parser.add_argument("--cases", default=None,
                         help="comma list of block case / model names to run (default: all); "

@@ -1,6 +1,7 @@
 """The benchmark suite on CPU: its correctness guard, its output files, and cheap
 pytest-benchmark micro-benchmarks (reference backend vs eager, tiny shapes)."""
 import csv
+import subprocess
 
 import pytest
 import torch
@@ -63,6 +64,27 @@ def test_cases_option_runs_only_the_named_cases(tmp_path):
         run.main(["--out", str(tmp_path), "--device", "cpu", "--cases", "no-such-case"])
 
 
+def test_source_tree_names_the_files_that_ran_not_an_older_head(tmp_path):
+    """A GPU machine's copy may carry a .git older than its files: the recorded tree hash
+    is the one the commit of exactly those files gets."""
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "kernel.py").write_text("old\n")
+    git("add", "-A")
+    git("commit", "-qm", "old")
+    assert run.source_tree(tmp_path) == (git("rev-parse", "HEAD^{tree}"), True)
+    (tmp_path / "kernel.py").write_text("new\n")
+    (tmp_path / "added.py").write_text("untracked, not ignored: it travels too\n")
+    tree, is_head = run.source_tree(tmp_path)
+    assert not is_head
+    assert git("diff", "--cached", "--name-only") == ""  # the real index was left alone
+    git("add", "-A")
+    git("commit", "-qm", "new")
+    assert tree == git("rev-parse", "HEAD^{tree}")
+
+
 def test_priority_order_puts_headline_case_and_models_first():
     work = run.work_in_priority_order(cases.GPU_BLOCKS, cases.GPU_MODELS, ["bf16", "fp32"])
     assert work[0] == ("block", cases.GPU_BLOCKS[0], "bf16")
@@ -80,3 +102,4 @@ def test_micro_block_fwdbwd(benchmark, impl):
     def step():
         block(x).sum().backward()
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+
