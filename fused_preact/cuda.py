@@ -44,6 +44,7 @@ def tf32_reason(op: str, tensors) -> str | None:
 class CudaBackend(Backend):
     name = "cuda"
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    env_flags = (ENABLE_FLAG,)
 
     def availability_reason(self):
         ext, why = load_extension()

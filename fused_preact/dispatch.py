@@ -3,7 +3,11 @@
 A backend answers `not_supported_reasons(op, tensors)` with a list of plain sentences
 ("triton: dtype torch.float64 not supported (supported: float32, float16, bfloat16)").
 `select` walks the priority list and returns the first backend with no reasons; when
-none fits, or a forced backend declines, the error lists every reason.
+none fits, or a forced backend declines, the error lists every reason. It remembers each
+choice: reasons may depend only on the op, the tensors' devices and dtypes,
+torch.backends.cudnn.allow_tf32 and the environment variables a backend names in
+`env_flags` (a block makes about ten op calls per step; walking the reasons every time
+was a tenth of its host time).
 
 The backend is chosen per call, from (most specific first): the `backend` argument of
 a module / op, the `use_backend(name)` context manager, the FUSED_PREACT_BACKEND
@@ -40,6 +44,7 @@ class Backend:
 
     name: str = ""
     dtypes: tuple[torch.dtype, ...] = ()
+    env_flags: tuple[str, ...] = ()  # environment variables the reasons read
 
     def __init__(self) -> None:
         self.impls: dict[str, Callable] = {}
@@ -82,6 +87,7 @@ class Backend:
 
 
 _registry: dict[str, Backend] = {}
+_chosen: dict[tuple, Backend] = {}  # select()'s answers, by choice_key
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -137,6 +143,16 @@ def select(op: str, tensors: Sequence[torch.Tensor | None], backend: str = "auto
     """The backend that runs `op` on `tensors`; raises BackendNotSupported with all reasons."""
     _load_backends()
     name = requested_backend(backend)
+    key = (op, name, torch.backends.cudnn.allow_tf32,
+           tuple(os.environ.get(flag) for b in _registry.values() for flag in b.env_flags),
+           tuple(None if t is None else (t.device, t.dtype) for t in tensors))
+    chosen = _chosen.get(key)
+    if chosen is None:
+        chosen = _chosen[key] = _walk_reasons(op, tensors, name)
+    return chosen
+
+
+def _walk_reasons(op: str, tensors: Sequence[torch.Tensor | None], name: str) -> Backend:
     if name != "auto":
         chosen = get_backend(name)
         reasons = chosen.not_supported_reasons(op, tensors)

@@ -106,3 +106,49 @@ def test_info_runs(capsys):
     info.main()
     out = capsys.readouterr().out
     assert "reference: usable" in out and "_C built" in out
+
+
+class FlagBackend(dispatch.Backend):
+    """Stands in for the cuda backend: CPU tensors, and only with FAKE_FLAG=1 and tf32 allowed."""
+    name = "cuda"
+    dtypes = (torch.float32,)
+    env_flags = ("FAKE_FLAG",)
+
+    def __init__(self):
+        super().__init__()
+        self.impls["bn_relu_conv"] = None
+
+    def device_reason(self, device):
+        return None if device.type == "cpu" else "cpu tensors only"
+
+    def not_supported_reasons(self, op, tensors):
+        reasons = super().not_supported_reasons(op, tensors)
+        if os.environ.get("FAKE_FLAG") != "1" or not torch.backends.cudnn.allow_tf32:
+            reasons.append("cuda: needs FAKE_FLAG=1 and tf32")
+        return reasons
+
+
+def test_remembered_choice_follows_flags_tf32_dtype_device_and_request(monkeypatch):
+    """select() remembers its answers; each thing a reason may depend on changes the answer."""
+    dispatch._load_backends()
+    monkeypatch.setattr(dispatch, "_registry", {**dispatch._registry, "cuda": FlagBackend()})
+    monkeypatch.setattr(dispatch, "_chosen", {})
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.delenv("FUSED_PREACT_BACKEND", raising=False)
+    x = torch.randn(2, 3, 4, 4)
+    monkeypatch.setenv("FAKE_FLAG", "1")
+    assert dispatch.select("bn_relu_conv", [x]).name == "cuda"
+    monkeypatch.setenv("FAKE_FLAG", "0")
+    assert dispatch.select("bn_relu_conv", [x]).name != "cuda"
+    monkeypatch.setenv("FAKE_FLAG", "1")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert dispatch.select("bn_relu_conv", [x]).name != "cuda"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert dispatch.select("bn_relu_conv", [x.double()]).name == "reference"  # dtype
+    assert dispatch.select("bn_relu_conv", [x], "reference").name == "reference"  # request
+    assert dispatch.select("bn_relu_conv", [x, None]).name == "cuda"
+    with pytest.raises(fp.BackendNotSupported, match="not implemented"):
+        dispatch.select("bn_finalize", [x], "cuda")  # op; declines are raised every time
+    with pytest.raises(fp.BackendNotSupported, match="not implemented"):
+        dispatch.select("bn_finalize", [x], "cuda")
+    assert dispatch.select("bn_relu_conv", [x.to("meta")]).name == "reference"  # device

@@ -298,3 +298,15 @@ def test_paper_cifar_net_training_step_on_triton():
     assert_close(out, ref, torch.float32, "logits", atol=1e-4, rtol=1e-3)
     assert_close(dx, ref_dx, torch.float32, "grad x", atol=1e-4, rtol=1e-3)
     assert_grads_and_buffers_match(ours, eager, grad_rtol=2e-3)
+
+
+def test_host_grid_arithmetic_matches_math():
+    """The plain-Python cdiv / next_pow2 used for grids and tile widths (triton's own are
+    constexpr functions, slow from host code)."""
+    import math
+    fp.dispatch.get_backend("triton")  # the kernel modules load through their backend
+    from fused_preact.triton.common import cdiv, next_pow2
+    for n in range(1, 1100):
+        assert next_pow2(n) == 2 ** math.ceil(math.log2(n)), n
+        for d in (1, 3, 16, 64, 1000):
+            assert cdiv(n, d) == math.ceil(n / d), (n, d)

@@ -45,6 +45,7 @@ def fp32_gpu_reason(op: str, conv_dtype: torch.dtype | None, device_type: str) -
 class TritonBackend(Backend):
     name = "triton"
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    env_flags = (FP32_GPU_FLAG,)
 
     def availability_reason(self):
         if not TRITON_INSTALLED:

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .backend import triton_backend
-from .common import nhwc_strides
+from .common import cdiv, next_pow2, nhwc_strides
 
 
 @triton.jit
@@ -48,8 +48,8 @@ def bn_backward_apply(g, x, mean, var, bn_weight, grad_means, eps, batch_stats):
     n, c, h, w = x.shape
     m = n * h * w
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    bm, bc = 64, min(64, triton.next_power_of_2(c))
-    bn_backward_apply_kernel[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
+    bm, bc = 64, min(64, next_pow2(c))
+    bn_backward_apply_kernel[(cdiv(m, bm), cdiv(c, bc))](
         g, *nhwc_strides(g), x, *nhwc_strides(x), dx, *nhwc_strides(dx),
         mean, var, bn_weight if bn_weight is not None else var, grad_means.contiguous(), eps, m, h * w, w, c,
         HAS_GAMMA=bn_weight is not None, BATCH_STATS=batch_stats, BM=bm, BC=bc,

@@ -22,9 +22,21 @@ def rows_per_tile(rows: int) -> int:
     return 64 if interpreter_on() or rows < 32768 else 128
 
 
+# Host-side grid arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are
+# constexpr functions in recent triton, whose calls from host code cost microseconds each.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive b."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n, for n >= 1."""
+    return 1 << (n - 1).bit_length()
+
+
 def pow2_block(n: int, lo: int = 16, hi: int = 64) -> int:
     """A power-of-two tile width in [lo, hi] covering n if possible (tl.dot needs >= 16)."""
-    return max(lo, min(hi, triton.next_power_of_2(n)))
+    return max(lo, min(hi, next_pow2(n)))
 
 
 def warp_configs() -> list[triton.Config]:

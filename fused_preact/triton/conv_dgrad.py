@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .backend import triton_backend
-from .common import autotune_warps, bn_scale_shift, dot_precision, nhwc_strides, pow2_block, rows_per_tile
+from .common import (autotune_warps, bn_scale_shift, cdiv, dot_precision, nhwc_strides, pow2_block,
+                     rows_per_tile)
 
 
 @autotune_warps(key=["HP", "WP", "C", "K", "R", "S"])
@@ -98,15 +99,15 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     _, _, p, q = dy.shape
-    hp, wp = triton.cdiv(h, stride[0]), triton.cdiv(w, stride[1])  # largest phase
+    hp, wp = cdiv(h, stride[0]), cdiv(w, stride[1])  # largest phase
     bm, bn, bk = rows_per_tile(n * hp * wp), pow2_block(c, hi=128), pow2_block(k)
-    tiles_per_phase = triton.cdiv(n * hp * wp, bm)
+    tiles_per_phase = cdiv(n * hp * wp, bm)
     tiles = tiles_per_phase * stride[0] * stride[1]
     g = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     has_prologue = mean is not None
     sums = torch.empty((tiles if has_prologue else 0, 2, c), device=x.device, dtype=torch.float32)
     dummy = g
-    bn_relu_conv_dgrad_kernel[(tiles, triton.cdiv(c, bn))](
+    bn_relu_conv_dgrad_kernel[(tiles, cdiv(c, bn))](
         dy, *nhwc_strides(dy),
         weight, *weight.stride(),
         x, *nhwc_strides(x),

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .backend import interpreter_on, triton_backend
-from .common import autotune_warps, bn_scale_shift, dot_precision, nhwc_strides, pow2_block
+from .common import autotune_warps, bn_scale_shift, cdiv, dot_precision, nhwc_strides, pow2_block
 
 
 @autotune_warps(key=["L", "K", "C", "R", "S", "SPLIT"])
@@ -80,14 +80,14 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
     _, _, p, q = dy.shape
     rows = n * p * q
     bm, bn, bl = pow2_block(k), pow2_block(c), 64
-    grid_kc = triton.cdiv(k, bm) * triton.cdiv(c, bn)
+    grid_kc = cdiv(k, bm) * cdiv(c, bn)
     split = split_count(rows, grid_kc * r * s)
-    rows_per_split = triton.cdiv(triton.cdiv(rows, split), bl) * bl
-    split = triton.cdiv(rows, rows_per_split)
+    rows_per_split = cdiv(cdiv(rows, split), bl) * bl
+    split = cdiv(rows, rows_per_split)
     part = torch.empty((split, k, c, r, s), device=x.device, dtype=torch.float32)
     has_prologue = mean is not None
     dummy = part
-    bn_relu_conv_wgrad_kernel[(triton.cdiv(k, bm), triton.cdiv(c, bn), r * s * split)](
+    bn_relu_conv_wgrad_kernel[(cdiv(k, bm), cdiv(c, bn), r * s * split)](
         dy, *nhwc_strides(dy), x, *nhwc_strides(x),
         mean if has_prologue else dummy, var if has_prologue else dummy,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .backend import triton_backend
-from .common import nhwc_strides, rows_per_tile, stats_dtype, write_tile_stats
+from .common import cdiv, next_pow2, nhwc_strides, rows_per_tile, stats_dtype, write_tile_stats
 
 
 @triton.jit
@@ -77,9 +77,9 @@ def bn_finalize_kernel(part_ptr, T, C, mean_ptr, var_ptr,
 def batch_stats(x):
     n, c, h, w = x.shape
     m = n * h * w
-    bm, bc = rows_per_tile(m), min(64, triton.next_power_of_2(c))
+    bm, bc = rows_per_tile(m), min(64, next_pow2(c))
     part = torch.empty((triton_backend.stats_tiles(m, c), 3, c), device=x.device, dtype=stats_dtype(x.dtype))
-    batch_stats_kernel[(part.shape[0], triton.cdiv(c, bc))](x, *nhwc_strides(x), part, m, h * w, w, c,
+    batch_stats_kernel[(part.shape[0], cdiv(c, bc))](x, *nhwc_strides(x), part, m, h * w, w, c,
                                                            BM=bm, BC=bc)
     return part
 
@@ -90,12 +90,12 @@ def bn_finalize(partials, running_mean, running_var, num_batches_tracked, moment
     mean = torch.empty(c, device=partials.device, dtype=partials.dtype)
     var = torch.empty_like(mean)
     update = running_mean is not None
-    bc = min(128, triton.next_power_of_2(c))
+    bc = min(128, next_pow2(c))
     # Few programs (one per channel block) walk thousands of tiles: wide steps of 8192
     # values and 8 warps keep that walk short (32 tiles per step was slow: see
     # bn_finalize_kernel in benchmarks/results/2026-11-22-h100-f908c4d/profile.txt).
-    bt = min(max(8192 // bc, 16), triton.next_power_of_2(t))
-    bn_finalize_kernel[(triton.cdiv(c, bc),)](
+    bt = min(max(8192 // bc, 16), next_pow2(t))
+    bn_finalize_kernel[(cdiv(c, bc),)](
         partials.contiguous(), t, c, mean, var,
         running_mean if update else mean, running_var if update else var,
         num_batches_tracked if (update and momentum is None) else mean, 0.0 if momentum is None else momentum,
