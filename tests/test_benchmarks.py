@@ -2,6 +2,7 @@
 pytest-benchmark micro-benchmarks (reference backend vs eager, tiny shapes)."""
 import csv
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +104,15 @@ def test_micro_block_fwdbwd(benchmark, impl):
         block(x).sum().backward()
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
 
+
+def test_host_cost_runs_with_every_triton_launch_stubbed(tmp_path):
+    """In its own process: it replaces the kernels of the triton modules for good."""
+    import json
+    import sys
+    subprocess.run([sys.executable, "-m", "benchmarks.host_cost", "--out", str(tmp_path), "--repeats", "1",
+                    "--calls", "1"], check=True, capture_output=True, cwd=Path(__file__).parent.parent)
+    written = json.loads((tmp_path / "host_cost.json").read_text())
+    assert written["meta"]["device_type"] == "cpu"
+    assert {(kind, mode) for kind, r in written["results"].items() for mode in r} == {
+        (kind, mode) for kind in ("basic", "bottleneck") for mode in ("fwd", "fwdbwd")}
+    assert all(0 < t["min_us"] <= t["median_us"] for r in written["results"].values() for t in r.values())
