@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fused_preact as fp
-from benchmarks import cases, providers, report, run
+from benchmarks import cases, providers, readme, report, run
 from eager_blocks import PreActBlock as EagerBlock
 
 
@@ -116,3 +116,21 @@ def test_host_cost_runs_with_every_triton_launch_stubbed(tmp_path):
     assert {(kind, mode) for kind, r in written["results"].items() for mode in r} == {
         (kind, mode) for kind in ("basic", "bottleneck") for mode in ("fwd", "fwdbwd")}
     assert all(0 < t["min_us"] <= t["median_us"] for r in written["results"].values() for t in r.values())
+
+
+def test_readme_copies_result_tables_between_its_markers(tmp_path, monkeypatch):
+    monkeypatch.setattr(cases, "CPU_BLOCKS", [cases.BlockCase("tiny", "basic", 4, 4, 1, 2, 5),
+                                              cases.BlockCase("later", "basic", 4, 4, 1, 2, 5)])
+    measured, cut = tmp_path / "measured", tmp_path / "cut"
+    run.main(["--out", str(measured), "--device", "cpu", "--no-models", "--cases", "tiny"])
+    run.main(["--out", str(cut), "--device", "cpu", "--no-models", "--budget-s", "1e-9"])  # both skipped
+    for folder in (measured, cut):
+        report.main([str(folder)])
+    page = tmp_path / "README.md"
+    page.write_text(f"intro\n{readme.START}\nstale table\n{readme.END}\noutro\n")
+    readme.main([str(measured), str(cut)], readme=page)
+    once = page.read_text()
+    assert once.startswith("intro\n") and once.endswith(f"{readme.END}\noutro\n") and "stale" not in once
+    assert "| tiny | fp32 | fwdbwd |" in once and "2 case/dtype pairs were not reached" in once
+    readme.main([str(measured), str(cut)], readme=page)
+    assert page.read_text() == once
