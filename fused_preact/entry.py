@@ -21,15 +21,12 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
 
 
-def plain_eager(args: Sequence, kwargs: dict) -> bool:
-    """True where the body may run directly: no compiler or tracer is recording, no
-    dispatch mode (fake tensors, functionalization, FlopCounterMode...) or torch.func
-    transform intercepts, and every tensor argument is a plain tensor (not a subclass
-    that must see the op)."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
-            or torch._C._are_functorch_transforms_active()):
-        return False
-    return all(type(a) in PLAIN_TENSOR_TYPES for a in (*args, *kwargs.values()) if isinstance(a, Tensor))
+def intercepted() -> bool:
+    """True where a compiler or tracer is recording, or a dispatch mode (fake tensors,
+    functionalization, FlopCounterMode...) or torch.func transform intercepts: those must
+    see the registered op."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
+            or torch._C._are_functorch_transforms_active())
 
 
 def declare(name: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable], "OpEntry"]:
@@ -63,14 +60,23 @@ class OpEntry:
             "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args, **kwargs):
-        if not plain_eager(args, kwargs):
+        if intercepted():
             return self.op(*args, **kwargs)
+        positional = args
         if kwargs or len(args) < self.positional_count:
             bound = self.signature.bind(*args, **kwargs)  # the Function takes positional arguments
             bound.apply_defaults()
-            args = bound.args
-        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            positional = bound.args
+        # One pass (this runs about ten times per block and step): a tensor subclass must
+        # see the registered op; otherwise note whether autograd has anything to record.
+        requires_grad = False
+        for a in positional:
+            if isinstance(a, Tensor):
+                if type(a) not in PLAIN_TENSOR_TYPES:
+                    return self.op(*args, **kwargs)
+                requires_grad = requires_grad or a.requires_grad
+        if requires_grad and torch.is_grad_enabled():
             # An op without a formula goes through the registered op, which raises
             # PyTorch's own "no autograd formula" error (double backward, say).
-            return self.function.apply(*args) if self.function is not None else self.op(*args)
-        return self.body(*args)
+            return self.function.apply(*positional) if self.function is not None else self.op(*args, **kwargs)
+        return self.body(*positional)
