@@ -49,6 +49,26 @@ def block_table(rows) -> list[str]:
     return table + ([""] + ["Not timed:"] + problems if problems else [])
 
 
+def floor_table(rows) -> list[str]:
+    """Each provider's time over the block's floor, measured in the run (empty if none)."""
+    floors, over = {}, defaultdict(dict)  # (case, dtype, mode) -> ms; -> provider -> x
+    for r in rows:
+        key = (r["case"], r["dtype"], r["mode"])
+        if r["provider"] == "floor" and r["metric"] == "time_ms":
+            floors[key] = float(r["value"])
+        elif r["metric"] == "time_over_floor":
+            over[key][r["provider"]] = float(r["value"])
+    providers = sorted({p for o in over.values() for p in o})
+    if not providers:
+        return []
+    lines = ["| case | dtype | mode | floor ms | " + " | ".join(f"{p} / floor" for p in providers) + " |",
+             "|" + "---|" * (4 + len(providers))]
+    for key, o in over.items():
+        cells = [f"{o[p]:.1f}x" if p in o else "-" for p in providers]
+        lines.append("| " + " | ".join([*key, f"{floors[key]:.3f}" if key in floors else "-", *cells]) + " |")
+    return lines
+
+
 def model_table(rows) -> list[str]:
     lines = ["| model | provider | dtype | images/s | peak memory MiB | largest batch | note |",
              "|---|---|---|---|---|---|---|"]
@@ -116,8 +136,10 @@ def main(argv=None) -> None:
         c = meta["ceilings"]
         header += [f"Measured ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
                    f"bf16 matmul {c['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s.", ""]
-    blocks, models = block_table(rows), model_table(rows)
+    blocks, floors, models = block_table(rows), floor_table(rows), model_table(rows)
     text = header + (["## Blocks (median ms; speedup = baseline time / fused time)", ""] + blocks if blocks else []) \
+        + (["", "## Blocks: time over the floor (max(minimum bytes / copy rate, FLOPs / bf16 matmul rate), "
+            "from the ceilings above)", ""] + floors if floors else []) \
         + (["", "## Model training steps", ""] + models if len(models) > 2 else [])
     (folder / "results.md").write_text("\n".join(text) + "\n")
     plot_speedups(rows, folder)

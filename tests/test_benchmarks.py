@@ -134,3 +134,15 @@ def test_readme_copies_result_tables_between_its_markers(tmp_path, monkeypatch):
     assert "| tiny | fp32 | fwdbwd |" in once and "2 case/dtype pairs were not reached" in once
     readme.main([str(measured), str(cut)], readme=page)
     assert page.read_text() == once
+
+
+def test_report_puts_each_time_over_its_floor():
+    base = {"case": "c", "dtype": "bf16", "mode": "fwd", "unit": "", "note": ""}
+    rows = [dict(base, provider="floor", metric="time_ms", value="0.1"),
+            dict(base, provider="fused-triton", metric="time_ms", value="0.3"),
+            dict(base, provider="fused-triton", metric="time_over_floor", value="3.0"),
+            dict(base, provider="eager-cl-amp", metric="time_over_floor", value="1.5")]
+    table = report.floor_table(rows)
+    assert table[0] == "| case | dtype | mode | floor ms | eager-cl-amp / floor | fused-triton / floor |"
+    assert table[2] == "| c | bf16 | fwd | 0.100 | 1.5x | 3.0x |"
+    assert report.floor_table(rows[1:2]) == []
