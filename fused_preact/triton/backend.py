@@ -70,8 +70,8 @@ class TritonBackend(Backend):
         return [f"triton: {why}"] if why else []
 
     def stats_tiles(self, rows: int, channels: int) -> int:
-        from .common import rows_per_tile
-        return -(-rows // rows_per_tile(rows))
+        from .common import cdiv, rows_per_tile  # common imports this module
+        return cdiv(rows, rows_per_tile(rows))
 
 
 triton_backend = register_backend(TritonBackend())
