@@ -87,7 +87,7 @@ class Backend:
 
 
 _registry: dict[str, Backend] = {}
-_chosen: dict[tuple, Backend] = {}  # select()'s answers, by choice_key
+_chosen: dict[tuple, Backend] = {}  # select()'s answers, by the key it builds
 
 
 def register_backend(backend: Backend) -> Backend:

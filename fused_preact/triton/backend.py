@@ -32,7 +32,7 @@ def fp32_gpu_reason(op: str, conv_dtype: torch.dtype | None, device_type: str) -
     there: on an H100 (triton 3.6, 2026-11-22) the exact float32 weight gradient of a 1x1
     stride-2 unit with its BN prologue came out wrong (relative error 0.2). float32 as tf32
     (torch.backends.cudnn.allow_tf32, PyTorch's default for convolutions) passed the same
-    tests, as did every bf16/fp16 case and the interpreter (tests/test_gpu.py)."""
+    tests within tf32's rounding, as did every bf16/fp16 case and the interpreter (tests/test_gpu.py)."""
     if op not in CONV_DTYPE_ARG or conv_dtype != torch.float32 or device_type != "cuda":
         return None
     if torch.backends.cudnn.allow_tf32 or os.environ.get(FP32_GPU_FLAG) == "1":
