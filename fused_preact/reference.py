@@ -32,6 +32,13 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def conv_layout(t: torch.Tensor) -> torch.memory_format:
+    """NCHW on the CPU, where oneDNN's channels_last 3x3 float32 convolution is 2-2.6x
+    further from float64 than the NCHW one eager models use (enough to flip a ReLU mask at
+    a near-tie and move every earlier gradient by 1e-3); channels_last elsewhere."""
+    return torch.contiguous_format if t.device.type == "cpu" else torch.channels_last
+
+
 def _channel(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1)
 
@@ -68,7 +75,7 @@ def partials_of(y: torch.Tensor) -> torch.Tensor:
 def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps,
                  want_stats):
     a = activation(x, mean, var, bn_weight, bn_bias, eps, weight.dtype)
-    y = F.conv2d(a.contiguous(memory_format=torch.channels_last), weight, None, stride, padding)
+    y = F.conv2d(a.contiguous(memory_format=conv_layout(a)), weight, None, stride, padding)
     if residual is not None:
         y = y + residual
     y = y.contiguous(memory_format=torch.channels_last)
@@ -107,7 +114,8 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     da = torch.nn.grad.conv2d_input(x.shape, weight, dy, stride, padding)
     if mean is None:
         return da.to(x.dtype).contiguous(memory_format=torch.channels_last), da.new_empty((2, 0))
-    g = torch.where(bn_apply(x, mean, var, bn_weight, bn_bias, eps) > 0, da, 0.0).to(x.dtype)
+    # ReLU's gradient passes where bn(x) > 0 and at NaN, as eager's threshold_backward (v <= 0 -> 0).
+    g = torch.where(bn_apply(x, mean, var, bn_weight, bn_bias, eps) <= 0, 0.0, da).to(x.dtype)
     # Sums of g as stored, so the BN backward subtracts exactly the mean of what it reads.
     gs = g.to(mean.dtype)
     xhat = (x.to(mean.dtype) - _channel(mean)) * _channel(torch.rsqrt(var + eps))

@@ -63,6 +63,18 @@ class RawShortcutPreActBlock(PreActBlock):
         return out + shortcut
 
 
+class RawShortcutPreActBottleneck(PreActBottleneck):
+    """The bottleneck with the projection on raw x (RobustBench-style)."""
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(x) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv3(F.relu(self.bn3(out)))
+        return out + shortcut
+
+
 class DropoutPreActBlock(PreActBlock):
     """Same layout, different computation (dropout between the convs): must not be swapped."""
 
