@@ -43,6 +43,51 @@ def check_conv(conv: nn.Module, name: str) -> None:
             "supported (explicit integer zero padding only)")
 
 
+def check_input(x, bn: Optional[nn.BatchNorm2d], conv: nn.Conv2d, what: str) -> tuple[int, ...]:
+    """Validate the input tensor of a bn -> relu -> conv unit before anything runs or changes
+    (running statistics included); returns the conv's output shape. `what` names the input
+    in the message."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"fused_preact: {what} must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"fused_preact: {what} must be floating point, got {x.dtype}")
+    weight = conv.weight
+    if x.device != weight.device:
+        raise ValueError(f"fused_preact: {what} is on {x.device} but the weights are on {weight.device}")
+    # Outside autocast the dtypes must agree, as eager nn.Conv2d / nn.BatchNorm2d require;
+    # under autocast the conv runs in the autocast dtype whatever x is.
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"fused_preact: {what} is {x.dtype} but the weights are {weight.dtype} "
+                        "(convert one of them, or run under torch.autocast)")
+    return check_shape(tuple(x.shape), bn, conv, what)
+
+
+def check_shape(shape: tuple[int, ...], bn: Optional[nn.BatchNorm2d], conv: nn.Conv2d, what: str) -> tuple[int, ...]:
+    """The unit's output shape for an input of `shape`; raises naming `what` if it cannot run."""
+    if len(shape) != 4:
+        raise ValueError(f"fused_preact: {what} must be a 4-D NCHW tensor, got shape {shape}")
+    if shape[1] != conv.in_channels or (bn is not None and shape[1] != bn.num_features):
+        raise ValueError(f"fused_preact: {what} has {shape[1]} channels, the unit expects {conv.in_channels}")
+    out_hw = ops.conv_output_hw(shape[2:], conv.kernel_size, conv.stride, conv.padding)
+    if min(out_hw) < 1:
+        raise ValueError(f"fused_preact: {what} of size {shape[2:]} is too small for kernel "
+                         f"{tuple(conv.kernel_size)} with padding {tuple(conv.padding)}")
+    if bn is not None and needs_batch_stats(bn) and not bn.eps > 0:
+        raise ValueError(f"fused_preact: batch_norm eps must be positive during training, but got {bn.eps}")
+    return (shape[0], conv.out_channels, *out_hw)
+
+
+def check_residual(residual, shape: tuple[int, ...], device: torch.device) -> None:
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor) or tuple(residual.shape) != tuple(shape):
+        got = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__
+        raise ValueError(f"fused_preact: residual must have shape {tuple(shape)}, got {got}")
+    if residual.device != device or not residual.is_floating_point():
+        raise ValueError(f"fused_preact: residual must be a floating-point tensor on {device}, "
+                         f"got {residual.dtype} on {residual.device}")
+
+
 def needs_batch_stats(bn: nn.BatchNorm2d) -> bool:
     """nn.BatchNorm2d normalises with batch statistics in training, or when it tracks none."""
     return bn.training or bn.running_mean is None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
@@ -67,6 +69,11 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
         return unit
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        out_shape = Fp.check_input(x, self.bn, self.conv, "x")
+        Fp.check_residual(residual, out_shape, x.device)
+        if x.shape[0] == 0:  # what eager does: an empty output; nn.BatchNorm2d counts the batch
+            y = self.conv(F.relu(self.bn(x)))
+            return (y if residual is None else y + residual).contiguous(memory_format=torch.channels_last)
         backend = self.backend or "auto"
         stats = Fp.bn_stats(self.bn, x, None, backend, self.sync_group)
         return Fp.unit(x, stats, self.bn, self.conv, residual, False, backend)[0]
@@ -114,6 +121,9 @@ class _PreActUnits(_SyncBNOption, nn.Module):
     def forward_with_stats(self, x: Tensor, x_partials: Optional[Tensor], want_stats: bool):
         """Forward that takes and gives partial statistics, so a chain of blocks needs no
         standalone statistics pass between blocks (the conv epilogue produced them)."""
+        self.check_input(x)
+        if x.shape[0] == 0:
+            return self.empty_batch_forward(x), None
         backend = self.backend or "auto"
         sync = self.sync_group
         units = self.units()
@@ -134,6 +144,29 @@ class _PreActUnits(_SyncBNOption, nn.Module):
             want = want_stats if last else Fp.needs_batch_stats(units[i + 1][0])
             h, partials = Fp.unit(h, stats, bn, conv, shortcut if last else None, want, backend)
         return h, partials
+
+    def empty_batch_forward(self, x: Tensor) -> Tensor:
+        """A batch of zero images: what the eager block does, through its own submodules
+        (an empty output with its autograd graph; each nn.BatchNorm2d counts the batch)."""
+        (bn1, conv1), *rest = self.units()
+        h = F.relu(bn1(x))
+        projection = self.projection()
+        shortcut = x if projection is None else projection(h if self.shortcut_source == "preact" else x)
+        h = conv1(h)
+        for bn, conv in rest:
+            h = conv(F.relu(bn(h)))
+        return (h + shortcut).contiguous(memory_format=torch.channels_last)
+
+    def check_input(self, x) -> None:
+        """Every unit's input shape, derived from x, before any statistic changes."""
+        units = self.units()
+        shape = Fp.check_input(x, units[0][0], units[0][1], "x")
+        for (bn, conv), (name, _) in zip(units[1:], self.unit_names[1:]):
+            shape = Fp.check_shape(shape, bn, conv, f"the input of {name}")
+        projection = self.projection()
+        shortcut = tuple(x.shape) if projection is None else Fp.check_shape(tuple(x.shape), None, projection, "x")
+        if shortcut != shape:
+            raise ValueError(f"fused_preact: the shortcut gives shape {shortcut} but the residual branch {shape}")
 
     def extra_repr(self) -> str:
         return f"shortcut_source={self.shortcut_source!r}, backend={self.backend!r}, sync_bn={self.sync_bn}"

@@ -32,7 +32,7 @@ def test_one_value_per_channel_in_training():
 
 def test_dtype_mismatch_named():
     block = fp.PreActBlock(4, 4).double()
-    with pytest.raises(TypeError, match="weight dtype torch.float64 does not go with x dtype torch.float32"):
+    with pytest.raises(TypeError, match="x is torch.float32 but the weights are torch.float64"):
         block(torch.randn(2, 4, 5, 5))
 
 
@@ -72,3 +72,99 @@ def test_shape_errors_named():
 def test_bad_shortcut_source():
     with pytest.raises(ValueError, match="shortcut must be one of"):
         fp.PreActBlock(4, 8, shortcut="raw")
+
+
+def module_state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+BAD_UNIT_CALLS = {
+    "float64 x, float32 weights": lambda: (fp.FusedBNReLUConv2d(4, 4), (torch.randn(2, 4, 5, 5, dtype=torch.float64),)),
+    "int64 x": lambda: (fp.FusedBNReLUConv2d(4, 4), (torch.ones(2, 4, 5, 5, dtype=torch.int64),)),
+    "wrong residual shape": lambda: (fp.FusedBNReLUConv2d(4, 4), (torch.randn(2, 4, 5, 5), torch.randn(2, 4, 4, 4))),
+    "kernel larger than input": lambda: (fp.FusedBNReLUConv2d(4, 4, 7, padding=0), (torch.randn(2, 4, 5, 5),)),
+    "channel mismatch": lambda: (fp.FusedBNReLUConv2d(4, 4), (torch.randn(2, 1, 5, 5),)),
+    "block channel mismatch": lambda: (fp.PreActBlock(4, 8, 2), (torch.randn(2, 3, 6, 6),)),
+    "bottleneck too small": lambda: (fp.PreActBottleneck(4, 2, 2), (torch.randn(2, 4, 1, 0),)),
+    "float32 x, half block": lambda: (fp.PreActBlock(4, 4).half(), (torch.randn(2, 4, 5, 5),)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UNIT_CALLS))
+def test_failed_call_leaves_the_module_as_it_was(case):
+    module, args = BAD_UNIT_CALLS[case]()
+    before = module_state(module)
+    with pytest.raises((TypeError, ValueError), match="fused_preact: "):
+        module(*args)
+    after = module.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"{case}: {key} changed"
+
+
+def test_low_precision_block_rejects_float32_outside_autocast_like_eager():
+    block = fp.PreActBlock(4, 4).to(torch.bfloat16)
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(TypeError, match="x is torch.float32 but the weights are torch.bfloat16"):
+        block(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the mix is what autocast does
+        assert block(x).shape == (2, 4, 5, 5)
+
+
+def test_eps_must_be_positive_in_training_like_eager():
+    block = fp.FusedBNReLUConv2d(4, 4, eps=0.0)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        block(torch.randn(2, 4, 5, 5))
+    block.eval()  # eval mode normalises with the running statistics: eager accepts eps=0 there
+    assert block(torch.randn(2, 4, 5, 5)).shape == (2, 4, 5, 5)
+
+
+@pytest.mark.parametrize("make", [lambda: fp.PreActBlock(4, 8, 2), lambda: fp.PreActBottleneck(8, 2, 1),
+                                  lambda: fp.FusedBNReLUConv2d(4, 6)])
+def test_empty_batch_in_training_like_eager(make):
+    """N=0: an empty output with gradients, no statistics change, each BN counts the batch."""
+    module = make()
+    x = torch.randn(0, module.units()[0][0].num_features if hasattr(module, "units") else 4, 6, 6,
+                    requires_grad=True)
+    before = module_state(module)
+    out = module(x)
+    out.sum().backward()
+    assert out.shape[0] == 0 and x.grad.shape == x.shape
+    for key, value in module.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            assert value.item() == before[key].item() + 1, key
+        else:
+            assert torch.equal(value, before[key]), key
+
+
+def test_bf16_declined_by_the_interpreted_triton_backend():
+    """The Triton interpreter computes bf16 dots wrongly (upstream): declined with that reason,
+    and auto goes to the reference backend."""
+    from fused_preact import dispatch
+    from fused_preact.triton.backend import INTERPRETED
+    if not INTERPRETED:
+        pytest.skip("compiled Triton (GPU): bf16 runs there")
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(4, 4, 3, 3, dtype=torch.bfloat16)
+    reasons = dispatch.get_backend("triton").not_supported_reasons("bn_relu_conv", [x, w])
+    assert reasons and "bfloat16" in reasons[0] and "interpreter" in reasons[0]
+    assert dispatch.select("bn_relu_conv", [x, w], "auto").name == "reference"
+
+
+def test_triton_import_error_is_reported_not_hidden():
+    """Without numpy the interpreter cannot run: the reason says so (not 'op not implemented'),
+    every time, and info shows it."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['numpy'] = None\n"
+            "import os; os.environ['TRITON_INTERPRET'] = '1'\n"
+            "import torch, fused_preact as fp\n"
+            "from fused_preact import dispatch, info\n"
+            "for _ in range(2):\n"
+            "    try:\n"
+            "        dispatch.select('batch_stats', [torch.randn(2, 3, 4, 4)], 'triton')\n"
+            "    except fp.BackendNotSupported as e:\n"
+            "        print(e)\n"
+            "info.main()\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "FUSED_PREACT_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("numpy") >= 3 and "not implemented" not in out.stdout, out.stdout
