@@ -147,7 +147,10 @@ def _unit_setup_context(ctx, inputs, output):
      _want_stats, backend, sync_group) = inputs
     # Only the pre-BN input and per-channel vectors: relu(bn(x)) is recomputed in backward.
     ctx.save_for_backward(x, mean, var, bn_weight, bn_bias, weight)
-    ctx.conf = (list(stride), list(padding), eps, batch_stats, backend, residual is not None, sync_group)
+    # The backend that ran the forward runs the backward, whatever use_backend() or
+    # FUSED_PREACT_BACKEND say when backward() is called.
+    ran_on = dispatch.select("bn_relu_conv", [x, weight, residual, mean, var, bn_weight, bn_bias], backend).name
+    ctx.conf = (list(stride), list(padding), eps, batch_stats, ran_on, residual is not None, sync_group)
     ctx.mark_non_differentiable(output[1])
 
 

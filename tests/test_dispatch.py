@@ -152,3 +152,20 @@ def test_remembered_choice_follows_flags_tf32_dtype_device_and_request(monkeypat
     with pytest.raises(fp.BackendNotSupported, match="not implemented"):
         dispatch.select("bn_finalize", [x], "cuda")
     assert dispatch.select("bn_relu_conv", [x.to("meta")]).name == "reference"  # device
+
+
+def test_backward_runs_on_the_backend_that_ran_the_forward(monkeypatch):
+    """Forward inside use_backend("reference"), backward outside it: still reference."""
+    from fused_preact import reference
+    monkeypatch.setenv("FUSED_PREACT_BACKEND", "triton")
+    calls = []
+    for op in ("bn_relu_conv_dgrad", "bn_relu_conv_wgrad", "bn_backward_apply"):
+        real = reference.reference.impls[op]
+        monkeypatch.setitem(reference.reference.impls, op,
+                            lambda *a, _real=real, _op=op: calls.append(_op) or _real(*a))
+    block = fp.PreActBlock(4, 4)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    with fp.use_backend("reference"):
+        out = block(x)
+    out.sum().backward()
+    assert {"bn_relu_conv_dgrad", "bn_relu_conv_wgrad", "bn_backward_apply"} <= set(calls)
