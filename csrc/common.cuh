@@ -35,7 +35,9 @@ __device__ __forceinline__ ChannelBn channel_bn(const BnArgs& bn, int64_t c) {
 
 // relu(bn(v)), or v itself without a prologue; (v - mean) first: exact for |mean| >> std.
 __device__ __forceinline__ float prologue(float v, const ChannelBn& b, bool has_bn) {
-  return has_bn ? fmaxf((v - b.mean) * b.scale + b.beta, 0.f) : v;
+  if (!has_bn) return v;
+  const float a = (v - b.mean) * b.scale + b.beta;
+  return a <= 0.f ? 0.f : a;  // keeps NaN, as F.relu (fmaxf would drop it)
 }
 
 }  // namespace fused_preact

@@ -88,6 +88,18 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @triton.jit
+def relu(v):
+    """max(v, 0) keeping NaN as F.relu does (tl.maximum returns 0 for a NaN)."""
+    return tl.where(v <= 0.0, 0.0, v)
+
+
+@triton.jit
+def relu_passes(v):
+    """Where ReLU's gradient passes: v > 0, and NaN (eager's threshold_backward tests v <= 0)."""
+    return ~(v <= 0.0)
+
+
+@triton.jit
 def bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, cmask, eps,
                    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
     """Per-channel (mean, scale, beta) so that bn(x) = (x - mean) * scale + beta; (x - mean)

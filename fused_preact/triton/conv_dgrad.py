@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .backend import triton_backend
 from .common import (autotune_warps, bn_scale_shift, cdiv, dot_precision, nhwc_strides, pow2_block,
-                     rows_per_tile)
+                     relu_passes, rows_per_tile)
 
 
 @autotune_warps(key=["HP", "WP", "C", "K", "R", "S"])
@@ -81,7 +81,7 @@ def bn_relu_conv_dgrad_kernel(
         mean, scale, beta = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, c_ok, eps,
                                            HAS_GAMMA, HAS_BETA)
         xc = x - mean[None, :]
-        g = tl.where(xc * scale[None, :] + beta[None, :] > 0.0, g, 0.0)
+        g = tl.where(relu_passes(xc * scale[None, :] + beta[None, :]), g, 0.0)
     g = g.to(g_ptr.dtype.element_ty)
     g_row = n * sgn + h.to(tl.int64) * sgh + w.to(tl.int64) * sgw
     tl.store(g_ptr + g_row[:, None] + rc[None, :] * sgc, g, mask=ok)

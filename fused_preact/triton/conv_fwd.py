@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .backend import triton_backend
 from .common import (autotune_warps, bn_scale_shift, cdiv, dot_precision, nhwc_strides,
-                     pow2_block, rows_per_tile, stats_dtype, write_tile_stats)
+                     pow2_block, relu, rows_per_tile, stats_dtype, write_tile_stats)
 
 
 @autotune_warps(key=["M", "K", "C", "R", "S"])
@@ -63,7 +63,7 @@ def bn_relu_conv_fwd_kernel(
         if HAS_PROLOGUE:
             mean, scale, beta = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, c_ok,
                                                eps, HAS_GAMMA, HAS_BETA)
-            a = tl.maximum((a - mean[None, :]) * scale[None, :] + beta[None, :], 0.0)
+            a = relu((a - mean[None, :]) * scale[None, :] + beta[None, :])
             a = tl.where(ok, a, 0.0)  # zero padding after the activation
         b = tl.load(w_ptr + rc[:, None] * swc + rn[None, :] * swk + r * swr + s * sws,
                     mask=c_ok[:, None] & col_ok[None, :], other=0.0)

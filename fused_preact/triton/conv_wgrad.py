@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .backend import interpreter_on, triton_backend
-from .common import autotune_warps, bn_scale_shift, cdiv, dot_precision, nhwc_strides, pow2_block
+from .common import autotune_warps, bn_scale_shift, cdiv, dot_precision, nhwc_strides, pow2_block, relu
 
 
 @autotune_warps(key=["L", "K", "C", "R", "S", "SPLIT"])
@@ -58,7 +58,7 @@ def bn_relu_conv_wgrad_kernel(
         x_row = n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
         a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
         if HAS_PROLOGUE:
-            a = tl.maximum((a - mean[None, :]) * scale[None, :] + beta[None, :], 0.0)
+            a = relu((a - mean[None, :]) * scale[None, :] + beta[None, :])
             a = tl.where(ok, a, 0.0)
         acc += tl.dot(dyt, a.to(dyt.dtype), input_precision=PRECISION)
     offs = (((split * K + rk.to(tl.int64))[:, None] * C + rc[None, :]) * R + r) * S + s
