@@ -11,17 +11,13 @@ fused-<backend>     fused_preact blocks on one backend, channels_last + autocast
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 import fused_preact as fp
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import eager_blocks  # noqa: E402  (the same eager definitions the tests use as oracles)
+from fused_preact import testing as eager_blocks  # the same eager definitions the tests use as oracles
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .dispatch import check_backend_name
+from .testing import randomize_bn
 from .nn import (SHORTCUT_SOURCES, PreActBlock, PreActBottleneck, TimmPreActBasic, TimmPreActBottleneck,
                  _PreActUnits, from_modules)
 
@@ -79,24 +80,12 @@ def _candidate_modules(module: nn.Module, unit_names, optional) -> dict[str, nn.
     return taken
 
 
-def _randomize_bn(module: nn.Module, generator: torch.Generator) -> None:
-    for bn in module.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            c = bn.num_features
-            if bn.running_mean is not None:
-                bn.running_mean.copy_(torch.randn(c, generator=generator, dtype=torch.float64))
-                bn.running_var.copy_(torch.rand(c, generator=generator, dtype=torch.float64) + 0.5)
-            if bn.weight is not None:
-                bn.weight.data.copy_(torch.randn(c, generator=generator, dtype=torch.float64))
-                bn.bias.data.copy_(torch.randn(c, generator=generator, dtype=torch.float64))
-
-
 @torch.no_grad()
 def _matching_shortcut_source(module: nn.Module, block_cls, unit_names, optional) -> Optional[str]:
     """The shortcut source under which the fused block computes what `module` computes."""
     probe_model = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
+    randomize_bn(probe_model)
     generator = torch.Generator().manual_seed(0)
-    _randomize_bn(probe_model, generator)
     in_channels = getattr(probe_model, unit_names[0]).num_features
     x = torch.randn(2, in_channels, 8, 8, generator=generator, dtype=torch.float64)
     expected = probe_model(x)

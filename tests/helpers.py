@@ -34,21 +34,6 @@ def assert_close(actual, expected, dtype=None, what="", atol=None, rtol=None):
             f"first at {idx}: got {a[idx].item():.6g}, expected {e[idx].item():.6g} (atol={atol}, rtol={rtol})")
 
 
-def randomize_bn(module, seed=0):
-    """Non-trivial BN affine parameters and running statistics (defaults hide mistakes)."""
-    g = torch.Generator().manual_seed(seed)
-    for bn in module.modules():
-        if isinstance(bn, torch.nn.BatchNorm2d):
-            c = bn.num_features
-            with torch.no_grad():
-                if bn.weight is not None:
-                    bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                    bn.bias.copy_(torch.randn(c, generator=g) * 0.5)
-                if bn.running_mean is not None:
-                    bn.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
-                    bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-
-
 def assert_earned(actual, lowp_reference, truth, dtype, what="", factor=2.0):
     """Earned tolerance for low precision: actual's max error against an fp64 `truth`
     is at most `factor` times the low-precision reference's own error plus one rounding

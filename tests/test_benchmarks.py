@@ -9,7 +9,7 @@ import torch
 
 import fused_preact as fp
 from benchmarks import cases, providers, readme, report, run
-from eager_blocks import PreActBlock as EagerBlock
+from fused_preact.testing import PreActBlock as EagerBlock
 
 
 def test_wrong_provider_is_reported_not_timed(monkeypatch):

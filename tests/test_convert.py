@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 import fused_preact as fp
-from eager_blocks import (DropoutPreActBlock, NoBN2PreActBlock, PreActBlock, PreActBottleneck,
+from fused_preact.testing import (DropoutPreActBlock, NoBN2PreActBlock, PreActBlock, PreActBottleneck,
                           PreActResNet, RawShortcutPreActBlock)
-from helpers import assert_close, randomize_bn
+from fused_preact.testing import randomize_bn
+from helpers import assert_close
 
 
 def test_convert_kuangliu_resnet():

@@ -12,9 +12,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fused_preact as fp
-from eager_blocks import PreActBlock as EagerBlock
-from eager_blocks import PreActBottleneck as EagerBottleneck
-from helpers import assert_close, randomize_bn
+from fused_preact.testing import PreActBlock as EagerBlock
+from fused_preact.testing import PreActBottleneck as EagerBottleneck
+from fused_preact.testing import randomize_bn
+from helpers import assert_close
 
 WORLD = 2
 STEPS = 3

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 import fused_preact as fp
-from eager_blocks import PreActBlock as EagerBlock
-from eager_blocks import PreActBottleneck as EagerBottleneck
-from helpers import DEVICE, assert_close, randomize_bn
+from fused_preact.testing import PreActBlock as EagerBlock
+from fused_preact.testing import PreActBottleneck as EagerBottleneck
+from fused_preact.testing import randomize_bn
+from helpers import DEVICE, assert_close
 
 
 def small_pair(dtype=torch.float32):

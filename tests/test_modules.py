@@ -5,11 +5,12 @@ import torch
 from torch import nn
 
 import fused_preact as fp
-from eager_blocks import PreActBlock as EagerBlock
-from eager_blocks import PreActBottleneck as EagerBottleneck
-from eager_blocks import PreActResNet as EagerResNet
-from eager_blocks import RawShortcutPreActBlock
-from helpers import assert_close, randomize_bn
+from fused_preact.testing import PreActBlock as EagerBlock
+from fused_preact.testing import PreActBottleneck as EagerBottleneck
+from fused_preact.testing import PreActResNet as EagerResNet
+from fused_preact.testing import RawShortcutPreActBlock
+from fused_preact.testing import randomize_bn
+from helpers import assert_close
 
 BLOCKS = {"basic": (fp.PreActBlock, EagerBlock), "bottleneck": (fp.PreActBottleneck, EagerBottleneck)}
 # (in_planes, planes, stride): identity, channel projection, strided projection, odd sizes.
@@ -193,7 +194,7 @@ def test_paper_model_sizes(name, params_m):
 
 def test_paper_cifar_net_matches_eager():
     """The paper's CIFAR layout (here n=2 bottlenecks per stage) against an eager twin."""
-    from eager_blocks import PreActResNetCifar
+    from fused_preact.testing import PreActResNetCifar
     torch.manual_seed(0)
     eager = PreActResNetCifar(EagerBottleneck, 2)
     randomize_bn(eager)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import fused_preact as fp
-from eager_blocks import PreActBlock as EagerBlock
-from eager_blocks import PreActBottleneck as EagerBottleneck
+from fused_preact.testing import PreActBlock as EagerBlock
+from fused_preact.testing import PreActBottleneck as EagerBottleneck
 from helpers import DEVICE
 
 

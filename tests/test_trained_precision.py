@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_preact as fp
-from eager_blocks import (PreActBlock, PreActBottleneck, PreActResNet, RawShortcutPreActBlock,
+from fused_preact.testing import (PreActBlock, PreActBottleneck, PreActResNet, RawShortcutPreActBlock,
                           RawShortcutPreActBottleneck)
 from helpers import DEVICE
 

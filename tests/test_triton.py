@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 import fused_preact as fp
-from eager_blocks import PreActBlock as EagerBlock
-from eager_blocks import PreActBottleneck as EagerBottleneck
-from eager_blocks import RawShortcutPreActBlock
+from fused_preact.testing import PreActBlock as EagerBlock
+from fused_preact.testing import PreActBottleneck as EagerBottleneck
+from fused_preact.testing import RawShortcutPreActBlock
 from fused_preact import ops
-from helpers import DEVICE, assert_close, assert_earned, randomize_bn
+from fused_preact.testing import randomize_bn
+from helpers import DEVICE, assert_close, assert_earned
 
 DTYPES = [torch.float32, torch.float16]
 # (C_in, C_out, kernel, stride, padding, H=W): 3x3 / 1x1, stride 1 / 2, odd sizes.
@@ -286,7 +287,7 @@ def test_chained_blocks_hand_statistics_forward():
 
 def test_paper_cifar_net_training_step_on_triton():
     """A whole network on Triton (statistics handed conv epilogue -> next BN across stages)."""
-    from eager_blocks import PreActResNetCifar
+    from fused_preact.testing import PreActResNetCifar
     torch.manual_seed(0)
     eager = PreActResNetCifar(EagerBottleneck, 1)
     randomize_bn(eager)

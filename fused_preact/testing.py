@@ -1,10 +1,30 @@
-"""Eager pre-activation blocks as users have them: the oracles of the module tests.
+"""Eager pre-activation blocks as users have them: the oracles of the tests and the
+baselines of the benchmarks, and the models `convert` is shown on in README.
 
 kuangliu/pytorch-cifar PreActBlock / PreActBottleneck / PreActResNet (projection reads
-relu(bn1(x))), and the RobustBench / fast-adversarial variant (projection reads raw x).
+relu(bn1(x))), the RobustBench / fast-adversarial variants (projection reads raw x), the
+paper's CIFAR network, and blocks of the same layout that compute something else (which
+`convert` must leave alone). randomize_bn gives BatchNorms non-default statistics.
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def randomize_bn(module: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN affine parameters and running statistics: defaults (weight 1, bias 0,
+    mean 0, var 1) hide mistakes, e.g. a block that skips a BN looks equivalent."""
+    g = torch.Generator().manual_seed(seed)
+    for bn in module.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            c = bn.num_features
+            with torch.no_grad():
+                if bn.weight is not None:
+                    bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    bn.bias.copy_(torch.randn(c, generator=g) * 0.5)
+                if bn.running_mean is not None:
+                    bn.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+                    bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
 
 
 class PreActBlock(nn.Module):
