@@ -6,11 +6,14 @@ or of timm's resnetv2 PreActBasic / PreActBottleneck (norm1, conv1, ... [, downs
 drop_path) with BatchNormAct2d norms.
 Blocks of the same layout can compute different things: RobustBench / fast-adversarial
 blocks feed the projection shortcut raw x instead of relu(bn1(x)), some add dropout or
-squeeze-excitation. So every swap is verified numerically: the candidate and the fused
-block are run on a random probe, in eval mode, in float64 on CPU copies whose BN
-statistics and affine parameters are randomised (default statistics would make a block
-that skips a BN look equivalent). A block that matches no variant is left untouched
-and the report says why.
+squeeze-excitation, stochastic depth or noise that only acts in training. So every swap
+is verified numerically on float64 CPU copies whose BN statistics and affine parameters
+are randomised (default statistics would make a block that skips a BN look equivalent):
+in eval mode the outputs, in train mode the outputs, the input and parameter gradients
+and the running-statistics updates. The probe leaves the user's model, its hooks and the
+RNG state untouched. A block that matches no variant is left untouched and the report
+says why. A block used at several places is swapped once and the fused block put at each
+place; the block's own hooks move to the fused block.
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ from torch import nn
 
 from .dispatch import check_backend_name
 from .testing import randomize_bn
-from .nn import (SHORTCUT_SOURCES, PreActBlock, PreActBottleneck, TimmPreActBasic, TimmPreActBottleneck,
-                 _PreActUnits, from_modules)
+from .nn import (SHORTCUT_SOURCES, FusedBNReLUConv2d, PreActBlock, PreActBottleneck, TimmPreActBasic,
+                 TimmPreActBottleneck, _PreActUnits, from_modules)
 
 log = logging.getLogger("fused_preact.convert")
 
@@ -37,12 +40,42 @@ _HARMLESS = (nn.ReLU, nn.Identity)
 class ConversionReport:
     swapped: list[tuple[str, str]] = field(default_factory=list)  # (module name, what it became)
     left: list[tuple[str, str]] = field(default_factory=list)     # (module name, why not)
+    updated: list[tuple[str, str]] = field(default_factory=list)  # (module name, what changed): already fused
 
     def __str__(self) -> str:
-        lines = [f"fused_preact.convert: {len(self.swapped)} blocks swapped, {len(self.left)} left"]
+        lines = [f"fused_preact.convert: {len(self.swapped)} blocks swapped, {len(self.left)} left"
+                 + (f", {len(self.updated)} already fused updated" if self.updated else "")]
         lines += [f"  swapped {name or '<root>'}: {what}" for name, what in self.swapped]
         lines += [f"  left    {name or '<root>'}: {why}" for name, why in self.left]
+        lines += [f"  updated {name or '<root>'}: {what}" for name, what in self.updated]
         return "\n".join(lines)
+
+
+# The hook dictionaries of an nn.Module that act on its own forward / backward.
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+               "_backward_hooks")
+
+
+def _without_hooks(module: nn.Module) -> nn.Module:
+    """A float64 CPU copy of `module` whose hooks are gone (the probe must not fire them)."""
+    probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
+    for m in probe.modules():
+        for name in _HOOK_DICTS:
+            getattr(m, name).clear()
+    return probe
+
+
+def _move_hooks(source: nn.Module, target: nn.Module) -> bool:
+    """Give `target` the hooks of `source` (the same dictionaries, so the user's handles still
+    remove them); True if there were any."""
+    moved = False
+    for name in _HOOK_DICTS:
+        hooks = getattr(source, name)
+        moved = moved or bool(hooks) and name not in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+        setattr(target, name, hooks)
+    target._is_full_backward_hook = source._is_full_backward_hook
+    return moved
 
 
 # (fused class, names of the submodules it takes over), most specific first.
@@ -80,22 +113,50 @@ def _candidate_modules(module: nn.Module, unit_names, optional) -> dict[str, nn.
     return taken
 
 
-@torch.no_grad()
+def _train_step(model: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> list[torch.Tensor]:
+    """Output, input gradient, parameter gradients and buffers after one training forward."""
+    model.train()
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    if out.shape != weights.shape:
+        return [out]
+    (out * weights).sum().backward()
+    return [out, x.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()] \
+        + list(model.buffers())
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and (torch.allclose(x, y, rtol=1e-9, atol=1e-9) if x.is_floating_point() else torch.equal(x, y))
+        for x, y in zip(a, b))
+
+
 def _matching_shortcut_source(module: nn.Module, block_cls, unit_names, optional) -> Optional[str]:
-    """The shortcut source under which the fused block computes what `module` computes."""
-    probe_model = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
+    """The shortcut source under which the fused block computes what `module` computes, in
+    eval and in train mode (outputs, gradients, running statistics)."""
+    probe_model = _without_hooks(module)
     randomize_bn(probe_model)
     generator = torch.Generator().manual_seed(0)
     in_channels = getattr(probe_model, unit_names[0]).num_features
     x = torch.randn(2, in_channels, 8, 8, generator=generator, dtype=torch.float64)
-    expected = probe_model(x)
+    with torch.random.fork_rng(devices=[]):  # dropout & co. draw from the user's generator
+        with torch.no_grad():
+            expected_eval = copy.deepcopy(probe_model).eval()(x)
+        weights = torch.randn(expected_eval.shape, generator=generator, dtype=torch.float64)
+        expected_train = _train_step(copy.deepcopy(probe_model), x, weights)
     for source in SHORTCUT_SOURCES:
-        fused = from_modules(block_cls, _candidate_modules(probe_model, unit_names, optional),
-                             shortcut=source, backend="reference").eval()
+        def fused_copy():
+            copied = copy.deepcopy(probe_model)
+            return from_modules(block_cls, _candidate_modules(copied, unit_names, optional),
+                                shortcut=source, backend="reference")
+        fused = fused_copy()
         if fused.projection() is None and source != SHORTCUT_SOURCES[0]:
             break  # identity shortcut: the source does not matter
-        got = fused(x)
-        if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-9, atol=1e-9):
+        with torch.no_grad():
+            got_eval = fused.eval()(x)
+        if not _same([got_eval], [expected_eval]):
+            continue
+        if _same(_train_step(fused_copy(), x, weights), expected_train):
             return source
     return None
 
@@ -111,7 +172,8 @@ def _try_swap(module: nn.Module, backend: Optional[str], sync_bn: bool, process_
     except (ValueError, TypeError, RuntimeError) as e:
         return None, str(e)
     if source is None:
-        return None, "its output differs from every fused variant on a probe input"
+        return None, ("its computation differs from every fused variant on a probe input (outputs, "
+                      "gradients or running statistics, in eval or train mode)")
     fused.shortcut_source = source
     fused.train(module.training)
     return fused, f"{block_cls.__name__}(shortcut={source!r})"
@@ -130,17 +192,38 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = 
     """
     check_backend_name(backend)
     report = ConversionReport()
+    done: dict[int, nn.Module] = {}  # id(original block) -> its fused block (a block used twice)
 
     def visit(name: str, module: nn.Module) -> nn.Module:
+        if id(module) in done:
+            report.swapped.append((name, f"the same block as an earlier place: {type(done[id(module)]).__name__}"))
+            return done[id(module)]
+        if isinstance(module, (_PreActUnits, FusedBNReLUConv2d)):
+            changes = []
+            if sync_bn and not module.sync_bn:
+                module.set_sync_bn(True, process_group)
+                changes.append("sync_bn on")
+            if backend is not None and module.backend != backend:
+                module.backend = backend
+                changes.append(f"backend={backend!r}")
+            if changes:
+                report.updated.append((name, ", ".join(changes)))
+            return module
         if _layout(module) is not None:
             fused, what = _try_swap(module, backend, sync_bn, process_group)
             if fused is not None:
+                if _move_hooks(module, fused):
+                    what += " (its hooks moved to it)"
+                done[id(module)] = fused
                 report.swapped.append((name, what))
                 return fused
             report.left.append((name, what))
             log.warning("fused_preact.convert: left %s (%s) untouched: %s", name or "<root>",
                         type(module).__name__, what)
-        for child_name, child in list(module.named_children()):
+        # _modules, not named_children(): that one yields a block used at two places once.
+        for child_name, child in list(module._modules.items()):
+            if child is None:
+                continue
             new = visit(f"{name}.{child_name}" if name else child_name, child)
             if new is not child:
                 setattr(module, child_name, new)

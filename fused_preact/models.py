@@ -6,7 +6,8 @@ preact_resnet110/164/1001: He et al. 2016 CIFAR networks (3x3 stem to 16 channel
 three stages of widths 16/32/64, final BN-ReLU, global average pool, linear);
 110 uses basic blocks, 164 and 1001 bottlenecks.
 
-Consecutive blocks hand their conv-epilogue statistics to the next block's bn1
+Every builder takes backend=, and sync_bn= / process_group= (synchronised BatchNorm, like
+nn.SyncBatchNorm). Consecutive blocks hand their conv-epilogue statistics to the next block's bn1
 (nn.run_chain), so only the first block needs a standalone statistics pass.
 """
 from __future__ import annotations
@@ -19,10 +20,10 @@ from torch import nn
 from .nn import PreActBlock, PreActBottleneck, run_chain
 
 
-def _make_layer(block, in_planes: int, planes: int, n_blocks: int, stride: int, backend):
+def _make_layer(block, in_planes: int, planes: int, n_blocks: int, stride: int, backend, sync):
     layers = []
     for s in [stride] + [1] * (n_blocks - 1):
-        layers.append(block(in_planes, planes, s, backend=backend))
+        layers.append(block(in_planes, planes, s, backend=backend, **sync))
         in_planes = planes * block.expansion
     return nn.Sequential(*layers), in_planes
 
@@ -30,14 +31,16 @@ def _make_layer(block, in_planes: int, planes: int, n_blocks: int, stride: int, 
 class PreActResNet(nn.Module):
     """kuangliu/pytorch-cifar PreActResNet, keys conv1, layer1..4, linear."""
 
-    def __init__(self, block, num_blocks, num_classes: int = 10, backend: Optional[str] = None):
+    def __init__(self, block, num_blocks, num_classes: int = 10, backend: Optional[str] = None,
+                 sync_bn: bool = False, process_group=None):
         super().__init__()
+        sync = dict(sync_bn=sync_bn, process_group=process_group)
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         in_planes = 64
-        self.layer1, in_planes = _make_layer(block, in_planes, 64, num_blocks[0], 1, backend)
-        self.layer2, in_planes = _make_layer(block, in_planes, 128, num_blocks[1], 2, backend)
-        self.layer3, in_planes = _make_layer(block, in_planes, 256, num_blocks[2], 2, backend)
-        self.layer4, in_planes = _make_layer(block, in_planes, 512, num_blocks[3], 2, backend)
+        self.layer1, in_planes = _make_layer(block, in_planes, 64, num_blocks[0], 1, backend, sync)
+        self.layer2, in_planes = _make_layer(block, in_planes, 128, num_blocks[1], 2, backend, sync)
+        self.layer3, in_planes = _make_layer(block, in_planes, 256, num_blocks[2], 2, backend, sync)
+        self.layer4, in_planes = _make_layer(block, in_planes, 512, num_blocks[3], 2, backend, sync)
         self.linear = nn.Linear(512 * block.expansion, num_classes)
 
     def forward(self, x):
@@ -50,13 +53,15 @@ class PreActResNet(nn.Module):
 class PreActResNetCifar(nn.Module):
     """He et al. 2016 CIFAR pre-activation ResNet, keys conv1, layer1..3, bn, linear."""
 
-    def __init__(self, block, n_per_stage: int, num_classes: int = 10, backend: Optional[str] = None):
+    def __init__(self, block, n_per_stage: int, num_classes: int = 10, backend: Optional[str] = None,
+                 sync_bn: bool = False, process_group=None):
         super().__init__()
+        sync = dict(sync_bn=sync_bn, process_group=process_group)
         self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
         in_planes = 16
-        self.layer1, in_planes = _make_layer(block, in_planes, 16, n_per_stage, 1, backend)
-        self.layer2, in_planes = _make_layer(block, in_planes, 32, n_per_stage, 2, backend)
-        self.layer3, in_planes = _make_layer(block, in_planes, 64, n_per_stage, 2, backend)
+        self.layer1, in_planes = _make_layer(block, in_planes, 16, n_per_stage, 1, backend, sync)
+        self.layer2, in_planes = _make_layer(block, in_planes, 32, n_per_stage, 2, backend, sync)
+        self.layer3, in_planes = _make_layer(block, in_planes, 64, n_per_stage, 2, backend, sync)
         self.bn = nn.BatchNorm2d(in_planes)
         self.linear = nn.Linear(in_planes, num_classes)
 
@@ -68,36 +73,36 @@ class PreActResNetCifar(nn.Module):
         return self.linear(out.flatten(1))
 
 
-def preact_resnet18(num_classes=10, backend=None):
-    return PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes, backend)
+def preact_resnet18(num_classes=10, backend=None, sync_bn=False, process_group=None):
+    return PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes, backend, sync_bn, process_group)
 
 
-def preact_resnet34(num_classes=10, backend=None):
-    return PreActResNet(PreActBlock, [3, 4, 6, 3], num_classes, backend)
+def preact_resnet34(num_classes=10, backend=None, sync_bn=False, process_group=None):
+    return PreActResNet(PreActBlock, [3, 4, 6, 3], num_classes, backend, sync_bn, process_group)
 
 
-def preact_resnet50(num_classes=10, backend=None):
-    return PreActResNet(PreActBottleneck, [3, 4, 6, 3], num_classes, backend)
+def preact_resnet50(num_classes=10, backend=None, sync_bn=False, process_group=None):
+    return PreActResNet(PreActBottleneck, [3, 4, 6, 3], num_classes, backend, sync_bn, process_group)
 
 
-def preact_resnet101(num_classes=10, backend=None):
-    return PreActResNet(PreActBottleneck, [3, 4, 23, 3], num_classes, backend)
+def preact_resnet101(num_classes=10, backend=None, sync_bn=False, process_group=None):
+    return PreActResNet(PreActBottleneck, [3, 4, 23, 3], num_classes, backend, sync_bn, process_group)
 
 
-def preact_resnet152(num_classes=10, backend=None):
-    return PreActResNet(PreActBottleneck, [3, 8, 36, 3], num_classes, backend)
+def preact_resnet152(num_classes=10, backend=None, sync_bn=False, process_group=None):
+    return PreActResNet(PreActBottleneck, [3, 8, 36, 3], num_classes, backend, sync_bn, process_group)
 
 
-def preact_resnet110(num_classes=10, backend=None):
+def preact_resnet110(num_classes=10, backend=None, sync_bn=False, process_group=None):
     """Depth 6n + 2, n = 18 basic blocks per stage."""
-    return PreActResNetCifar(PreActBlock, 18, num_classes, backend)
+    return PreActResNetCifar(PreActBlock, 18, num_classes, backend, sync_bn, process_group)
 
 
-def preact_resnet164(num_classes=10, backend=None):
+def preact_resnet164(num_classes=10, backend=None, sync_bn=False, process_group=None):
     """Depth 9n + 2, n = 18 bottlenecks per stage."""
-    return PreActResNetCifar(PreActBottleneck, 18, num_classes, backend)
+    return PreActResNetCifar(PreActBottleneck, 18, num_classes, backend, sync_bn, process_group)
 
 
-def preact_resnet1001(num_classes=10, backend=None):
+def preact_resnet1001(num_classes=10, backend=None, sync_bn=False, process_group=None):
     """Depth 9n + 2, n = 111 bottlenecks per stage."""
-    return PreActResNetCifar(PreActBottleneck, 111, num_classes, backend)
+    return PreActResNetCifar(PreActBottleneck, 111, num_classes, backend, sync_bn, process_group)

@@ -116,3 +116,62 @@ def test_convert_real_timm_resnetv2_if_installed():
     assert len(report.swapped) == 4, report
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     assert_close(converted(x), reference(x), torch.float64, "timm ResNetV2")
+
+
+class FunctionalDropoutBlock(PreActBlock):
+    """Wide-ResNet style: F.dropout in forward, no dropout submodule (identity in eval)."""
+
+    def forward(self, x):
+        out = torch.nn.functional.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = torch.nn.functional.dropout(self.conv1(out), 0.3, training=self.training)
+        out = self.conv2(torch.nn.functional.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class CountingBatchBlock(PreActBlock):
+    """Same outputs and gradients, but bn2 runs twice in training (running stats differ)."""
+
+    def forward(self, x):
+        if self.training:
+            self.bn2(self.conv1(torch.nn.functional.relu(self.bn1(x))).detach())
+        return super().forward(x)
+
+
+def test_convert_leaves_blocks_that_differ_only_in_training():
+    model = nn.Sequential(FunctionalDropoutBlock(4, 4), CountingBatchBlock(4, 4), PreActBlock(4, 4)).double()
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    converted, report = fp.convert(model, return_report=True)
+    assert torch.equal(torch.get_rng_state(), rng), "the probe moved the user's RNG"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the probe changed the model"
+    assert type(converted[0]) is FunctionalDropoutBlock and type(converted[1]) is CountingBatchBlock
+    assert isinstance(converted[2], fp.PreActBlock)
+    assert {name for name, _ in report.left} == {"0", "1"}
+    assert all("train mode" in why for _, why in report.left)
+
+
+def test_convert_switches_already_fused_models_to_sync_bn():
+    model = fp.models.preact_resnet18()
+    converted, report = fp.convert(model, sync_bn=True, return_report=True)
+    blocks = [b for b in converted.modules() if isinstance(b, fp.nn._PreActUnits)]
+    assert blocks and all(b.sync_bn for b in blocks)
+    assert len(report.updated) == len(blocks) and "sync_bn on" in report.updated[0][1]
+    assert all(b.sync_bn for b in fp.models.preact_resnet18(sync_bn=True).modules()
+               if isinstance(b, fp.nn._PreActUnits))
+
+
+def test_convert_a_block_used_twice_and_its_hooks():
+    shared = PreActBlock(4, 4).double()
+    fired = []
+    handle = shared.register_forward_hook(lambda m, i, o: fired.append(type(m).__name__))
+    model = nn.Sequential(shared, PreActBlock(4, 4), shared).double()
+    converted, report = fp.convert(model, return_report=True)
+    assert not fired, "the probe fired the user's hook"
+    assert converted[0] is converted[2] and isinstance(converted[0], fp.PreActBlock)
+    assert [name for name, _ in report.swapped] == ["0", "1", "2"] and "hooks moved" in report.swapped[0][1]
+    converted(torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    assert fired == ["PreActBlock", "PreActBlock"]  # the fused block, at both places
+    handle.remove()  # the user's handle still removes it
+    converted(torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    assert len(fired) == 2

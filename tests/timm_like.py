@@ -13,8 +13,13 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.act = act_layer()
 
     def forward(self, x):
+        # timm copies nn.BatchNorm2d's bookkeeping: count the batch, cumulative average for momentum=None.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                         self.training, self.momentum, self.eps)
+                         self.training or self.running_mean is None, factor, self.eps)
         return self.act(self.drop(x))
 
 
