@@ -311,3 +311,20 @@ def test_host_grid_arithmetic_matches_math():
         assert next_pow2(n) == 2 ** math.ceil(math.log2(n)), n
         for d in (1, 3, 16, 64, 1000):
             assert cdiv(n, d) == math.ceil(n / d), (n, d)
+
+
+@pytest.mark.parametrize("hw,kernel,pad", [((1, 3), 1, 0), ((3, 1), 3, 1), ((1, 1), 1, 0)])
+def test_dgrad_when_the_image_is_smaller_than_the_stride(hw, kernel, pad):
+    """H or W < stride leaves phases without pixels: no division by zero, same answer."""
+    import warnings
+    x, mean, var, gamma, beta, w, _ = unit_inputs(5, 6, kernel, 2, pad, 3, 2, torch.float32)
+    x = x[:, :, :hw[0], :hw[1]].contiguous()
+    p, q = ((hw[0] + 2 * pad - kernel) // 2 + 1, (hw[1] + 2 * pad - kernel) // 2 + 1)
+    dy = torch.randn(2, 6, p, q, device=DEVICE)
+    conf = ([2, 2], [pad, pad], 1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the interpreter's integer division by zero warns
+        g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, "triton")
+    ref_g, ref_sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, "reference")
+    assert_close(g, ref_g, torch.float32, "g", atol=1e-5, rtol=1e-4)
+    assert_close(sums, ref_sums, torch.float32, "sums", atol=1e-5, rtol=1e-4)

@@ -43,9 +43,13 @@ def bn_relu_conv_dgrad_kernel(
     wp = (W - pw + STRIDE_W - 1) // STRIDE_W
     rm = (pid % tiles_per_phase) * BM + tl.arange(0, BM)
     row_ok = rm < N * hp * wp
-    n = (rm // (hp * wp)).to(tl.int64)
-    h = ph + STRIDE_H * ((rm % (hp * wp)) // wp)
-    w = pw + STRIDE_W * (rm % wp)
+    # A phase is empty where H or W is smaller than the stride: no row is valid, and the
+    # divisors below must not be 0.
+    area = tl.maximum(hp * wp, 1)
+    wp_div = tl.maximum(wp, 1)
+    n = (rm // area).to(tl.int64)
+    h = ph + STRIDE_H * ((rm % area) // wp_div)
+    w = pw + STRIDE_W * (rm % wp_div)
     rc = tl.program_id(1) * BN + tl.arange(0, BN)
     c_ok = rc < C
 
