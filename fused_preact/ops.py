@@ -155,6 +155,9 @@ def _unit_setup_context(ctx, inputs, output):
 
 
 def _unit_backward(ctx, dy, _dstats):
+    if torch.is_grad_enabled():  # backward(create_graph=True): the kernels have no derivative
+        raise RuntimeError("fused_preact: double backward (create_graph=True, e.g. a gradient penalty) is not "
+                           "supported by the fused units; use the eager blocks for that part of the model")
     x, mean, var, bn_weight, bn_bias, weight = ctx.saved_tensors
     stride, padding, eps, batch_stats, backend, has_residual, sync_group = ctx.conf
     needs = ctx.needs_input_grad
