@@ -117,3 +117,18 @@ def test_deterministic_algorithms_mode(backend):
             assert torch.equal(a, b)
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def test_dynamic_batch_compiles_once_on_triton():
+    """mark_dynamic on the batch: batch sizes on both sides of one statistics tile (64 rows
+    here) reuse one graph, and each matches eager."""
+    torch._dynamo.reset()
+    ours = fp.PreActBlock(4, 4, backend="triton").to(DEVICE)
+    eager = EagerBlock(4, 4).to(DEVICE)
+    eager.load_state_dict(ours.state_dict())
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in (2, 3, 5):
+            x = torch.randn(batch, 4, 4, 4, device=DEVICE)
+            torch._dynamo.mark_dynamic(x, 0)
+            assert_close(compiled(x), eager(x), torch.float32, f"batch {batch}", atol=1e-4, rtol=1e-4)

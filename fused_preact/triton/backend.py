@@ -76,8 +76,11 @@ class TritonBackend(Backend):
         return [f"triton: {why}"] if why else []
 
     def stats_tiles(self, rows: int, channels: int) -> int:
+        """At least 2 (the extra ones empty): with a symbolic batch (torch.compile dynamic
+        shapes) a count that may be 1 makes every contiguity check guard on it, so each
+        batch size that crosses it recompiles."""
         from .common import cdiv, rows_per_tile  # common imports this module
-        return cdiv(rows, rows_per_tile(rows))
+        return torch.sym_max(cdiv(rows, rows_per_tile(rows)), 2)
 
 
 triton_backend = register_backend(TritonBackend())

@@ -121,7 +121,7 @@ def write_tile_stats(part_ptr, tile, values, rowmask, rc, cmask, C):
     partials[tile, 0:3, rc]. Centred on the tile mean: no E[x^2] - E[x]^2 cancellation."""
     count = tl.sum(rowmask.to(tl.float32), axis=0)
     rows = rowmask[:, None]
-    mean = tl.sum(tl.where(rows, values, 0.0), axis=0) / count
+    mean = tl.sum(tl.where(rows, values, 0.0), axis=0) / tl.maximum(count, 1.0)  # a tile past the rows: 0
     centred = tl.where(rows, values - mean[None, :], 0.0)
     m2 = tl.sum(centred * centred, axis=0)
     base = part_ptr + tile.to(tl.int64) * 3 * C + rc
