@@ -51,7 +51,7 @@ class CudaBackend(Backend):
         if ext is None:
             return why
         if ext.device_count() == 0:
-            return f"no CUDA device ({ext.device_error()})"
+            return f"no GPU here (the CUDA runtime says: {ext.device_error()})"
         if os.environ.get(ENABLE_FLAG) != "1":
             return (f"opt-in: correct on an H100 but slower than the triton backend "
                     f"(set {ENABLE_FLAG}=1 to use it)")

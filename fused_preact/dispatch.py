@@ -72,7 +72,8 @@ class Backend:
         for dtype in sorted({t.dtype for t in present if t.is_floating_point()}, key=str):
             if dtype not in self.dtypes:
                 supported = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-                reasons.append(f"{self.name}: dtype {dtype} not supported (supported: {supported})")
+                hint = "; float64 runs on backend='reference'" if dtype == torch.float64 else ""
+                reasons.append(f"{self.name}: dtype {dtype} not supported (supported: {supported}){hint}")
         return reasons
 
     def stats_tiles(self, rows: int, channels: int) -> int:
@@ -110,9 +111,12 @@ def _load_backends() -> None:
         from .triton import backend  # noqa: F401
 
 
-def check_backend_name(name: str | None) -> None:
+ENV_VAR = "FUSED_PREACT_BACKEND"
+
+
+def check_backend_name(name: str | None, where: str = "backend") -> None:
     if name is not None and name not in BACKEND_NAMES + ("auto",):
-        raise ValueError(f"backend must be one of {BACKEND_NAMES + ('auto',)} or None, got {name!r}")
+        raise ValueError(f"fused_preact: {where} must be one of {BACKEND_NAMES + ('auto',)} or None, got {name!r}")
 
 
 def requested_backend(explicit: str = "auto") -> str:
@@ -122,8 +126,8 @@ def requested_backend(explicit: str = "auto") -> str:
     scoped = getattr(_choice, "name", None)
     if scoped is not None:
         return scoped
-    env = os.environ.get("FUSED_PREACT_BACKEND", "auto") or "auto"
-    check_backend_name(env)
+    env = os.environ.get(ENV_VAR, "auto") or "auto"
+    check_backend_name(env, f"the environment variable {ENV_VAR}")
     return env
 
 
@@ -158,8 +162,7 @@ def _walk_reasons(op: str, tensors: Sequence[torch.Tensor | None], name: str) ->
         reasons = chosen.not_supported_reasons(op, tensors)
         if reasons:
             raise BackendNotSupported(
-                f"fused_preact: backend '{name}' was requested for op '{op}' but declines:\n  "
-                + "\n  ".join(reasons))
+                f"fused_preact: backend '{name}' was requested but declines:\n  " + "\n  ".join(reasons))
         return chosen
     all_reasons: list[str] = []
     for candidate in BACKEND_NAMES:

@@ -1,12 +1,25 @@
 """`python -m fused_preact.info`: versions, the CUDA extension, and which backends run here."""
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
 
 from . import __version__, dispatch
 from .cuda import load_extension
+
+
+def backend_variable() -> str:
+    """FUSED_PREACT_BACKEND as set here, and whether it is valid."""
+    value = os.environ.get(dispatch.ENV_VAR)
+    if value is None:
+        return "unset (auto)"
+    try:
+        dispatch.check_backend_name(value or None)
+    except ValueError as e:
+        return f"{value!r} INVALID: {e}"
+    return repr(value)
 
 
 def collect() -> dict:
@@ -26,7 +39,9 @@ def collect() -> dict:
         "_C built": ext is not None,
         "_C archs": ext.built_archs if ext else why,
         "_C cuda runtime": ext.runtime_version() if ext else None,
-        "_C devices": (ext.device_count() or ext.device_error()) if ext else None,
+        "_C devices": (ext.device_count() or f"none (no GPU here; the CUDA runtime says: {ext.device_error()})")
+                      if ext else None,
+        dispatch.ENV_VAR: backend_variable(),
         "backends": {device: dispatch.report(device) for device in devices},
     }
 

@@ -40,17 +40,22 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
     dilation=1). forward(x, residual=None).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=None, *,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=None,
+                 dilation=1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros", *,
                  eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, backend: Optional[str] = None, sync_bn: bool = False,
                  process_group=None, device=None, dtype=None):
+        """nn.Conv2d's arguments (padding None: kernel_size // 2) and nn.BatchNorm2d's; the
+        values the kernels do not implement (groups, dilation, bias, padding_mode) raise."""
         super().__init__()
         if padding is None:
             padding = kernel_size // 2 if isinstance(kernel_size, int) else tuple(k // 2 for k in kernel_size)
         factory = dict(device=device, dtype=dtype)
         self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum, affine=affine,
                                  track_running_stats=track_running_stats, **factory)
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False, **factory)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                              padding_mode, **factory)
+        Fp.check_conv(self.conv, "conv")
         check_backend_name(backend)
         self.backend = backend
         self.set_sync_bn(sync_bn, process_group)

@@ -221,6 +221,8 @@ def bn_finalize(partials: Tensor, running_mean: Optional[Tensor], running_var: O
         raise ValueError("fused_preact: running_mean and running_var must be given together")
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise ValueError("fused_preact: momentum=None (cumulative average) needs num_batches_tracked")
+    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_vector(name, v, partials.shape[2], partials.device)
     impl = dispatch.select("bn_finalize", [partials, running_mean, running_var], backend)
     return impl.impls["bn_finalize"](partials, running_mean, running_var, num_batches_tracked, momentum)
 

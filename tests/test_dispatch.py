@@ -169,3 +169,19 @@ def test_backward_runs_on_the_backend_that_ran_the_forward(monkeypatch):
         out = block(x)
     out.sum().backward()
     assert {"bn_relu_conv_dgrad", "bn_relu_conv_wgrad", "bn_backward_apply"} <= set(calls)
+
+
+def test_bad_environment_variable_is_named_and_shown_by_info(monkeypatch, capsys):
+    monkeypatch.setenv("FUSED_PREACT_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="environment variable FUSED_PREACT_BACKEND must be one of"):
+        fp.PreActBlock(4, 4)(torch.randn(2, 4, 5, 5))
+    from fused_preact import info
+    info.main()
+    assert "FUSED_PREACT_BACKEND: 'bogus' INVALID" in capsys.readouterr().out
+
+
+def test_float64_on_a_gpu_backend_points_to_reference():
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with pytest.raises(fp.BackendNotSupported, match="float64 runs on backend='reference'") as raised:
+        fp.PreActBlock(4, 4, backend="triton").double()(x)
+    assert "batch_stats" not in str(raised.value)  # no internal op names

@@ -168,3 +168,21 @@ def test_triton_import_error_is_reported_not_hidden():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("numpy") >= 3 and "not implemented" not in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("keywords,message", [
+    (dict(groups=4), r"conv.groups=4 is not supported \(groups=1 only\)"),
+    (dict(dilation=2, padding=2), r"conv.dilation=\(2, 2\) is not supported"),
+    (dict(bias=True), "has a bias"),
+    (dict(padding_mode="reflect"), "padding_mode='reflect'"),
+])
+def test_fused_unit_takes_conv_keywords_and_rejects_unsupported_values(keywords, message):
+    with pytest.raises(ValueError, match=message):
+        fp.FusedBNReLUConv2d(4, 4, 3, **keywords)
+    assert fp.FusedBNReLUConv2d(4, 4, 3, groups=1, dilation=1, bias=False, padding_mode="zeros").conv.groups == 1
+
+
+def test_finalize_names_a_running_statistics_mismatch():
+    partials = ops.batch_stats(torch.randn(2, 3, 4, 4), "reference")
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\)"):
+        ops.bn_finalize(partials, torch.zeros(4), torch.ones(4), None, 0.1, "reference")
