@@ -1,5 +1,7 @@
-"""Copies the results.md of GPU result folders into README.md, between its two result
-markers, so that the README's numbers are the result files' and never typed by hand.
+"""Writes README.md's results section from GPU result folders, between its two markers, so
+that the README's numbers are the result files' and never typed by hand. It keeps it short:
+per folder the run line, the headline block's rows and the model training steps, and a
+link to the folder's full tables (results.md).
 
     python -m benchmarks.readme benchmarks/results/FOLDER [FOLDER ...]
 """
@@ -8,27 +10,40 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .cases import GPU_BLOCKS
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 README = Path(__file__).resolve().parent.parent / "README.md"
+HEADLINE = GPU_BLOCKS[0].name
 
 
-def section(folder: Path) -> list[str]:
-    """results.md with its title naming the folder, its headings under the README's, and
-    the cases a time budget left out counted instead of listed."""
+def tables(lines: list[str]) -> dict[str, list[str]]:
+    """The markdown tables of results.md by the heading above them ("## Blocks ...")."""
+    found, heading = {}, None
+    for line in lines:
+        if line.startswith("## "):
+            heading = line[3:]
+        elif line.startswith("|") and heading is not None:
+            found.setdefault(heading, []).append(line)
+    return found
+
+
+def section(folder: Path, readme: Path) -> list[str]:
+    """The run line, the headline case's block rows (header kept), the model steps, a link."""
     title, *body = (folder / "results.md").read_text().rstrip("\n").split("\n")
     device = title.removeprefix("# Benchmark results: ")
-    kept = [line for line in body if not (line.startswith("- ") and "skipped --budget-s" in line)]
-    skipped = len(body) - len(kept)
-    lines = [f"#### `{folder.as_posix()}` ({device})"]
-    for i, line in enumerate(kept):
-        if line == "Not timed:":
-            if skipped:
-                lines.append(f"{skipped} case/dtype pairs were not reached within the run's time budget.")
-            if i + 1 < len(kept) and kept[i + 1].startswith("- "):
-                lines.append("Not timed:")
-        else:
-            lines.append(("###" + line) if line.startswith("## ") else line)
-    return lines
+    run_line = next((line for line in body if line.strip()), "")
+    found = tables(body)
+    blocks = next((rows for heading, rows in found.items() if heading.startswith("Blocks (")), [])
+    headline = blocks[:2] + [row for row in blocks[2:] if row.startswith(f"| {HEADLINE} |")]
+    models = next((rows for heading, rows in found.items() if heading.startswith("Model training")), [])
+    link = (folder / "results.md").resolve().relative_to(readme.resolve().parent).as_posix()
+    lines = [f"#### {device}: `{folder.name}`", "", run_line, ""]
+    if len(headline) > 2:
+        lines += [f"Headline block `{HEADLINE}` (median ms; speedup = baseline time / fused time):", ""] + headline + [""]
+    if models:
+        lines += ["Model training steps:", ""] + models + [""]
+    return lines + [f"All cases, floors and what was not timed: [{link}]({link})."]
 
 
 def main(argv=None, readme: Path = README) -> None:
@@ -42,7 +57,7 @@ def main(argv=None, readme: Path = README) -> None:
     after = rest.split(END)[1]
     lines = [START, ""]
     for folder in folders:
-        lines += section(folder) + [""]
+        lines += section(folder, readme) + [""]
     readme.write_text(before + "\n".join(lines + [END]) + after)
     print(f"wrote {len(folders)} result sections into {readme}")
 

@@ -11,6 +11,17 @@ from collections import defaultdict
 from pathlib import Path
 
 BASELINES = ("eager-fp32-nchw", "eager-cl-amp", "compile")
+NOISY_SPREAD = 0.2  # as benchmarks.run: interquartile range over median above which a time is flagged
+LEGEND = {
+    "eager-fp32-nchw": "eager PyTorch blocks, float32, NCHW",
+    "eager-cl-amp": "eager PyTorch blocks, channels_last, under autocast to the case dtype (at fp32: no autocast)",
+    "compile": "torch.compile of the eager block (default mode), channels_last + autocast",
+    "compile-max": "torch.compile(mode='max-autotune-no-cudagraphs') of the eager block",
+    "fused-triton": "fused_preact blocks, triton backend",
+    "fused-cuda": "fused_preact blocks, cuda backend",
+    "fused-reference": "fused_preact blocks, reference backend (pure PyTorch: recomputes to save memory)",
+    "floor": "max(minimum bytes / copy rate, FLOPs / bf16 matmul rate)",
+}
 
 
 def load(folder: Path):
@@ -21,12 +32,15 @@ def load(folder: Path):
 
 def block_table(rows) -> list[str]:
     times = defaultdict(dict)  # (case, dtype, mode) -> provider -> ms
+    spreads = defaultdict(dict)
     saved = defaultdict(dict)
     problems = []
     for r in rows:
         key = (r["case"], r["dtype"], r["mode"])
         if r["metric"] == "time_ms":
             times[key][r["provider"]] = float(r["value"])
+        elif r["metric"] == "time_spread":
+            spreads[key][r["provider"]] = float(r["value"])
         elif r["metric"] == "saved_activation_bytes":
             saved[key][r["provider"]] = float(r["value"])
         elif r["metric"] in ("wrong", "error", "skipped"):
@@ -38,15 +52,27 @@ def block_table(rows) -> list[str]:
     header = ["case", "dtype", "mode", *(f"{p} ms" for p in providers), *(f"{f} vs {b}" for f, b in ratio_pairs),
               "saved act. fused/eager"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    noisy = False
     for key, t in times.items():
-        cells = [f"{t[p]:.3f}" if p in t else "-" for p in providers]
+        cells = []
+        for p in providers:
+            flag = spreads[key].get(p, 0.0) > NOISY_SPREAD
+            noisy = noisy or flag
+            cells.append(f"{t[p]:.3f}" + (" (noisy)" if flag else "") if p in t else "-")
         ratios = [f"{t[b] / t[f]:.2f}x" if f in t and b in t else "-" for f, b in ratio_pairs]
         s = saved.get(key, {})
         mem = next((f"{s[f] / s['eager-cl-amp']:.2f}" for f in sorted(s) if f.startswith("fused-")
                     and s.get("eager-cl-amp")), "-")
         lines.append("| " + " | ".join([*key, *cells, *ratios, mem]) + " |")
     table = lines if times else []  # a model-only run has no block table
+    if noisy:
+        table += ["", f"(noisy): the interquartile range of its samples is over {NOISY_SPREAD:.0%} of the median; "
+                  "rerun before reading much into it."]
     return table + ([""] + ["Not timed:"] + problems if problems else [])
+
+
+def has_ratios(table: list[str]) -> bool:
+    return bool(table) and " vs " in table[0]
 
 
 def floor_table(rows) -> list[str]:
@@ -85,34 +111,58 @@ def model_table(rows) -> list[str]:
     return lines
 
 
-def plot_speedups(rows, folder: Path) -> None:
+def plot_summary(rows, meta: dict, folder: Path) -> Path | None:
+    """summary.png: fwd+bwd time per block case and provider (median, interquartile bars),
+    and the activation memory a block keeps for its backward (ours vs eager); the title
+    names the device. Returns its path (None without matplotlib or block rows)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no plots (pip install .[bench])")
-        return
-    times = defaultdict(dict)
+        return None
+    times, spreads, saved = defaultdict(dict), defaultdict(dict), defaultdict(dict)
     for r in rows:
-        if r["metric"] == "time_ms" and r["mode"] == "fwdbwd":
-            times[(r["case"], r["dtype"])][r["provider"]] = float(r["value"])
-    base = "eager-cl-amp"
-    fused = sorted({p for t in times.values() for p in t if p.startswith("fused-")})
-    keys = [k for k in times if base in times[k]]
-    if not keys:
-        return
-    fig, ax = plt.subplots(figsize=(max(6, len(keys) * 0.6), 4))
-    width = 0.8 / max(len(fused), 1)
-    for i, p in enumerate(fused):
-        ax.bar([j + i * width for j in range(len(keys))],
-               [times[k][base] / times[k][p] if p in times[k] else 0 for k in keys], width, label=p)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(keys)), [f"{c}\n{d}" for c, d in keys], rotation=60, fontsize=7)
-    ax.set_ylabel(f"speedup vs {base} (fwd+bwd)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "speedup_blocks.png", dpi=120)
+        if r["mode"] != "fwdbwd" or r["provider"] == "floor":
+            continue
+        key = f"{r['case']}\n{r['dtype']}"
+        if r["metric"] == "time_ms":
+            times[key][r["provider"]] = float(r["value"])
+        elif r["metric"] == "time_spread":
+            spreads[key][r["provider"]] = float(r["value"])
+        elif r["metric"] == "saved_activation_bytes":
+            saved[key][r["provider"]] = float(r["value"]) / 2**20
+    if not times:
+        return None
+    keys = list(times)
+    providers = sorted({p for t in times.values() for p in t})
+    fig, (ax_time, ax_mem) = plt.subplots(2, 1, figsize=(max(7, 1.1 * len(keys) + 3), 7.5))
+    width = 0.8 / len(providers)
+    for i, p in enumerate(providers):
+        xs = [j + i * width for j in range(len(keys))]
+        ms = [times[k].get(p, 0.0) for k in keys]
+        half_iqr = [times[k].get(p, 0.0) * spreads[k].get(p, 0.0) / 2 for k in keys]
+        ax_time.bar(xs, ms, width, yerr=half_iqr, capsize=2, label=p)
+        ax_mem.bar(xs, [saved[k].get(p, 0.0) for k in keys], width, label=p)
+    for ax in (ax_time, ax_mem):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys, fontsize=7)
+        ax.legend(fontsize=7)
+    ax_time.set_ylabel("fwd+bwd time, ms (median; bar = IQR)")
+    ax_time.set_title("time per block step (lower is better)", fontsize=9)
+    ax_mem.set_ylabel("saved for backward, MiB")
+    largest = [f"{r['case']} {r['provider']} {r['dtype']}: {float(r['value']):.0f}"
+               for r in rows if r["metric"] == "largest_batch"]
+    ax_mem.set_title("activation memory a block keeps for its backward (lower is better)", fontsize=9)
+    fig.suptitle(f"fused_preact benchmarks on {meta['device']} ({meta['device_type']}), {meta['date'][:10]}\n"
+                 f"{source_line(meta)}", fontsize=9)
+    fig.text(0.01, 0.005, "largest batch that fits: " + ("; ".join(largest) if largest else
+             "measured on GPUs only (ResNet-1001 step)"), fontsize=7)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    path = folder / "summary.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def source_line(meta: dict) -> str:
@@ -124,26 +174,36 @@ def source_line(meta: dict) -> str:
     return line
 
 
+def run_line(meta: dict) -> str:
+    """Versions, commit and date; on a GPU also the Triton and tf32 settings of the run."""
+    if meta.get("device_type") == "cpu":
+        return f"CPU run: torch {meta['torch']}, {source_line(meta)}, {meta['date']}"
+    return (f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, {source_line(meta)}, {meta['date']}"
+            + ("" if meta.get("triton_autotune", True) else ", Triton autotuning off (one launch config)")
+            + (f", fp32 convolutions {meta['fp32_convolutions']}" if "fp32_convolutions" in meta else ""))
+
+
 def main(argv=None) -> None:
     folder = Path((argv or sys.argv[1:])[0])
     rows, meta = load(folder)
-    header = [f"# Benchmark results: {meta['device']}",
-              "", f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
-              f"{source_line(meta)}, {meta['date']}"
-              + ("" if meta.get("triton_autotune", True) else ", Triton autotuning off (one launch config)")
-              + (f", fp32 convolutions {meta['fp32_convolutions']}" if "fp32_convolutions" in meta else ""), ""]
+    header = [f"# Benchmark results: {meta['device']}", "", run_line(meta), ""]
     if meta.get("ceilings"):
         c = meta["ceilings"]
         header += [f"Measured ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
                    f"bf16 matmul {c['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s.", ""]
     blocks, floors, models = block_table(rows), floor_table(rows), model_table(rows)
-    text = header + (["## Blocks (median ms; speedup = baseline time / fused time)", ""] + blocks if blocks else []) \
+    shown = sorted({r["provider"] for r in rows if r["provider"] in LEGEND})
+    header += ["Providers:"] + [f"- `{p}`: {LEGEND[p]}" for p in shown] + [""]
+    heading = "## Blocks (median ms" + ("; speedup = baseline time / fused time" if has_ratios(blocks) else "") \
+        + "; saved act. = bytes a fused block keeps for backward / eager-cl-amp's)"
+    text = header + ([heading, ""] + blocks if blocks else []) \
         + (["", "## Blocks: time over the floor (max(minimum bytes / copy rate, FLOPs / bf16 matmul rate), "
             "from the ceilings above)", ""] + floors if floors else []) \
         + (["", "## Model training steps", ""] + models if len(models) > 2 else [])
     (folder / "results.md").write_text("\n".join(text) + "\n")
-    plot_speedups(rows, folder)
-    print(f"wrote {folder / 'results.md'}")
+    figure = plot_summary(rows, meta, folder)
+    print("\n".join([header[0], run_line(meta), ""] + blocks + ([""] + models if len(models) > 2 else [])))
+    print(f"\nwrote {folder / 'results.md'}" + (f" and {figure}" if figure else ""))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,16 @@ def source_tree(repo: Path = Path(__file__).resolve().parent.parent) -> tuple[st
             return None
 
 
+def cpu_name() -> str:
+    """The processor's model name and core count (platform.processor() is often empty)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+
+
 def metadata(device: str) -> dict:
     # A copy of the tree without .git (a device machine) is told its commit by the caller.
     commit = os.environ.get("FUSED_PREACT_GIT_COMMIT", "")
@@ -68,33 +78,53 @@ def metadata(device: str) -> dict:
     except ImportError:
         triton_version = None
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
         "device_type": device, "torch": torch.__version__, "triton": triton_version,
         "cuda": torch.version.cuda, "python": platform.python_version(), "git_commit": commit,
         "source_tree": tree, "source_is_commit": clean,
         "triton_autotune": os.environ.get("FUSED_PREACT_TRITON_AUTOTUNE", "1") != "0",
-        "fp32_convolutions": "tf32" if torch.backends.cudnn.allow_tf32 else "exact",
+        # tf32 exists on GPUs only; on the CPU float32 convolutions are float32.
+        "fp32_convolutions": ("tf32" if torch.backends.cudnn.allow_tf32 else "exact") if device == "cuda" else "exact",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
 # ---------------------------------------------------------------------------- timing
+# A case whose interquartile range is more than this fraction of its median is flagged as noisy.
+NOISY_SPREAD = 0.2
+
+
+class Timing(float):
+    """A median time in ms that also carries its spread: (q3 - q1) / median of the samples."""
+
+    def __new__(cls, median_ms: float, spread: float):
+        timing = super().__new__(cls, median_ms)
+        timing.spread = spread
+        return timing
+
+
 def timer(device: str):
+    """A function timing fn() -> Timing (median ms and relative interquartile spread)."""
     if device == "cuda":
         import triton.testing
 
         def measure(fn):
-            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            q1, median, q3 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75])
+            return Timing(median, (q3 - q1) / median)
         return measure
 
-    def measure_cpu(fn, min_repeats=5, min_total_s=0.2):
-        fn()  # warm-up
+    def measure_cpu(fn, min_repeats=15, min_total_s=0.5):
+        # A shared CPU is noisy (a first run once took 69 ms where reruns took 0.95): two
+        # warm-up calls, then at least 15 samples and half a second.
+        fn()
+        fn()
         samples = []
         while len(samples) < min_repeats or (sum(samples) < min_total_s * 1e3 and len(samples) < 1000):
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
+        q1, median, q3 = statistics.quantiles(samples, n=4)
+        return Timing(median, (q3 - q1) / median)
     return measure_cpu
 
 
@@ -201,7 +231,8 @@ def run_block_case(case, dtype_name, provs, device, ceil, rows, measure):
                     if mode == "fwdbwd":
                         out.backward(torch.ones_like(out))
                 ms = measure(call)
-                rows.append(row + ["time_ms", ms, "ms", f"rel_l2={err:.1e}"])
+                rows.append(row + ["time_ms", float(ms), "ms", f"rel_l2={err:.1e}"])
+                rows.append(row + ["time_spread", ms.spread, "iqr/median", ""])
                 if mode in floor_ms:
                     rows.append(row + ["time_over_floor", ms / floor_ms[mode], "x", ""])
                 if not prov.compile_mode:  # saved-tensor hooks would recompile the graph

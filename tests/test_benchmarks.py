@@ -118,21 +118,27 @@ def test_host_cost_runs_with_every_triton_launch_stubbed(tmp_path):
     assert all(0 < t["min_us"] <= t["median_us"] for r in written["results"].values() for t in r.values())
 
 
-def test_readme_copies_result_tables_between_its_markers(tmp_path, monkeypatch):
-    monkeypatch.setattr(cases, "CPU_BLOCKS", [cases.BlockCase("tiny", "basic", 4, 4, 1, 2, 5),
+def test_readme_writes_a_short_section_between_its_markers(tmp_path, monkeypatch):
+    """Per folder: the headline case's rows and the model steps, copied from results.md, and
+    a link to the full tables; other cases stay out; a second run changes nothing."""
+    headline = readme.HEADLINE
+    monkeypatch.setattr(cases, "CPU_BLOCKS", [cases.BlockCase(headline, "basic", 4, 4, 1, 2, 5),
                                               cases.BlockCase("later", "basic", 4, 4, 1, 2, 5)])
-    measured, cut = tmp_path / "measured", tmp_path / "cut"
-    run.main(["--out", str(measured), "--device", "cpu", "--no-models", "--cases", "tiny"])
-    run.main(["--out", str(cut), "--device", "cpu", "--no-models", "--budget-s", "1e-9"])  # both skipped
-    for folder in (measured, cut):
-        report.main([str(folder)])
+    monkeypatch.setattr(cases, "CPU_MODELS", [])
+    measured = tmp_path / "results" / "measured"
+    run.main(["--out", str(measured), "--device", "cpu"])
+    report.main([str(measured)])
     page = tmp_path / "README.md"
     page.write_text(f"intro\n{readme.START}\nstale table\n{readme.END}\noutro\n")
-    readme.main([str(measured), str(cut)], readme=page)
+    readme.main([str(measured)], readme=page)
     once = page.read_text()
     assert once.startswith("intro\n") and once.endswith(f"{readme.END}\noutro\n") and "stale" not in once
-    assert "| tiny | fp32 | fwdbwd |" in once and "2 case/dtype pairs were not reached" in once
-    readme.main([str(measured), str(cut)], readme=page)
+    full = (measured / "results.md").read_text()
+    headline_rows = [line for line in full.splitlines() if line.startswith(f"| {headline} |")]
+    assert headline_rows and all(row in once for row in headline_rows)
+    assert "| later |" in full and "| later |" not in once
+    assert "[results/measured/results.md](results/measured/results.md)" in once
+    readme.main([str(measured)], readme=page)
     assert page.read_text() == once
 
 
@@ -146,3 +152,28 @@ def test_report_puts_each_time_over_its_floor():
     assert table[0] == "| case | dtype | mode | floor ms | eager-cl-amp / floor | fused-triton / floor |"
     assert table[2] == "| c | bf16 | fwd | 0.100 | 1.5x | 3.0x |"
     assert report.floor_table(rows[1:2]) == []
+
+
+def test_cpu_report_prints_its_tables_and_names_its_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cases, "CPU_BLOCKS", [cases.BlockCase("tiny", "basic", 4, 4, 1, 2, 5)])
+    run.main(["--out", str(tmp_path), "--device", "cpu", "--no-models"])
+    capsys.readouterr()
+    report.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    text = (tmp_path / "results.md").read_text()
+    assert "| tiny | fp32 | fwdbwd |" in out and str(tmp_path / "results.md") in out
+    assert "CPU run" in text and "tf32" not in text and "triton" not in text.split("\n")[2]
+    assert "speedup" not in text  # no ratio column on a CPU run, so no promise of one
+    assert "`eager-cl-amp`: eager PyTorch blocks, channels_last, under autocast" in text and "(at fp32: no autocast)" in text
+    spreads = [r for r in csv.DictReader(open(tmp_path / "results.csv")) if r["metric"] == "time_spread"]
+    assert spreads and all(float(r["value"]) >= 0 for r in spreads)
+
+
+def test_report_flags_a_noisy_time():
+    base = {"case": "c", "dtype": "fp32", "mode": "fwd", "unit": "", "note": ""}
+    rows = [dict(base, provider="eager-cl-amp", metric="time_ms", value="1.0"),
+            dict(base, provider="eager-cl-amp", metric="time_spread", value="0.5"),
+            dict(base, provider="fused-reference", metric="time_ms", value="2.0"),
+            dict(base, provider="fused-reference", metric="time_spread", value="0.05")]
+    table = report.block_table(rows)
+    assert "| c | fp32 | fwd | 1.000 (noisy) | 2.000 |" in table[2]
