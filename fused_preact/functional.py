@@ -94,22 +94,26 @@ def needs_batch_stats(bn: nn.BatchNorm2d) -> bool:
 
 
 def bn_stats(bn: nn.BatchNorm2d, x: Tensor, partials: Optional[Tensor], backend: str,
-             sync_group: int = 0) -> BNStats:
+             sync_group: int = 0, images: Optional[int] = None) -> BNStats:
     """Statistics for `bn` applied to x; in training also updates its running statistics.
 
     partials: statistics of x already produced by the conv that wrote x, else None
-    (then one standalone statistics pass reads x). sync_group: a
-    fused_preact.distributed handle to synchronise the statistics over (0: local).
+    (then one standalone statistics pass reads x). sync_group: an active
+    fused_preact.distributed handle to synchronise the statistics over (0: local);
+    images: the batch over all its ranks (distributed.agree), None where unknown.
     """
     if not needs_batch_stats(bn):
         return BNStats(bn.running_mean, bn.running_var, False)
-    if x.numel() // x.shape[1] <= 1:
+    sync_group = sync_group if bn.training else 0
+    per_image = x.shape[2] * x.shape[3]
+    values = (images if sync_group and images is not None else x.shape[0]) * per_image
+    if values <= 1:
         raise ValueError(
-            f"fused_preact: expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+            f"fused_preact: expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+            + (f" ({images} images over all ranks)" if sync_group and images is not None else ""))
     if partials is None:
         partials = ops.batch_stats(x.detach(), backend)
     partials = partials.detach()
-    sync_group = sync_group if bn.training and distributed.sync_active(distributed.process_group(sync_group)) else 0
     if sync_group:
         local_mean, local_var = ops.bn_finalize(partials, None, None, None, None, backend)
         partials = distributed.gather_partials(local_mean, local_var, x.numel() // x.shape[1], sync_group)

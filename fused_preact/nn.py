@@ -28,9 +28,15 @@ class _SyncBNOption:
         self.sync_bn = bool(sync_bn)
         self.process_group = process_group
 
-    @property
-    def sync_group(self) -> int:
-        return distributed.group_handle(self.process_group) if self.sync_bn else 0
+    def synchronise(self, x: Tensor) -> tuple[int, Optional[int]]:
+        """(group handle, images over all ranks) where this module synchronises over an
+        initialised multi-process group, after checking that the ranks agree; else (0, None)."""
+        if not self.sync_bn:
+            return 0, None
+        handle = distributed.group_handle(self.process_group)
+        if not distributed.sync_active(distributed.process_group(handle)):
+            return 0, None
+        return handle, distributed.agree(handle, x, self.training)
 
 
 class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
@@ -76,11 +82,12 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         out_shape = Fp.check_input(x, self.bn, self.conv, "x")
         Fp.check_residual(residual, out_shape, x.device)
-        if x.shape[0] == 0:  # what eager does: an empty output; nn.BatchNorm2d counts the batch
+        sync, images = self.synchronise(x)
+        if x.shape[0] == 0 and not sync:  # what eager does: an empty output; nn.BatchNorm2d counts the batch
             y = self.conv(F.relu(self.bn(x)))
             return (y if residual is None else y + residual).contiguous(memory_format=torch.channels_last)
         backend = self.backend or "auto"
-        stats = Fp.bn_stats(self.bn, x, None, backend, self.sync_group)
+        stats = Fp.bn_stats(self.bn, x, None, backend, sync, images)
         return Fp.unit(x, stats, self.bn, self.conv, residual, False, backend)[0]
 
 
@@ -127,13 +134,13 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         """Forward that takes and gives partial statistics, so a chain of blocks needs no
         standalone statistics pass between blocks (the conv epilogue produced them)."""
         self.check_input(x)
-        if x.shape[0] == 0:
+        sync, images = self.synchronise(x)
+        if x.shape[0] == 0 and not sync:  # an empty local batch under sync BN still joins the exchanges
             return self.empty_batch_forward(x), None
         backend = self.backend or "auto"
-        sync = self.sync_group
         units = self.units()
         bn1 = units[0][0]
-        stats = Fp.bn_stats(bn1, x, x_partials, backend, sync)
+        stats = Fp.bn_stats(bn1, x, x_partials, backend, sync, images)
         projection = self.projection()
         if projection is None:
             shortcut = x
@@ -145,7 +152,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         for i, (bn, conv) in enumerate(units):
             last = i == len(units) - 1
             if i > 0:
-                stats = Fp.bn_stats(bn, h, partials, backend, sync)
+                stats = Fp.bn_stats(bn, h, partials, backend, sync, images)
             want = want_stats if last else Fp.needs_batch_stats(units[i + 1][0])
             h, partials = Fp.unit(h, stats, bn, conv, shortcut if last else None, want, backend)
         return h, partials

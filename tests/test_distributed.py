@@ -100,3 +100,75 @@ def test_ddp_without_sync_uses_local_statistics(tmp_path):
         if "running" not in name and "num_batches" not in name:
             assert torch.equal(results[0]["state"][name], results[1]["state"][name]), name
     assert not torch.equal(results[0]["state"]["0.bn1.running_mean"], results[1]["state"]["0.bn1.running_mean"])
+
+
+# ---------------------------------------------------------------- ranks that disagree, odd batches
+def sync_block(channels, dtype=torch.float64):
+    torch.manual_seed(0)
+    block = fp.PreActBlock(channels, channels, backend="reference", sync_bn=True).to(dtype)
+    randomize_bn(block)
+    return block
+
+
+def edge_worker(rank, init_file, result_file):
+    """Each scenario on both ranks; records the error message or the results."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    g = torch.Generator().manual_seed(3)
+    shared_x = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64)
+    scenarios = {
+        "channels": lambda: sync_block(4 if rank == 0 else 8)(torch.randn(2, 4 if rank == 0 else 8, 6, 6,
+                                                                          dtype=torch.float64)),
+        "dtype": lambda: sync_block(4, torch.float64 if rank == 0 else torch.float32)(
+            torch.randn(2, 4, 6, 6, dtype=torch.float64 if rank == 0 else torch.float32)),
+        "mode": lambda: sync_block(4).train(rank == 0)(torch.randn(2, 4, 6, 6, dtype=torch.float64)),
+        "empty": lambda: step(sync_block(4), shared_x if rank == 0 else shared_x[:0]),
+        "one_pixel": lambda: step(sync_block(4), torch.randn(1, 4, 1, 1, generator=g, dtype=torch.float64) * (rank + 1)),
+    }
+    outcome = {}
+    for name, run in scenarios.items():
+        try:
+            outcome[name] = ("ok", run())
+        except ValueError as e:
+            outcome[name] = ("error", str(e))
+    torch.save(outcome, f"{result_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def step(block, x):
+    x = x.clone().requires_grad_(True)
+    out = block(x)
+    (out * loss_weights(out)).sum().backward()
+    return out.detach(), x.grad, block.bn1.running_mean.clone(), block.bn2.running_var.clone()
+
+
+def test_sync_bn_ranks_that_disagree_or_have_odd_batches(tmp_path):
+    """Disagreeing ranks raise the same clear error on every rank (before: an abort inside
+    gloo, or a hang); an empty local batch and one pixel per rank work as nn.SyncBatchNorm."""
+    result_file = str(tmp_path / "edge")
+    mp.spawn(edge_worker, args=(str(tmp_path / "init"), result_file), nprocs=WORLD, join=True)
+    outcome = [torch.load(f"{result_file}.{r}") for r in range(WORLD)]
+    for name, what in (("channels", "rank 1: 8 channels"), ("dtype", "rank 1: 4 channels, float32"),
+                       ("mode", "rank 1: 4 channels, float64, eval mode")):
+        for rank in range(WORLD):
+            kind, message = outcome[rank][name]
+            assert kind == "error" and "synchronised BatchNorm" in message and what in message, (name, rank, message)
+    # The empty rank adds nothing: rank 0 matches a single process on its own batch.
+    g = torch.Generator().manual_seed(3)
+    shared_x = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64)
+    solo = fp.PreActBlock(4, 4, backend="reference").double()
+    solo.load_state_dict(sync_block(4).state_dict())
+    expected = step(solo, shared_x)
+    assert outcome[0]["empty"][0] == "ok" and outcome[1]["empty"][0] == "ok", outcome[1]["empty"]
+    for got, want, what in zip(outcome[0]["empty"][1], expected, ("output", "grad x", "running_mean", "running_var")):
+        assert_close(got, want, torch.float64, f"empty other rank: {what}")
+    assert outcome[1]["empty"][1][0].shape[0] == 0
+    assert_close(outcome[1]["empty"][1][2], expected[2], torch.float64, "empty rank's running_mean")
+    # One 1x1 image per rank: two values per channel over the world, as nn.SyncBatchNorm allows.
+    assert all(outcome[r]["one_pixel"][0] == "ok" for r in range(WORLD)), [outcome[r]["one_pixel"] for r in range(WORLD)]
+    pixel = torch.randn(1, 4, 1, 1, generator=g, dtype=torch.float64)  # rank r used (r + 1) * pixel
+    solo = fp.PreActBlock(4, 4, backend="reference").double()
+    solo.load_state_dict(sync_block(4).state_dict())
+    both = solo(torch.cat([pixel, 2 * pixel])).detach()
+    for rank in range(WORLD):
+        assert_close(outcome[rank]["one_pixel"][1][0], both[rank:rank + 1], torch.float64, f"one pixel, rank {rank}")
+        assert_close(outcome[rank]["one_pixel"][1][2], solo.bn1.running_mean, torch.float64, "one pixel running_mean")
