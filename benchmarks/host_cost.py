@@ -44,7 +44,7 @@ def stub_launches() -> None:
     import importlib
     fp.dispatch.get_backend("triton")  # loads the kernel modules
     for module_name, kernel in KERNELS:
-        module = importlib.import_module(f"fused_preact.triton.{module_name}")
+        module = importlib.import_module(f"fused_preact.backends.triton.{module_name}")
         assert hasattr(module, kernel), f"{module_name}.{kernel} is gone: update KERNELS"
         setattr(module, kernel, NoLaunch())
 

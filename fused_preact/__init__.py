@@ -1,7 +1,8 @@
 """fused_preact: fused BatchNorm -> ReLU -> conv pre-activation residual blocks for PyTorch."""
 from . import ops  # noqa: F401  (registers the torch.library ops)
 from .convert import convert
-from .dispatch import BackendNotSupported, use_backend
+from .backends.base import BackendNotSupported
+from .dispatch import use_backend
 from .nn import FusedBNReLUConv2d, PreActBlock, PreActBottleneck
 from . import models
 

@@ -1,5 +1,6 @@
-"""How Python calls an op: its body directly in plain eager mode, the registered custom op
-wherever something traces or intercepts the call.
+"""Op entry (the eager fast path into the registered ops): how Python calls an op, its body
+directly in plain eager mode, the registered custom op wherever something traces or
+intercepts the call.
 
 Each op is declared once with torch.library.custom_op (schema, fake implementation,
 autograd formula), which is what torch.compile, torch.export, opcheck and dispatch modes

@@ -1,4 +1,8 @@
-"""Glue between nn.BatchNorm2d / nn.Conv2d modules and the ops.
+"""Module glue (layer nn -> ops): nn.BatchNorm2d / nn.Conv2d submodules turned into op calls.
+
+Layers, top down: nn.py (modules) -> functional.py (this: input checks, BN statistics and
+running-stat updates, autocast dtypes) -> ops.py (the registered ops, via entry.py's eager
+fast path) -> dispatch.py -> backends/.
 
 Modules own parameters and buffers (so state_dicts match the eager definitions); these
 functions turn them into op calls with the semantics of nn.BatchNorm2d + F.relu +
@@ -12,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, ops
+from .backends.base import conv_output_hw
 
 
 class BNStats(NamedTuple):
@@ -68,7 +73,7 @@ def check_shape(shape: tuple[int, ...], bn: Optional[nn.BatchNorm2d], conv: nn.C
         raise ValueError(f"fused_preact: {what} must be a 4-D NCHW tensor, got shape {shape}")
     if shape[1] != conv.in_channels or (bn is not None and shape[1] != bn.num_features):
         raise ValueError(f"fused_preact: {what} has {shape[1]} channels, the unit expects {conv.in_channels}")
-    out_hw = ops.conv_output_hw(shape[2:], conv.kernel_size, conv.stride, conv.padding)
+    out_hw = conv_output_hw(shape[2:], conv.kernel_size, conv.stride, conv.padding)
     if min(out_hw) < 1:
         raise ValueError(f"fused_preact: {what} of size {shape[2:]} is too small for kernel "
                          f"{tuple(conv.kernel_size)} with padding {tuple(conv.padding)}")

@@ -7,7 +7,7 @@ import platform
 import torch
 
 from . import __version__, dispatch
-from .cuda import load_extension
+from .backends.cuda import load_extension
 
 
 def backend_variable() -> str:

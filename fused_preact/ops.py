@@ -1,4 +1,4 @@
-"""The op layer: every fused op declared once with torch.library.custom_op.
+"""Registered ops (layer ops): every fused op declared once with torch.library.custom_op.
 
 This is the only door from Python into kernels (entry.py: plain eager calls run the op's
 body directly, everything that traces gets the registered op). Each op validates its arguments
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch, distributed
+from .backends.base import conv_output_hw, stats_dtype
 from .entry import declare
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -94,12 +95,11 @@ def check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, 
                 f"got {residual.dtype} on {residual.device}")
 
 
-def conv_output_hw(in_hw, kernel_hw, stride, padding) -> tuple[int, int]:
-    return tuple((i + 2 * p - k) // s + 1 for i, k, s, p in zip(in_hw, kernel_hw, stride, padding))
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _run(op: str, backend: str, conv_dtype: Optional[torch.dtype], **args):
+    """Call `op` on the backend chosen for the tensors among `args` (conv_dtype: the dtype
+    the op's convolution computes in, None for ops without one), passing `args` by name."""
+    tensors = [a for a in args.values() if isinstance(a, Tensor)]
+    return dispatch.select(op, tensors, backend, conv_dtype).impls[op](**args)
 
 
 def _empty_nchw_channels_last(like: Tensor, shape, dtype=None) -> Tensor:
@@ -123,9 +123,9 @@ def bn_relu_conv(
     all ranks of that group, and so are the means the backward subtracts.
     """
     check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding)
-    impl = dispatch.select("bn_relu_conv", [x, weight, residual, mean, var, bn_weight, bn_bias], backend)
-    return impl.impls["bn_relu_conv"](x, mean, var, bn_weight, bn_bias, weight, residual,
-                                      list(stride), list(padding), eps, want_stats)
+    return _run("bn_relu_conv", backend, weight.dtype, x=x, mean=mean, var=var, bn_weight=bn_weight,
+                bn_bias=bn_bias, weight=weight, residual=residual, stride=list(stride), padding=list(padding),
+                eps=eps, want_stats=want_stats)
 
 
 @bn_relu_conv.op.register_fake
@@ -137,7 +137,8 @@ def _(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, 
     y = _empty_nchw_channels_last(x, (n, c_out, *out_hw), dtype=weight.dtype)
     tiles = 0
     if want_stats:
-        chosen = dispatch.select("bn_relu_conv", [x, weight, residual, mean, var], backend)
+        chosen = dispatch.select("bn_relu_conv", [x, mean, var, bn_weight, bn_bias, weight, residual], backend,
+                                 weight.dtype)
         tiles = chosen.stats_tiles(n * out_hw[0] * out_hw[1], c_out)
     return y, x.new_empty((tiles, 3, c_out), dtype=stats_dtype(weight.dtype))
 
@@ -149,7 +150,8 @@ def _unit_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, mean, var, bn_weight, bn_bias, weight)
     # The backend that ran the forward runs the backward, whatever use_backend() or
     # FUSED_PREACT_BACKEND say when backward() is called.
-    ran_on = dispatch.select("bn_relu_conv", [x, weight, residual, mean, var, bn_weight, bn_bias], backend).name
+    ran_on = dispatch.select("bn_relu_conv", [x, mean, var, bn_weight, bn_bias, weight, residual], backend,
+                             weight.dtype).name
     ctx.conf = (list(stride), list(padding), eps, batch_stats, ran_on, residual is not None, sync_group)
     ctx.mark_non_differentiable(output[1])
 
@@ -195,7 +197,7 @@ bn_relu_conv.register_autograd(_unit_backward, _unit_setup_context)
 def batch_stats(x: Tensor, backend: str) -> Tensor:
     """Partial (count, mean, M2) statistics per channel of x: [T, 3, C]."""
     _check_nchw("x", x)
-    return dispatch.select("batch_stats", [x], backend).impls["batch_stats"](x)
+    return _run("batch_stats", backend, None, x=x)
 
 
 @batch_stats.op.register_fake
@@ -223,8 +225,8 @@ def bn_finalize(partials: Tensor, running_mean: Optional[Tensor], running_var: O
         raise ValueError("fused_preact: momentum=None (cumulative average) needs num_batches_tracked")
     for name, v in (("running_mean", running_mean), ("running_var", running_var)):
         _check_vector(name, v, partials.shape[2], partials.device)
-    impl = dispatch.select("bn_finalize", [partials, running_mean, running_var], backend)
-    return impl.impls["bn_finalize"](partials, running_mean, running_var, num_batches_tracked, momentum)
+    return _run("bn_finalize", backend, None, partials=partials, running_mean=running_mean,
+                running_var=running_var, num_batches_tracked=num_batches_tracked, momentum=momentum)
 
 
 @bn_finalize.op.register_fake
@@ -243,9 +245,8 @@ def bn_relu_conv_dgrad(dy: Tensor, weight: Tensor, x: Tensor, mean: Optional[Ten
 
     Without a BN prologue (mean None): g = dgrad(dy, W), sums empty.
     """
-    impl = dispatch.select("bn_relu_conv_dgrad", [dy, weight, x, mean, var, bn_weight, bn_bias], backend)
-    return impl.impls["bn_relu_conv_dgrad"](dy, weight, x, mean, var, bn_weight, bn_bias,
-                                            list(stride), list(padding), eps)
+    return _run("bn_relu_conv_dgrad", backend, dy.dtype, dy=dy, weight=weight, x=x, mean=mean, var=var,
+                bn_weight=bn_weight, bn_bias=bn_bias, stride=list(stride), padding=list(padding), eps=eps)
 
 
 @bn_relu_conv_dgrad.op.register_fake
@@ -261,9 +262,8 @@ def bn_relu_conv_wgrad(dy: Tensor, x: Tensor, mean: Optional[Tensor], var: Optio
                        weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                        eps: float, backend: str) -> Tensor:
     """dW = wgrad(relu(bn(x)), dy), the activation recomputed from x."""
-    impl = dispatch.select("bn_relu_conv_wgrad", [dy, x, mean, var, bn_weight, bn_bias], backend)
-    return impl.impls["bn_relu_conv_wgrad"](dy, x, mean, var, bn_weight, bn_bias, list(weight_shape),
-                                            list(stride), list(padding), eps)
+    return _run("bn_relu_conv_wgrad", backend, dy.dtype, dy=dy, x=x, mean=mean, var=var, bn_weight=bn_weight,
+                bn_bias=bn_bias, weight_shape=list(weight_shape), stride=list(stride), padding=list(padding), eps=eps)
 
 
 @bn_relu_conv_wgrad.op.register_fake
@@ -280,8 +280,8 @@ def bn_backward_apply(g: Tensor, x: Tensor, mean: Tensor, var: Tensor, bn_weight
     (all ranks under synchronised BN). With batch_stats False (eval-mode statistics)
     the mean terms vanish: scale * g.
     """
-    impl = dispatch.select("bn_backward_apply", [g, x, mean, var, bn_weight, grad_means], backend)
-    return impl.impls["bn_backward_apply"](g, x, mean, var, bn_weight, grad_means, eps, batch_stats)
+    return _run("bn_backward_apply", backend, None, g=g, x=x, mean=mean, var=var, bn_weight=bn_weight,
+                grad_means=grad_means, eps=eps, batch_stats=batch_stats)
 
 
 @bn_backward_apply.op.register_fake

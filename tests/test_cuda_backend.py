@@ -3,7 +3,8 @@ params structs, argument checks naming the argument, declared limits and reasons
 import pytest
 import torch
 
-from fused_preact import cuda
+from fused_preact.backends import cuda
+from fused_preact.backends.base import wgrad_splits
 
 ext, why_not_built = cuda.load_extension()
 needs_ext = pytest.mark.skipif(ext is None, reason=f"fused_preact._C not built: {why_not_built}")
@@ -50,16 +51,16 @@ def test_tf32_limit_is_declared():
     previous = torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32 = False
-        assert "allow_tf32" in cuda.tf32_reason("bn_relu_conv", [x, w])
-        assert cuda.tf32_reason("bn_relu_conv", [x, w.half()]) is None  # autocast: fp32 x, fp16 conv
-        assert cuda.tf32_reason("bn_finalize", [x]) is None
+        assert "allow_tf32" in cuda.tf32_reason(w.dtype)
+        assert cuda.tf32_reason(torch.float16) is None  # autocast: fp32 x, fp16 conv
+        assert cuda.tf32_reason(None) is None  # ops without a convolution
         torch.backends.cudnn.allow_tf32 = True
-        assert cuda.tf32_reason("bn_relu_conv", [x, w]) is None
+        assert cuda.tf32_reason(w.dtype) is None
     finally:
         torch.backends.cudnn.allow_tf32 = previous
 
 
 def test_wgrad_split_heuristic():
-    assert cuda.wgrad_split(100, 4) == 1              # few pixels: no split
-    assert cuda.wgrad_split(128 * 32 * 32, 9) == 64   # many pixels, few output blocks: capped
-    assert cuda.wgrad_split(64 * 7 * 7, 2048) == 1    # enough output blocks already
+    assert wgrad_splits(100, 4) == 1              # few pixels: no split
+    assert wgrad_splits(128 * 32 * 32, 9) == 64   # many pixels, few output blocks: capped
+    assert wgrad_splits(64 * 7 * 7, 2048) == 1    # enough output blocks already

@@ -8,6 +8,7 @@ import torch
 
 import fused_preact as fp
 from fused_preact import dispatch
+from fused_preact.backends.base import Backend
 
 
 def run_without_interpreter(code: str) -> str:
@@ -48,21 +49,19 @@ def test_cuda_backend_declines_on_cpu_with_reason():
 def test_triton_declines_exact_float32_gpu_convolutions_unless_asked(monkeypatch):
     """Exact float32 conv kernels failed verification on a GPU: declined there with the ways
     out named; tf32, low precision, other ops and the interpreter (CPU) are unaffected."""
-    from fused_preact.triton.backend import FP32_GPU_FLAG, fp32_gpu_reason
+    from fused_preact.backends.triton.backend import FP32_GPU_FLAG, fp32_gpu_reason
     monkeypatch.delenv(FP32_GPU_FLAG, raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    why = fp32_gpu_reason("bn_relu_conv_wgrad", torch.float32, "cuda")
+    why = fp32_gpu_reason(torch.float32, "cuda")
     assert "exact float32" in why and "allow_tf32" in why and "autocast" in why and FP32_GPU_FLAG in why
-    for op in ("bn_relu_conv", "bn_relu_conv_dgrad"):
-        assert fp32_gpu_reason(op, torch.float32, "cuda") == why
-    assert fp32_gpu_reason("bn_relu_conv", torch.bfloat16, "cuda") is None
-    assert fp32_gpu_reason("bn_relu_conv", torch.float32, "cpu") is None
-    assert fp32_gpu_reason("bn_finalize", torch.float32, "cuda") is None
+    assert fp32_gpu_reason(torch.bfloat16, "cuda") is None
+    assert fp32_gpu_reason(torch.float32, "cpu") is None
+    assert fp32_gpu_reason(None, "cuda") is None  # ops without a convolution
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert fp32_gpu_reason("bn_relu_conv", torch.float32, "cuda") is None
+    assert fp32_gpu_reason(torch.float32, "cuda") is None
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setenv(FP32_GPU_FLAG, "1")
-    assert fp32_gpu_reason("bn_relu_conv", torch.float32, "cuda") is None
+    assert fp32_gpu_reason(torch.float32, "cuda") is None
 
 
 def test_forcing_a_declining_backend_lists_reasons():
@@ -108,21 +107,20 @@ def test_info_runs(capsys):
     assert "reference: usable" in out and "_C built" in out
 
 
-class FlagBackend(dispatch.Backend):
+class FlagBackend(Backend):
     """Stands in for the cuda backend: CPU tensors, and only with FAKE_FLAG=1 and tf32 allowed."""
     name = "cuda"
     dtypes = (torch.float32,)
     env_flags = ("FAKE_FLAG",)
 
     def __init__(self):
-        super().__init__()
-        self.impls["bn_relu_conv"] = None
+        super().__init__({"bn_relu_conv": None})
 
     def device_reason(self, device):
         return None if device.type == "cpu" else "cpu tensors only"
 
-    def not_supported_reasons(self, op, tensors):
-        reasons = super().not_supported_reasons(op, tensors)
+    def not_supported_reasons(self, op, tensors, conv_dtype=None):
+        reasons = super().not_supported_reasons(op, tensors, conv_dtype)
         if os.environ.get("FAKE_FLAG") != "1" or not torch.backends.cudnn.allow_tf32:
             reasons.append("cuda: needs FAKE_FLAG=1 and tf32")
         return reasons
@@ -130,8 +128,9 @@ class FlagBackend(dispatch.Backend):
 
 def test_remembered_choice_follows_flags_tf32_dtype_device_and_request(monkeypatch):
     """select() remembers its answers; each thing a reason may depend on changes the answer."""
-    dispatch._load_backends()
-    monkeypatch.setattr(dispatch, "_registry", {**dispatch._registry, "cuda": FlagBackend()})
+    backends = {name: dispatch.get_backend(name) for name in dispatch.BACKEND_NAMES}
+    monkeypatch.setattr(dispatch, "_loaded", {**backends, "cuda": FlagBackend()})
+    monkeypatch.setattr(dispatch, "_env_flag_names", None)
     monkeypatch.setattr(dispatch, "_chosen", {})
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     monkeypatch.delenv("FUSED_PREACT_BACKEND", raising=False)
@@ -156,13 +155,13 @@ def test_remembered_choice_follows_flags_tf32_dtype_device_and_request(monkeypat
 
 def test_backward_runs_on_the_backend_that_ran_the_forward(monkeypatch):
     """Forward inside use_backend("reference"), backward outside it: still reference."""
-    from fused_preact import reference
+    from fused_preact.backends import reference
     monkeypatch.setenv("FUSED_PREACT_BACKEND", "triton")
     calls = []
     for op in ("bn_relu_conv_dgrad", "bn_relu_conv_wgrad", "bn_backward_apply"):
-        real = reference.reference.impls[op]
-        monkeypatch.setitem(reference.reference.impls, op,
-                            lambda *a, _real=real, _op=op: calls.append(_op) or _real(*a))
+        real = reference.BACKEND.impls[op]
+        monkeypatch.setitem(reference.BACKEND.impls, op,
+                            lambda _real=real, _op=op, **kw: calls.append(_op) or _real(**kw))
     block = fp.PreActBlock(4, 4)
     x = torch.randn(2, 4, 5, 5, requires_grad=True)
     with fp.use_backend("reference"):

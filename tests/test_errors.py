@@ -140,13 +140,18 @@ def test_bf16_declined_by_the_interpreted_triton_backend():
     """The Triton interpreter computes bf16 dots wrongly (upstream): declined with that reason,
     and auto goes to the reference backend."""
     from fused_preact import dispatch
-    from fused_preact.triton.backend import INTERPRETED
+    from fused_preact.backends.triton.common import INTERPRETED
     if not INTERPRETED:
         pytest.skip("compiled Triton (GPU): bf16 runs there")
     x, w = torch.randn(2, 4, 5, 5), torch.randn(4, 4, 3, 3, dtype=torch.bfloat16)
-    reasons = dispatch.get_backend("triton").not_supported_reasons("bn_relu_conv", [x, w])
+    reasons = dispatch.get_backend("triton").not_supported_reasons("bn_relu_conv", [x, w], w.dtype)
     assert reasons and "bfloat16" in reasons[0] and "interpreter" in reasons[0]
-    assert dispatch.select("bn_relu_conv", [x, w], "auto").name == "reference"
+    assert dispatch.select("bn_relu_conv", [x, w], "auto", w.dtype).name == "reference"
+    auto = fp.PreActBlock(4, 4, backend="auto")
+    reference = fp.PreActBlock(4, 4, backend="reference")
+    reference.load_state_dict(auto.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what a user runs: no garbage (it was ~1e10 off)
+        torch.testing.assert_close(auto(x), reference(x), atol=5e-2, rtol=5e-2)
 
 
 def test_triton_import_error_is_reported_not_hidden():

@@ -240,7 +240,7 @@ def test_triton_declines_exact_float32_convolutions_by_default(monkeypatch):
     monkeypatch.delenv("FUSED_PREACT_ENABLE_CUDA_BACKEND", raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     x = torch.randn(4, 16, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
-    with pytest.raises(fp.dispatch.BackendNotSupported, match="exact float32 convolutions"):
+    with pytest.raises(fp.BackendNotSupported, match="exact float32 convolutions"):
         fp.PreActBlock(16, 32, 2, backend="triton").cuda()(x)
     w = torch.randn(32, 16, 1, 1, device="cuda")
     assert fp.dispatch.select("bn_relu_conv", [x, w]).name == "reference"

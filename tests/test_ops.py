@@ -53,7 +53,7 @@ def test_gradcheck_unit_eval_statistics():
 
 def test_gradcheck_unit_batch_statistics():
     """Training mode: mean/var are functions of x; the unit's backward includes their terms."""
-    from fused_preact.reference import merge_partials
+    from fused_preact.backends.reference import merge_partials
     x, _, _, gamma, beta, w, r, stride, padding, eps, _, _, backend = unit_args()
 
     def f(x, gamma, beta, w, r):

@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import triton_backend
-from .common import (autotune_warps, bn_scale_shift, cdiv, dot_precision, nhwc_strides,
-                     pow2_block, relu, rows_per_tile, stats_dtype, write_tile_stats)
+from ..base import cdiv, conv_output_hw, stats_dtype
+from .common import (autotune_warps, bn_scale_shift, dot_precision, nhwc_strides, pow2_block, relu, rows_per_tile,
+                     stats_tiles, write_tile_stats)
 
 
 @autotune_warps(key=["M", "K", "C", "R", "S"])
@@ -81,16 +81,14 @@ def bn_relu_conv_fwd_kernel(
         write_tile_stats(part_ptr, pid_m, y.to(tl.float32), row_ok, rn, col_ok, K)
 
 
-@triton_backend.register("bn_relu_conv")
 def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats):
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
-    p = (h + 2 * padding[0] - r) // stride[0] + 1
-    q = (w + 2 * padding[1] - s) // stride[1] + 1
+    p, q = conv_output_hw((h, w), (r, s), stride, padding)
     m = n * p * q
     y = torch.empty((n, k, p, q), device=x.device, dtype=weight.dtype, memory_format=torch.channels_last)
     bm, bn, bk = rows_per_tile(m), pow2_block(k, hi=128), pow2_block(c)
-    tiles = triton_backend.stats_tiles(m, k)
+    tiles = stats_tiles(m)
     part = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=stats_dtype(weight.dtype))
     has_prologue = mean is not None
     dummy = y  # never read: the matching constexpr flag is off

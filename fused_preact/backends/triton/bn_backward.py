@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import triton_backend
-from .common import cdiv, next_pow2, nhwc_strides
+from ..base import cdiv
+from .common import next_pow2, nhwc_strides
 
 
 @triton.jit
@@ -43,7 +43,6 @@ def bn_backward_apply_kernel(
     tl.store(dx_ptr + (n * son + h * soh + w * sow)[:, None] + rc[None, :] * soc, dx, mask=ok)
 
 
-@triton_backend.register("bn_backward_apply")
 def bn_backward_apply(g, x, mean, var, bn_weight, grad_means, eps, batch_stats):
     n, c, h, w = x.shape
     m = n * h * w

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import interpreter_on, triton_backend
-from .common import autotune_warps, bn_scale_shift, cdiv, dot_precision, nhwc_strides, pow2_block, relu
+from ..base import cdiv, wgrad_splits
+from .common import autotune_warps, bn_scale_shift, dot_precision, interpreter_on, nhwc_strides, pow2_block, relu
 
 
 @autotune_warps(key=["L", "K", "C", "R", "S", "SPLIT"])
@@ -66,14 +66,13 @@ def bn_relu_conv_wgrad_kernel(
 
 
 def split_count(rows: int, output_tiles: int) -> int:
-    """Enough splits of the pixel reduction to give the GPU ~1000 programs, each >= 1024 rows."""
+    """The shared split-K rule; in the interpreter 2 where possible, so the tiny test shapes
+    exercise the split path."""
     if interpreter_on():
-        return 2 if rows >= 64 else 1  # exercise the split path on tiny test shapes
-    want = max(1, 1024 // max(output_tiles, 1))
-    return max(1, min(want, rows // 1024, 64))
+        return 2 if rows >= 64 else 1
+    return wgrad_splits(rows, output_tiles)
 
 
-@triton_backend.register("bn_relu_conv_wgrad")
 def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps):
     n, c, h, w = x.shape
     k, _, r, s = weight_shape

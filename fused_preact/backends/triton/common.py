@@ -13,7 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import interpreter_on
+from ..base import cdiv
+
+# triton.jit decides at decoration time whether a kernel runs compiled or in the interpreter
+# (TRITON_INTERPRET=1, on the CPU), so the mode is read once, with the kernels.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreter_on() -> bool:
+    """Whether the kernels run in the Triton interpreter (on the CPU)."""
+    return INTERPRETED
 
 
 def rows_per_tile(rows: int) -> int:
@@ -22,13 +31,15 @@ def rows_per_tile(rows: int) -> int:
     return 64 if interpreter_on() or rows < 32768 else 128
 
 
-# Host-side grid arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are
-# constexpr functions in recent triton, whose calls from host code cost microseconds each.
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for positive b."""
-    return -(-a // b)
+def stats_tiles(rows: int) -> int:
+    """Statistics tiles for `rows` rows: at least 2 (the extra ones empty). With a symbolic
+    batch (torch.compile dynamic shapes) a count that may be 1 makes every contiguity check
+    guard on it, so each batch size that crosses it would recompile."""
+    return torch.sym_max(cdiv(rows, rows_per_tile(rows)), 2)
 
 
+# Host-side grid arithmetic in plain Python: triton.next_power_of_2 is a constexpr function
+# in recent triton, whose calls from host code cost microseconds each.
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n, for n >= 1."""
     return 1 << (n - 1).bit_length()
@@ -81,10 +92,6 @@ def nhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     """Element strides of an NCHW-shaped tensor in (n, h, w, c) order."""
     sn, sc, sh, sw = t.stride()
     return sn, sh, sw, sc
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @triton.jit

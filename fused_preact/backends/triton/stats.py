@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import triton_backend
-from .common import cdiv, next_pow2, nhwc_strides, rows_per_tile, stats_dtype, write_tile_stats
+from ..base import cdiv, stats_dtype
+from .common import next_pow2, nhwc_strides, rows_per_tile, stats_tiles, write_tile_stats
 
 
 @triton.jit
@@ -73,18 +73,16 @@ def bn_finalize_kernel(part_ptr, T, C, mean_ptr, var_ptr,
         tl.store(rvar_ptr + rc, rvar + factor * (unbiased - rvar), mask=c_ok)
 
 
-@triton_backend.register("batch_stats")
 def batch_stats(x):
     n, c, h, w = x.shape
     m = n * h * w
     bm, bc = rows_per_tile(m), min(64, next_pow2(c))
-    part = torch.empty((triton_backend.stats_tiles(m, c), 3, c), device=x.device, dtype=stats_dtype(x.dtype))
+    part = torch.empty((stats_tiles(m), 3, c), device=x.device, dtype=stats_dtype(x.dtype))
     batch_stats_kernel[(part.shape[0], cdiv(c, bc))](x, *nhwc_strides(x), part, m, h * w, w, c,
                                                            BM=bm, BC=bc)
     return part
 
 
-@triton_backend.register("bn_finalize")
 def bn_finalize(partials, running_mean, running_var, num_batches_tracked, momentum):
     t, _, c = partials.shape
     mean = torch.empty(c, device=partials.device, dtype=partials.dtype)

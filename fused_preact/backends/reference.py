@@ -13,23 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import Backend, register_backend
-
-
-class ReferenceBackend(Backend):
-    name = "reference"
-    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-    def stats_tiles(self, rows: int, channels: int) -> int:
-        return 1
-
-
-reference = register_backend(ReferenceBackend())
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics are float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .base import Backend, stats_dtype
 
 
 def conv_layout(t: torch.Tensor) -> torch.memory_format:
@@ -71,7 +55,6 @@ def partials_of(y: torch.Tensor) -> torch.Tensor:
     return torch.stack([count, mean, m2]).unsqueeze(0)
 
 
-@reference.register("bn_relu_conv")
 def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps,
                  want_stats):
     a = activation(x, mean, var, bn_weight, bn_bias, eps, weight.dtype)
@@ -83,7 +66,6 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
     return y, stats
 
 
-@reference.register("batch_stats")
 def batch_stats(x):
     return partials_of(x)
 
@@ -97,7 +79,6 @@ def merge_partials(partials: torch.Tensor):
     return total, mean, m2 / total
 
 
-@reference.register("bn_finalize")
 def bn_finalize(partials, running_mean, running_var, num_batches_tracked, momentum):
     count, mean, var = merge_partials(partials)
     if running_mean is not None:
@@ -109,7 +90,6 @@ def bn_finalize(partials, running_mean, running_var, num_batches_tracked, moment
     return mean, var
 
 
-@reference.register("bn_relu_conv_dgrad")
 def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps):
     da = torch.nn.grad.conv2d_input(x.shape, weight, dy, stride, padding)
     if mean is None:
@@ -123,13 +103,11 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     return g.contiguous(memory_format=torch.channels_last), sums
 
 
-@reference.register("bn_relu_conv_wgrad")
 def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps):
     a = activation(x, mean, var, bn_weight, bn_bias, eps, dy.dtype)
     return torch.nn.grad.conv2d_weight(a, weight_shape, dy, stride, padding).contiguous()
 
 
-@reference.register("bn_backward_apply")
 def bn_backward_apply(g, x, mean, var, bn_weight, grad_means, eps, batch_stats):
     scale = _channel(bn_scale(var, bn_weight, eps))
     gs = g.to(mean.dtype)
@@ -137,3 +115,21 @@ def bn_backward_apply(g, x, mean, var, bn_weight, grad_means, eps, batch_stats):
         xhat = (x.to(mean.dtype) - _channel(mean)) * _channel(torch.rsqrt(var + eps))
         gs = gs - _channel(grad_means[0]) - xhat * _channel(grad_means[1])
     return (scale * gs).to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+    def stats_tiles(self, rows: int, channels: int) -> int:
+        return 1
+
+
+BACKEND = ReferenceBackend({
+    "bn_relu_conv": bn_relu_conv,
+    "batch_stats": batch_stats,
+    "bn_finalize": bn_finalize,
+    "bn_relu_conv_dgrad": bn_relu_conv_dgrad,
+    "bn_relu_conv_wgrad": bn_relu_conv_wgrad,
+    "bn_backward_apply": bn_backward_apply,
+})

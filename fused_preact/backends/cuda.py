@@ -4,11 +4,9 @@ The kernels are torch-free: this side validates tensors, fills the params struct
 data pointers, sizes and element strides, and passes the CURRENT stream on every call
 (a cached stream breaks CUDA graphs), under a device guard for the tensors' device.
 
-The kernels are opt-in (FUSED_PREACT_ENABLE_CUDA_BACKEND=1): on an H100 (2026-11-22) every
-op matched the float64 reference and compute-sanitizer found no error or race, but they
-are slower than the triton backend on the headline block (benchmarks/results/: single-stage
-shared memory, no cp.async / ldmatrix / wgmma), and "auto" tries cuda first. They are
-unverified on sm_80.
+The kernels are opt-in (FUSED_PREACT_ENABLE_CUDA_BACKEND=1) while they are slower than
+the triton backend, because "auto" tries cuda first; README's backend table says what was
+verified where.
 """
 from __future__ import annotations
 
@@ -16,7 +14,7 @@ import os
 
 import torch
 
-from .dispatch import Backend, conv_tensor, register_backend
+from .base import Backend, cdiv, conv_output_hw, wgrad_splits
 
 ENABLE_FLAG = "FUSED_PREACT_ENABLE_CUDA_BACKEND"
 
@@ -24,17 +22,16 @@ ENABLE_FLAG = "FUSED_PREACT_ENABLE_CUDA_BACKEND"
 def load_extension():
     """(module, None) if fused_preact._C imports, else (None, why)."""
     try:
-        from . import _C
+        from .. import _C
     except ImportError as e:
         return None, f"fused_preact._C was not built ({e}); reinstall with nvcc on PATH"
     return _C, None
 
 
-def tf32_reason(op: str, tensors) -> str | None:
+def tf32_reason(conv_dtype: torch.dtype | None) -> str | None:
     """float32 convolutions run on tf32 tensor cores here, as nn.Conv2d does by default;
     with torch.backends.cudnn.allow_tf32 off they would not match it."""
-    conv = conv_tensor(op, tensors)
-    if conv is None or conv.dtype != torch.float32:
+    if conv_dtype != torch.float32:
         return None
     if torch.backends.cudnn.allow_tf32:
         return None
@@ -68,18 +65,14 @@ class CudaBackend(Backend):
                     "rebuild with FUSED_PREACT_CUDA_ARCHS)")
         return None
 
-    def not_supported_reasons(self, op, tensors):
-        tensors = list(tensors)
-        reasons = super().not_supported_reasons(op, tensors)
-        why = None if reasons else tf32_reason(op, tensors)
+    def not_supported_reasons(self, op, tensors, conv_dtype=None):
+        reasons = super().not_supported_reasons(op, tensors, conv_dtype)
+        why = None if reasons else tf32_reason(conv_dtype)
         return reasons + ([f"cuda: {why}"] if why else [])
 
     def stats_tiles(self, rows: int, channels: int) -> int:
         ext, _ = load_extension()
-        return -(-rows // ext.stats_rows)
-
-
-cuda_backend = register_backend(CudaBackend())
+        return cdiv(rows, ext.stats_rows)
 
 
 # --------------------------------------------------------------------------- marshalling
@@ -139,23 +132,16 @@ def conv_geometry(p, weight_shape, stride, padding):
     p.pad_h, p.pad_w = padding
 
 
-def wgrad_split(rows: int, output_blocks: int) -> int:
-    """Splits of the pixel reduction: ~1000 blocks in all, each over >= 1024 pixels."""
-    return max(1, min(max(1, 1024 // max(output_blocks, 1)), rows // 1024, 64))
-
-
 # --------------------------------------------------------------------------- ops
-@cuda_backend.register("bn_relu_conv")
 def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats):
     ext, _ = load_extension()
     for name, t in (("x", x), ("weight", weight)):
         require_cuda(name, t)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
-    out_h = (h + 2 * padding[0] - r) // stride[0] + 1
-    out_w = (w + 2 * padding[1] - s) // stride[1] + 1
+    out_h, out_w = conv_output_hw((h, w), (r, s), stride, padding)
     y = torch.empty((n, k, out_h, out_w), device=x.device, dtype=weight.dtype, memory_format=torch.channels_last)
-    tiles = cuda_backend.stats_tiles(n * out_h * out_w, k)
+    tiles = BACKEND.stats_tiles(n * out_h * out_w, k)
     partials = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=torch.float32)
     keep = [weight.permute(2, 3, 1, 0).contiguous()]  # [R, S, C, K]
     p = ext.ConvFwdParams()
@@ -172,12 +158,11 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
     return y, partials
 
 
-@cuda_backend.register("batch_stats")
 def batch_stats(x):
     ext, _ = load_extension()
     require_cuda("x", x)
     n, c, h, w = x.shape
-    partials = torch.empty((cuda_backend.stats_tiles(n * h * w, c), 3, c), device=x.device, dtype=torch.float32)
+    partials = torch.empty((BACKEND.stats_tiles(n * h * w, c), 3, c), device=x.device, dtype=torch.float32)
     p = ext.StatsParams()
     p.x, p.partials = act(ext, x), partials.data_ptr()
     with torch.cuda.device(x.device):
@@ -185,7 +170,6 @@ def batch_stats(x):
     return partials
 
 
-@cuda_backend.register("bn_finalize")
 def bn_finalize(partials, running_mean, running_var, num_batches_tracked, momentum):
     ext, _ = load_extension()
     require_cuda("partials", partials)
@@ -212,7 +196,6 @@ def bn_finalize(partials, running_mean, running_var, num_batches_tracked, moment
     return mean, var
 
 
-@cuda_backend.register("bn_relu_conv_dgrad")
 def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps):
     ext, _ = load_extension()
     for name, t in (("dy", dy), ("weight", weight), ("x", x)):
@@ -236,7 +219,6 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     return g, sums.sum(dim=0) if has_bn else sums.new_empty((2, 0))
 
 
-@cuda_backend.register("bn_relu_conv_wgrad")
 def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps):
     ext, _ = load_extension()
     for name, t in (("dy", dy), ("x", x)):
@@ -245,9 +227,9 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
     k, _, r, s = weight_shape
     rows = n * dy.shape[2] * dy.shape[3]
     tile = ext.stats_rows
-    split = wgrad_split(rows, -(-k // tile) * -(-c // tile) * r * s)
-    rows_per_split = -(-rows // split)
-    split = -(-rows // rows_per_split)
+    split = wgrad_splits(rows, cdiv(k, tile) * cdiv(c, tile) * r * s)
+    rows_per_split = cdiv(rows, split)
+    split = cdiv(rows, rows_per_split)
     partials = torch.empty((split, k, c, r, s), device=x.device, dtype=torch.float32)
     keep: list = []
     p = ext.ConvWgradParams()
@@ -260,7 +242,6 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
     return partials.sum(dim=0).to(dy.dtype)
 
 
-@cuda_backend.register("bn_backward_apply")
 def bn_backward_apply(g, x, mean, var, bn_weight, grad_means, eps, batch_stats):
     ext, _ = load_extension()
     for name, t in (("g", g), ("x", x)):
@@ -277,3 +258,13 @@ def bn_backward_apply(g, x, mean, var, bn_weight, grad_means, eps, batch_stats):
     with torch.cuda.device(x.device):
         ext.bn_backward_apply(p, dtype_code(ext, x.dtype), stream_of(x))
     return dx
+
+
+BACKEND = CudaBackend({
+    "bn_relu_conv": bn_relu_conv,
+    "batch_stats": batch_stats,
+    "bn_finalize": bn_finalize,
+    "bn_relu_conv_dgrad": bn_relu_conv_dgrad,
+    "bn_relu_conv_wgrad": bn_relu_conv_wgrad,
+    "bn_backward_apply": bn_backward_apply,
+})

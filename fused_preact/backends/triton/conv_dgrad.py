@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import triton_backend
-from .common import (autotune_warps, bn_scale_shift, cdiv, dot_precision, nhwc_strides, pow2_block,
-                     relu_passes, rows_per_tile)
+from ..base import cdiv
+from .common import (autotune_warps, bn_scale_shift, dot_precision, nhwc_strides, pow2_block, relu_passes,
+                     rows_per_tile)
 
 
 @autotune_warps(key=["HP", "WP", "C", "K", "R", "S"])
@@ -98,7 +98,6 @@ def bn_relu_conv_dgrad_kernel(
         tl.store(base + C, tl.sum(gs * xc * invstd[None, :], axis=0), mask=c_ok)
 
 
-@triton_backend.register("bn_relu_conv_dgrad")
 def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps):
     n, c, h, w = x.shape
     k, _, r, s = weight.shape

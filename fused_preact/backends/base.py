@@ -1,0 +1,84 @@
+"""What every backend is and shares; imports nothing of fused_preact (a leaf).
+
+A backend is a table of op implementations (op name -> function, written out in the
+backend's module) plus the limits under which they are valid, answered as sentences by
+`not_supported_reasons` ("triton: dtype torch.float64 not supported ...").
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+
+class BackendNotSupported(RuntimeError):
+    """No backend (or not the forced one) can run an op on the given inputs."""
+
+
+class Backend:
+    """Op implementations (`impls`: op name -> function) and the limits under which they run."""
+
+    name: str = ""
+    dtypes: tuple[torch.dtype, ...] = ()
+    env_flags: tuple[str, ...] = ()  # environment variables the reasons read
+
+    def __init__(self, impls: dict[str, Callable]):
+        self.impls = impls
+
+    def availability_reason(self) -> str | None:
+        """Why this backend cannot run at all here (not built, not installed), else None."""
+        return None
+
+    def device_reason(self, device: torch.device) -> str | None:
+        """Why tensors on `device` are not accepted, else None."""
+        return None
+
+    def not_supported_reasons(self, op: str, tensors: Iterable[torch.Tensor | None],
+                              conv_dtype: torch.dtype | None = None) -> list[str]:
+        """Why this backend cannot run `op` on `tensors` (empty: it can). conv_dtype: the
+        dtype the op's convolution computes in (None for ops without one)."""
+        reasons: list[str] = []
+        unavailable = self.availability_reason()
+        if unavailable:
+            return [f"{self.name}: {unavailable}"]
+        if op not in self.impls:
+            reasons.append(f"{self.name}: op '{op}' is not implemented")
+        present = [t for t in tensors if t is not None]
+        for device in sorted({t.device for t in present}, key=str):
+            why = self.device_reason(device)
+            if why:
+                reasons.append(f"{self.name}: {why}")
+        for dtype in sorted({t.dtype for t in present if t.is_floating_point()}, key=str):
+            if dtype not in self.dtypes:
+                supported = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+                hint = "; float64 runs on backend='reference'" if dtype == torch.float64 else ""
+                reasons.append(f"{self.name}: dtype {dtype} not supported (supported: {supported}){hint}")
+        return reasons
+
+    def stats_tiles(self, rows: int, channels: int) -> int:
+        """How many row tiles of partial statistics this backend writes for `rows` rows."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------ host helpers, plain Python
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive b (plain Python: triton.cdiv is a constexpr function, slow
+    from host code)."""
+    return -(-a // b)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def conv_output_hw(in_hw: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[int],
+                   padding: Sequence[int]) -> tuple[int, int]:
+    """(P, Q) of a convolution, as nn.Conv2d computes it (dilation 1)."""
+    return tuple((i + 2 * p - k) // s + 1 for i, k, s, p in zip(in_hw, kernel_hw, stride, padding))
+
+
+def wgrad_splits(rows: int, output_tiles: int) -> int:
+    """Splits of a weight gradient's pixel reduction: enough to give a GPU ~1000 programs,
+    each over >= 1024 rows, at most 64 (the split-K partials are reduced in a fixed order)."""
+    return max(1, min(max(1, 1024 // max(output_tiles, 1)), rows // 1024, 64))

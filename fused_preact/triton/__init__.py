@@ -1,1 +1,0 @@
-"""Triton kernels and their launchers, imported when the triton backend is first used."""
