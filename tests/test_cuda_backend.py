@@ -47,7 +47,7 @@ def test_wrappers_reject_cpu_tensors_before_launch():
 
 
 def test_tf32_limit_is_declared():
-    x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    w = torch.randn(6, 4, 3, 3)
     previous = torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32 = False
