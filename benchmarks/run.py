@@ -161,13 +161,20 @@ def conv_flops(case: C.BlockCase) -> float:
 
 
 def saved_activation_bytes(module, x) -> int:
-    """Bytes of distinct 4-D non-parameter tensors autograd saves in one forward."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    """Bytes of distinct 4-D tensors autograd saves in one forward, parameters excluded:
+    their storage, and the copies autocast casts them into for each convolution (eager and
+    fused both save a bf16 weight per conv; at 8x8 those outweigh the activations)."""
+    params = list(module.parameters())
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
     storages = {}
+
+    def is_parameter_copy(t):
+        return any(p.shape == t.shape and p.dtype != t.dtype and torch.equal(p.detach().to(t.dtype), t)
+                   for p in params)
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
-        if t.dim() == 4 and ptr not in params:
+        if t.dim() == 4 and ptr not in param_storages and not is_parameter_copy(t):
             storages[ptr] = t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -219,6 +219,18 @@ def test_saved_activations_at_most_55_percent_of_eager(kind, in_planes, planes, 
     assert ratio <= 0.55, ratio
 
 
+@pytest.mark.parametrize("in_planes,planes,stride,hw", [(32, 64, 2, 16), (256, 256, 1, 8), (16, 16, 1, 8)])
+def test_saved_activations_under_autocast_at_most_55_percent_of_eager(in_planes, planes, stride, hw):
+    """Projection blocks too keep x and t only, also under autocast, where each conv saves a
+    bf16 copy of its weight on both sides (parameter data, not activations)."""
+    from benchmarks.run import saved_activation_bytes
+    ours, eager = make_pair("basic", in_planes, planes, stride, torch.float32)
+    x = torch.randn(16, in_planes, hw, hw).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ratio = saved_activation_bytes(ours, x.requires_grad_(True)) / saved_activation_bytes(eager, x)
+    assert ratio <= 0.55, ratio
+
+
 def test_output_is_channels_last_and_any_input_layout_works():
     ours, eager = make_pair("basic", 4, 4, 1, torch.float64)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
