@@ -27,8 +27,8 @@ from torch import nn
 
 from .dispatch import check_backend_name
 from .testing import randomize_bn
-from .nn import (SHORTCUT_SOURCES, FusedBNReLUConv2d, PreActBlock, PreActBottleneck, TimmPreActBasic,
-                 TimmPreActBottleneck, _PreActUnits, from_modules)
+from .nn import (SHORTCUT_SOURCES, FusedBNReLUConv2d, FusedSequential, PreActBlock, PreActBottleneck,
+                 TimmPreActBasic, TimmPreActBottleneck, _PreActUnits, chainable, from_modules)
 
 log = logging.getLogger("fused_preact.convert")
 
@@ -227,6 +227,10 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = 
             new = visit(f"{name}.{child_name}" if name else child_name, child)
             if new is not child:
                 setattr(module, child_name, new)
+        if type(module) is nn.Sequential and sum(chainable(child) for child in module) >= 2:
+            module.__class__ = FusedSequential  # the same object: keys, hooks and references stay
+            report.updated.append((name, "nn.Sequential -> FusedSequential: consecutive fused blocks hand "
+                                         "their statistics on"))
         return module
 
     model = visit("", model)

@@ -267,6 +267,30 @@ def run_chain(blocks, x: Tensor) -> Tensor:
     return x
 
 
+def chainable(module: nn.Module) -> bool:
+    """A fused block that run_chain may call directly: it has no hooks of its own (a direct
+    call would skip them)."""
+    return isinstance(module, _PreActUnits) and not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+class FusedSequential(nn.Sequential):
+    """nn.Sequential (same children, same state_dict keys) that runs each run of consecutive
+    fused blocks through run_chain, so only the first block of a run reads its input for
+    statistics. `convert` turns a user's nn.Sequential of fused blocks into one."""
+
+    def forward(self, x):
+        chain: list[_PreActUnits] = []
+        for module in self:
+            if chainable(module):
+                chain.append(module)
+                continue
+            if chain:
+                x, chain = run_chain(chain, x), []
+            x = module(x)
+        return run_chain(chain, x) if chain else x
+
+
 class TimmPreActBasic(_PreActUnits):
     """Fused stand-in for timm resnetv2.PreActBasic: norm1 (BatchNormAct2d), conv1, norm2,
     conv2, downsample (DownsampleConv: conv + Identity norm) or None, drop_path Identity."""

@@ -156,7 +156,7 @@ def test_convert_switches_already_fused_models_to_sync_bn():
     converted, report = fp.convert(model, sync_bn=True, return_report=True)
     blocks = [b for b in converted.modules() if isinstance(b, fp.nn._PreActUnits)]
     assert blocks and all(b.sync_bn for b in blocks)
-    assert len(report.updated) == len(blocks) and "sync_bn on" in report.updated[0][1]
+    assert sum("sync_bn on" in what for _, what in report.updated) == len(blocks)
     assert all(b.sync_bn for b in fp.models.preact_resnet18(sync_bn=True).modules()
                if isinstance(b, fp.nn._PreActUnits))
 
@@ -175,3 +175,38 @@ def test_convert_a_block_used_twice_and_its_hooks():
     handle.remove()  # the user's handle still removes it
     converted(torch.randn(2, 4, 5, 5, dtype=torch.float64))
     assert len(fired) == 2
+
+
+def test_converted_sequential_hands_statistics_from_block_to_block(monkeypatch):
+    """A user's nn.Sequential of blocks: after convert only the first block of each run of
+    fused blocks reads its input for statistics; same numbers, same keys, hooks still fire."""
+    from fused_preact.backends import reference
+    torch.manual_seed(0)
+    model = nn.Sequential(PreActBlock(4, 8, 2), PreActBlock(8, 8), PreActBlock(8, 8), nn.ReLU(),
+                          PreActBlock(8, 8), PreActBlock(8, 8)).double()
+    randomize_bn(model)
+    eager = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    converted, report = fp.convert(model, return_report=True)
+    assert converted is model and type(converted) is fp.nn.FusedSequential and list(converted.state_dict()) == keys
+    assert any("FusedSequential" in what for _, what in report.updated)
+    calls = []
+    real = reference.BACKEND.impls["batch_stats"]
+    monkeypatch.setitem(reference.BACKEND.impls, "batch_stats", lambda **kw: calls.append(1) or real(**kw))
+    x = torch.randn(3, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    out = converted(x)
+    assert len(calls) == 2  # the first block, and the first after the ReLU
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = eager(ref_x)
+    assert_close(out, ref, torch.float64, "chained output")
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    assert_close(x.grad, ref_x.grad, torch.float64, "chained grad x")
+    for (name, a), (_, b) in zip(converted.state_dict().items(), eager.state_dict().items()):
+        assert_close(a.double(), b.double(), torch.float64, name)
+    fired = []
+    converted[1].register_forward_hook(lambda m, i, o: fired.append(1))
+    calls.clear()
+    converted(x)
+    # A hooked block is called as a module: it, and the block after it, read their inputs.
+    assert fired == [1] and len(calls) == 4
