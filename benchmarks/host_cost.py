@@ -34,19 +34,26 @@ KERNELS = [("conv_fwd", "bn_relu_conv_fwd_kernel"), ("conv_dgrad", "bn_relu_conv
 
 
 class NoLaunch:
-    """Stands for kernel[grid](...): launches nothing."""
+    """Stands for kernel[grid](...): launches nothing, and counts the launch in `launches`
+    (a Counter by kernel name) if given."""
+
+    def __init__(self, name: str, launches=None):
+        self.name, self.launches = name, launches
 
     def __getitem__(self, grid):
+        if self.launches is not None:
+            self.launches[self.name] += 1
         return lambda *args, **kwargs: None
 
 
-def stub_launches() -> None:
+def stub_launches(launches=None) -> None:
+    """Replace every Triton kernel of the triton backend, for good (run in its own process)."""
     import importlib
     fp.dispatch.get_backend("triton")  # loads the kernel modules
     for module_name, kernel in KERNELS:
         module = importlib.import_module(f"fused_preact.backends.triton.{module_name}")
         assert hasattr(module, kernel), f"{module_name}.{kernel} is gone: update KERNELS"
-        setattr(module, kernel, NoLaunch())
+        setattr(module, kernel, NoLaunch(kernel, launches))
 
 
 def time_us(fn, repeats: int, calls: int) -> dict:

@@ -13,7 +13,7 @@ Ops (DESIGN.md section 1):
   bn_finalize         merge partials -> (mean, biased var); update running stats in place
   bn_relu_conv_dgrad  g = dgrad(dy, W) * [bn(x) > 0], per-channel sums of g and g * xhat
   bn_relu_conv_wgrad  dW = wgrad(relu(bn(x)), dy)
-  bn_backward_apply   dx = scale * (g - mean(g) - xhat * mean(g * xhat))   (training)
+  bn_backward_apply   dx = scale * (g - sum(g) / n - xhat * sum(g * xhat) / n)   (training)
 
 Synchronised BatchNorm (fused_preact.distributed) exchanges the partial statistics
 before bn_finalize and the gradient sums before bn_backward_apply.
@@ -154,9 +154,12 @@ def _unit_setup_context(ctx, inputs, output):
                              weight.dtype).name
     ctx.conf = (list(stride), list(padding), eps, batch_stats, ran_on, residual is not None, sync_group)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics output
 
 
 def _unit_backward(ctx, dy, _dstats):
+    if dy is None:  # the output got no gradient (grads are not materialised as zeros)
+        return (None,) * 14
     if torch.is_grad_enabled():  # backward(create_graph=True): the kernels have no derivative
         raise RuntimeError("fused_preact: double backward (create_graph=True, e.g. a gradient penalty) is not "
                            "supported by the fused units; use the eager blocks for that part of the model")
@@ -176,11 +179,10 @@ def _unit_backward(ctx, dy, _dstats):
         else:
             if needs[0]:
                 count = x.numel() // x.shape[1]
-                if batch_stats and sync_group:
-                    grad_means = distributed.global_grad_means(sums, count, sync_group)
-                else:
-                    grad_means = sums / count
-                dx = bn_backward_apply(g, x, mean, var, bn_weight, grad_means, eps, batch_stats, backend)
+                grad_sums = sums
+                if batch_stats and sync_group:  # the means over all ranks (dgamma, dbeta stay local sums)
+                    grad_sums, count = distributed.global_grad_means(sums, count, sync_group), 1
+                dx = bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats, backend)
             if needs[3]:
                 dgamma = sums[1].to(bn_weight.dtype)
             if needs[4]:
@@ -273,17 +275,18 @@ def _(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, 
 
 @declare("bn_backward_apply")
 def bn_backward_apply(g: Tensor, x: Tensor, mean: Tensor, var: Tensor, bn_weight: Optional[Tensor],
-                      grad_means: Tensor, eps: float, batch_stats: bool, backend: str) -> Tensor:
+                      grad_sums: Tensor, count: int, eps: float, batch_stats: bool, backend: str) -> Tensor:
     """dx of BatchNorm given g = dL/d bn(x): scale * (g - mean(g) - xhat * mean(g xhat)).
 
-    grad_means [2, C] = (mean g, mean g * xhat) over the batch the statistics came from
-    (all ranks under synchronised BN). With batch_stats False (eval-mode statistics)
-    the mean terms vanish: scale * g.
+    grad_sums [2, C] = (sum g, sum g * xhat) over the `count` values per channel the
+    statistics came from; the means are taken here (no division kernel beside it). Under
+    synchronised BN the caller passes the means over all ranks and count 1. With
+    batch_stats False (eval-mode statistics) the mean terms vanish: scale * g.
     """
     return _run("bn_backward_apply", backend, None, g=g, x=x, mean=mean, var=var, bn_weight=bn_weight,
-                grad_means=grad_means, eps=eps, batch_stats=batch_stats)
+                grad_sums=grad_sums, count=count, eps=eps, batch_stats=batch_stats)
 
 
 @bn_backward_apply.op.register_fake
-def _(g, x, mean, var, bn_weight, grad_means, eps, batch_stats, backend):
+def _(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats, backend):
     return _empty_nchw_channels_last(x, x.shape)

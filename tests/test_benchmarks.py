@@ -177,3 +177,23 @@ def test_report_flags_a_noisy_time():
             dict(base, provider="fused-reference", metric="time_spread", value="0.05")]
     table = report.block_table(rows)
     assert "| c | fp32 | fwd | 1.000 (noisy) | 2.000 |" in table[2]
+
+
+# Per identity basic block inside a converted nn.Sequential, measured by benchmarks.launches
+# at this commit; the targets are 2 / 8 Triton launches and no torch kernel. A change
+# that adds a launch or a kernel beside them fails here; one that removes some lowers these.
+LAUNCH_BUDGET = {"fwd": {"triton": 4, "torch": 2}, "fwdbwd": {"triton": 10, "torch": 7}}
+
+
+def test_launches_per_chained_block_do_not_regress():
+    import json
+    import sys
+    code = ("import json; from benchmarks.launches import per_block\n"
+            "print(json.dumps({m: {k: dict(c) for k, c in v.items()} for m, v in per_block().items()}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent.parent)
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counts["fwdbwd"]["triton"]["bn_relu_conv_fwd_kernel"] == 2  # it counts what runs
+    for mode, budget in LAUNCH_BUDGET.items():
+        for kind, most in budget.items():
+            assert sum(counts[mode][kind].values()) <= most, (mode, kind, counts[mode][kind])

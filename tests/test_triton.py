@@ -162,9 +162,9 @@ def test_backward_pieces_match_reference(shape, dtype, prologue, poisoned):
         dw = ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf, backend)
         if not prologue:
             return dict(g=g, dw=dw)
-        grad_means = sums / (x.numel() // x.shape[1])
-        dx = ops.bn_backward_apply(g, x, mean, var, gamma, grad_means, 1e-5, True, backend)
-        dx_eval = ops.bn_backward_apply(g, x, mean, var, gamma, grad_means, 1e-5, False, backend)
+        count = x.numel() // x.shape[1]
+        dx = ops.bn_backward_apply(g, x, mean, var, gamma, sums, count, 1e-5, True, backend)
+        dx_eval = ops.bn_backward_apply(g, x, mean, var, gamma, sums, count, 1e-5, False, backend)
         return dict(g=g, sums=sums, dw=dw, dx=dx, dx_eval=dx_eval)
 
     inputs = (x, mean, var, gamma, beta, w, dy)

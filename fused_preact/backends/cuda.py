@@ -242,7 +242,7 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
     return partials.sum(dim=0).to(dy.dtype)
 
 
-def bn_backward_apply(g, x, mean, var, bn_weight, grad_means, eps, batch_stats):
+def bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats):
     ext, _ = load_extension()
     for name, t in (("g", g), ("x", x)):
         require_cuda(name, t)
@@ -250,7 +250,7 @@ def bn_backward_apply(g, x, mean, var, bn_weight, grad_means, eps, batch_stats):
         raise TypeError(f"fused_preact.cuda: g dtype {g.dtype} must equal x dtype {x.dtype}")
     c = x.shape[1]
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    keep = [fp32_vector("grad_means", grad_means.flatten(), 2 * c)]
+    keep = [fp32_vector("grad_sums", (grad_sums / count).flatten(), 2 * c)]  # the kernel reads means
     p = ext.BnBackwardParams()
     p.g, p.x, p.dx = act(ext, g), act(ext, x), act(ext, dx)
     p.bn = bn_args(ext, mean, var, bn_weight, None, eps, c, keep)

@@ -17,7 +17,7 @@ from .common import next_pow2, nhwc_strides
 @triton.jit
 def bn_backward_apply_kernel(
     g_ptr, sgn, sgh, sgw, sgc, x_ptr, sxn, sxh, sxw, sxc, dx_ptr, son, soh, sow, soc,
-    mean_ptr, var_ptr, gamma_ptr, grad_means_ptr, eps, M, HW, W, C,
+    mean_ptr, var_ptr, gamma_ptr, grad_sums_ptr, inv_count, eps, M, HW, W, C,
     HAS_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
 ):
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -35,22 +35,22 @@ def bn_backward_apply_kernel(
     if BATCH_STATS:
         x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)
-        mean_g = tl.load(grad_means_ptr + rc, mask=c_ok, other=0.0)
-        mean_gx = tl.load(grad_means_ptr + C + rc, mask=c_ok, other=0.0)
+        mean_g = tl.load(grad_sums_ptr + rc, mask=c_ok, other=0.0) * inv_count
+        mean_gx = tl.load(grad_sums_ptr + C + rc, mask=c_ok, other=0.0) * inv_count
         xhat = (x - mean[None, :]) * invstd[None, :]
         g = g - mean_g[None, :] - xhat * mean_gx[None, :]
     dx = (g * scale[None, :]).to(dx_ptr.dtype.element_ty)
     tl.store(dx_ptr + (n * son + h * soh + w * sow)[:, None] + rc[None, :] * soc, dx, mask=ok)
 
 
-def bn_backward_apply(g, x, mean, var, bn_weight, grad_means, eps, batch_stats):
+def bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats):
     n, c, h, w = x.shape
     m = n * h * w
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     bm, bc = 64, min(64, next_pow2(c))
     bn_backward_apply_kernel[(cdiv(m, bm), cdiv(c, bc))](
         g, *nhwc_strides(g), x, *nhwc_strides(x), dx, *nhwc_strides(dx),
-        mean, var, bn_weight if bn_weight is not None else var, grad_means.contiguous(), eps, m, h * w, w, c,
+        mean, var, bn_weight if bn_weight is not None else var, grad_sums.contiguous(), 1.0 / count, eps, m, h * w, w, c,
         HAS_GAMMA=bn_weight is not None, BATCH_STATS=batch_stats, BM=bm, BC=bc,
     )
     return dx

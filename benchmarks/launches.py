@@ -1,0 +1,86 @@
+"""Launches per fused block, counted on a CPU: Triton launches and the torch kernels beside them.
+
+    python -m benchmarks.launches              # prints the counts, writes nothing
+
+Per identity basic block inside a converted nn.Sequential of kuangliu blocks (`fp.convert`),
+in training: the counts of a chain of 3 blocks minus those of 2, so the first block's
+standalone statistics pass and the loss are left out. Triton launches are stubbed (counted,
+not run: this is about how many, not what they compute); torch kernels are the aten ops
+the profiler records outside our launches' allocations: every op but allocations, views
+and no-op conversions, counted once where one calls another (to -> _to_copy -> copy_).
+Targets (issue "Speed, part 1"): <= 2 Triton launches forward, <= 8 forward+backward, no
+torch kernel beside them.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+os.environ.setdefault("FUSED_PREACT_TRITON_AUTOTUNE", "0")
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fused_preact as fp  # noqa: E402
+from fused_preact import testing  # noqa: E402
+
+from .host_cost import stub_launches  # noqa: E402
+
+# Allocations, views and conversions that copy nothing (a copy shows as their child op).
+FREE = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
+        "aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::detach", "aten::alias", "aten::t",
+        "aten::permute", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice",
+        "aten::reshape", "aten::to", "aten::contiguous", "aten::lift_fresh", "aten::resolve_conj",
+        "aten::resolve_neg", "aten::unbind", "aten::split", "aten::transpose", "aten::flatten",
+        "aten::_reshape_alias", "aten::result_type", "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense"}
+
+
+def torch_kernels(events) -> Counter:
+    """aten ops that do work, each counted once (not again inside another counted one)."""
+    counted = Counter()
+    for event in events:
+        if not event.name.startswith("aten::") or event.name in FREE:
+            continue
+        parent, nested = event.cpu_parent, False
+        while parent is not None:
+            nested = nested or (parent.name.startswith("aten::") and parent.name not in FREE)
+            parent = parent.cpu_parent
+        if not nested:
+            counted[event.name] += 1
+    return counted
+
+
+def count(blocks: int, backward: bool, launches: Counter) -> tuple[Counter, Counter]:
+    """(Triton launches, torch kernels) of one training step of `blocks` chained blocks."""
+    torch.manual_seed(0)
+    model = fp.convert(nn.Sequential(*[testing.PreActBlock(16, 16) for _ in range(blocks)]), backend="triton")
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    out = model(x)  # warm-up
+    grad = torch.ones_like(out)
+    launches.clear()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = model(x)
+        if backward:
+            out.backward(grad)
+    return Counter(launches), torch_kernels(prof.events())
+
+
+def per_block() -> dict[str, dict[str, Counter]]:
+    """{"fwd"|"fwdbwd": {"triton": launches, "torch": kernels}} of one block in a chain."""
+    launches: Counter = Counter()
+    stub_launches(launches)
+    result = {}
+    for mode, backward in (("fwd", False), ("fwdbwd", True)):
+        two, three = count(2, backward, launches), count(3, backward, launches)
+        result[mode] = {"triton": three[0] - two[0], "torch": three[1] - two[1]}
+    return result
+
+
+def main() -> None:
+    for mode, counts in per_block().items():
+        for kind, counter in counts.items():
+            print(f"{mode:7s} {kind:7s} {sum(counter.values()):3d}  {dict(sorted(counter.items()))}")
+
+
+if __name__ == "__main__":
+    main()
