@@ -47,7 +47,7 @@ def providers(device: str, max_autotune: bool) -> list[Provider]:
         out.append(Provider("compile", None, True, True, "default"))
         if max_autotune:
             out.append(Provider("compile-max", None, True, True, "max-autotune-no-cudagraphs"))
-        backends = ["triton", "cuda", "reference"]
+        backends = list(fp.dispatch.BACKEND_NAMES)
     else:
         backends = ["reference"]
     out += [Provider(f"fused-{b}", b, True, True) for b in backends]

@@ -29,3 +29,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """torch.empty returns NaN-filled float tensors inside the `with` block."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    class Poison:
+        def __enter__(self):
+            monkeypatch.setattr(torch, "empty", empty)
+
+        def __exit__(self, *exc):
+            monkeypatch.setattr(torch, "empty", real_empty)
+    return Poison()

@@ -7,7 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fused_preact as fp
 from fused_preact import ops
 from fused_preact.entry import OpEntry
-from helpers import DEVICE
+from fused_preact import dispatch
+from helpers import DEVICE, use_backend_or_skip
 
 ENTRIES = [e for e in vars(ops).values() if isinstance(e, OpEntry)]
 
@@ -84,10 +85,11 @@ def test_double_backward_raises_at_the_first_backward():
     assert grad_x.shape == x.shape
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_torch_func_transforms_get_the_registered_op(backend):
+@pytest.mark.parametrize("backend", dispatch.BACKEND_NAMES)
+def test_torch_func_transforms_get_the_registered_op(backend, monkeypatch):
     """Under vmap the op is batched by PyTorch (per-sample fallback), as a registered op is;
     a kernel handed the batched tensor itself would not know the batch dimension."""
     x = torch.randn(3, 2, 4, 5, 5, device=DEVICE)
+    use_backend_or_skip(backend, monkeypatch, x)
     batched = torch.func.vmap(lambda t: ops.batch_stats(t, backend))(x)
     torch.testing.assert_close(batched, torch.stack([ops.batch_stats(t, backend) for t in x]))

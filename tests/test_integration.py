@@ -11,7 +11,7 @@ import fused_preact as fp
 from fused_preact.testing import PreActBlock as EagerBlock
 from fused_preact.testing import PreActBottleneck as EagerBottleneck
 from fused_preact.testing import randomize_bn
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, use_backend_or_skip
 
 
 def small_pair(dtype=torch.float32):
@@ -98,19 +98,19 @@ def test_to_dtype_and_channels_last():
     assert_close(dx, ref_dx, torch.float64, "float64 grad")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_deterministic_algorithms_mode(backend):
+@pytest.mark.parametrize("backend", fp.dispatch.BACKEND_NAMES)
+def test_deterministic_algorithms_mode(backend, monkeypatch):
     """torch.use_deterministic_algorithms(True) never meets a non-deterministic kernel of
     ours: a training step runs, and two runs agree bitwise."""
+    use_backend_or_skip(backend, monkeypatch, torch.empty(0, device=DEVICE))
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         results = []
         for _ in range(2):
             torch.manual_seed(0)
-            device = DEVICE if backend == "triton" else "cpu"
-            block = fp.PreActBlock(4, 5, 2, backend=backend).to(device)
-            x = torch.randn(2, 4, 7, 7, device=device, requires_grad=True)
+            block = fp.PreActBlock(4, 5, 2, backend=backend).to(DEVICE)
+            x = torch.randn(2, 4, 7, 7, device=DEVICE, requires_grad=True)
             block(x).square().sum().backward()
             results.append([x.grad] + [p.grad for p in block.parameters()])
         for a, b in zip(*results):

@@ -6,13 +6,13 @@ import torch
 import fused_preact as fp
 from fused_preact.testing import PreActBlock as EagerBlock
 from fused_preact.testing import PreActBottleneck as EagerBottleneck
-from helpers import DEVICE
+from helpers import DEVICE, use_backend_or_skip
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", fp.dispatch.BACKEND_NAMES)
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_input_propagates_like_eager(backend, kind, bad):
+def test_non_finite_input_propagates_like_eager(backend, kind, bad, monkeypatch):
     eager_cls, ours_cls = (EagerBlock, fp.PreActBlock) if kind == "basic" else (EagerBottleneck, fp.PreActBottleneck)
     torch.manual_seed(0)
     channels = 4 * ours_cls.expansion  # identity shortcut
@@ -21,7 +21,8 @@ def test_non_finite_input_propagates_like_eager(backend, kind, bad):
     ours.load_state_dict(eager.state_dict())
     x = torch.randn(2, channels, 6, 6)
     x[0, 1, 2, 3] = bad  # eval mode: the statistics stay finite, the value travels through relu
-    device = DEVICE if backend == "triton" else "cpu"
+    use_backend_or_skip(backend, monkeypatch, x.to(DEVICE))
+    device = DEVICE
     results = []
     for model in (eager, ours.to(device)):
         xi = x.clone().to(device).requires_grad_(True)

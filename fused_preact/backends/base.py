@@ -21,6 +21,7 @@ class Backend:
     name: str = ""
     dtypes: tuple[torch.dtype, ...] = ()
     env_flags: tuple[str, ...] = ()  # environment variables the reasons read
+    opt_in: tuple[str, str] | None = None  # (variable, value) that enables an opt-in backend
 
     def __init__(self, impls: dict[str, Callable]):
         self.impls = impls

@@ -42,6 +42,7 @@ class CudaBackend(Backend):
     name = "cuda"
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     env_flags = (ENABLE_FLAG,)
+    opt_in = (ENABLE_FLAG, "1")
 
     def availability_reason(self):
         ext, why = load_extension()
