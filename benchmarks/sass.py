@@ -1,0 +1,206 @@
+"""What a GPU will run, read on any machine: every Triton kernel of the triton backend compiled
+for sm_90 (or sm_80) at a benchmark case's block shapes, with per kernel its registers,
+spills, shared memory, tensor-core instructions, instructions per main-loop iteration and
+ptxas's advisories (C7514/C7515: wgmma serialised).
+
+    python -m benchmarks.sass                       # the headline case, bf16, sm_90
+    python -m benchmarks.sass --case in-r50-14 --arch 80 --json out.json
+
+No GPU is needed: a stand-in driver reports the target, the launchers run on CPU tensors
+with each kernel replaced by a recorder, and every recorded launch is compiled by the
+kernel's own `warmup` (Triton's JIT specialisation, no launch), with the launch config the
+benchmark uses (FUSED_PREACT_TRITON_AUTOTUNE=0: one config). SASS comes from cuobjdump in
+the Triton wheel. Results belong to the installed Triton: the GPU machines run 3.6, this
+tool may run another (its output names the version).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    raise SystemExit("benchmarks.sass compiles for a GPU: run it without TRITON_INTERPRET")
+os.environ["FUSED_PREACT_TRITON_AUTOTUNE"] = "0"  # the benchmark's one launch config
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+from . import cases as C  # noqa: E402
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KERNELS = [("conv_fwd", "bn_relu_conv_fwd_kernel"), ("conv_dgrad", "bn_relu_conv_dgrad_kernel"),
+           ("conv_wgrad", "bn_relu_conv_wgrad_kernel"), ("stats", "batch_stats_kernel"),
+           ("stats", "bn_finalize_kernel"), ("bn_backward", "bn_backward_apply_kernel")]
+CONV_KERNELS = {"bn_relu_conv_fwd_kernel", "bn_relu_conv_dgrad_kernel", "bn_relu_conv_wgrad_kernel"}
+
+
+class StandInDriver:
+    """What Triton's JIT asks of the active driver before compiling: target, device, stream."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+class Recorder:
+    """Stands for kernel[grid](...): records the launch instead of making it."""
+
+    def __init__(self, name: str, launches: list):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.name, grid, args, kwargs))
+
+
+def unit_shapes(case: C.BlockCase) -> list[tuple[int, int, int, int, int, int]]:
+    """(C_in, C_out, kernel, stride, padding, H) of each conv of the block, projection included."""
+    n_hw, s = case.hw, case.stride
+    if case.kind == "basic":
+        units = [(case.in_planes, case.planes, 3, s, 1, n_hw), (case.planes, case.planes, 3, 1, 1, n_hw // s)]
+        out = case.planes
+    else:
+        units = [(case.in_planes, case.planes, 1, 1, 0, n_hw), (case.planes, case.planes, 3, s, 1, n_hw),
+                 (case.planes, 4 * case.planes, 1, 1, 0, n_hw // s)]
+        out = 4 * case.planes
+    if s != 1 or case.in_planes != out:
+        units.append((case.in_planes, out, 1, s, 0, n_hw))
+    return units
+
+
+def record_launches(case: C.BlockCase, dtype: torch.dtype) -> list:
+    """Every Triton launch of one training step of the block's units (by unit), unique by
+    kernel and constexprs."""
+    import importlib
+    modules = {m: importlib.import_module(f"fused_preact.backends.triton.{m}") for m, _ in KERNELS}
+    originals = {name: getattr(modules[m], name) for m, name in KERNELS}
+    launches: list = []
+    for m, name in KERNELS:
+        setattr(modules[m], name, Recorder(name, launches))
+    try:
+        for c_in, c_out, k, stride, pad, hw in unit_shapes(case):
+            x = torch.empty(case.batch, c_in, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.empty(c_out, c_in, k, k, dtype=dtype)
+            v = torch.ones(c_in)
+            y, _ = modules["conv_fwd"].bn_relu_conv(x, v, v, v, v, w, None, [stride] * 2, [pad] * 2, 1e-5, True)
+            dy = torch.empty_like(y)
+            modules["conv_dgrad"].bn_relu_conv_dgrad(dy, w, x, v, v, v, v, [stride] * 2, [pad] * 2, 1e-5)
+            modules["conv_wgrad"].bn_relu_conv_wgrad(dy, x, v, v, v, v, list(w.shape), [stride] * 2, [pad] * 2, 1e-5)
+            partials = modules["stats"].batch_stats(x)
+            modules["stats"].bn_finalize(partials, v.clone(), v.clone(), None, 0.1)
+            modules["bn_backward"].bn_backward_apply(x, x, v, v, v, torch.zeros(2, c_in), 10, 1e-5, True)
+    finally:
+        for m, name in KERNELS:
+            setattr(modules[m], name, originals[name])
+    unique, seen = [], set()
+    for name, grid, args, kwargs in launches:
+        key = (name, tuple(sorted((k, str(v)) for k, v in kwargs.items())),
+               tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
+        if key not in seen:
+            seen.add(key)
+            unique.append((name, grid, args, kwargs, originals[name]))
+    return unique
+
+
+def compile_launch(kernel, grid, args, kwargs):
+    """The CompiledKernel Triton's JIT makes for this launch (its warmup: compile, no launch)."""
+    from fused_preact.backends.triton.common import FixedConfig
+    if isinstance(kernel, FixedConfig):  # the benchmark's one config: its warps and stages
+        return kernel.kernel.warmup(*args, grid=grid, **kwargs, **kernel.launch_options)
+    return kernel.warmup(*args, grid=grid, **kwargs)
+
+
+def ptxas_report(ptx: str, arch: int) -> tuple[str, str]:
+    """(ptxas -v output, which ptxas): the one Triton's NVIDIA backend uses for `arch`, so its
+    advisories are those of the compile whose SASS is read."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        run = subprocess.run([ptxas, f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", str(src),
+                              "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+    return run.stdout + run.stderr, Path(ptxas).name
+
+
+def main_loop_instructions(sass: str) -> int | None:
+    """Instructions in the loop holding the most tensor-core instructions (a branch back to a
+    lower address closes a loop): the main loop, per iteration. None where no loop holds any."""
+    code = [(int(address, 16), text) for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    best, best_mma = None, 0
+    for address, text in code:
+        back = re.search(r"\bBRA\S*\s+(?:`\()?0x([0-9a-f]+)", text)
+        if back and int(back.group(1), 16) < address:
+            body = [t for a, t in code if int(back.group(1), 16) <= a <= address]
+            mma = sum("MMA" in t for t in body)
+            if mma > best_mma:
+                best, best_mma = len(body), mma
+    return best
+
+
+def analyse(arch: int, case: C.BlockCase, dtype: torch.dtype) -> list[dict]:
+    driver.set_active(StandInDriver(arch))
+    rows = []
+    for name, grid, args, kwargs, kernel in record_launches(case, dtype):
+        compiled = compile_launch(kernel, grid, args, kwargs)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([str(BIN / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+            usage = subprocess.run([str(BIN / "cuobjdump"), "--dump-resource-usage", f.name],
+                                   capture_output=True, text=True).stdout
+        log, ptxas = ptxas_report(compiled.asm["ptx"], arch)
+        resources = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+        rows.append({
+            "kernel": name, "conv": name in CONV_KERNELS, "config": {k: v for k, v in kwargs.items() if k.isupper() and k.startswith(("B", "R", "S"))},
+            "registers": int(resources.get("REG", -1)), "stack_bytes": int(resources.get("STACK", 0)),
+            "local_bytes": int(resources.get("LOCAL", 0)),
+            "spill_bytes": sum(map(int, spills.groups())) if spills else 0,
+            "shared_bytes": compiled.metadata.shared,
+            "hgmma": len(re.findall(r"\bHGMMA\.", sass)), "hmma": len(re.findall(r"\bHMMA\.", sass)),
+            "main_loop_instructions": main_loop_instructions(sass),
+            "advisories": sorted(set(re.findall(r"\((C75\d\d)\)[^\n]*", log))),
+            "advisory_text": sorted(set(re.findall(r"\(C75\d\d\)[^\n]*", log))), "ptxas": ptxas,
+        })
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", default=C.GPU_BLOCKS[0].name, help="a block case of benchmarks/cases.py")
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--arch", type=int, default=90, choices=[80, 90])
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    case = next(c for c in C.GPU_BLOCKS if c.name == args.case)
+    rows = analyse(args.arch, case, DTYPES[args.dtype])
+    print(f"triton {triton.__version__}, sm_{args.arch}, {case.name} ({case.kind} {case.in_planes}->{case.planes}, "
+          f"stride {case.stride}, N={case.batch}, {case.hw}x{case.hw}), {args.dtype}")
+    print(f"{'kernel':28s} {'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'HGMMA':>5s} {'HMMA':>4s} {'loop ins':>8s}  advisories")
+    for r in rows:
+        print(f"{r['kernel']:28s} {r['registers']:4d} {r['spill_bytes']:7d} {r['shared_bytes']:7d} {r['hgmma']:5d} "
+              f"{r['hmma']:4d} {str(r['main_loop_instructions'] or '-'):>8s}  {' '.join(r['advisories']) or '-'}"
+              f"  {r['config']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "case": case.name,
+                                               "dtype": args.dtype, "kernels": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
