@@ -133,12 +133,12 @@ class _PreActUnits(_SyncBNOption, nn.Module):
     def forward_with_stats(self, x: Tensor, x_partials: Optional[Tensor], want_stats: bool):
         """Forward that takes and gives partial statistics, so a chain of blocks needs no
         standalone statistics pass between blocks (the conv epilogue produced them)."""
-        self.check_input(x)
+        units = self.units()
+        self.check_input(x, units)
         sync, images = self.synchronise(x)
         if x.shape[0] == 0 and not sync:  # an empty local batch under sync BN still joins the exchanges
             return self.empty_batch_forward(x), None
         backend = self.backend or "auto"
-        units = self.units()
         bn1 = units[0][0]
         stats = Fp.bn_stats(bn1, x, x_partials, backend, sync, images)
         projection = self.projection()
@@ -169,9 +169,8 @@ class _PreActUnits(_SyncBNOption, nn.Module):
             h = conv(F.relu(bn(h)))
         return (h + shortcut).contiguous(memory_format=torch.channels_last)
 
-    def check_input(self, x) -> None:
-        """Every unit's input shape, derived from x, before any statistic changes."""
-        units = self.units()
+    def check_input(self, x, units) -> None:
+        """Every unit's input shape, derived from x, before any statistic changes (units: self.units())."""
         shape = Fp.check_input(x, units[0][0], units[0][1], "x")
         for (bn, conv), (name, _) in zip(units[1:], self.unit_names[1:]):
             shape = Fp.check_shape(shape, bn, conv, f"the input of {name}")
