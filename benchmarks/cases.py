@@ -17,6 +17,21 @@ class BlockCase:
     batch: int
     hw: int
 
+    def convs(self) -> list[tuple[int, int, int, int, int, int]]:
+        """(C_in, C_out, kernel, stride, padding, H) of each conv of the block, projection
+        included, each distinct conv once."""
+        hw, s = self.hw, self.stride
+        if self.kind == "basic":
+            convs = [(self.in_planes, self.planes, 3, s, 1, hw), (self.planes, self.planes, 3, 1, 1, hw // s)]
+            out = self.planes
+        else:
+            convs = [(self.in_planes, self.planes, 1, 1, 0, hw), (self.planes, self.planes, 3, s, 1, hw),
+                     (self.planes, 4 * self.planes, 1, 1, 0, hw // s)]
+            out = 4 * self.planes
+        if s != 1 or self.in_planes != out:
+            convs.append((self.in_planes, out, 1, s, 0, hw))
+        return list(dict.fromkeys(convs))
+
 
 GPU_BLOCKS = [
     # PreActResNet-18 on CIFAR (N=128 and 256): identity and projection blocks per stage.

@@ -68,21 +68,6 @@ class Recorder:
         return lambda *args, **kwargs: self.launches.append((self.name, grid, args, kwargs))
 
 
-def unit_shapes(case: C.BlockCase) -> list[tuple[int, int, int, int, int, int]]:
-    """(C_in, C_out, kernel, stride, padding, H) of each conv of the block, projection included."""
-    n_hw, s = case.hw, case.stride
-    if case.kind == "basic":
-        units = [(case.in_planes, case.planes, 3, s, 1, n_hw), (case.planes, case.planes, 3, 1, 1, n_hw // s)]
-        out = case.planes
-    else:
-        units = [(case.in_planes, case.planes, 1, 1, 0, n_hw), (case.planes, case.planes, 3, s, 1, n_hw),
-                 (case.planes, 4 * case.planes, 1, 1, 0, n_hw // s)]
-        out = 4 * case.planes
-    if s != 1 or case.in_planes != out:
-        units.append((case.in_planes, out, 1, s, 0, n_hw))
-    return units
-
-
 def record_launches(case: C.BlockCase, dtype: torch.dtype) -> list:
     """Every Triton launch of one training step of the block's units (by unit), unique by
     kernel and constexprs."""
@@ -93,7 +78,7 @@ def record_launches(case: C.BlockCase, dtype: torch.dtype) -> list:
     for m, name in KERNELS:
         setattr(modules[m], name, Recorder(name, launches))
     try:
-        for c_in, c_out, k, stride, pad, hw in unit_shapes(case):
+        for c_in, c_out, k, stride, pad, hw in case.convs():
             x = torch.empty(case.batch, c_in, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
             w = torch.empty(c_out, c_in, k, k, dtype=dtype)
             v = torch.ones(c_in)

@@ -6,19 +6,20 @@
 # run compiled; tests/test_gpu.py checks the cuda backend too), compute-sanitizer on a
 # small run of each cuda kernel, then the benchmark suite and its report. No network needed.
 #   bash scripts/gpu_all.sh OUT_FOLDER
-# STEPS (default "tests sanitizer profile bench"): which steps run after the build, so a
+# STEPS (default "tests sanitizer profile kernels bench"): which steps run after the build, so a
 # later call can spend its minutes on the benchmark sweep alone.
 # BENCH_BUDGET_S (default 60): seconds after which the benchmark starts no new case
 # (the rest is recorded as skipped, most important cases first). BENCH_CASES / BENCH_DTYPES:
 # comma lists for benchmarks.run --cases / --dtypes (default: all); BENCH_ARGS: more of its options
 # (e.g. --max-autotune, --no-models). PROFILE_CASES (default
-# "r18-s1-id tiny-overhead"): blocks for benchmarks.profile --host. TESTS (default "tests"): test paths
+# "r18-s1-id tiny-overhead"): blocks for benchmarks.profile --host. KERNEL_CASES: block cases for
+# benchmarks.kernels (default: the headline and the ImageNet ResNet-50 stages), into OUT/kernels. TESTS (default "tests"): test paths
 # for the tests step, TESTS_K a pytest -k expression to select within them; TESTS_TIMEOUT_S (330): their limit.
 set -uo pipefail
 out=${1:?usage: gpu_all.sh OUT_FOLDER}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-steps=" ${STEPS:-tests sanitizer profile bench} "
+steps=" ${STEPS:-tests sanitizer profile kernels bench} "
 start=$SECONDS
 step() { echo "== [$((SECONDS - start)) s] $*"; }
 wanted() { [[ $steps == *" $1 "* ]]; }
@@ -59,6 +60,11 @@ for case in ${PROFILE_CASES:-r18-s1-id tiny-overhead}; do
   timeout 120 python -m benchmarks.profile --case "$case" --host >> "$out/profile.txt" 2>&1
 done
 grep "wall" "$out/profile.txt"
+fi
+
+if wanted kernels; then
+step "conv kernels vs cuDNN (benchmarks.kernels)"
+timeout 240 python -m benchmarks.kernels --out "$out/kernels" ${KERNEL_CASES:+--cases "$KERNEL_CASES"} 2>&1 | tail -30
 fi
 
 if wanted bench; then

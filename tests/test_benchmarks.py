@@ -197,3 +197,19 @@ def test_launches_per_chained_block_do_not_regress():
     for mode, budget in LAUNCH_BUDGET.items():
         for kind, most in budget.items():
             assert sum(counts[mode][kind].values()) <= most, (mode, kind, counts[mode][kind])
+
+
+def test_kernel_benchmark_writes_its_rows_on_a_cpu(tmp_path):
+    """benchmarks.kernels' plumbing (the GPU times ours vs cuDNN; here the interpreter vs aten)."""
+    import os
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--out", str(tmp_path), "--device", "cpu",
+                    "--cases", "tiny-overhead", "--dtypes", "fp32"], check=True, capture_output=True, env=env,
+                   cwd=Path(__file__).parent.parent)
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    times = {(r["mode"], r["provider"]) for r in rows if r["metric"] == "time_ms"}
+    assert times == {(m, p) for m in ("conv_fwd", "conv_dgrad", "conv_wgrad") for p in ("fused-triton", "aten")}
+    ratios = [r for r in rows if r["metric"] == "ratio"]
+    assert len(ratios) == 3 and all(float(r["value"]) > 0 for r in ratios)

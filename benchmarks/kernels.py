@@ -1,0 +1,98 @@
+"""Each of our three convolution kernels against the vendor's plain convolution at the same
+shapes, dtype and layout, in the same run:
+
+    python -m benchmarks.kernels --out kernels_out      # GPU: fused-triton vs cudnn
+
+conv_fwd:   ours = BN+ReLU prologue, conv, statistics epilogue; cudnn = F.conv2d of the activation
+conv_dgrad: ours = dgrad, ReLU-mask + BN-sums epilogue;          cudnn = convolution_backward, input gradient
+conv_wgrad: ours = recomputed activation, split-K weight grad;   cudnn = convolution_backward, weight gradient
+
+Every conv of each block case (its units and projection), rows in the benchmark's CSV schema
+(results.csv: mode conv_fwd / conv_dgrad / conv_wgrad, provider fused-triton / cudnn, metric
+time_ms, the conv in `note`) plus `ratio` rows (ours / cudnn). On a CPU (--device cpu, for
+checking the tool) the Triton interpreter runs against aten's CPU convolution, named `aten`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import cases as C
+from .run import DTYPES, metadata, timer, write_results
+
+DEFAULT_CASES = "r18-s1-id,in-r50-56,in-r50-28,in-r50-14"
+
+
+def measure_conv(conv, batch, dtype, device, measure) -> dict[tuple[str, str], float]:
+    """{(mode, provider): ms} for one conv."""
+    from fused_preact.backends.triton import conv_dgrad, conv_fwd, conv_wgrad
+    c_in, c_out, k, stride, pad, hw = conv
+    cl = torch.channels_last
+    x = torch.randn(batch, c_in, hw, hw, device=device).to(dtype).contiguous(memory_format=cl)
+    w = (torch.randn(c_out, c_in, k, k, device=device) * (2 / (c_in * k * k)) ** 0.5).to(dtype)
+    mean, var = x.float().mean((0, 2, 3)), x.float().var((0, 2, 3), unbiased=False)
+    gamma, beta = torch.rand(c_in, device=device) + 0.5, torch.randn(c_in, device=device)
+    act = torch.relu((x.float() - mean[:, None, None]) * torch.rsqrt(var + 1e-5)[:, None, None]
+                     * gamma[:, None, None] + beta[:, None, None]).to(dtype).contiguous(memory_format=cl)
+    strides, pads = [stride] * 2, [pad] * 2
+    y = F.conv2d(act, w, None, strides, pads)
+    dy = torch.randn_like(y).contiguous(memory_format=cl)
+    vendor = "cudnn" if device == "cuda" else "aten"
+
+    def backward(mask):
+        return torch.ops.aten.convolution_backward(dy, act, w, None, strides, pads, [1, 1], False, [0, 0], 1, mask)
+    return {
+        ("conv_fwd", "fused-triton"): measure(lambda: conv_fwd.bn_relu_conv(
+            x, mean, var, gamma, beta, w, None, strides, pads, 1e-5, True)),
+        ("conv_fwd", vendor): measure(lambda: F.conv2d(act, w, None, strides, pads)),
+        ("conv_dgrad", "fused-triton"): measure(lambda: conv_dgrad.bn_relu_conv_dgrad(
+            dy, w, x, mean, var, gamma, beta, strides, pads, 1e-5)),
+        ("conv_dgrad", vendor): measure(lambda: backward([True, False, False])),
+        ("conv_wgrad", "fused-triton"): measure(lambda: conv_wgrad.bn_relu_conv_wgrad(
+            dy, x, mean, var, gamma, beta, list(w.shape), strides, pads, 1e-5)),
+        ("conv_wgrad", vendor): measure(lambda: backward([False, True, False])),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="comma list of block cases (benchmarks/cases.py)")
+    parser.add_argument("--dtypes", default="bf16,fp16")
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise SystemExit("benchmarks.kernels on a CPU needs TRITON_INTERPRET=1 (set before torch is imported)")
+    every = {c.name: c for c in C.GPU_BLOCKS + C.CPU_BLOCKS}
+    unknown = [n for n in args.cases.split(",") if n not in every]
+    if unknown:
+        parser.error(f"unknown cases {unknown}; known: {sorted(every)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    measure = timer(args.device)
+    rows = []
+    for name in args.cases.split(","):
+        case = every[name]
+        for dtype_name in args.dtypes.split(","):
+            for conv in case.convs():
+                c_in, c_out, k, stride, pad, hw = conv
+                note = f"{c_in}->{c_out} k{k} s{stride} {hw}x{hw} N={case.batch}"
+                times = measure_conv(conv, case.batch, DTYPES[dtype_name], args.device, measure)
+                for (mode, provider), ms in times.items():
+                    rows.append([name, provider, dtype_name, mode, "time_ms", float(ms), "ms", note])
+                for mode in ("conv_fwd", "conv_dgrad", "conv_wgrad"):
+                    ours, theirs = (times[m] for m in times if m[0] == mode)
+                    rows.append([name, "fused-triton", dtype_name, mode, "ratio", ours / theirs,
+                                 f"x {'cudnn' if args.device == 'cuda' else 'aten'}", note])
+                    print(f"{name:10s} {dtype_name} {mode:10s} {note:28s} ours {float(ours):.3f} ms, "
+                          f"vendor {float(theirs):.3f} ms: {ours / theirs:.2f}x")
+            write_results(out, rows, metadata(args.device))
+    print(f"wrote {len(rows)} rows to {out / 'results.csv'}")
+
+
+if __name__ == "__main__":
+    main()
