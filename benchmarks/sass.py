@@ -123,18 +123,18 @@ def ptxas_report(ptx: str, arch: int) -> tuple[str, str]:
     return run.stdout + run.stderr, Path(ptxas).name
 
 
-def main_loop_instructions(sass: str) -> int | None:
-    """Instructions in the loop holding the most tensor-core instructions (a branch back to a
-    lower address closes a loop): the main loop, per iteration. None where no loop holds any."""
+def main_loop(sass: str) -> list[str]:
+    """The instructions of the loop holding the most tensor-core instructions (a branch back
+    to a lower address closes a loop): the main loop, one iteration. Empty where none holds any."""
     code = [(int(address, 16), text) for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    best, best_mma = None, 0
+    best, best_mma = [], 0
     for address, text in code:
         back = re.search(r"\bBRA\S*\s+(?:`\()?0x([0-9a-f]+)", text)
         if back and int(back.group(1), 16) < address:
             body = [t for a, t in code if int(back.group(1), 16) <= a <= address]
             mma = sum("MMA" in t for t in body)
             if mma > best_mma:
-                best, best_mma = len(body), mma
+                best, best_mma = body, mma
     return best
 
 
@@ -150,6 +150,7 @@ def analyse(arch: int, case: C.BlockCase, dtype: torch.dtype) -> list[dict]:
             usage = subprocess.run([str(BIN / "cuobjdump"), "--dump-resource-usage", f.name],
                                    capture_output=True, text=True).stdout
         log, ptxas = ptxas_report(compiled.asm["ptx"], arch)
+        loop = main_loop(sass)
         resources = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
         spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
         rows.append({
@@ -159,7 +160,9 @@ def analyse(arch: int, case: C.BlockCase, dtype: torch.dtype) -> list[dict]:
             "spill_bytes": sum(map(int, spills.groups())) if spills else 0,
             "shared_bytes": compiled.metadata.shared,
             "hgmma": len(re.findall(r"\bHGMMA\.", sass)), "hmma": len(re.findall(r"\bHMMA\.", sass)),
-            "main_loop_instructions": main_loop_instructions(sass),
+            "main_loop_instructions": len(loop) or None,
+            "main_loop_mufu": sum("MUFU" in t for t in loop), "main_loop_sel": sum(re.search(r"\bSEL\b", t) is not None
+                                                                                 for t in loop),
             "advisories": sorted(set(re.findall(r"\((C75\d\d)\)[^\n]*", log))),
             "advisory_text": sorted(set(re.findall(r"\(C75\d\d\)[^\n]*", log))), "ptxas": ptxas,
         })
@@ -177,11 +180,12 @@ def main(argv=None) -> None:
     rows = analyse(args.arch, case, DTYPES[args.dtype])
     print(f"triton {triton.__version__}, sm_{args.arch}, {case.name} ({case.kind} {case.in_planes}->{case.planes}, "
           f"stride {case.stride}, N={case.batch}, {case.hw}x{case.hw}), {args.dtype}")
-    print(f"{'kernel':28s} {'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'HGMMA':>5s} {'HMMA':>4s} {'loop ins':>8s}  advisories")
+    print(f"{'kernel':28s} {'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'HGMMA':>5s} {'HMMA':>4s} {'loop ins':>8s} "
+          f"{'MUFU':>4s} {'SEL':>4s}  advisories")
     for r in rows:
         print(f"{r['kernel']:28s} {r['registers']:4d} {r['spill_bytes']:7d} {r['shared_bytes']:7d} {r['hgmma']:5d} "
-              f"{r['hmma']:4d} {str(r['main_loop_instructions'] or '-'):>8s}  {' '.join(r['advisories']) or '-'}"
-              f"  {r['config']}")
+              f"{r['hmma']:4d} {str(r['main_loop_instructions'] or '-'):>8s} {r['main_loop_mufu']:4d} "
+              f"{r['main_loop_sel']:4d}  {' '.join(r['advisories']) or '-'}  {r['config']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "case": case.name,
                                                "dtype": args.dtype, "kernels": rows}, indent=2))

@@ -31,7 +31,7 @@ def bn_relu_conv_fwd_kernel(
     R: tl.constexpr, S: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, WANT_STATS: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_C_BLOCK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -48,6 +48,12 @@ def bn_relu_conv_fwd_kernel(
     # One flat loop over (tap, channel block): the software pipeliner prefetches the next
     # iteration's loads only across the iterations of a single innermost loop.
     c_blocks = tl.cdiv(C, BK)
+    if HAS_PROLOGUE and ONE_C_BLOCK:
+        # All input channels in one block: the BN scale/shift are the same for every tap, so
+        # computed once here, not (with their 1/sqrt) in each iteration of the main loop.
+        rc_all = tl.arange(0, BK)
+        mean_all, scale_all, beta_all = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc_all, rc_all < C,
+                                                       eps, HAS_GAMMA, HAS_BETA)
     for t in range(0, R * S * c_blocks):
         tap = t // c_blocks
         r = tap // S
@@ -61,8 +67,11 @@ def bn_relu_conv_fwd_kernel(
         ok = pix_ok[:, None] & c_ok[None, :]
         a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
         if HAS_PROLOGUE:
-            mean, scale, beta = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, c_ok,
-                                               eps, HAS_GAMMA, HAS_BETA)
+            if ONE_C_BLOCK:
+                mean, scale, beta = mean_all, scale_all, beta_all
+            else:
+                mean, scale, beta = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, c_ok,
+                                                   eps, HAS_GAMMA, HAS_BETA)
             a = relu((a - mean[None, :]) * scale[None, :] + beta[None, :])
             a = tl.where(ok, a, 0.0)  # zero padding after the activation
         b = tl.load(w_ptr + rc[:, None] * swc + rn[None, :] * swk + r * swr + s * sws,
@@ -106,6 +115,6 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
         R=r, S=s, HAS_PROLOGUE=has_prologue,
         HAS_GAMMA=has_prologue and bn_weight is not None, HAS_BETA=has_prologue and bn_bias is not None,
         HAS_RESIDUAL=residual is not None, WANT_STATS=want_stats, PRECISION=dot_precision(weight.dtype),
-        BM=bm, BN=bn, BK=bk,
+        BM=bm, BN=bn, BK=bk, ONE_C_BLOCK=c <= bk,
     )
     return y, part
