@@ -68,24 +68,6 @@ def case_id(case: Case) -> str:
             f"{'bn' if case.prologue else 'plain'}{'-res' if case.residual else ''}")
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    """torch.empty returns NaN-filled float tensors inside the `with` block."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    class Poison:
-        def __enter__(self):
-            monkeypatch.setattr(torch, "empty", empty)
-
-        def __exit__(self, *exc):
-            monkeypatch.setattr(torch, "empty", real_empty)
-    return Poison()
-
-
 def inputs(case: Case, x_dtype, conv_dtype):
     c, k, r, stride, pad, hw, n = case.shape
     p = (hw + 2 * pad - r) // stride + 1
