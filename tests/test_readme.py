@@ -1,5 +1,5 @@
 """README's Python code blocks run as written (in order, sharing one namespace as a reader's
-session would), and CI's test command is the one README states."""
+session would), and CI runs the two commands README states."""
 import re
 from pathlib import Path
 
@@ -17,7 +17,9 @@ def test_readme_python_blocks_run():
         exec(compile("\n".join(line[indent:] for line in lines), "README.md", "exec"), namespace)
 
 
-def test_ci_runs_the_readme_test_command():
-    command = README.split("<!-- test-command -->", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
-    assert "pytest" in command and "\n" not in command
-    assert "<!-- test-command -->" in (ROOT / ".ci" / "run").read_text()
+def test_ci_runs_the_readme_commands():
+    ci = (ROOT / ".ci" / "run").read_text()
+    for marker, program in (("test-command", "pytest"), ("main-job-command", "benchmarks.run")):
+        command = README.split(f"<!-- {marker} -->", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+        assert program in command and "\n" not in command
+        assert f"readme_command {marker}" in ci
