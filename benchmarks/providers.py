@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 import fused_preact as fp
-from fused_preact import testing as eager_blocks  # the same eager definitions the tests use as oracles
+from fused_preact import testing  # the same eager definitions the tests use as oracles
 
 
 @dataclass
@@ -55,7 +55,7 @@ def providers(device: str, max_autotune: bool) -> list[Provider]:
 
 
 def eager_block(case):
-    cls = eager_blocks.PreActBlock if case.kind == "basic" else eager_blocks.PreActBottleneck
+    cls = testing.PreActBlock if case.kind == "basic" else testing.PreActBottleneck
     return cls(case.in_planes, case.planes, case.stride)
 
 
@@ -91,9 +91,9 @@ def build_model(provider: Provider, name: str, device: str):
 
 
 EAGER_MODELS = {
-    "preact_resnet18": lambda: eager_blocks.PreActResNet(eager_blocks.PreActBlock, [2, 2, 2, 2]),
-    "preact_resnet164": lambda: eager_blocks.PreActResNetCifar(eager_blocks.PreActBottleneck, 18),
-    "preact_resnet1001": lambda: eager_blocks.PreActResNetCifar(eager_blocks.PreActBottleneck, 111),
+    "preact_resnet18": lambda: testing.PreActResNet(testing.PreActBlock, [2, 2, 2, 2]),
+    "preact_resnet164": lambda: testing.PreActResNetCifar(testing.PreActBottleneck, 18),
+    "preact_resnet1001": lambda: testing.PreActResNetCifar(testing.PreActBottleneck, 111),
 }
 
 

@@ -1,10 +1,11 @@
 """Backend selection: cuda > triton > reference, each backend declaring its limits.
 
-A backend answers `not_supported_reasons(op, tensors)` with a list of plain sentences
-("triton: dtype torch.float64 not supported (supported: float32, float16, bfloat16)").
-`select` walks the priority list and returns the first backend with no reasons; when
-none fits, or a forced backend declines, the error lists every reason. It remembers each
-choice: reasons may depend only on the op, the tensors' devices and dtypes,
+A backend (fused_preact.backends) answers `not_supported_reasons(op, tensors, conv_dtype)`
+with a list of plain sentences ("triton: dtype torch.float64 not supported (supported:
+float32, float16, bfloat16)"). `select` walks the priority list and returns the first
+backend with no reasons; when none fits, or a forced backend declines, the error lists
+every reason. It remembers each choice: reasons may depend only on the op, the dtype its
+convolution computes in, the tensors' devices and dtypes,
 torch.backends.cudnn.allow_tf32 and the environment variables a backend names in
 `env_flags` (a block makes about ten op calls per step; walking the reasons every time
 was a tenth of its host time).
