@@ -122,9 +122,7 @@ def bn_stats(bn: nn.BatchNorm2d, x: Tensor, partials: Optional[Tensor], backend:
     if sync_group:
         local_mean, local_var = ops.bn_finalize(partials, None, None, None, None, backend)
         partials = distributed.gather_partials(local_mean, local_var, x.numel() // x.shape[1], sync_group)
-    update = bn.training and bn.track_running_stats
-    if update:
-        bn.num_batches_tracked.add_(1)
+    update = bn.training and bn.track_running_stats  # bn_finalize also counts the batch
     mean, var = ops.bn_finalize(
         partials,
         bn.running_mean if update else None,

@@ -225,14 +225,14 @@ def _(x, backend):
     return x.new_empty((tiles, 3, c), dtype=stats_dtype(x.dtype))
 
 
-@declare("bn_finalize", mutates_args=("running_mean", "running_var"))
+@declare("bn_finalize", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def bn_finalize(partials: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 num_batches_tracked: Optional[Tensor], momentum: Optional[float],
                 backend: str) -> tuple[Tensor, Tensor]:
     """Merge partials into (mean, biased var); update running stats like nn.BatchNorm2d.
 
-    momentum=None: cumulative average with factor 1 / num_batches_tracked (already
-    incremented by the caller, as nn.BatchNorm2d does).
+    With running statistics, counts the batch in num_batches_tracked (if given) first, as
+    nn.BatchNorm2d does; momentum=None: cumulative average with factor 1 / that count.
     """
     if partials.dim() != 3 or partials.shape[1] != 3:
         raise ValueError(f"fused_preact: partials must be [T, 3, C], got {tuple(partials.shape)}")

@@ -29,17 +29,20 @@ def unit_inputs(c, k, kernel, stride, pad, hw, n, dtype, mean_shift=1.0):
     return tuple(t.to(DEVICE) for t in (x, mean, var, gamma, beta, w, residual))
 
 
+@pytest.mark.parametrize("channels", [24, 200])  # 200: more than one block of channels
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_batch_stats_and_running_update_large_mean(momentum, poisoned):
-    """|mean| = 1e3 >> std = 1: statistics still match nn.BatchNorm2d."""
-    x = torch.randn(3, 24, 9, 9, device=DEVICE) + 1e3
-    bn = nn.BatchNorm2d(24, momentum=momentum).to(DEVICE)
-    rm, rv, nbt = (t.to(DEVICE) for t in (torch.randn(24), torch.rand(24) + 0.5, torch.tensor(3)))
+def test_batch_stats_and_running_update_large_mean(momentum, channels, poisoned):
+    """|mean| = 1e3 >> std = 1: statistics still match nn.BatchNorm2d, and the op counts the
+    batch once (momentum=None reads that count: every channel gets the same factor)."""
+    x = torch.randn(3, channels, 9, 9, device=DEVICE) + 1e3
+    bn = nn.BatchNorm2d(channels, momentum=momentum).to(DEVICE)
+    rm, rv, nbt = (t.to(DEVICE) for t in (torch.randn(channels), torch.rand(channels) + 0.5, torch.tensor(3)))
     bn.running_mean.copy_(rm), bn.running_var.copy_(rv), bn.num_batches_tracked.copy_(nbt)
     bn(x)  # eager: increments num_batches_tracked to 4, updates running stats
     with poisoned:
         partials = ops.batch_stats(x, "triton")
-        mean, var = ops.bn_finalize(partials, rm, rv, nbt + 1, momentum, "triton")
+        mean, var = ops.bn_finalize(partials, rm, rv, nbt, momentum, "triton")
+    assert nbt.item() == bn.num_batches_tracked.item() == 4  # the op counted the batch
     assert_close(mean, x.mean((0, 2, 3)), torch.float32, "mean", atol=1e-4, rtol=1e-6)
     assert_close(var, x.var((0, 2, 3), unbiased=False), torch.float32, "var", atol=2e-3, rtol=2e-3)
     assert_close(rm, bn.running_mean, torch.float32, "running_mean", atol=1e-4, rtol=1e-6)

@@ -184,6 +184,8 @@ def bn_finalize(partials, running_mean, running_var, num_batches_tracked, moment
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             if not (require_cuda(name, t).is_contiguous() and t.dtype == running_mean.dtype):
                 raise ValueError(f"fused_preact.cuda: {name} must be contiguous, of running_mean's dtype")
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)  # the kernel reads the count with this batch in it
         p.running_mean, p.running_var = running_mean.data_ptr(), running_var.data_ptr()
         p.running_dtype = dtype_code(ext, running_mean.dtype)
         if momentum is None:

@@ -82,6 +82,8 @@ def merge_partials(partials: torch.Tensor):
 def bn_finalize(partials, running_mean, running_var, num_batches_tracked, momentum):
     count, mean, var = merge_partials(partials)
     if running_mean is not None:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)  # nn.BatchNorm2d counts the batch first
         # nn.BatchNorm2d: momentum=None means a cumulative average, 1 / num_batches_tracked.
         factor = (1.0 / num_batches_tracked.to(mean.dtype)) if momentum is None else momentum
         unbiased = var * count / (count - 1).clamp_min(1)

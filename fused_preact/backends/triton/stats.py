@@ -4,7 +4,8 @@ batch_stats: per-tile (count, mean, M2) of x over N*H*W rows (the first block of
 later blocks get theirs from the previous conv's epilogue).
 bn_finalize: merge the tiles in a fixed order (deterministic, no atomics) with Chan's
 formula, then update running_mean / running_var like nn.BatchNorm2d (unbiased variance,
-momentum or 1 / num_batches_tracked). One program per block of channels: a tiny launch.
+momentum or 1 / num_batches_tracked), counting the batch in num_batches_tracked (no add_
+kernel beside it). One program per block of channels (one in all for momentum=None): a tiny launch.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def batch_stats_kernel(x_ptr, sxn, sxh, sxw, sxc, part_ptr, M, HW, W, C,
 @triton.jit
 def bn_finalize_kernel(part_ptr, T, C, mean_ptr, var_ptr,
                        rmean_ptr, rvar_ptr, nbt_ptr, momentum,
-                       UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+                       UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr):
     rc = tl.program_id(0) * BC + tl.arange(0, BC)
     c_ok = rc < C
@@ -62,8 +63,10 @@ def bn_finalize_kernel(part_ptr, T, C, mean_ptr, var_ptr,
     tl.store(mean_ptr + rc, mean, mask=c_ok)
     tl.store(var_ptr + rc, m2 / tl.maximum(total, 1.0), mask=c_ok)
     if UPDATE_RUNNING:
-        if CUMULATIVE:
-            factor = 1.0 / tl.load(nbt_ptr).to(tl.float32)
+        if COUNT_BATCH:
+            batches = tl.load(nbt_ptr) + 1  # this batch counted, as nn.BatchNorm2d does first
+        if CUMULATIVE:  # one program (see the launcher): no other reads the count it writes
+            factor = 1.0 / batches.to(tl.float32)
         else:
             factor = momentum
         unbiased = m2 / tl.maximum(total - 1.0, 1.0)
@@ -71,6 +74,9 @@ def bn_finalize_kernel(part_ptr, T, C, mean_ptr, var_ptr,
         rvar = tl.load(rvar_ptr + rc, mask=c_ok).to(tl.float32)
         tl.store(rmean_ptr + rc, rmean + factor * (mean - rmean), mask=c_ok)
         tl.store(rvar_ptr + rc, rvar + factor * (unbiased - rvar), mask=c_ok)
+        if COUNT_BATCH:
+            if tl.program_id(0) == 0:
+                tl.store(nbt_ptr, batches)
 
 
 def batch_stats(x):
@@ -88,7 +94,9 @@ def bn_finalize(partials, running_mean, running_var, num_batches_tracked, moment
     mean = torch.empty(c, device=partials.device, dtype=partials.dtype)
     var = torch.empty_like(mean)
     update = running_mean is not None
-    bc = min(128, next_pow2(c))
+    count_batch = update and num_batches_tracked is not None
+    # momentum=None reads the batch count that program 0 writes: then one program does all channels.
+    bc = next_pow2(c) if momentum is None else min(128, next_pow2(c))
     # Few programs (one per channel block) walk thousands of tiles: wide steps of 8192
     # values and 8 warps keep that walk short (32 tiles per step was slow: see
     # bn_finalize_kernel in benchmarks/results/2026-11-22-h100-f908c4d/profile.txt).
@@ -96,7 +104,7 @@ def bn_finalize(partials, running_mean, running_var, num_batches_tracked, moment
     bn_finalize_kernel[(cdiv(c, bc),)](
         partials.contiguous(), t, c, mean, var,
         running_mean if update else mean, running_var if update else var,
-        num_batches_tracked if (update and momentum is None) else mean, 0.0 if momentum is None else momentum,
-        UPDATE_RUNNING=update, CUMULATIVE=momentum is None, BT=bt, BC=bc, num_warps=8,
+        num_batches_tracked if count_batch else mean, 0.0 if momentum is None else momentum,
+        UPDATE_RUNNING=update, COUNT_BATCH=count_batch, CUMULATIVE=momentum is None, BT=bt, BC=bc, num_warps=8,
     )
     return mean, var
