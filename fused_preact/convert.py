@@ -27,8 +27,8 @@ from torch import nn
 
 from .dispatch import check_backend_name
 from .testing import randomize_bn
-from .nn import (SHORTCUT_SOURCES, FusedBNReLUConv2d, FusedSequential, PreActBlock, PreActBottleneck,
-                 TimmPreActBasic, TimmPreActBottleneck, _PreActUnits, chainable, from_modules)
+from .nn import (HOOK_DICTS, SHORTCUT_SOURCES, FusedBNReLUConv2d, FusedSequential, PreActBlock,
+                 PreActBottleneck, TimmPreActBasic, TimmPreActBottleneck, _PreActUnits, chainable, from_modules)
 
 log = logging.getLogger("fused_preact.convert")
 
@@ -51,17 +51,11 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-# The hook dictionaries of an nn.Module that act on its own forward / backward.
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
-               "_backward_hooks")
-
-
 def _without_hooks(module: nn.Module) -> nn.Module:
     """A float64 CPU copy of `module` whose hooks are gone (the probe must not fire them)."""
     probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
     for m in probe.modules():
-        for name in _HOOK_DICTS:
+        for name in HOOK_DICTS:
             getattr(m, name).clear()
     return probe
 
@@ -70,7 +64,7 @@ def _move_hooks(source: nn.Module, target: nn.Module) -> bool:
     """Give `target` the hooks of `source` (the same dictionaries, so the user's handles still
     remove them); True if there were any."""
     moved = False
-    for name in _HOOK_DICTS:
+    for name in HOOK_DICTS:
         hooks = getattr(source, name)
         moved = moved or bool(hooks) and name not in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")
         setattr(target, name, hooks)

@@ -266,11 +266,16 @@ def run_chain(blocks, x: Tensor) -> Tensor:
     return x
 
 
+# The hook dictionaries of an nn.Module that act on its own forward / backward.
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+              "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+              "_backward_hooks")
+
+
 def chainable(module: nn.Module) -> bool:
     """A fused block that run_chain may call directly: it has no hooks of its own (a direct
     call would skip them)."""
-    return isinstance(module, _PreActUnits) and not (
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+    return isinstance(module, _PreActUnits) and not any(getattr(module, name) for name in HOOK_DICTS)
 
 
 class FusedSequential(nn.Sequential):
