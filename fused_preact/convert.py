@@ -63,11 +63,9 @@ def _without_hooks(module: nn.Module) -> nn.Module:
 def _move_hooks(source: nn.Module, target: nn.Module) -> bool:
     """Give `target` the hooks of `source` (the same dictionaries, so the user's handles still
     remove them); True if there were any."""
-    moved = False
+    moved = any(getattr(source, name) for name in HOOK_DICTS)
     for name in HOOK_DICTS:
-        hooks = getattr(source, name)
-        moved = moved or bool(hooks) and name not in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-        setattr(target, name, hooks)
+        setattr(target, name, getattr(source, name))
     target._is_full_backward_hook = source._is_full_backward_hook
     return moved
 
