@@ -2,13 +2,15 @@
 directly in plain eager mode, the registered custom op wherever something traces or
 intercepts the call.
 
-Each op is declared once with torch.library.custom_op (schema, fake implementation,
-autograd formula), which is what torch.compile, torch.export, opcheck and dispatch modes
-see. In plain eager mode the custom-op machinery (argument normalisation, redispatch
-through the autograd and ADInplaceOrView keys, alias checks) costs more host time per
-call than the fused kernels take at small sizes, and a block makes about ten calls per
-training step. So the entry point runs the same body directly there, and the same
-autograd formula through an equivalent torch.autograd.Function.
+Each op is declared once with torch.library.custom_op (schema, fake implementation),
+which is what torch.compile, torch.export, opcheck and dispatch modes see; an op with an
+autograd formula (the forward unit, which also updates running statistics in place, so
+torch.library's functional-only register_autograd cannot take it) gets a
+torch.autograd.Function around the op, which Dynamo traces. In plain eager mode the
+custom-op machinery (argument normalisation, redispatch through the ADInplaceOrView key,
+alias checks) costs more host time per call than the fused kernels take at small sizes,
+and a block makes about ten calls per training step. So the entry point runs the same
+body directly there.
 """
 from __future__ import annotations
 
@@ -35,6 +37,12 @@ def declare(name: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable],
     return lambda body: OpEntry(name, body, mutates_args)
 
 
+def registered_op_needed(args) -> bool:
+    """Whether a call must go through the registered op: something intercepts, or a tensor
+    is a subclass (which must see the op)."""
+    return intercepted() or any(isinstance(a, Tensor) and type(a) not in PLAIN_TENSOR_TYPES for a in args)
+
+
 class OpEntry:
     """The callable that ops.py exports for one op. `.op` is the registered custom op."""
 
@@ -47,22 +55,22 @@ class OpEntry:
         self.__doc__, self.__name__ = body.__doc__, name
 
     def register_autograd(self, backward: Callable, setup_context: Callable) -> None:
-        """The op's autograd formula, for the registered op and for the direct path alike."""
-        self.op.register_autograd(backward, setup_context=setup_context)
-        body = self.body
+        """The op's autograd formula, as a torch.autograd.Function around the op (its body
+        in plain eager mode, the registered op wherever something traces): torch.library's
+        own register_autograd takes functional ops only, and the forward unit updates the
+        next BatchNorm's running statistics in place."""
+        body, op = self.body, self.op
 
         def forward(ctx, *args):
             # ctx-first style: Function.apply binds the signature of a separate
             # setup_context on every call (inspect.signature), which costs more than the op.
-            output = body(*args)
+            output = op(*args) if registered_op_needed(args) else body(*args)
             setup_context(ctx, args, output)
             return output
         self.function = type(f"{self.__name__}_function", (torch.autograd.Function,), {
             "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args, **kwargs):
-        if intercepted():
-            return self.op(*args, **kwargs)
         positional = args
         if kwargs or len(args) < self.positional_count:
             bound = self.signature.bind(*args, **kwargs)  # the Function takes positional arguments
@@ -70,14 +78,15 @@ class OpEntry:
             positional = bound.args
         # One pass (this runs about ten times per block and step): a tensor subclass must
         # see the registered op; otherwise note whether autograd has anything to record.
-        requires_grad = False
+        requires_grad, plain = False, True
         for a in positional:
             if isinstance(a, Tensor):
-                if type(a) not in PLAIN_TENSOR_TYPES:
-                    return self.op(*args, **kwargs)
+                plain = plain and type(a) in PLAIN_TENSOR_TYPES
                 requires_grad = requires_grad or a.requires_grad
-        if requires_grad and torch.is_grad_enabled():
-            # An op without a formula goes through the registered op, which raises
-            # PyTorch's own "no autograd formula" error (double backward, say).
-            return self.function.apply(*positional) if self.function is not None else self.op(*args, **kwargs)
+        if requires_grad and torch.is_grad_enabled() and self.function is not None:
+            return self.function.apply(*positional)
+        # An op without a formula goes through the registered op, which raises PyTorch's
+        # own "no autograd formula" error (double backward, say).
+        if intercepted() or not plain or requires_grad and torch.is_grad_enabled():
+            return self.op(*positional)
         return self.body(*positional)

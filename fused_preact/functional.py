@@ -98,14 +98,32 @@ def needs_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or bn.running_mean is None
 
 
-def bn_stats(bn: nn.BatchNorm2d, x: Tensor, partials: Optional[Tensor], backend: str,
+class Consumer(NamedTuple):
+    """The BatchNorm that reads a unit's output, and whether its statistics are
+    synchronised across ranks: the unit's conv epilogue computes that BatchNorm's batch
+    statistics (and updates its running statistics where they are local)."""
+    bn: nn.BatchNorm2d
+    synced: bool
+
+
+def running_update(bn: nn.BatchNorm2d, synced: bool) -> tuple:
+    """(running_mean, running_var, num_batches_tracked, momentum) that the op computing bn's
+    local batch statistics updates: bn's own in training, unless synchronised (then
+    bn_finalize updates them from the statistics of all ranks); None where it updates none."""
+    if bn.training and bn.track_running_stats and not synced:
+        return bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum
+    return None, None, None, bn.momentum
+
+
+def bn_stats(bn: nn.BatchNorm2d, x: Tensor, moments: Optional[tuple[Tensor, Tensor]], backend: str,
              sync_group: int = 0, images: Optional[int] = None) -> BNStats:
     """Statistics for `bn` applied to x; in training also updates its running statistics.
 
-    partials: statistics of x already produced by the conv that wrote x, else None
-    (then one standalone statistics pass reads x). sync_group: an active
-    fused_preact.distributed handle to synchronise the statistics over (0: local);
-    images: the batch over all its ranks (distributed.agree), None where unknown.
+    moments: the local (mean, biased var) of x already produced by the conv that wrote x,
+    which updated bn's running statistics as running_update says, else None (then one
+    standalone statistics pass reads x). sync_group: an active fused_preact.distributed
+    handle to synchronise the statistics over (0: local); images: the batch over all its
+    ranks (distributed.agree), None where unknown.
     """
     if not needs_batch_stats(bn):
         return BNStats(bn.running_mean, bn.running_var, False)
@@ -116,21 +134,13 @@ def bn_stats(bn: nn.BatchNorm2d, x: Tensor, partials: Optional[Tensor], backend:
         raise ValueError(
             f"fused_preact: expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
             + (f" ({images} images over all ranks)" if sync_group and images is not None else ""))
-    if partials is None:
-        partials = ops.batch_stats(x.detach(), backend)
-    partials = partials.detach()
+    if moments is None:
+        moments = ops.batch_stats(x.detach(), *running_update(bn, bool(sync_group)), backend)
+    mean, var = (m.detach() for m in moments)
     if sync_group:
-        local_mean, local_var = ops.bn_finalize(partials, None, None, None, None, backend)
-        partials = distributed.gather_partials(local_mean, local_var, x.numel() // x.shape[1], sync_group)
-    update = bn.training and bn.track_running_stats  # bn_finalize also counts the batch
-    mean, var = ops.bn_finalize(
-        partials,
-        bn.running_mean if update else None,
-        bn.running_var if update else None,
-        bn.num_batches_tracked if update else None,
-        bn.momentum,
-        backend,
-    )
+        partials = distributed.gather_partials(mean, var, x.numel() // x.shape[1], sync_group)
+        # The merge of all ranks' statistics updates the running statistics (and counts the batch).
+        mean, var = ops.bn_finalize(partials, *running_update(bn, False), backend)
     return BNStats(mean, var, True, sync_group)
 
 
@@ -144,11 +154,12 @@ def compute_dtype(x: Tensor, conv: nn.Conv2d) -> torch.dtype:
 
 
 def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv: nn.Conv2d,
-         residual: Optional[Tensor], want_stats: bool, backend: str) -> tuple[Tensor, Optional[Tensor]]:
+         residual: Optional[Tensor], consumer: Optional[Consumer],
+         backend: str) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
     """conv(relu(bn(x))) [+ residual] with `stats` (None: plain conv of x, no BN, no ReLU).
 
-    Returns the output and, if want_stats, its partial statistics (None when they could
-    not be produced in the same pass).
+    Returns the output and, where `consumer` needs batch statistics, their local (mean,
+    biased var) for bn_stats (None when they could not be produced in the same pass).
     """
     dtype = compute_dtype(x, conv)
     weight = conv.weight.to(dtype)
@@ -161,9 +172,11 @@ def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv
     # A residual of another dtype (fp32 identity under autocast) is added outside, with
     # PyTorch's type promotion, exactly as the eager `out + shortcut` does.
     fused_residual = residual if residual is None or residual.dtype == dtype else None
-    y, partials = ops.bn_relu_conv(
+    want = consumer is not None and needs_batch_stats(consumer.bn) and residual is fused_residual
+    running = running_update(consumer.bn, consumer.synced) if want else (None, None, None, None)
+    y, y_mean, y_var = ops.bn_relu_conv(
         x, mean, var, bn_weight, bn_bias, weight, fused_residual, list(conv.stride),
-        list(conv.padding), float(eps), batch, want_stats and residual is fused_residual, backend, sync_group)
+        list(conv.padding), float(eps), batch, want, *running, backend, sync_group)
     if residual is not None and fused_residual is None:
         return y + residual, None
-    return y, (partials if want_stats else None)
+    return y, ((y_mean, y_var) if want else None)

@@ -28,15 +28,19 @@ class _SyncBNOption:
         self.sync_bn = bool(sync_bn)
         self.process_group = process_group
 
-    def synchronise(self, x: Tensor) -> tuple[int, Optional[int]]:
-        """(group handle, images over all ranks) where this module synchronises over an
-        initialised multi-process group, after checking that the ranks agree; else (0, None)."""
+    def sync_handle(self) -> int:
+        """The group handle where this module synchronises its statistics (an initialised
+        multi-process group), else 0. No communication."""
         if not self.sync_bn:
-            return 0, None
+            return 0
         handle = distributed.group_handle(self.process_group)
-        if not distributed.sync_active(distributed.process_group(handle)):
-            return 0, None
-        return handle, distributed.agree(handle, x, self.training)
+        return handle if distributed.sync_active(distributed.process_group(handle)) else 0
+
+    def synchronise(self, x: Tensor) -> tuple[int, Optional[int]]:
+        """(group handle, images over all ranks) where this module synchronises, after
+        checking that the ranks agree; else (0, None)."""
+        handle = self.sync_handle()
+        return (handle, distributed.agree(handle, x, self.training)) if handle else (0, None)
 
 
 class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
@@ -88,7 +92,7 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
             return (y if residual is None else y + residual).contiguous(memory_format=torch.channels_last)
         backend = self.backend or "auto"
         stats = Fp.bn_stats(self.bn, x, None, backend, sync, images)
-        return Fp.unit(x, stats, self.bn, self.conv, residual, False, backend)[0]
+        return Fp.unit(x, stats, self.bn, self.conv, residual, None, backend)[0]
 
 
 class _PreActUnits(_SyncBNOption, nn.Module):
@@ -128,11 +132,14 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_with_stats(x, None, False)[0]
+        return self.forward_with_stats(x, None, None)[0]
 
-    def forward_with_stats(self, x: Tensor, x_partials: Optional[Tensor], want_stats: bool):
-        """Forward that takes and gives partial statistics, so a chain of blocks needs no
-        standalone statistics pass between blocks (the conv epilogue produced them)."""
+    def forward_with_stats(self, x: Tensor, x_moments: Optional[tuple[Tensor, Tensor]],
+                           consumer: Optional[Fp.Consumer]):
+        """Forward that takes and gives batch statistics, so a chain of blocks needs no
+        standalone statistics pass between blocks: x_moments are bn1's, from the conv that
+        wrote x (see Fp.bn_stats); the last conv computes those of `consumer`, the next
+        block's first BatchNorm (None: nobody reads them)."""
         units = self.units()
         self.check_input(x, units)
         sync, images = self.synchronise(x)
@@ -140,22 +147,26 @@ class _PreActUnits(_SyncBNOption, nn.Module):
             return self.empty_batch_forward(x), None
         backend = self.backend or "auto"
         bn1 = units[0][0]
-        stats = Fp.bn_stats(bn1, x, x_partials, backend, sync, images)
+        stats = Fp.bn_stats(bn1, x, x_moments, backend, sync, images)
         projection = self.projection()
         if projection is None:
             shortcut = x
         elif self.shortcut_source == "preact":
-            shortcut = Fp.unit(x, stats, bn1, projection, None, False, backend)[0]
+            shortcut = Fp.unit(x, stats, bn1, projection, None, None, backend)[0]
         else:
-            shortcut = Fp.unit(x, None, None, projection, None, False, backend)[0]
-        h, partials = x, x_partials
+            shortcut = Fp.unit(x, None, None, projection, None, None, backend)[0]
+        h = x
         for i, (bn, conv) in enumerate(units):
             last = i == len(units) - 1
             if i > 0:
-                stats = Fp.bn_stats(bn, h, partials, backend, sync, images)
-            want = want_stats if last else Fp.needs_batch_stats(units[i + 1][0])
-            h, partials = Fp.unit(h, stats, bn, conv, shortcut if last else None, want, backend)
-        return h, partials
+                stats = Fp.bn_stats(bn, h, moments, backend, sync, images)
+            next_consumer = consumer if last else Fp.Consumer(units[i + 1][0], bool(sync))
+            h, moments = Fp.unit(h, stats, bn, conv, shortcut if last else None, next_consumer, backend)
+        return h, moments
+
+    def consumer(self) -> Fp.Consumer:
+        """This block's first BatchNorm as the consumer of the previous block's statistics."""
+        return Fp.Consumer(self.first_bn(), bool(self.sync_handle()))
 
     def empty_batch_forward(self, x: Tensor) -> Tensor:
         """A batch of zero images: what the eager block does, through its own submodules
@@ -259,10 +270,10 @@ def from_modules(block_cls, modules: dict[str, nn.Module], *, shortcut: str, bac
 def run_chain(blocks, x: Tensor) -> Tensor:
     """Run consecutive fused blocks, handing each conv epilogue's statistics to the next BN."""
     blocks = list(blocks)
-    partials = None
+    moments = None
     for i, block in enumerate(blocks):
-        want = i + 1 < len(blocks) and Fp.needs_batch_stats(blocks[i + 1].first_bn())
-        x, partials = block.forward_with_stats(x, partials, want)
+        consumer = blocks[i + 1].consumer() if i + 1 < len(blocks) else None
+        x, moments = block.forward_with_stats(x, moments, consumer)
     return x
 
 

@@ -8,17 +8,20 @@ torch.compile; `bn_relu_conv` carries the autograd formula of a whole
 bn -> relu -> conv (+ residual) unit, saving only the pre-BN input x.
 
 Ops (DESIGN.md section 1):
-  bn_relu_conv        y = conv(relu(bn(x)), W) [+ residual], optional partial stats of y
-  batch_stats         partial statistics of x (first block of a network)
+  bn_relu_conv        y = conv(relu(bn(x)), W) [+ residual], optionally the batch statistics
+                      of y for the next BN (and its running statistics updated in place)
+  batch_stats         batch statistics of x (first block of a network), running stats updated
   bn_finalize         merge partials -> (mean, biased var); update running stats in place
   bn_relu_conv_dgrad  g = dgrad(dy, W) * [bn(x) > 0], per-channel sums of g and g * xhat
   bn_relu_conv_wgrad  dW = wgrad(relu(bn(x)), dy)
   bn_backward_apply   dx = scale * (g - sum(g) / n - xhat * sum(g * xhat) / n)   (training)
 
-Synchronised BatchNorm (fused_preact.distributed) exchanges the partial statistics
-before bn_finalize and the gradient sums before bn_backward_apply.
-
-Partial statistics are [T, 3, C] (count, mean, M2) per row tile, T chosen by the backend.
+Batch statistics are (mean, biased var) per channel, float32 (float64 for float64 inputs);
+the ops that produce them take the consuming BatchNorm's running statistics (running_mean,
+running_var, num_batches_tracked, momentum; None where it has none) and update them as
+nn.BatchNorm2d does. Synchronised BatchNorm (fused_preact.distributed) produces local
+statistics without a running update, exchanges them as [T, 3, C] partials (count, mean,
+M2 per rank) for bn_finalize, and exchanges the gradient sums before bn_backward_apply.
 """
 from __future__ import annotations
 
@@ -96,6 +99,16 @@ def check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, 
                 f"got {residual.dtype} on {residual.device}")
 
 
+def check_running(running_mean, running_var, num_batches_tracked, momentum, channels, device) -> None:
+    """The running statistics an op updates (all None: none)."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("fused_preact: running_mean and running_var must be given together")
+    if running_mean is not None and momentum is None and num_batches_tracked is None:
+        raise ValueError("fused_preact: momentum=None (cumulative average) needs num_batches_tracked")
+    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_vector(name, v, channels, device)
+
+
 def _run(op: str, backend: str, conv_dtype: Optional[torch.dtype], **args):
     """Call `op` on the backend chosen for the tensors among `args` (conv_dtype: the dtype
     the op's convolution computes in, None for ops without one), passing `args` by name."""
@@ -117,14 +130,20 @@ def _empty_nchw_channels_last(like: Tensor, shape, dtype=None) -> Tensor:
 
 
 # --------------------------------------------------------------------------- forward unit
-@declare("bn_relu_conv")
+RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@declare("bn_relu_conv", mutates_args=RUNNING)
 def bn_relu_conv(
     x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor], weight: Tensor, residual: Optional[Tensor], stride: Sequence[int],
-    padding: Sequence[int], eps: float, batch_stats: bool, want_stats: bool, backend: str,
-    sync_group: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """y = conv(relu(bn(x)), weight) (+ residual) and, if want_stats, partial stats of y.
+    padding: Sequence[int], eps: float, batch_stats: bool, want_stats: bool,
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float], backend: str, sync_group: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y = conv(relu(bn(x)), weight) (+ residual) and, if want_stats, the batch mean and
+    biased variance of y per channel (else two empty tensors), the running statistics given
+    updated with them (the next BatchNorm's; see the module docstring).
 
     y has weight's dtype; the activation relu(bn(x)) is cast to it before the conv.
     mean/var None: no BN prologue (a plain conv). batch_stats: mean/var are the batch
@@ -133,29 +152,33 @@ def bn_relu_conv(
     all ranks of that group, and so are the means the backward subtracts.
     """
     check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding)
+    if running_mean is not None and not want_stats:
+        raise ValueError("fused_preact: running statistics are updated only with want_stats=True")
+    check_running(running_mean, running_var, num_batches_tracked, momentum, weight.shape[0], x.device)
     return _run("bn_relu_conv", backend, weight.dtype, x=x, mean=mean, var=var, bn_weight=bn_weight,
                 bn_bias=bn_bias, weight=weight, residual=residual, stride=list(stride), padding=list(padding),
-                eps=eps, want_stats=want_stats)
+                eps=eps, want_stats=want_stats, running_mean=running_mean, running_var=running_var,
+                num_batches_tracked=num_batches_tracked, momentum=momentum)
 
 
 @bn_relu_conv.op.register_fake
 def _(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, batch_stats,
-      want_stats, backend, sync_group=0):
+      want_stats, running_mean, running_var, num_batches_tracked, momentum, backend, sync_group=0):
     check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding)
     out_hw = conv_output_hw(x.shape[2:], weight.shape[2:], stride, padding)
     n, c_out = x.shape[0], weight.shape[0]
     y = _empty_nchw_channels_last(x, (n, c_out, *out_hw), dtype=weight.dtype)
-    tiles = 0
-    if want_stats:
-        chosen = dispatch.select("bn_relu_conv", [x, mean, var, bn_weight, bn_bias, weight, residual], backend,
-                                 weight.dtype)
-        tiles = chosen.stats_tiles(n * out_hw[0] * out_hw[1], c_out)
-    return y, x.new_empty((tiles, 3, c_out), dtype=stats_dtype(weight.dtype))
+    channels = c_out if want_stats else 0
+    stats = x.new_empty((channels,), dtype=stats_dtype(weight.dtype))
+    return y, stats, torch.empty_like(stats)
+
+
+UNIT_ARGS = 18  # bn_relu_conv's arguments: its backward returns a gradient (or None) for each
 
 
 def _unit_setup_context(ctx, inputs, output):
     (x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, batch_stats,
-     _want_stats, backend, sync_group) = inputs
+     _want_stats, _running_mean, _running_var, _nbt, _momentum, backend, sync_group) = inputs
     # Only the pre-BN input and per-channel vectors: relu(bn(x)) is recomputed in backward.
     ctx.save_for_backward(x, mean, var, bn_weight, bn_bias, weight)
     # The backend that ran the forward runs the backward, whatever use_backend() or
@@ -168,13 +191,13 @@ def _unit_setup_context(ctx, inputs, output):
         ran_on = dispatch.select("bn_relu_conv", [x, mean, var, bn_weight, bn_bias, weight, residual], backend,
                                  weight.dtype).name
     ctx.conf = (list(stride), list(padding), eps, batch_stats, ran_on, residual is not None, sync_group)
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics output
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics outputs
 
 
-def _unit_backward(ctx, dy, _dstats):
+def _unit_backward(ctx, dy, _dmean, _dvar):
     if dy is None:  # the output got no gradient (grads are not materialised as zeros)
-        return (None,) * 14
+        return (None,) * UNIT_ARGS
     if torch.is_grad_enabled():  # backward(create_graph=True): the kernels have no derivative
         raise RuntimeError("fused_preact: double backward (create_graph=True, e.g. a gradient penalty) is not "
                            "supported by the fused units; use the eager blocks for that part of the model")
@@ -203,29 +226,33 @@ def _unit_backward(ctx, dy, _dstats):
             if needs[4]:
                 dbeta = sums[0].to(bn_bias.dtype)
     dresidual = dy if (has_residual and needs[6]) else None
-    return dx, None, None, dgamma, dbeta, dweight, dresidual, None, None, None, None, None, None, None
+    return (dx, None, None, dgamma, dbeta, dweight, dresidual) + (None,) * (UNIT_ARGS - 7)
 
 
 bn_relu_conv.register_autograd(_unit_backward, _unit_setup_context)
 
 
 # --------------------------------------------------------------------------- statistics
-@declare("batch_stats")
-def batch_stats(x: Tensor, backend: str) -> Tensor:
-    """Partial (count, mean, M2) statistics per channel of x: [T, 3, C]."""
+@declare("batch_stats", mutates_args=RUNNING)
+def batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                backend: str) -> tuple[Tensor, Tensor]:
+    """Batch mean and biased variance per channel of x; the running statistics given are
+    updated with them as nn.BatchNorm2d does."""
     _check_nchw("x", x)
-    return _run("batch_stats", backend, None, x=x)
+    check_running(running_mean, running_var, num_batches_tracked, momentum, x.shape[1], x.device)
+    return _run("batch_stats", backend, None, x=x, running_mean=running_mean, running_var=running_var,
+                num_batches_tracked=num_batches_tracked, momentum=momentum)
 
 
 @batch_stats.op.register_fake
-def _(x, backend):
+def _(x, running_mean, running_var, num_batches_tracked, momentum, backend):
     _check_nchw("x", x)
-    n, c, h, w = x.shape
-    tiles = dispatch.select("batch_stats", [x], backend).stats_tiles(n * h * w, c)
-    return x.new_empty((tiles, 3, c), dtype=stats_dtype(x.dtype))
+    mean = x.new_empty((x.shape[1],), dtype=stats_dtype(x.dtype))
+    return mean, torch.empty_like(mean)
 
 
-@declare("bn_finalize", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+@declare("bn_finalize", mutates_args=RUNNING)
 def bn_finalize(partials: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 num_batches_tracked: Optional[Tensor], momentum: Optional[float],
                 backend: str) -> tuple[Tensor, Tensor]:
@@ -236,12 +263,7 @@ def bn_finalize(partials: Tensor, running_mean: Optional[Tensor], running_var: O
     """
     if partials.dim() != 3 or partials.shape[1] != 3:
         raise ValueError(f"fused_preact: partials must be [T, 3, C], got {tuple(partials.shape)}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("fused_preact: running_mean and running_var must be given together")
-    if running_mean is not None and momentum is None and num_batches_tracked is None:
-        raise ValueError("fused_preact: momentum=None (cumulative average) needs num_batches_tracked")
-    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_vector(name, v, partials.shape[2], partials.device)
+    check_running(running_mean, running_var, num_batches_tracked, momentum, partials.shape[2], partials.device)
     return _run("bn_finalize", backend, None, partials=partials, running_mean=running_mean,
                 running_var=running_var, num_batches_tracked=num_batches_tracked, momentum=momentum)
 

@@ -56,10 +56,6 @@ class Backend:
                 reasons.append(f"{self.name}: dtype {dtype} not supported (supported: {supported}){hint}")
         return reasons
 
-    def stats_tiles(self, rows: int, channels: int) -> int:
-        """How many row tiles of partial statistics this backend writes for `rows` rows."""
-        raise NotImplementedError
-
 
 # ------------------------------------------------------------------ host helpers, plain Python
 def cdiv(a: int, b: int) -> int:

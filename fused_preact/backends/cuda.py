@@ -71,10 +71,6 @@ class CudaBackend(Backend):
         why = None if reasons else tf32_reason(conv_dtype)
         return reasons + ([f"cuda: {why}"] if why else [])
 
-    def stats_tiles(self, rows: int, channels: int) -> int:
-        ext, _ = load_extension()
-        return cdiv(rows, ext.stats_rows)
-
 
 # --------------------------------------------------------------------------- marshalling
 def require_cuda(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -134,7 +130,8 @@ def conv_geometry(p, weight_shape, stride, padding):
 
 
 # --------------------------------------------------------------------------- ops
-def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats):
+def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats,
+                 running_mean, running_var, num_batches_tracked, momentum):
     ext, _ = load_extension()
     for name, t in (("x", x), ("weight", weight)):
         require_cuda(name, t)
@@ -142,7 +139,7 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
     k, _, r, s = weight.shape
     out_h, out_w = conv_output_hw((h, w), (r, s), stride, padding)
     y = torch.empty((n, k, out_h, out_w), device=x.device, dtype=weight.dtype, memory_format=torch.channels_last)
-    tiles = BACKEND.stats_tiles(n * out_h * out_w, k)
+    tiles = cdiv(n * out_h * out_w, ext.stats_rows)
     partials = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=torch.float32)
     keep = [weight.permute(2, 3, 1, 0).contiguous()]  # [R, S, C, K]
     p = ext.ConvFwdParams()
@@ -156,19 +153,22 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
         p.partials = partials.data_ptr()
     with torch.cuda.device(x.device):
         ext.conv_fwd(p, dtype_code(ext, x.dtype), dtype_code(ext, weight.dtype), stream_of(x))
-    return y, partials
+    if not want_stats:
+        return y, partials.new_empty(0), partials.new_empty(0)
+    # The merge is a second launch here (the Triton kernels merge in their last program).
+    return y, *bn_finalize(partials, running_mean, running_var, num_batches_tracked, momentum)
 
 
-def batch_stats(x):
+def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum):
     ext, _ = load_extension()
     require_cuda("x", x)
     n, c, h, w = x.shape
-    partials = torch.empty((BACKEND.stats_tiles(n * h * w, c), 3, c), device=x.device, dtype=torch.float32)
+    partials = torch.empty((cdiv(n * h * w, ext.stats_rows), 3, c), device=x.device, dtype=torch.float32)
     p = ext.StatsParams()
     p.x, p.partials = act(ext, x), partials.data_ptr()
     with torch.cuda.device(x.device):
         ext.batch_stats(p, dtype_code(ext, x.dtype), stream_of(x))
-    return partials
+    return bn_finalize(partials, running_mean, running_var, num_batches_tracked, momentum)
 
 
 def bn_finalize(partials, running_mean, running_var, num_batches_tracked, momentum):

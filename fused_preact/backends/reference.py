@@ -5,8 +5,9 @@ is written for clarity: BN statistics and the BN transform in float32 (float64 f
 float64 inputs), activations cast back to the input dtype before the convolution, as
 nn.BatchNorm2d + F.relu + nn.Conv2d do under mixed precision.
 
-Partial statistics ("partials") are a [T, 3, C] tensor of per-tile (count, mean, M2);
-this backend always produces a single tile, fast backends produce one per row block.
+Partial statistics ("partials") are a [T, 3, C] tensor of per-tile (count, mean, M2),
+the input of bn_finalize (synchronised BN's tiles, one per rank); this backend's own
+statistics are one tile, merged at once.
 """
 from __future__ import annotations
 
@@ -56,18 +57,20 @@ def partials_of(y: torch.Tensor) -> torch.Tensor:
 
 
 def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps,
-                 want_stats):
+                 want_stats, running_mean, running_var, num_batches_tracked, momentum):
     a = activation(x, mean, var, bn_weight, bn_bias, eps, weight.dtype)
     y = F.conv2d(a.contiguous(memory_format=conv_layout(a)), weight, None, stride, padding)
     if residual is not None:
         y = y + residual
     y = y.contiguous(memory_format=torch.channels_last)
-    stats = partials_of(y) if want_stats else y.new_empty((0, 3, y.shape[1]), dtype=stats_dtype(y.dtype))
-    return y, stats
+    if not want_stats:
+        none = y.new_empty((0,), dtype=stats_dtype(y.dtype))
+        return y, none, none.clone()
+    return y, *bn_finalize(partials_of(y), running_mean, running_var, num_batches_tracked, momentum)
 
 
-def batch_stats(x):
-    return partials_of(x)
+def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum):
+    return bn_finalize(partials_of(x), running_mean, running_var, num_batches_tracked, momentum)
 
 
 def merge_partials(partials: torch.Tensor):
@@ -123,9 +126,6 @@ def bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_s
 class ReferenceBackend(Backend):
     name = "reference"
     dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-    def stats_tiles(self, rows: int, channels: int) -> int:
-        return 1
 
 
 BACKEND = ReferenceBackend({

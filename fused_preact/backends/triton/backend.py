@@ -67,10 +67,6 @@ class TritonBackend(Backend):
         why = fp32_gpu_reason(conv_dtype, tensors[0].device.type if tensors else "cpu")
         return [f"triton: {why}"] if why else []
 
-    def stats_tiles(self, rows: int, channels: int) -> int:
-        from .common import stats_tiles
-        return stats_tiles(rows)
-
 
 def _load() -> TritonBackend:
     """The backend with its table, or with the reason the kernels did not import (numpy)."""

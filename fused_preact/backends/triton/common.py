@@ -26,16 +26,13 @@ def interpreter_on() -> bool:
 
 
 def rows_per_tile(rows: int) -> int:
-    """Rows (output pixels) per program, fixed by the problem size alone: the number of
-    statistics tiles must be known before launch (fake tensors, torch.compile)."""
+    """Rows (output pixels) per program: 128 where there are enough rows to fill the GPU."""
     return 64 if interpreter_on() or rows < 32768 else 128
 
 
 def stats_tiles(rows: int) -> int:
-    """Statistics tiles for `rows` rows: at least 2 (the extra ones empty). With a symbolic
-    batch (torch.compile dynamic shapes) a count that may be 1 makes every contiguity check
-    guard on it, so each batch size that crosses it would recompile."""
-    return torch.sym_max(cdiv(rows, rows_per_tile(rows)), 2)
+    """Row tiles (programs along the rows), each writing one tile of partial statistics."""
+    return cdiv(rows, rows_per_tile(rows))
 
 
 # Host-side grid arithmetic in plain Python: triton.next_power_of_2 is a constexpr function

@@ -4,7 +4,9 @@ Implicit GEMM over output pixels: M = N*P*Q rows, N = K output channels, reducti
 R*S*C. The prologue normalises each loaded input tile with the BN scale/shift and
 applies ReLU in registers; padding positions are zeroed AFTER the activation (the conv
 pads the activation, and relu(shift) is not 0). The epilogue adds the residual, stores,
-and writes per-tile (count, mean, M2) of the stored values for the next BatchNorm.
+and writes per-tile (count, mean, M2) of the stored values for the next BatchNorm; the
+last program of each channel block merges them into that BatchNorm's batch statistics and
+updates its running statistics (merge.py): no finalize launch.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import triton.language as tl
 from ..base import cdiv, conv_output_hw, stats_dtype
 from .common import (autotune_warps, bn_scale_shift, dot_precision, nhwc_strides, pow2_block, relu, rows_per_tile,
                      stats_tiles, write_tile_stats)
+from .merge import merge_block, merge_if_last, ticket_counters
+from .stats import running_args
 
 
 @autotune_warps(key=["M", "K", "C", "R", "S"])
@@ -26,12 +30,15 @@ def bn_relu_conv_fwd_kernel(
     y_ptr, syn, syh, syw, syc,                 # output [N, P, Q, K] by strides
     res_ptr, srn, srh, srw, src,               # residual, same shape as y
     part_ptr,                                  # partial statistics [tiles, 3, K] fp32
+    counter_ptr, ymean_ptr, yvar_ptr,          # merge tickets; batch statistics of y [K]
     M, H, W, C, P, Q, K,
     stride_h, stride_w, pad_h, pad_w,
+    rmean_ptr, rvar_ptr, nbt_ptr, momentum,    # running statistics of the next BatchNorm
     R: tl.constexpr, S: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, WANT_STATS: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_C_BLOCK: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_C_BLOCK: tl.constexpr, BT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -88,9 +95,13 @@ def bn_relu_conv_fwd_kernel(
     if WANT_STATS:
         # Statistics of the stored (rounded) values, as the next nn.BatchNorm2d would see them.
         write_tile_stats(part_ptr, pid_m, y.to(tl.float32), row_ok, rn, col_ok, K)
+        merge_if_last(part_ptr, tl.num_programs(0), K, rn, col_ok, counter_ptr, pid_n, tl.num_programs(1),
+                      ymean_ptr, yvar_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum,
+                      UPDATE_RUNNING, COUNT_BATCH, CUMULATIVE, BT)
 
 
-def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats):
+def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats,
+                 running_mean, running_var, num_batches_tracked, momentum):
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     p, q = conv_output_hw((h, w), (r, s), stride, padding)
@@ -99,10 +110,13 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
     bm, bn, bk = rows_per_tile(m), pow2_block(k, hi=128), pow2_block(c)
     tiles = stats_tiles(m)
     part = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=stats_dtype(weight.dtype))
+    y_mean = torch.empty(k if want_stats else 0, device=x.device, dtype=part.dtype)
+    y_var = torch.empty_like(y_mean)
+    blocks = cdiv(k, bn)
     has_prologue = mean is not None
     dummy = y  # never read: the matching constexpr flag is off
     res = residual if residual is not None else dummy
-    grid = (tiles, cdiv(k, bn))
+    grid = (tiles, blocks)
     bn_relu_conv_fwd_kernel[grid](
         x, *nhwc_strides(x),
         mean if has_prologue else dummy, var if has_prologue else dummy,
@@ -111,10 +125,13 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
         y, *nhwc_strides(y),
         res, *nhwc_strides(res),
         part if want_stats else dummy,
+        ticket_counters(x.device, blocks + 1) if want_stats else dummy,
+        y_mean if want_stats else dummy, y_var if want_stats else dummy,
         m, h, w, c, p, q, k, stride[0], stride[1], padding[0], padding[1],
+        **running_args(y_mean if want_stats else y, running_mean, running_var, num_batches_tracked, momentum),
         R=r, S=s, HAS_PROLOGUE=has_prologue,
         HAS_GAMMA=has_prologue and bn_weight is not None, HAS_BETA=has_prologue and bn_bias is not None,
         HAS_RESIDUAL=residual is not None, WANT_STATS=want_stats, PRECISION=dot_precision(weight.dtype),
-        BM=bm, BN=bn, BK=bk, ONE_C_BLOCK=c <= bk,
+        BM=bm, BN=bn, BK=bk, ONE_C_BLOCK=c <= bk, BT=merge_block(tiles, bn),
     )
-    return y, part
+    return y, y_mean, y_var

@@ -1,0 +1,116 @@
+"""Merging per-tile statistics into a BatchNorm's batch statistics, inside the kernel that
+wrote the tiles: the last program to finish a block of channels merges them.
+
+Each program of a statistics-writing kernel (the forward conv's epilogue, the standalone
+statistics pass) stores its tile's (count, mean, M2) per channel, then takes a ticket from
+an int32 counter of its channel block (an atomic add with acquire/release ordering, after
+a barrier so the whole program's stores come first). The program that draws the last
+ticket sees every tile of its channels: it merges them in tile order 0..T-1 (the same
+order whichever program finishes last, so results are bitwise equal run after run),
+writes mean and biased variance, updates the running statistics like nn.BatchNorm2d, and
+puts its counter back to 0 for the next launch (no memset launch). Where the batch is
+counted (num_batches_tracked), a second counter does the same across channel blocks: the
+last channel block to finish writes the new count, after every block has read the old
+one (momentum=None averages with 1 / count).
+
+The counters are one zeroed int32 buffer per device and stream (kernels on one stream run
+one after another; two streams must not share a counter).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# (device, stream id) -> int32 counters, zero between launches.
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def ticket_counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least `count` zeroed int32 counters for kernels launched now on `device`'s
+    current stream (allocated once; every kernel leaves them at zero)."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _counters.get(key)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 256), dtype=torch.int32, device=device)
+        _counters[key] = counters
+    return counters
+
+
+def merge_block(tiles: int, channels: int) -> int:
+    """Tiles merged per step: about 2048 values at once (registers of a kernel that also
+    does a conv), at least 2, no more than the tiles there are."""
+    return max(2, min(1 << (tiles - 1).bit_length(), 2048 // channels))
+
+
+@triton.jit
+def merge_tiles(part_ptr, T, C, rc, c_ok, BT: tl.constexpr):
+    """(count, mean, M2) per channel rc of the [T, 3, C] partials, tiles merged in order
+    (a block of BT tiles at a time, then folded into the totals with Chan's formula)."""
+    total = tl.zeros(rc.shape, dtype=tl.float32)
+    mean = tl.zeros(rc.shape, dtype=tl.float32)
+    m2 = tl.zeros(rc.shape, dtype=tl.float32)
+    for t0 in range(0, T, BT):
+        rt = t0 + tl.arange(0, BT)
+        ok = (rt < T)[:, None] & c_ok[None, :]
+        offs = rt.to(tl.int64)[:, None] * 3 * C + rc[None, :]
+        # .cg: read from L2, where the other programs' stores are (not a stale L1 line).
+        cnt = tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        mu = tl.load(part_ptr + offs + C, mask=ok, other=0.0, cache_modifier=".cg")
+        sq = tl.load(part_ptr + offs + 2 * C, mask=ok, other=0.0, cache_modifier=".cg")
+        n_b = tl.sum(cnt, axis=0)
+        mean_b = tl.sum(cnt * mu, axis=0) / tl.maximum(n_b, 1.0)
+        dev = tl.where(ok, mu - mean_b[None, :], 0.0)
+        m2_b = tl.sum(sq, axis=0) + tl.sum(cnt * dev * dev, axis=0)
+        n_new = total + n_b
+        delta = mean_b - mean
+        mean += delta * n_b / tl.maximum(n_new, 1.0)
+        m2 += m2_b + delta * delta * total * n_b / tl.maximum(n_new, 1.0)
+        total = n_new
+    return total, mean, m2
+
+
+@triton.jit
+def store_batch_stats(total, mean, m2, rc, c_ok, mean_ptr, var_ptr, rmean_ptr, rvar_ptr, batches, momentum,
+                      UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr):
+    """Write mean and biased var; update running stats as nn.BatchNorm2d (unbiased var;
+    factor momentum, or 1 / batches for momentum=None)."""
+    tl.store(mean_ptr + rc, mean, mask=c_ok)
+    tl.store(var_ptr + rc, m2 / tl.maximum(total, 1.0), mask=c_ok)
+    if UPDATE_RUNNING:
+        if CUMULATIVE:
+            factor = 1.0 / batches.to(tl.float32)
+        else:
+            factor = momentum
+        unbiased = m2 / tl.maximum(total - 1.0, 1.0)
+        rmean = tl.load(rmean_ptr + rc, mask=c_ok).to(tl.float32)
+        rvar = tl.load(rvar_ptr + rc, mask=c_ok).to(tl.float32)
+        tl.store(rmean_ptr + rc, rmean + factor * (mean - rmean), mask=c_ok)
+        tl.store(rvar_ptr + rc, rvar + factor * (unbiased - rvar), mask=c_ok)
+
+
+@triton.jit
+def merge_if_last(part_ptr, T, C, rc, c_ok, counter_ptr, block, blocks,
+                  mean_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum,
+                  UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr,
+                  BT: tl.constexpr):
+    """Called by every program after storing its tile of channels rc (channel block `block`
+    of `blocks`, T tiles each): the last one of the block merges them (see the module)."""
+    tl.debug_barrier()  # every thread's partial stores, before the ticket publishes them
+    done = tl.atomic_add(counter_ptr + block, 1, sem="acq_rel", scope="gpu")
+    if done == T - 1:
+        tl.debug_barrier()
+        total, mean, m2 = merge_tiles(part_ptr, T, C, rc, c_ok, BT)
+        batches = 0
+        if COUNT_BATCH:
+            batches = tl.load(nbt_ptr, cache_modifier=".cg") + 1  # counted first, as nn.BatchNorm2d
+        store_batch_stats(total, mean, m2, rc, c_ok, mean_ptr, var_ptr, rmean_ptr, rvar_ptr, batches, momentum,
+                          UPDATE_RUNNING, CUMULATIVE)
+        tl.atomic_xchg(counter_ptr + block, 0, sem="relaxed", scope="gpu")
+        if COUNT_BATCH:
+            tl.debug_barrier()
+            finished = tl.atomic_add(counter_ptr + blocks, 1, sem="acq_rel", scope="gpu")
+            if finished == blocks - 1:  # every block has read the old count
+                tl.store(nbt_ptr, batches)
+                tl.atomic_xchg(counter_ptr + blocks, 0, sem="relaxed", scope="gpu")
