@@ -41,13 +41,15 @@ def measure_conv(conv, batch, dtype, device, measure) -> dict[tuple[str, str], f
     strides, pads = [stride] * 2, [pad] * 2
     y = F.conv2d(act, w, None, strides, pads)
     dy = torch.randn_like(y).contiguous(memory_format=cl)
+    # The next BatchNorm's running statistics, updated by the forward kernel as in training.
+    running = (torch.zeros(y.shape[1], device=device), torch.ones(y.shape[1], device=device), None, 0.1)
     vendor = "cudnn" if device == "cuda" else "aten"
 
     def backward(mask):
         return torch.ops.aten.convolution_backward(dy, act, w, None, strides, pads, [1, 1], False, [0, 0], 1, mask)
     return {
         ("conv_fwd", "fused-triton"): measure(lambda: conv_fwd.bn_relu_conv(
-            x, mean, var, gamma, beta, w, None, strides, pads, 1e-5, True)),
+            x, mean, var, gamma, beta, w, None, strides, pads, 1e-5, True, *running)),
         ("conv_fwd", vendor): measure(lambda: F.conv2d(act, w, None, strides, pads)),
         ("conv_dgrad", "fused-triton"): measure(lambda: conv_dgrad.bn_relu_conv_dgrad(
             dy, w, x, mean, var, gamma, beta, strides, pads, 1e-5)),

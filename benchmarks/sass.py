@@ -82,12 +82,14 @@ def record_launches(case: C.BlockCase, dtype: torch.dtype) -> list:
             x = torch.empty(case.batch, c_in, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
             w = torch.empty(c_out, c_in, k, k, dtype=dtype)
             v = torch.ones(c_in)
-            y, _ = modules["conv_fwd"].bn_relu_conv(x, v, v, v, v, w, None, [stride] * 2, [pad] * 2, 1e-5, True)
+            running = (torch.zeros(c_out), torch.ones(c_out), None, 0.1)  # the next BatchNorm's, updated
+            y, *_ = modules["conv_fwd"].bn_relu_conv(x, v, v, v, v, w, None, [stride] * 2, [pad] * 2, 1e-5, True,
+                                                     *running)
             dy = torch.empty_like(y)
             modules["conv_dgrad"].bn_relu_conv_dgrad(dy, w, x, v, v, v, v, [stride] * 2, [pad] * 2, 1e-5)
             modules["conv_wgrad"].bn_relu_conv_wgrad(dy, x, v, v, v, v, list(w.shape), [stride] * 2, [pad] * 2, 1e-5)
-            partials = modules["stats"].batch_stats(x)
-            modules["stats"].bn_finalize(partials, v.clone(), v.clone(), None, 0.1)
+            modules["stats"].batch_stats(x, v.clone(), v.clone(), None, 0.1)
+            modules["stats"].bn_finalize(torch.ones(4, 3, c_in), v.clone(), v.clone(), None, 0.1)  # sync BN
             modules["bn_backward"].bn_backward_apply(x, x, v, v, v, torch.zeros(2, c_in), 10, 1e-5, True)
     finally:
         for m, name in KERNELS:

@@ -59,12 +59,10 @@ class OpEntry:
         in plain eager mode, the registered op wherever something traces): torch.library's
         own register_autograd takes functional ops only, and the forward unit updates the
         next BatchNorm's running statistics in place."""
-        body, op = self.body, self.op
-
         def forward(ctx, *args):
             # ctx-first style: Function.apply binds the signature of a separate
             # setup_context on every call (inspect.signature), which costs more than the op.
-            output = op(*args) if registered_op_needed(args) else body(*args)
+            output = self.op(*args) if registered_op_needed(args) else self.body(*args)
             setup_context(ctx, args, output)
             return output
         self.function = type(f"{self.__name__}_function", (torch.autograd.Function,), {

@@ -155,7 +155,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
             shortcut = Fp.unit(x, stats, bn1, projection, None, None, backend)[0]
         else:
             shortcut = Fp.unit(x, None, None, projection, None, None, backend)[0]
-        h = x
+        h, moments = x, x_moments
         for i, (bn, conv) in enumerate(units):
             last = i == len(units) - 1
             if i > 0:

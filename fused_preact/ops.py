@@ -183,13 +183,17 @@ def _unit_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, mean, var, bn_weight, bn_bias, weight)
     # The backend that ran the forward runs the backward, whatever use_backend() or
     # FUSED_PREACT_BACKEND say when backward() is called.
-    last = getattr(_unit_choice, "value", None)
-    _unit_choice.value = None
-    if last is not None and last[:2] == (id(x), id(weight)):
-        ran_on = last[2]
-    else:  # traced (the fake implementation ran, not the body): the same choice, made again
-        ran_on = dispatch.select("bn_relu_conv", [x, mean, var, bn_weight, bn_bias, weight, residual], backend,
-                                 weight.dtype).name
+    if torch.compiler.is_compiling():
+        # Compiled: the ops of the backward graph select at run time, as the forward's did.
+        ran_on = backend
+    else:
+        last = getattr(_unit_choice, "value", None)
+        _unit_choice.value = None
+        if last is not None and last[:2] == (id(x), id(weight)):
+            ran_on = last[2]
+        else:  # the registered op ran (a dispatch mode, fake tensors): the same choice, made again
+            ran_on = dispatch.select("bn_relu_conv", [x, mean, var, bn_weight, bn_bias, weight, residual], backend,
+                                     weight.dtype).name
     ctx.conf = (list(stride), list(padding), eps, batch_stats, ran_on, residual is not None, sync_group)
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics outputs

@@ -40,6 +40,10 @@ GPU_SHAPES = [(64, 64, 3, 1, 1, 32, 3), (128, 256, 1, 2, 0, 15, 3), (96, 72, 3, 
 SHAPES = ODD_SHAPES + (GPU_SHAPES if DEVICE == "cuda" else [])
 
 
+RUNNING_Y = ("y_running_mean", "y_running_var", "y_batches")
+RUNNING_X = ("x_running_mean", "x_running_var", "x_batches")
+
+
 @dataclass(frozen=True)
 class Case:
     backend: str
@@ -77,6 +81,10 @@ def inputs(case: Case, x_dtype, conv_dtype):
     t = dict(x=x, w=(torch.randn(k, c, r, r) * (2 / (c * r * r)) ** 0.5).to(conv_dtype),
              residual=torch.randn(n, k, p, p).to(conv_dtype) if case.residual else None,
              dy=torch.randn(n, k, p, p).to(conv_dtype))
+    # Running statistics of the BatchNorms that read y and x (the ops update them in place).
+    for prefix, channels in (("y", k), ("x", c)):
+        t.update({f"{prefix}_running_mean": torch.randn(channels), f"{prefix}_running_var": torch.rand(channels) + 0.5,
+                  f"{prefix}_batches": torch.tensor(3)})
     if case.prologue:
         t.update(mean=x.float().mean((0, 2, 3)), var=x.float().var((0, 2, 3), unbiased=False),
                  gamma=torch.rand(c) + 0.5, beta=torch.randn(c))
@@ -90,11 +98,15 @@ def run_ops(case: Case, backend: str, t: dict) -> dict:
     _, _, _, stride, pad, _, _ = case.shape
     conf = ([stride] * 2, [pad] * 2, 1e-5)
     x, w, mean, var, gamma, beta, dy = (t[n] for n in ("x", "w", "mean", "var", "gamma", "beta", "dy"))
-    y, partials = ops.bn_relu_conv(x, mean, var, gamma, beta, w, t["residual"], *conf[:2], 1e-5, True, True, backend)
+    y_running, x_running = ([t[name].clone() for name in names] for names in (RUNNING_Y, RUNNING_X))
+    y, y_mean, y_var = ops.bn_relu_conv(x, mean, var, gamma, beta, w, t["residual"], *conf[:2], 1e-5, True, True,
+                                        *y_running, 0.1, backend)
+    x_stats = ops.batch_stats(x, *x_running, None, backend)  # momentum None: 1 / num_batches_tracked
     g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, backend)
-    out = dict(y=y, stats=torch.stack(ops.bn_finalize(partials, None, None, None, 0.1, backend)), g=g,
+    out = dict(y=y, stats=torch.stack([y_mean, y_var]), g=g,
                dw=ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf, backend),
-               x_stats=torch.stack(ops.bn_finalize(ops.batch_stats(x, backend), None, None, None, 0.1, backend)))
+               x_stats=torch.stack(x_stats), y_running=torch.stack(y_running[:2]),
+               x_running=torch.stack(x_running[:2]), batches=torch.stack([y_running[2], x_running[2]]).double())
     if case.prologue:
         count = x.numel() // x.shape[1]
         out.update(sums=sums, dx=ops.bn_backward_apply(g, x, mean, var, gamma, sums, count, 1e-5, True, backend),
@@ -128,7 +140,8 @@ def test_ops_conform_to_float64(case, poisoned, request, monkeypatch):
     with poisoned:
         got = run_ops(case, case.backend, t)
     same_precision = run_ops(case, "reference", t)
-    truth = run_ops(case, "reference", {n: v if v is None else v.double() for n, v in t.items()})
+    truth = run_ops(case, "reference", {n: v.double() if v is not None and v.is_floating_point() else v
+                                        for n, v in t.items()})
     errors = {name: (relative_error(got[name], ref), relative_error(same_precision[name], ref))
               for name, ref in truth.items()}
     bad = {name: f"{ours:.1e} vs reference {theirs:.1e}" for name, (ours, theirs) in errors.items()

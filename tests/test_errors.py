@@ -5,6 +5,7 @@ from torch import nn
 
 import fused_preact as fp
 from fused_preact import ops
+from fused_preact.backends.reference import partials_of
 
 
 def test_groups_and_dilation_rejected():
@@ -40,7 +41,8 @@ def test_integer_input_named():
     block = fp.FusedBNReLUConv2d(4, 4)
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
         ops.bn_relu_conv(torch.ones(2, 4, 5, 5, dtype=torch.int32), None, None, None, None,
-                         block.conv.weight, None, [1, 1], [1, 1], 1e-5, False, False, "reference")
+                         block.conv.weight, None, [1, 1], [1, 1], 1e-5, False, False, None, None, None, None,
+                         "reference")
 
 
 def test_device_mismatch_named():
@@ -188,6 +190,6 @@ def test_fused_unit_takes_conv_keywords_and_rejects_unsupported_values(keywords,
 
 
 def test_finalize_names_a_running_statistics_mismatch():
-    partials = ops.batch_stats(torch.randn(2, 3, 4, 4), "reference")
+    partials = partials_of(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\)"):
         ops.bn_finalize(partials, torch.zeros(4), torch.ones(4), None, 0.1, "reference")

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fused_preact import ops
+from fused_preact.backends.reference import partials_of
 
 
 def unit_args(dtype=torch.float64, residual=True, prologue=True, requires_grad=True):
@@ -14,20 +15,26 @@ def unit_args(dtype=torch.float64, residual=True, prologue=True, requires_grad=T
     r = torch.randn(2, 4, 3, 3, dtype=dtype, requires_grad=requires_grad) if residual else None
     if not prologue:
         mean = var = gamma = beta = None
-    return (x, mean, var, gamma, beta, w, r, [2, 2], [1, 1], 1e-5, True, True, "reference")
+    running = (torch.randn(4, dtype=dtype), torch.rand(4, dtype=dtype) + 0.5, torch.tensor(3), 0.1)
+    return (x, mean, var, gamma, beta, w, r, [2, 2], [1, 1], 1e-5, True, True, *running, "reference")
 
 
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("prologue", [True, False])
 def test_opcheck_bn_relu_conv(residual, prologue):
-    torch.library.opcheck(ops.bn_relu_conv.op, unit_args(residual=residual, prologue=prologue))
+    """The registered op (schema, fake, mutation of the running statistics). It has no
+    autograd of its own (it mutates): its formula is the Function of entry.py, which the
+    gradcheck tests below and the torch.compile tests run."""
+    torch.library.opcheck(ops.bn_relu_conv.op, unit_args(residual=residual, prologue=prologue, requires_grad=False))
 
 
 def test_opcheck_statistics_ops():
     x = torch.randn(2, 3, 5, 5)
-    torch.library.opcheck(ops.batch_stats.op, (x, "reference"))
-    partials = ops.batch_stats(x, "reference")
     rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(1)
+    torch.library.opcheck(ops.batch_stats.op, (x, rm, rv, nbt, 0.1, "reference"))
+    torch.library.opcheck(ops.batch_stats.op, (x, rm, rv, nbt, None, "reference"))
+    torch.library.opcheck(ops.batch_stats.op, (x, None, None, None, None, "reference"))
+    partials = torch.cat([partials_of(x), partials_of(x + 1)])  # two tiles
     torch.library.opcheck(ops.bn_finalize.op, (partials, rm, rv, nbt, 0.1, "reference"))
     torch.library.opcheck(ops.bn_finalize.op, (partials, rm, rv, nbt, None, "reference"))
     torch.library.opcheck(ops.bn_finalize.op, (partials, None, None, None, 0.1, "reference"))
@@ -44,19 +51,20 @@ def test_opcheck_backward_ops():
 
 def test_gradcheck_unit_eval_statistics():
     """With fixed (eval) statistics, the unit's gradient is exactly differentiable: gradcheck."""
-    x, mean, var, gamma, beta, w, r, stride, padding, eps, _, _, backend = unit_args()
+    x, mean, var, gamma, beta, w, r, stride, padding, eps, *_, backend = unit_args()
 
     def f(x, gamma, beta, w, r):
-        return ops.bn_relu_conv(x, mean, var, gamma, beta, w, r, stride, padding, eps, False, False, backend)[0]
+        return ops.bn_relu_conv(x, mean, var, gamma, beta, w, r, stride, padding, eps, False, False,
+                                None, None, None, None, backend)[0]
     assert torch.autograd.gradcheck(f, (x, gamma, beta, w, r))
 
 
 def test_gradcheck_unit_batch_statistics():
     """Training mode: mean/var are functions of x; the unit's backward includes their terms."""
-    from fused_preact.backends.reference import merge_partials
-    x, _, _, gamma, beta, w, r, stride, padding, eps, _, _, backend = unit_args()
+    x, _, _, gamma, beta, w, r, stride, padding, eps, *_, backend = unit_args()
 
     def f(x, gamma, beta, w, r):
-        _, mean, var = merge_partials(ops.batch_stats(x.detach(), backend))
-        return ops.bn_relu_conv(x, mean, var, gamma, beta, w, r, stride, padding, eps, True, False, backend)[0]
+        mean, var = ops.batch_stats(x.detach(), None, None, None, None, backend)
+        return ops.bn_relu_conv(x, mean, var, gamma, beta, w, r, stride, padding, eps, True, False,
+                                None, None, None, None, backend)[0]
     assert torch.autograd.gradcheck(f, (x, gamma, beta, w, r))

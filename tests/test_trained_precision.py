@@ -100,7 +100,7 @@ def test_reference_forward_conv_as_accurate_as_eager(kernel, channels, hw):
     x = torch.randn(4, channels, hw, hw)
     w = torch.randn(channels, channels, kernel, kernel) / (channels * kernel * kernel) ** 0.5
     mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-    args = (None, None, w, None, [1, 1], [kernel // 2] * 2, 1e-5, True, False, "reference")
+    args = (None, None, w, None, [1, 1], [kernel // 2] * 2, 1e-5, True, False, None, None, None, None, "reference")
     truth = fp.ops.bn_relu_conv(x.double(), mean.double(), var.double(), *[a.double() if isinstance(a, torch.Tensor) else a for a in args])[0]
     ours = fp.ops.bn_relu_conv(x, mean, var, *args)[0]
     activation = torch.relu((x - mean[None, :, None, None]) * torch.rsqrt(var + 1e-5)[None, :, None, None])

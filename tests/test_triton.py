@@ -40,9 +40,9 @@ def test_batch_stats_and_running_update_large_mean(momentum, channels, poisoned)
     bn.running_mean.copy_(rm), bn.running_var.copy_(rv), bn.num_batches_tracked.copy_(nbt)
     bn(x)  # eager: increments num_batches_tracked to 4, updates running stats
     with poisoned:
-        partials = ops.batch_stats(x, "triton")
-        mean, var = ops.bn_finalize(partials, rm, rv, nbt, momentum, "triton")
+        mean, var = ops.batch_stats(x, rm, rv, nbt, momentum, "triton")
     assert nbt.item() == bn.num_batches_tracked.item() == 4  # the op counted the batch
+    assert_counters_reset()
     assert_close(mean, x.mean((0, 2, 3)), torch.float32, "mean", atol=1e-4, rtol=1e-6)
     assert_close(var, x.var((0, 2, 3), unbiased=False), torch.float32, "var", atol=2e-3, rtol=2e-3)
     assert_close(rm, bn.running_mean, torch.float32, "running_mean", atol=1e-4, rtol=1e-6)
@@ -64,12 +64,42 @@ def test_finalize_merges_many_tiles_and_channel_blocks(tiles, channels, poisoned
     assert_close(var, ref_var, torch.float32, "var", atol=1e-4, rtol=1e-4)
 
 
+def assert_counters_reset():
+    """Every merge ticket is back at zero after a launch (no memset launch before the next)."""
+    from fused_preact.backends.triton.merge import _counters
+    assert _counters and all(int(c.abs().sum()) == 0 for c in _counters.values())
+
+
+@pytest.mark.parametrize("channels", [24, 200])  # 200: two channel blocks of the conv
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_conv_epilogue_merges_statistics_and_updates_running(momentum, channels, poisoned):
+    """The forward conv's last programs merge its 4 row tiles per channel block into the next
+    BatchNorm's batch statistics and update its running statistics as nn.BatchNorm2d reading
+    y does; the batch is counted once (momentum=None: every channel block reads the old
+    count before the last one writes the new)."""
+    x, mean, var, gamma, beta, w, res = unit_inputs(5, channels, 3, 1, 1, 9, 3, torch.float32)
+    bn = nn.BatchNorm2d(channels, momentum=momentum).to(DEVICE)
+    rm, rv, nbt = (t.to(DEVICE) for t in (torch.randn(channels), torch.rand(channels) + 0.5, torch.tensor(3)))
+    bn.running_mean.copy_(rm), bn.running_var.copy_(rv), bn.num_batches_tracked.copy_(nbt)
+    with poisoned:
+        y, y_mean, y_var = ops.bn_relu_conv(x, mean, var, gamma, beta, w, res, [1, 1], [1, 1], 1e-5, True, True,
+                                            rm, rv, nbt, momentum, "triton")
+    bn(y)  # eager, on the same output
+    assert_counters_reset()
+    assert nbt.item() == bn.num_batches_tracked.item() == 4
+    yd = y.double()
+    assert_close(y_mean, yd.mean((0, 2, 3)), torch.float64, "mean", atol=1e-5, rtol=1e-5)
+    assert_close(y_var, yd.var((0, 2, 3), unbiased=False), torch.float64, "var", atol=1e-5, rtol=1e-5)
+    assert_close(rm, bn.running_mean, torch.float32, "running_mean", atol=1e-5, rtol=1e-5)
+    assert_close(rv, bn.running_var, torch.float32, "running_var", atol=1e-5, rtol=1e-5)
+
+
 def test_output_statistics_with_large_mean():
     """The epilogue's statistics of an output with mean 1e3 (a large residual)."""
     x, mean, var, gamma, beta, w, res = unit_inputs(5, 16, 3, 1, 1, 9, 3, torch.float32)
     res = res + 1e3
-    y, partials = ops.bn_relu_conv(x, mean, var, gamma, beta, w, res, [1, 1], [1, 1], 1e-5, True, True, "triton")
-    got_mean, got_var = ops.bn_finalize(partials, None, None, None, 0.1, "triton")
+    y, got_mean, got_var = ops.bn_relu_conv(x, mean, var, gamma, beta, w, res, [1, 1], [1, 1], 1e-5, True, True,
+                                            None, None, None, None, "triton")
     yd = y.double()
     assert_close(got_mean, yd.mean((0, 2, 3)), torch.float64, "mean", atol=1e-4, rtol=1e-6)
     assert_close(got_var, yd.var((0, 2, 3), unbiased=False), torch.float64, "var", atol=1e-3, rtol=1e-3)
@@ -77,10 +107,10 @@ def test_output_statistics_with_large_mean():
 
 def test_determinism_bitwise():
     x, mean, var, gamma, beta, w, res = unit_inputs(24, 16, 3, 2, 1, 9, 3, torch.float32)
-    args = (x, mean, var, gamma, beta, w, res, [2, 2], [1, 1], 1e-5, True, True, "triton")
-    y1, p1 = ops.bn_relu_conv(*args)
-    y2, p2 = ops.bn_relu_conv(*args)
-    assert torch.equal(y1, y2) and torch.equal(p1, p2)
+    args = (x, mean, var, gamma, beta, w, res, [2, 2], [1, 1], 1e-5, True, True, None, None, None, None, "triton")
+    y1, mean1, var1 = ops.bn_relu_conv(*args)
+    y2, mean2, var2 = ops.bn_relu_conv(*args)
+    assert torch.equal(y1, y2) and torch.equal(mean1, mean2) and torch.equal(var1, var2)
     dy = torch.randn_like(y1)
 
     def backward():
