@@ -95,9 +95,9 @@ def bn_relu_conv_fwd_kernel(
     if WANT_STATS:
         # Statistics of the stored (rounded) values, as the next nn.BatchNorm2d would see them.
         write_tile_stats(part_ptr, pid_m, y.to(tl.float32), row_ok, rn, col_ok, K)
-        merge_if_last(part_ptr, tl.num_programs(0), K, rn, col_ok, counter_ptr, pid_n, tl.num_programs(1),
+        merge_if_last(part_ptr, tl.num_programs(0), K, counter_ptr, pid_n, tl.num_programs(1),
                       ymean_ptr, yvar_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum,
-                      UPDATE_RUNNING, COUNT_BATCH, CUMULATIVE, BT)
+                      UPDATE_RUNNING, COUNT_BATCH, CUMULATIVE, BN, BT)
 
 
 def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats,

@@ -90,17 +90,20 @@ def store_batch_stats(total, mean, m2, rc, c_ok, mean_ptr, var_ptr, rmean_ptr, r
         tl.store(rvar_ptr + rc, rvar + factor * (unbiased - rvar), mask=c_ok)
 
 
-@triton.jit
-def merge_if_last(part_ptr, T, C, rc, c_ok, counter_ptr, block, blocks,
+@triton.jit(noinline=True)
+def merge_if_last(part_ptr, T, C, counter_ptr, block, blocks,
                   mean_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum,
                   UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr,
-                  BT: tl.constexpr):
-    """Called by every program after storing its tile of channels rc (channel block `block`
-    of `blocks`, T tiles each): the last one of the block merges them (see the module)."""
+                  BC: tl.constexpr, BT: tl.constexpr):
+    """Called by every program after storing its tile of channel block `block` (BC channels,
+    `blocks` blocks, T tiles each): the last one of the block merges them (see the module).
+    Not inlined: its registers are not added to those of the conv main loop before it."""
     tl.debug_barrier()  # every thread's partial stores, before the ticket publishes them
     done = tl.atomic_add(counter_ptr + block, 1, sem="acq_rel", scope="gpu")
     if done == T - 1:
         tl.debug_barrier()
+        rc = block * BC + tl.arange(0, BC)
+        c_ok = rc < C
         total, mean, m2 = merge_tiles(part_ptr, T, C, rc, c_ok, BT)
         batches = 0
         if COUNT_BATCH:

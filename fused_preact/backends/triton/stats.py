@@ -35,9 +35,9 @@ def batch_stats_kernel(x_ptr, sxn, sxh, sxw, sxc, part_ptr, M, HW, W, C,
     offs = (n * sxn + h * sxh + w * sxw)[:, None] + rc[None, :] * sxc
     x = tl.load(x_ptr + offs, mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     write_tile_stats(part_ptr, pid_m, x, row_ok, rc, c_ok, C)
-    merge_if_last(part_ptr, tl.num_programs(0), C, rc, c_ok, counter_ptr, tl.program_id(1), tl.num_programs(1),
+    merge_if_last(part_ptr, tl.num_programs(0), C, counter_ptr, tl.program_id(1), tl.num_programs(1),
                   mean_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum,
-                  UPDATE_RUNNING, COUNT_BATCH, CUMULATIVE, BT)
+                  UPDATE_RUNNING, COUNT_BATCH, CUMULATIVE, BC, BT)
 
 
 @triton.jit
