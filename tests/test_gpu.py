@@ -192,3 +192,28 @@ def test_cuda_backend_block_training_step(cuda_kernels):
     ref = grads(eager, x, torch.bfloat16)
     for i, (g, r) in enumerate(zip(got, ref)):
         assert rel_err(g, r) < 3e-2, f"tensor {i}: {rel_err(g, r):.2e}"
+
+
+def test_autotuning_updates_running_statistics_once():
+    """With autotuning on, the first launch of a shape times every config by running the
+    kernel: the running statistics the forward conv updates are restored after each trial,
+    so the real launch counts the batch once (a subprocess: the configs are fixed at import)."""
+    import os
+    import subprocess
+    import sys
+    code = """
+import torch, fused_preact as fp
+x = torch.randn(8, 16, 12, 12, device="cuda")
+w = torch.randn(24, 16, 3, 3, device="cuda", dtype=torch.bfloat16)
+rm, rv, nbt = torch.zeros(24, device="cuda"), torch.ones(24, device="cuda"), torch.zeros((), device="cuda", dtype=torch.long)
+y, mean, var = fp.ops.bn_relu_conv(x.bfloat16(), None, None, None, None, w, None, [1, 1], [1, 1], 1e-5, False, True,
+                                   rm, rv, nbt, 0.5, "triton")
+n = mean.new_tensor(y.numel() // y.shape[1])
+assert nbt.item() == 1, nbt.item()
+torch.testing.assert_close(rm, 0.5 * mean)
+torch.testing.assert_close(rv, 0.5 + 0.5 * var * n / (n - 1))
+print("ok")
+"""
+    env = dict(os.environ, FUSED_PREACT_TRITON_AUTOTUNE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

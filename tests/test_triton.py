@@ -94,6 +94,25 @@ def test_conv_epilogue_merges_statistics_and_updates_running(momentum, channels,
     assert_close(rv, bn.running_var, torch.float32, "running_var", atol=1e-5, rtol=1e-5)
 
 
+def test_backward_sums_and_split_weight_gradient_reduced_in_kernel(poisoned):
+    """dgrad's BN sums over 3 row tiles x 2 channel blocks (200 channels) and wgrad's split
+    partials over 4 weight tiles, each reduced by the last program of its block: equal to
+    float64 sums, the tickets back at zero."""
+    x, mean, var, gamma, beta, w, _ = unit_inputs(200, 72, 3, 1, 1, 8, 3, torch.float32)
+    dy = torch.randn(3, 72, 8, 8, device=DEVICE)
+    args = (mean, var, gamma, beta)
+    with poisoned:
+        g, sums = ops.bn_relu_conv_dgrad(dy, w, x, *args, [1, 1], [1, 1], 1e-5, "triton")
+        dw = ops.bn_relu_conv_wgrad(dy, x, *args, list(w.shape), [1, 1], [1, 1], 1e-5, "triton")
+    assert_counters_reset()
+    double = [t.double() for t in (dy, w, x, *args)]
+    ref_g, ref_sums = ops.bn_relu_conv_dgrad(*double[:3], *double[3:], [1, 1], [1, 1], 1e-5, "reference")
+    ref_dw = ops.bn_relu_conv_wgrad(double[0], *double[2:], list(w.shape), [1, 1], [1, 1], 1e-5, "reference")
+    assert_close(g, ref_g, torch.float32, "g", atol=1e-4, rtol=1e-4)
+    assert_close(sums, ref_sums, torch.float32, "sums", atol=1e-3, rtol=1e-4)
+    assert_close(dw, ref_dw, torch.float32, "dw", atol=1e-3, rtol=1e-4)
+
+
 def test_output_statistics_with_large_mean():
     """The epilogue's statistics of an output with mean 1e3 (a large residual)."""
     x, mean, var, gamma, beta, w, res = unit_inputs(5, 16, 3, 1, 1, 9, 3, torch.float32)

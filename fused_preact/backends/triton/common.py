@@ -57,13 +57,15 @@ def warp_configs() -> list[triton.Config]:
     return configs if os.environ.get("FUSED_PREACT_TRITON_AUTOTUNE", "1") != "0" else configs[:1]
 
 
-def autotune_warps(key: list[str]):
-    """Decorator: triton.autotune over warp_configs(), keyed on the argument names `key`.
-    With one config there is nothing to choose, so no autotuner (its bookkeeping is host
-    time on every launch): the kernel launches with that config's warps and stages."""
+def autotune_warps(key: list[str], restore: tuple[str, ...] = ()):
+    """Decorator: triton.autotune over warp_configs(), keyed on the argument names `key`;
+    `restore` names the arguments a launch updates in place (running statistics), put back
+    after each timed trial so that only the real launch counts. With one config there is
+    nothing to choose, so no autotuner (its bookkeeping is host time on every launch): the
+    kernel launches with that config's warps and stages."""
     configs = warp_configs()
     if len(configs) > 1:
-        return triton.autotune(configs=configs, key=key)
+        return triton.autotune(configs=configs, key=key, restore_value=list(restore))
     return lambda kernel: FixedConfig(kernel, configs[0])
 
 

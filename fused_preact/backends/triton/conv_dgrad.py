@@ -6,7 +6,8 @@ input pixels are split into stride_h * stride_w phases (sub-pixel decomposition)
 phase (h % stride_h, w % stride_w) only the taps r = (h + pad_h) mod stride_h (+ k*stride_h)
 reach an output pixel, so no zero-inserted work is done. A phase with no tap (1x1
 stride 2) still writes its zeros. The epilogue recomputes the ReLU mask from the saved
-pre-BN x and writes per-tile sums of g and g * xhat (fixed order, no atomics).
+pre-BN x and writes per-tile sums of g and g * xhat; the last program of each channel
+block adds the tiles up in a fixed order (merge.py: no second launch, no atomics on floats).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import triton.language as tl
 from ..base import cdiv
 from .common import (autotune_warps, bn_scale_shift, dot_precision, nhwc_strides, pow2_block, relu_passes,
                      rows_per_tile)
+from .merge import merge_block, sum_if_last, ticket_counters
 
 
 @autotune_warps(key=["HP", "WP", "C", "K", "R", "S"])
@@ -27,12 +29,12 @@ def bn_relu_conv_dgrad_kernel(
     x_ptr, sxn, sxh, sxw, sxc,                 # saved pre-BN input [N, H, W, C]
     mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
     g_ptr, sgn, sgh, sgw, sgc,                 # result [N, H, W, C] by strides
-    sums_ptr,                                  # per-tile sums [tiles, 2, C] fp32
+    part_ptr, counter_ptr, sums_ptr,           # per-tile sums [tiles, 2, C] fp32, tickets, sums [2, C]
     N, H, W, C, P, Q, K, HP, WP, tiles_per_phase,
     R: tl.constexpr, S: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     phase = pid // tiles_per_phase
@@ -93,9 +95,10 @@ def bn_relu_conv_dgrad_kernel(
         # Sums of the stored g, so the BN backward pass subtracts exactly their mean.
         gs = tl.where(ok, g.to(tl.float32), 0.0)
         invstd = 1.0 / tl.sqrt(tl.load(var_ptr + rc, mask=c_ok, other=1.0).to(tl.float32) + eps)
-        base = sums_ptr + pid.to(tl.int64) * 2 * C + rc
+        base = part_ptr + pid.to(tl.int64) * 2 * C + rc
         tl.store(base, tl.sum(gs, axis=0), mask=c_ok)
         tl.store(base + C, tl.sum(gs * xc * invstd[None, :], axis=0), mask=c_ok)
+        sum_if_last(part_ptr, tl.num_programs(0), C, counter_ptr, tl.program_id(1), sums_ptr, 2, BN, BT)
 
 
 def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps):
@@ -108,20 +111,22 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     tiles = tiles_per_phase * stride[0] * stride[1]
     g = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     has_prologue = mean is not None
-    sums = torch.empty((tiles if has_prologue else 0, 2, c), device=x.device, dtype=torch.float32)
+    part = torch.empty((tiles if has_prologue else 0, 2, c), device=x.device, dtype=torch.float32)
+    sums = torch.empty((2, c if has_prologue else 0), device=x.device, dtype=torch.float32)
+    blocks = cdiv(c, bn)
     dummy = g
-    bn_relu_conv_dgrad_kernel[(tiles, cdiv(c, bn))](
+    bn_relu_conv_dgrad_kernel[(tiles, blocks)](
         dy, *nhwc_strides(dy),
         weight, *weight.stride(),
         x, *nhwc_strides(x),
         mean if has_prologue else dummy, var if has_prologue else dummy,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,
-        g, *nhwc_strides(g), sums if has_prologue else dummy,
+        g, *nhwc_strides(g), part if has_prologue else dummy,
+        ticket_counters(x.device, blocks) if has_prologue else dummy, sums if has_prologue else dummy,
         n, h, w, c, p, q, k, hp, wp, tiles_per_phase,
         R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
         HAS_BETA=has_prologue and bn_bias is not None, PRECISION=dot_precision(dy.dtype),
-        BM=bm, BN=bn, BK=bk,
+        BM=bm, BN=bn, BK=bk, BT=merge_block(tiles, bn),
     )
-    # Tiles reduced in a fixed order (a single-kernel torch reduction, no atomics).
-    return g, sums.sum(dim=0) if has_prologue else sums.new_empty((2, 0))
+    return g, sums

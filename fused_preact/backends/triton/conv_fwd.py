@@ -21,7 +21,7 @@ from .merge import merge_block, merge_if_last, ticket_counters
 from .stats import running_args
 
 
-@autotune_warps(key=["M", "K", "C", "R", "S"])
+@autotune_warps(key=["M", "K", "C", "R", "S"], restore=("rmean_ptr", "rvar_ptr", "nbt_ptr"))
 @triton.jit
 def bn_relu_conv_fwd_kernel(
     x_ptr, sxn, sxh, sxw, sxc,                 # input [N, H, W, C] by strides

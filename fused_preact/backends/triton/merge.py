@@ -1,17 +1,19 @@
-"""Merging per-tile statistics into a BatchNorm's batch statistics, inside the kernel that
-wrote the tiles: the last program to finish a block of channels merges them.
+"""Reductions finished inside the kernel that wrote their partials: the last program to
+finish a block of the output reduces it, so no second launch (and no torch kernel) does.
 
-Each program of a statistics-writing kernel (the forward conv's epilogue, the standalone
-statistics pass) stores its tile's (count, mean, M2) per channel, then takes a ticket from
-an int32 counter of its channel block (an atomic add with acquire/release ordering, after
-a barrier so the whole program's stores come first). The program that draws the last
-ticket sees every tile of its channels: it merges them in tile order 0..T-1 (the same
-order whichever program finishes last, so results are bitwise equal run after run),
-writes mean and biased variance, updates the running statistics like nn.BatchNorm2d, and
-puts its counter back to 0 for the next launch (no memset launch). Where the batch is
-counted (num_batches_tracked), a second counter does the same across channel blocks: the
-last channel block to finish writes the new count, after every block has read the old
-one (momentum=None averages with 1 / count).
+Each program stores its partial result (a tile's (count, mean, M2) per channel, a tile's
+BN-gradient sums, a split of a weight gradient), then takes a ticket from an int32 counter
+of its output block (`last_ticket`: an atomic add with acquire/release ordering, after a
+barrier so the whole program's stores come first). The program that draws the last ticket
+sees every partial of its block: it reduces them in index order 0..T-1 (the same order
+whichever program finishes last, so results are bitwise equal run after run; no float
+atomics) and puts its counter back to 0 for the next launch (no memset launch).
+
+Statistics (merge_if_last): the merge writes mean and biased variance and updates the
+running statistics like nn.BatchNorm2d. Where the batch is counted (num_batches_tracked),
+a second counter does the same across channel blocks: the last channel block to finish
+writes the new count, after every block has read the old one (momentum=None averages with
+1 / count).
 
 The counters are one zeroed int32 buffer per device and stream (kernels on one stream run
 one after another; two streams must not share a counter).
@@ -42,6 +44,21 @@ def merge_block(tiles: int, channels: int) -> int:
     """Tiles merged per step: about 2048 values at once (registers of a kernel that also
     does a conv), at least 2, no more than the tiles there are."""
     return max(2, min(1 << (tiles - 1).bit_length(), 2048 // channels))
+
+
+@triton.jit
+def last_ticket(counter_ptr, index, total):
+    """True in the program that finishes last of the `total` programs sharing counter `index`."""
+    tl.debug_barrier()  # every thread's partial stores, before the ticket publishes them
+    done = tl.atomic_add(counter_ptr + index, 1, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()  # ... and everything after it, after the ticket
+    return done == total - 1
+
+
+@triton.jit
+def reset_ticket(counter_ptr, index):
+    """Put counter `index` back to 0 (by the last program, which nobody else waits on)."""
+    tl.atomic_xchg(counter_ptr + index, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -98,10 +115,7 @@ def merge_if_last(part_ptr, T, C, counter_ptr, block, blocks,
     """Called by every program after storing its tile of channel block `block` (BC channels,
     `blocks` blocks, T tiles each): the last one of the block merges them (see the module).
     Not inlined: its registers are not added to those of the conv main loop before it."""
-    tl.debug_barrier()  # every thread's partial stores, before the ticket publishes them
-    done = tl.atomic_add(counter_ptr + block, 1, sem="acq_rel", scope="gpu")
-    if done == T - 1:
-        tl.debug_barrier()
+    if last_ticket(counter_ptr, block, T):
         rc = block * BC + tl.arange(0, BC)
         c_ok = rc < C
         total, mean, m2 = merge_tiles(part_ptr, T, C, rc, c_ok, BT)
@@ -110,10 +124,29 @@ def merge_if_last(part_ptr, T, C, counter_ptr, block, blocks,
             batches = tl.load(nbt_ptr, cache_modifier=".cg") + 1  # counted first, as nn.BatchNorm2d
         store_batch_stats(total, mean, m2, rc, c_ok, mean_ptr, var_ptr, rmean_ptr, rvar_ptr, batches, momentum,
                           UPDATE_RUNNING, CUMULATIVE)
-        tl.atomic_xchg(counter_ptr + block, 0, sem="relaxed", scope="gpu")
+        reset_ticket(counter_ptr, block)
         if COUNT_BATCH:
-            tl.debug_barrier()
-            finished = tl.atomic_add(counter_ptr + blocks, 1, sem="acq_rel", scope="gpu")
-            if finished == blocks - 1:  # every block has read the old count
+            if last_ticket(counter_ptr, blocks, blocks):  # every block has read the old count
                 tl.store(nbt_ptr, batches)
-                tl.atomic_xchg(counter_ptr + blocks, 0, sem="relaxed", scope="gpu")
+                reset_ticket(counter_ptr, blocks)
+
+
+@triton.jit(noinline=True)
+def sum_if_last(part_ptr, T, C, counter_ptr, block, out_ptr, ROWS: tl.constexpr, BC: tl.constexpr,
+                BT: tl.constexpr):
+    """Called by every program after storing its [ROWS, BC] slice of the [T, ROWS, C]
+    partials (channel block `block`, T programs each): the last one writes out[ROWS, C],
+    the sum over the T tiles in order (blocks of BT tiles, each summed in one fixed tree)."""
+    if last_ticket(counter_ptr, block, T):
+        rc = block * BC + tl.arange(0, BC)
+        c_ok = rc < C
+        for row in tl.static_range(ROWS):
+            total = tl.zeros((BC,), dtype=tl.float32)
+            for t0 in range(0, T, BT):
+                rt = t0 + tl.arange(0, BT)
+                offs = (rt.to(tl.int64)[:, None] * ROWS + row) * C + rc[None, :]
+                tile = tl.load(part_ptr + offs, mask=(rt < T)[:, None] & c_ok[None, :], other=0.0,
+                               cache_modifier=".cg")
+                total += tl.sum(tile, axis=0)
+            tl.store(out_ptr + row * C + rc, total, mask=c_ok)
+        reset_ticket(counter_ptr, block)
