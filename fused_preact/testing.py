@@ -29,6 +29,7 @@ def randomize_bn(module: nn.Module, seed: int = 0) -> None:
 
 class PreActBlock(nn.Module):
     expansion = 1
+    shortcut_reads_input = False  # kuangliu: the projection reads relu(bn1(x))
 
     def __init__(self, in_planes, planes, stride=1):
         super().__init__()
@@ -42,7 +43,7 @@ class PreActBlock(nn.Module):
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        shortcut = self.shortcut(x if self.shortcut_reads_input else out) if hasattr(self, "shortcut") else x
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
         return out + shortcut
@@ -50,6 +51,7 @@ class PreActBlock(nn.Module):
 
 class PreActBottleneck(nn.Module):
     expansion = 4
+    shortcut_reads_input = False
 
     def __init__(self, in_planes, planes, stride=1):
         super().__init__()
@@ -65,7 +67,7 @@ class PreActBottleneck(nn.Module):
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        shortcut = self.shortcut(x if self.shortcut_reads_input else out) if hasattr(self, "shortcut") else x
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
         out = self.conv3(F.relu(self.bn3(out)))
@@ -75,24 +77,13 @@ class PreActBottleneck(nn.Module):
 class RawShortcutPreActBlock(PreActBlock):
     """RobustBench / fast-adversarial PreActBlock: the projection reads raw x."""
 
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(x) if hasattr(self, "shortcut") else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + shortcut
+    shortcut_reads_input = True
 
 
 class RawShortcutPreActBottleneck(PreActBottleneck):
     """The bottleneck with the projection on raw x (RobustBench-style)."""
 
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(x) if hasattr(self, "shortcut") else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        out = self.conv3(F.relu(self.bn3(out)))
-        return out + shortcut
+    shortcut_reads_input = True
 
 
 class DropoutPreActBlock(PreActBlock):
