@@ -29,7 +29,7 @@ from .host_cost import stub_launches  # noqa: E402
 # Allocations, views and conversions that copy nothing (a copy shows as their child op).
 FREE = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
         "aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::detach", "aten::alias", "aten::t",
-        "aten::permute", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice",
+        "aten::permute", "aten::view_as", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice",
         "aten::reshape", "aten::to", "aten::contiguous", "aten::lift_fresh", "aten::resolve_conj",
         "aten::resolve_neg", "aten::unbind", "aten::split", "aten::transpose", "aten::flatten",
         "aten::_reshape_alias", "aten::result_type", "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense"}

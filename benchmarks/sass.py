@@ -90,7 +90,9 @@ def record_launches(case: C.BlockCase, dtype: torch.dtype) -> list:
             modules["conv_wgrad"].bn_relu_conv_wgrad(dy, x, v, v, v, v, list(w.shape), [stride] * 2, [pad] * 2, 1e-5)
             modules["stats"].batch_stats(x, v.clone(), v.clone(), None, 0.1)
             modules["stats"].bn_finalize(torch.ones(4, 3, c_in), v.clone(), v.clone(), None, 0.1)  # sync BN
-            modules["bn_backward"].bn_backward_apply(x, x, v, v, v, torch.zeros(2, c_in), 10, 1e-5, True)
+            for dx_other in (None, x):  # with: the first unit of an identity block
+                modules["bn_backward"].bn_backward_apply(x, x, v, v, v, torch.zeros(2, c_in), 10, 1e-5, True,
+                                                         dx_other)
     finally:
         for m, name in KERNELS:
             setattr(modules[m], name, originals[name])

@@ -101,7 +101,8 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<BnBackwardParams> bwd(m, "BnBackwardParams");
   bwd.def(py::init<>()).def_readwrite("g", &BnBackwardParams::g).def_readwrite("x", &BnBackwardParams::x)
-      .def_readwrite("dx", &BnBackwardParams::dx).def_readwrite("bn", &BnBackwardParams::bn)
+      .def_readwrite("dx", &BnBackwardParams::dx).def_readwrite("dx_other", &BnBackwardParams::dx_other)
+      .def_readwrite("bn", &BnBackwardParams::bn)
       .def_readwrite("batch_stats", &BnBackwardParams::batch_stats);
   pointer_field(bwd, "grad_means", &BnBackwardParams::grad_means);
 

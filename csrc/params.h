@@ -77,6 +77,7 @@ struct FinalizeParams {
 // dx = scale * (g - mean_g - xhat * mean_gx) (batch statistics) or scale * g.
 struct BnBackwardParams {
   Act g, x, dx;
+  Act dx_other;  // ptr == nullptr: none; else x's gradient from another consumer, added to dx
   BnArgs bn;
   const float* grad_means = nullptr;  // [2, C]
   bool batch_stats = true;

@@ -121,6 +121,7 @@ __global__ void bn_backward_apply_kernel(BnBackwardParams p) {
   const T* g = static_cast<const T*>(p.g.ptr);
   const T* x = static_cast<const T*>(p.x.ptr);
   T* dx = static_cast<T*>(p.dx.ptr);
+  const T* dx_other = static_cast<const T*>(p.dx_other.ptr);
   for (int i = 0; i < kRowsPerThread; ++i) {
     const int64_t row = int64_t(blockIdx.x) * kStatsRows + threadIdx.y + kGroups * i;
     if (row >= rows) break;
@@ -131,7 +132,9 @@ __global__ void bn_backward_apply_kernel(BnBackwardParams p) {
       const float xhat = (to_float(x[offset(p.x, n, c, h, w)]) - mean) * invstd;
       gv = gv - mean_g - xhat * mean_gx;
     }
-    dx[offset(p.dx, n, c, h, w)] = from_float<T>(gv * scale);
+    float dxv = gv * scale;
+    if (dx_other) dxv += to_float(dx_other[offset(p.dx_other, n, c, h, w)]);
+    dx[offset(p.dx, n, c, h, w)] = from_float<T>(dxv);
   }
 }
 

@@ -58,22 +58,40 @@ class OpEntry:
         """The op's autograd formula, as a torch.autograd.Function around the op (its body
         in plain eager mode, the registered op wherever something traces): torch.library's
         own register_autograd takes functional ops only, and the forward unit updates the
-        next BatchNorm's running statistics in place."""
-        def forward(ctx, *args):
+        next BatchNorm's running statistics in place. `backward` gets one gradient per
+        output, plus the carried input's when the call carried it (see call_carrying_input)."""
+        def forward(ctx, *args_and_carry):
             # ctx-first style: Function.apply binds the signature of a separate
             # setup_context on every call (inspect.signature), which costs more than the op.
+            # The flag comes last, so ctx.needs_input_grad[i] is the op's argument i.
+            *args, carry_input = args_and_carry
             output = self.op(*args) if registered_op_needed(args) else self.body(*args)
             setup_context(ctx, args, output)
-            return output
+            return output + (args[0],) if carry_input else output
+
+        def backward_and_flag(ctx, *grads):
+            return backward(ctx, *grads) + (None,)
         self.function = type(f"{self.__name__}_function", (torch.autograd.Function,), {
-            "forward": staticmethod(forward), "backward": staticmethod(backward)})
+            "forward": staticmethod(forward), "backward": staticmethod(backward_and_flag)})
 
     def __call__(self, *args, **kwargs):
-        positional = args
+        return self.call(self.positional(args, kwargs), False)
+
+    def call_carrying_input(self, *args, **kwargs):
+        """The op's outputs plus its first input, returned by the op's autograd node: that
+        input's other consumer (a residual block's identity path) takes it from here, so its
+        gradient reaches this op's backward, which adds it to the input's own gradient inside
+        a kernel instead of autograd accumulating the two with a separate add."""
+        return self.call(self.positional(args, kwargs), True)
+
+    def positional(self, args, kwargs) -> tuple:
         if kwargs or len(args) < self.positional_count:
             bound = self.signature.bind(*args, **kwargs)  # the Function takes positional arguments
             bound.apply_defaults()
-            positional = bound.args
+            return bound.args
+        return args
+
+    def call(self, positional: tuple, carry_input: bool):
         # One pass (this runs about ten times per block and step): a tensor subclass must
         # see the registered op; otherwise note whether autograd has anything to record.
         requires_grad, plain = False, True
@@ -82,9 +100,11 @@ class OpEntry:
                 plain = plain and type(a) in PLAIN_TENSOR_TYPES
                 requires_grad = requires_grad or a.requires_grad
         if requires_grad and torch.is_grad_enabled() and self.function is not None:
-            return self.function.apply(*positional)
+            return self.function.apply(*positional, carry_input)
         # An op without a formula goes through the registered op, which raises PyTorch's
         # own "no autograd formula" error (double backward, say).
         if intercepted() or not plain or requires_grad and torch.is_grad_enabled():
-            return self.op(*positional)
-        return self.body(*positional)
+            output = self.op(*positional)
+        else:
+            output = self.body(*positional)
+        return output + (positional[0],) if carry_input else output

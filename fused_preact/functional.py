@@ -153,13 +153,22 @@ def compute_dtype(x: Tensor, conv: nn.Conv2d) -> torch.dtype:
     return conv.weight.dtype
 
 
+class UnitResult(NamedTuple):
+    output: Tensor
+    moments: Optional[tuple[Tensor, Tensor]]  # the consumer's local (mean, biased var), see unit
+    carried: Optional[Tensor]  # the unit's input as its autograd node returns it (carry_input)
+
+
 def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv: nn.Conv2d,
-         residual: Optional[Tensor], consumer: Optional[Consumer],
-         backend: str) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
+         residual: Optional[Tensor], consumer: Optional[Consumer], backend: str,
+         carry_input: bool = False) -> UnitResult:
     """conv(relu(bn(x))) [+ residual] with `stats` (None: plain conv of x, no BN, no ReLU).
 
-    Returns the output and, where `consumer` needs batch statistics, their local (mean,
-    biased var) for bn_stats (None when they could not be produced in the same pass).
+    moments: where `consumer` needs batch statistics, their local (mean, biased var) for
+    bn_stats (None when they could not be produced in the same pass). carry_input: also
+    return x through the unit's autograd node, for x's other consumer (a block's identity
+    path) to use instead of x, so that consumer's gradient is added to dx inside the unit's
+    backward kernel (OpEntry.call_carrying_input); else carried is None.
     """
     dtype = compute_dtype(x, conv)
     weight = conv.weight.to(dtype)
@@ -174,9 +183,12 @@ def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv
     fused_residual = residual if residual is None or residual.dtype == dtype else None
     want = consumer is not None and needs_batch_stats(consumer.bn) and residual is fused_residual
     running = running_update(consumer.bn, consumer.synced) if want else (None, None, None, None)
-    y, y_mean, y_var = ops.bn_relu_conv(
-        x, mean, var, bn_weight, bn_bias, weight, fused_residual, list(conv.stride),
-        list(conv.padding), float(eps), batch, want, *running, backend, sync_group)
+    args = (x, mean, var, bn_weight, bn_bias, weight, fused_residual, list(conv.stride), list(conv.padding),
+            float(eps), batch, want, *running, backend, sync_group)
+    if carry_input:
+        y, y_mean, y_var, carried = ops.bn_relu_conv.call_carrying_input(*args)
+    else:
+        (y, y_mean, y_var), carried = ops.bn_relu_conv(*args), None
     if residual is not None and fused_residual is None:
-        return y + residual, None
-    return y, ((y_mean, y_var) if want else None)
+        return UnitResult(y + residual, None, carried)
+    return UnitResult(y, (y_mean, y_var) if want else None, carried)

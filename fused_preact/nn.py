@@ -92,7 +92,7 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
             return (y if residual is None else y + residual).contiguous(memory_format=torch.channels_last)
         backend = self.backend or "auto"
         stats = Fp.bn_stats(self.bn, x, None, backend, sync, images)
-        return Fp.unit(x, stats, self.bn, self.conv, residual, None, backend)[0]
+        return Fp.unit(x, stats, self.bn, self.conv, residual, None, backend).output
 
 
 class _PreActUnits(_SyncBNOption, nn.Module):
@@ -150,18 +150,21 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         stats = Fp.bn_stats(bn1, x, x_moments, backend, sync, images)
         projection = self.projection()
         if projection is None:
-            shortcut = x
+            shortcut = None  # the identity: x as the first unit returns it, so its gradient joins that unit's dx kernel
         elif self.shortcut_source == "preact":
-            shortcut = Fp.unit(x, stats, bn1, projection, None, None, backend)[0]
+            shortcut = Fp.unit(x, stats, bn1, projection, None, None, backend).output
         else:
-            shortcut = Fp.unit(x, None, None, projection, None, None, backend)[0]
+            shortcut = Fp.unit(x, None, None, projection, None, None, backend).output
         h, moments = x, x_moments
         for i, (bn, conv) in enumerate(units):
             last = i == len(units) - 1
             if i > 0:
                 stats = Fp.bn_stats(bn, h, moments, backend, sync, images)
             next_consumer = consumer if last else Fp.Consumer(units[i + 1][0], bool(sync))
-            h, moments = Fp.unit(h, stats, bn, conv, shortcut if last else None, next_consumer, backend)
+            carry = i == 0 and projection is None
+            h, moments, carried = Fp.unit(h, stats, bn, conv, shortcut if last else None, next_consumer, backend,
+                                          carry_input=carry)
+            shortcut = carried if carry else shortcut
         return h, moments
 
     def consumer(self) -> Fp.Consumer:

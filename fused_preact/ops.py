@@ -15,6 +15,7 @@ Ops (DESIGN.md section 1):
   bn_relu_conv_dgrad  g = dgrad(dy, W) * [bn(x) > 0], per-channel sums of g and g * xhat
   bn_relu_conv_wgrad  dW = wgrad(relu(bn(x)), dy)
   bn_backward_apply   dx = scale * (g - sum(g) / n - xhat * sum(g * xhat) / n)   (training)
+                      [+ x's gradient from its other consumer: a block's identity path]
 
 Batch statistics are (mean, biased var) per channel, float32 (float64 for float64 inputs);
 the ops that produce them take the consuming BatchNorm's running statistics (running_mean,
@@ -199,15 +200,18 @@ def _unit_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics outputs
 
 
-def _unit_backward(ctx, dy, _dmean, _dvar):
+def _unit_backward(ctx, dy, _dmean, _dvar, dx_other=None):
+    """dx_other: the gradient of x from its other consumer (the identity path of a residual
+    block), present where the forward carried x (OpEntry.call_carrying_input); added to dx
+    inside bn_backward_apply, so autograd accumulates nothing."""
+    needs = ctx.needs_input_grad
     if dy is None:  # the output got no gradient (grads are not materialised as zeros)
-        return (None,) * UNIT_ARGS
+        return (dx_other if needs[0] else None,) + (None,) * (UNIT_ARGS - 1)
     if torch.is_grad_enabled():  # backward(create_graph=True): the kernels have no derivative
         raise RuntimeError("fused_preact: double backward (create_graph=True, e.g. a gradient penalty) is not "
                            "supported by the fused units; use the eager blocks for that part of the model")
     x, mean, var, bn_weight, bn_bias, weight = ctx.saved_tensors
     stride, padding, eps, batch_stats, backend, has_residual, sync_group = ctx.conf
-    needs = ctx.needs_input_grad
     dx = dgamma = dbeta = dweight = None
     dy = dy.contiguous(memory_format=torch.channels_last)
     if needs[5]:
@@ -217,14 +221,15 @@ def _unit_backward(ctx, dy, _dmean, _dvar):
         g, sums = bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding,
                                      eps, backend)
         if mean is None:
-            dx = g
+            dx = g if dx_other is None else g + dx_other
         else:
             if needs[0]:
                 count = x.numel() // x.shape[1]
                 grad_sums = sums
                 if batch_stats and sync_group:  # the means over all ranks (dgamma, dbeta stay local sums)
                     grad_sums, count = distributed.global_grad_means(sums, count, sync_group), 1
-                dx = bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats, backend)
+                dx = bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats,
+                                       dx_other, backend)
             if needs[3]:
                 dgamma = sums[1].to(bn_weight.dtype)
             if needs[4]:
@@ -316,18 +321,24 @@ def _(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, 
 
 @declare("bn_backward_apply")
 def bn_backward_apply(g: Tensor, x: Tensor, mean: Tensor, var: Tensor, bn_weight: Optional[Tensor],
-                      grad_sums: Tensor, count: int, eps: float, batch_stats: bool, backend: str) -> Tensor:
-    """dx of BatchNorm given g = dL/d bn(x): scale * (g - mean(g) - xhat * mean(g xhat)).
+                      grad_sums: Tensor, count: int, eps: float, batch_stats: bool,
+                      dx_other: Optional[Tensor], backend: str) -> Tensor:
+    """dx of BatchNorm given g = dL/d bn(x): scale * (g - mean(g) - xhat * mean(g xhat)),
+    plus dx_other (x's gradient from another consumer, x's shape and dtype) when given.
 
     grad_sums [2, C] = (sum g, sum g * xhat) over the `count` values per channel the
     statistics came from; the means are taken here (no division kernel beside it). Under
     synchronised BN the caller passes the means over all ranks and count 1. With
     batch_stats False (eval-mode statistics) the mean terms vanish: scale * g.
     """
+    if dx_other is not None and (dx_other.shape != x.shape or dx_other.dtype != x.dtype
+                                 or dx_other.device != x.device):
+        raise ValueError(f"fused_preact: dx_other must match x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
+                         f"{tuple(dx_other.shape)}, {dx_other.dtype}, {dx_other.device}")
     return _run("bn_backward_apply", backend, None, g=g, x=x, mean=mean, var=var, bn_weight=bn_weight,
-                grad_sums=grad_sums, count=count, eps=eps, batch_stats=batch_stats)
+                grad_sums=grad_sums, count=count, eps=eps, batch_stats=batch_stats, dx_other=dx_other)
 
 
 @bn_backward_apply.op.register_fake
-def _(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats, backend):
+def _(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats, dx_other, backend):
     return _empty_nchw_channels_last(x, x.shape)

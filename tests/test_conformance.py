@@ -87,9 +87,10 @@ def inputs(case: Case, x_dtype, conv_dtype):
                   f"{prefix}_batches": torch.tensor(3)})
     if case.prologue:
         t.update(mean=x.float().mean((0, 2, 3)), var=x.float().var((0, 2, 3), unbiased=False),
-                 gamma=torch.rand(c) + 0.5, beta=torch.randn(c))
+                 gamma=torch.rand(c) + 0.5, beta=torch.randn(c),
+                 dx_other=torch.randn(n, c, hw, hw).to(x_dtype))  # x's gradient from a block's identity path
     else:
-        t.update(mean=None, var=None, gamma=None, beta=None)
+        t.update(mean=None, var=None, gamma=None, beta=None, dx_other=None)
     return {name: v if v is None else v.to(DEVICE) for name, v in t.items()}
 
 
@@ -109,8 +110,10 @@ def run_ops(case: Case, backend: str, t: dict) -> dict:
                x_running=torch.stack(x_running[:2]), batches=torch.stack([y_running[2], x_running[2]]).double())
     if case.prologue:
         count = x.numel() // x.shape[1]
-        out.update(sums=sums, dx=ops.bn_backward_apply(g, x, mean, var, gamma, sums, count, 1e-5, True, backend),
-                   dx_eval=ops.bn_backward_apply(g, x, mean, var, gamma, sums, count, 1e-5, False, backend))
+        out.update(sums=sums, dx=ops.bn_backward_apply(g, x, mean, var, gamma, sums, count, 1e-5, True, None, backend),
+                   dx_eval=ops.bn_backward_apply(g, x, mean, var, gamma, sums, count, 1e-5, False, None, backend),
+                   dx_joined=ops.bn_backward_apply(g, x, mean, var, gamma, sums, count, 1e-5, True, t["dx_other"],
+                                                   backend))
     return out
 
 

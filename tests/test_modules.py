@@ -75,6 +75,31 @@ def test_bottleneck_identity_and_raw_shortcut(kind):
     compare_models(ours, eager, dtype, "identity")
 
 
+@pytest.mark.parametrize("request_", ["x only", "parameters only", "x without grad", "twice, graph retained"])
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_identity_gradient_joined_in_the_first_unit(kind, request_):
+    """The identity path's gradient reaches x through the first unit's backward (added in its
+    dx kernel, not by autograd): right whichever gradients are asked for, and how often."""
+    dtype = torch.float64
+    planes = 3
+    in_planes = planes * BLOCKS[kind][0].expansion
+    ours, eager = make_pair(kind, in_planes, planes, 1, dtype)
+    x = torch.randn(2, in_planes, 5, 5, dtype=dtype) * 2 + 0.5
+    got, expected = [], []
+    for model, grads in ((ours, got), (eager, expected)):
+        xs = x.clone().requires_grad_(request_ != "x without grad")
+        out = model(xs)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum()
+        params = list(model.parameters())
+        wanted = {"x only": [xs], "parameters only": params, "x without grad": params,
+                  "twice, graph retained": [xs] + params}[request_]
+        grads += torch.autograd.grad(loss, wanted, retain_graph=True)
+        if request_ == "twice, graph retained":
+            grads += torch.autograd.grad(loss * 2, wanted)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert_close(a, b, dtype, f"gradient {i}")
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_raw_input_shortcut_matches_robustbench_block(training):
     dtype = torch.float64

@@ -46,7 +46,7 @@ def test_opcheck_backward_ops():
     torch.library.opcheck(ops.bn_relu_conv_dgrad.op, (dy, w, x, mean, var, gamma, beta, stride, padding, eps, "reference"))
     torch.library.opcheck(ops.bn_relu_conv_wgrad.op, (dy, x, mean, var, gamma, beta, list(w.shape), stride, padding, eps, "reference"))
     g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, stride, padding, eps, "reference")
-    torch.library.opcheck(ops.bn_backward_apply.op, (g, x, mean, var, gamma, sums, 50, eps, True, "reference"))
+    torch.library.opcheck(ops.bn_backward_apply.op, (g, x, mean, var, gamma, sums, 50, eps, True, None, "reference"))
 
 
 def test_gradcheck_unit_eval_statistics():

@@ -245,7 +245,7 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
     return partials.sum(dim=0).to(dy.dtype)
 
 
-def bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats):
+def bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats, dx_other):
     ext, _ = load_extension()
     for name, t in (("g", g), ("x", x)):
         require_cuda(name, t)
@@ -256,6 +256,8 @@ def bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_s
     keep = [fp32_vector("grad_sums", (grad_sums / count).flatten(), 2 * c)]  # the kernel reads means
     p = ext.BnBackwardParams()
     p.g, p.x, p.dx = act(ext, g), act(ext, x), act(ext, dx)
+    if dx_other is not None:
+        p.dx_other = act(ext, dx_other)
     p.bn = bn_args(ext, mean, var, bn_weight, None, eps, c, keep)
     p.grad_means, p.batch_stats = keep[0].data_ptr(), bool(batch_stats)
     with torch.cuda.device(x.device):

@@ -113,14 +113,17 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
     return torch.nn.grad.conv2d_weight(a, weight_shape, dy, stride, padding).contiguous()
 
 
-def bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats):
+def bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats, dx_other):
     scale = _channel(bn_scale(var, bn_weight, eps))
     gs = g.to(mean.dtype)
     if batch_stats:
         xhat = (x.to(mean.dtype) - _channel(mean)) * _channel(torch.rsqrt(var + eps))
         grad_means = grad_sums / count
         gs = gs - _channel(grad_means[0]) - xhat * _channel(grad_means[1])
-    return (scale * gs).to(x.dtype).contiguous(memory_format=torch.channels_last)
+    dx = scale * gs
+    if dx_other is not None:  # added before rounding, as the fused kernels do
+        dx = dx + dx_other.to(dx.dtype)
+    return dx.to(x.dtype).contiguous(memory_format=torch.channels_last)
 
 
 class ReferenceBackend(Backend):
