@@ -16,9 +16,10 @@ from helpers import DEVICE, assert_close, use_backend_or_skip
 
 def small_pair(dtype=torch.float32):
     torch.manual_seed(0)
-    eager = nn.Sequential(EagerBlock(3, 4, 2), EagerBottleneck(4, 2, 1)).to(dtype)
+    # projection, identity (its first unit carries x for the shortcut), projection bottleneck
+    eager = nn.Sequential(EagerBlock(3, 4, 2), EagerBlock(4, 4, 1), EagerBottleneck(4, 2, 1)).to(dtype)
     randomize_bn(eager)
-    ours = nn.Sequential(fp.PreActBlock(3, 4, 2), fp.PreActBottleneck(4, 2, 1)).to(dtype)
+    ours = nn.Sequential(fp.PreActBlock(3, 4, 2), fp.PreActBlock(4, 4, 1), fp.PreActBottleneck(4, 2, 1)).to(dtype)
     ours.load_state_dict(eager.state_dict())
     return ours, eager
 
@@ -79,7 +80,7 @@ def test_checkpoint_pickle_deepcopy_round_trips():
     buffer.seek(0)
     for clone in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours)):
         assert torch.equal(clone(x), expected)
-    fresh = nn.Sequential(fp.PreActBlock(3, 4, 2), fp.PreActBottleneck(4, 2, 1)).eval()
+    fresh = small_pair()[0].eval()
     buffer = io.BytesIO()
     torch.save(ours.state_dict(), buffer)
     buffer.seek(0)
