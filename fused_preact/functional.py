@@ -171,7 +171,6 @@ def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv
     backward kernel (OpEntry.call_carrying_input); else carried is None.
     """
     dtype = compute_dtype(x, conv)
-    weight = conv.weight.to(dtype)
     if stats is None:
         x = x.to(dtype) if torch.is_autocast_enabled(x.device.type) else x
         mean, var, bn_weight, bn_bias, eps, batch, sync_group = None, None, None, None, 0.0, False, 0
@@ -183,8 +182,11 @@ def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv
     fused_residual = residual if residual is None or residual.dtype == dtype else None
     want = consumer is not None and needs_batch_stats(consumer.bn) and residual is fused_residual
     running = running_update(consumer.bn, consumer.synced) if want else (None, None, None, None)
+    # Under autocast the float32 parameter itself: the kernels cast its tiles (and write its
+    # gradient in float32), so no cast kernel runs beside them.
+    weight = conv.weight if conv.weight.dtype in (dtype, torch.float32) else conv.weight.to(dtype)
     args = (x, mean, var, bn_weight, bn_bias, weight, fused_residual, list(conv.stride), list(conv.padding),
-            float(eps), batch, want, *running, backend, sync_group)
+            float(eps), batch, want, *running, backend, sync_group, dtype)
     if carry_input:
         y, y_mean, y_var, carried = ops.bn_relu_conv.call_carrying_input(*args)
     else:

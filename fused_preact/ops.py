@@ -61,18 +61,23 @@ def _check_pair(name: str, value: Sequence[int], minimum: int) -> None:
         raise ValueError(f"fused_preact: {name} must be two ints >= {minimum}, got {list(value)}")
 
 
-def check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding) -> None:
-    """Validate a bn -> relu -> conv unit; raise naming the offending argument."""
+def check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding,
+                    conv_dtype: Optional[torch.dtype] = None) -> None:
+    """Validate a bn -> relu -> conv unit computing in conv_dtype (None: weight's dtype);
+    raise naming the offending argument."""
     _check_nchw("x", x)
     _check_nchw("weight", weight)
+    conv_dtype = conv_dtype or weight.dtype
     if not x.is_floating_point():
         raise TypeError(f"fused_preact: x must be float32, float16 or bfloat16, got {x.dtype}")
-    # Under autocast x may stay float32 (BN reads it in full precision) while the conv runs
-    # in the weight's low precision; otherwise the two dtypes must agree.
-    if weight.dtype != x.dtype and not (x.dtype == torch.float32 and weight.dtype in LOW_PRECISION):
-        raise TypeError(
-            f"fused_preact: weight dtype {weight.dtype} does not go with x dtype {x.dtype} "
-            "(equal dtypes, or float32 x with float16/bfloat16 weight under autocast)")
+    # Under autocast x (BN reads it in full precision) and the weight (the float32 master
+    # copy, cast tile by tile in the kernel) may stay float32 while the conv runs in a low
+    # precision; otherwise their dtypes are the conv's.
+    for name, t in (("x", x), ("weight", weight)):
+        if t.dtype != conv_dtype and not (t.dtype == torch.float32 and conv_dtype in LOW_PRECISION):
+            raise TypeError(
+                f"fused_preact: {name} dtype {t.dtype} does not go with conv_dtype {conv_dtype} "
+                "(equal dtypes, or float32 with a float16/bfloat16 conv under autocast)")
     if weight.device != x.device:
         raise ValueError(f"fused_preact: weight is on {weight.device} but x is on {x.device}")
     if weight.shape[1] != x.shape[1]:
@@ -94,9 +99,9 @@ def check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, 
         expected = (x.shape[0], weight.shape[0], *out_hw)
         if tuple(residual.shape) != expected:
             raise ValueError(f"fused_preact: residual must have shape {expected}, got {tuple(residual.shape)}")
-        if residual.device != x.device or residual.dtype != weight.dtype:
+        if residual.device != x.device or residual.dtype != conv_dtype:
             raise ValueError(
-                f"fused_preact: residual must be {weight.dtype} (the output dtype) on {x.device}, "
+                f"fused_preact: residual must be {conv_dtype} (the output dtype) on {x.device}, "
                 f"got {residual.dtype} on {residual.device}")
 
 
@@ -110,11 +115,11 @@ def check_running(running_mean, running_var, num_batches_tracked, momentum, chan
         _check_vector(name, v, channels, device)
 
 
-def _run(op: str, backend: str, conv_dtype: Optional[torch.dtype], **args):
-    """Call `op` on the backend chosen for the tensors among `args` (conv_dtype: the dtype
+def _run(op: str, backend: str, computes_in: Optional[torch.dtype], **args):
+    """Call `op` on the backend chosen for the tensors among `args` (computes_in: the dtype
     the op's convolution computes in, None for ops without one), passing `args` by name."""
     tensors = [a for a in args.values() if isinstance(a, Tensor)]
-    chosen = dispatch.select(op, tensors, backend, conv_dtype)
+    chosen = dispatch.select(op, tensors, backend, computes_in)
     if op == "bn_relu_conv":
         _unit_choice.value = (id(args["x"]), id(args["weight"]), chosen.name)
     return chosen.impls[op](**args)
@@ -140,46 +145,50 @@ def bn_relu_conv(
     bn_bias: Optional[Tensor], weight: Tensor, residual: Optional[Tensor], stride: Sequence[int],
     padding: Sequence[int], eps: float, batch_stats: bool, want_stats: bool,
     running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
-    momentum: Optional[float], backend: str, sync_group: int = 0,
+    momentum: Optional[float], backend: str, sync_group: int = 0, conv_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """y = conv(relu(bn(x)), weight) (+ residual) and, if want_stats, the batch mean and
     biased variance of y per channel (else two empty tensors), the running statistics given
     updated with them (the next BatchNorm's; see the module docstring).
 
-    y has weight's dtype; the activation relu(bn(x)) is cast to it before the conv.
+    The conv computes in conv_dtype (None: weight's dtype), and y has it: the activation
+    relu(bn(x)) and the weight are cast to it in the kernel (under autocast the weight is
+    the float32 parameter itself: no cast launch, and its gradient comes back in float32).
     mean/var None: no BN prologue (a plain conv). batch_stats: mean/var are the batch
     statistics of x (training mode), so the backward differentiates through them;
     sync_group (a fused_preact.distributed handle, 0 for none): they are statistics over
     all ranks of that group, and so are the means the backward subtracts.
     """
-    check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding)
+    conv_dtype = conv_dtype or weight.dtype
+    check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, conv_dtype)
     if running_mean is not None and not want_stats:
         raise ValueError("fused_preact: running statistics are updated only with want_stats=True")
     check_running(running_mean, running_var, num_batches_tracked, momentum, weight.shape[0], x.device)
-    return _run("bn_relu_conv", backend, weight.dtype, x=x, mean=mean, var=var, bn_weight=bn_weight,
+    return _run("bn_relu_conv", backend, conv_dtype, x=x, mean=mean, var=var, bn_weight=bn_weight,
                 bn_bias=bn_bias, weight=weight, residual=residual, stride=list(stride), padding=list(padding),
                 eps=eps, want_stats=want_stats, running_mean=running_mean, running_var=running_var,
-                num_batches_tracked=num_batches_tracked, momentum=momentum)
+                num_batches_tracked=num_batches_tracked, momentum=momentum, conv_dtype=conv_dtype)
 
 
 @bn_relu_conv.op.register_fake
 def _(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, batch_stats,
-      want_stats, running_mean, running_var, num_batches_tracked, momentum, backend, sync_group=0):
-    check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding)
+      want_stats, running_mean, running_var, num_batches_tracked, momentum, backend, sync_group=0, conv_dtype=None):
+    conv_dtype = conv_dtype or weight.dtype
+    check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, conv_dtype)
     out_hw = conv_output_hw(x.shape[2:], weight.shape[2:], stride, padding)
     n, c_out = x.shape[0], weight.shape[0]
-    y = _empty_nchw_channels_last(x, (n, c_out, *out_hw), dtype=weight.dtype)
+    y = _empty_nchw_channels_last(x, (n, c_out, *out_hw), dtype=conv_dtype)
     channels = c_out if want_stats else 0
-    stats = x.new_empty((channels,), dtype=stats_dtype(weight.dtype))
+    stats = x.new_empty((channels,), dtype=stats_dtype(conv_dtype))
     return y, stats, torch.empty_like(stats)
 
 
-UNIT_ARGS = 18  # bn_relu_conv's arguments: its backward returns a gradient (or None) for each
+UNIT_ARGS = 19  # bn_relu_conv's arguments: its backward returns a gradient (or None) for each
 
 
 def _unit_setup_context(ctx, inputs, output):
     (x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, batch_stats,
-     _want_stats, _running_mean, _running_var, _nbt, _momentum, backend, sync_group) = inputs
+     _want_stats, _running_mean, _running_var, _nbt, _momentum, backend, sync_group, conv_dtype) = inputs
     # Only the pre-BN input and per-channel vectors: relu(bn(x)) is recomputed in backward.
     ctx.save_for_backward(x, mean, var, bn_weight, bn_bias, weight)
     # The backend that ran the forward runs the backward, whatever use_backend() or
@@ -194,7 +203,7 @@ def _unit_setup_context(ctx, inputs, output):
             ran_on = last[2]
         else:  # the registered op ran (a dispatch mode, fake tensors): the same choice, made again
             ran_on = dispatch.select("bn_relu_conv", [x, mean, var, bn_weight, bn_bias, weight, residual], backend,
-                                     weight.dtype).name
+                                     conv_dtype or weight.dtype).name
     ctx.conf = (list(stride), list(padding), eps, batch_stats, ran_on, residual is not None, sync_group)
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics outputs
@@ -216,7 +225,7 @@ def _unit_backward(ctx, dy, _dmean, _dvar, dx_other=None):
     dy = dy.contiguous(memory_format=torch.channels_last)
     if needs[5]:
         dweight = bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, list(weight.shape),
-                                     stride, padding, eps, backend)
+                                     stride, padding, eps, backend, weight.dtype)
     if needs[0] or needs[3] or needs[4]:
         g, sums = bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding,
                                      eps, backend)
@@ -291,6 +300,7 @@ def bn_relu_conv_dgrad(dy: Tensor, weight: Tensor, x: Tensor, mean: Optional[Ten
                        backend: str) -> tuple[Tensor, Tensor]:
     """g = dgrad(dy, W) * [bn(x) > 0] and sums [2, C] = (sum g, sum g * xhat).
 
+    The conv computes in dy's dtype (a float32 weight under autocast is cast in the kernel).
     Without a BN prologue (mean None): g = dgrad(dy, W), sums empty.
     """
     return _run("bn_relu_conv_dgrad", backend, dy.dtype, dy=dy, weight=weight, x=x, mean=mean, var=var,
@@ -308,15 +318,17 @@ def _(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, backen
 def bn_relu_conv_wgrad(dy: Tensor, x: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
                        bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                        weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                       eps: float, backend: str) -> Tensor:
-    """dW = wgrad(relu(bn(x)), dy), the activation recomputed from x."""
+                       eps: float, backend: str, weight_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """dW = wgrad(relu(bn(x)), dy), the activation recomputed from x, computed in dy's dtype
+    and written in weight_dtype (the parameter's; None: dy's)."""
     return _run("bn_relu_conv_wgrad", backend, dy.dtype, dy=dy, x=x, mean=mean, var=var, bn_weight=bn_weight,
-                bn_bias=bn_bias, weight_shape=list(weight_shape), stride=list(stride), padding=list(padding), eps=eps)
+                bn_bias=bn_bias, weight_shape=list(weight_shape), stride=list(stride), padding=list(padding), eps=eps,
+                weight_dtype=weight_dtype or dy.dtype)
 
 
 @bn_relu_conv_wgrad.op.register_fake
-def _(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, backend):
-    return x.new_empty(weight_shape)
+def _(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, backend, weight_dtype=None):
+    return x.new_empty(weight_shape, dtype=weight_dtype or dy.dtype)
 
 
 @declare("bn_backward_apply")

@@ -23,13 +23,15 @@ from fused_preact import dispatch, ops
 from helpers import DEVICE
 
 FACTOR = 2.0
-# precision -> (x dtype, conv dtype, tf32 allowed, floor of the relative L2 error)
+# precision -> (x dtype, weight dtype, conv dtype, tf32 allowed, floor of the relative L2 error)
 PRECISIONS = {
-    "fp32": (torch.float32, torch.float32, False, 1e-5),
-    "tf32": (torch.float32, torch.float32, True, 3e-3),
-    "fp16": (torch.float16, torch.float16, False, 1e-3),
-    "bf16": (torch.bfloat16, torch.bfloat16, False, 8e-3),
-    "fp32-x-bf16-conv": (torch.float32, torch.bfloat16, False, 8e-3),  # autocast: BN reads fp32 x
+    "fp32": (torch.float32, torch.float32, torch.float32, False, 1e-5),
+    "tf32": (torch.float32, torch.float32, torch.float32, True, 3e-3),
+    "fp16": (torch.float16, torch.float16, torch.float16, False, 1e-3),
+    "bf16": (torch.bfloat16, torch.bfloat16, torch.bfloat16, False, 8e-3),
+    # autocast: BN reads fp32 x, the kernels cast the fp32 weight, dW comes back in fp32
+    "amp-fp16": (torch.float32, torch.float32, torch.float16, False, 1e-3),
+    "amp-bf16": (torch.float32, torch.float32, torch.bfloat16, False, 8e-3),
 }
 # (C_in, C_out, kernel, stride, padding, H=W, batch)
 ODD_SHAPES = [(5, 24, 3, 1, 1, 7, 3), (3, 5, 3, 2, 1, 9, 3), (24, 16, 1, 2, 0, 7, 3), (16, 8, 1, 1, 0, 9, 3),
@@ -72,13 +74,13 @@ def case_id(case: Case) -> str:
             f"{'bn' if case.prologue else 'plain'}{'-res' if case.residual else ''}")
 
 
-def inputs(case: Case, x_dtype, conv_dtype):
+def inputs(case: Case, x_dtype, w_dtype, conv_dtype):
     c, k, r, stride, pad, hw, n = case.shape
     p = (hw + 2 * pad - r) // stride + 1
     x = (torch.randn(n, c, hw, hw) * 2 + 1).to(x_dtype)
     if torch.rand(()) < 0.5:
         x = x.contiguous(memory_format=torch.channels_last)
-    t = dict(x=x, w=(torch.randn(k, c, r, r) * (2 / (c * r * r)) ** 0.5).to(conv_dtype),
+    t = dict(x=x, w=(torch.randn(k, c, r, r) * (2 / (c * r * r)) ** 0.5).to(w_dtype),
              residual=torch.randn(n, k, p, p).to(conv_dtype) if case.residual else None,
              dy=torch.randn(n, k, p, p).to(conv_dtype))
     # Running statistics of the BatchNorms that read y and x (the ops update them in place).
@@ -101,11 +103,11 @@ def run_ops(case: Case, backend: str, t: dict) -> dict:
     x, w, mean, var, gamma, beta, dy = (t[n] for n in ("x", "w", "mean", "var", "gamma", "beta", "dy"))
     y_running, x_running = ([t[name].clone() for name in names] for names in (RUNNING_Y, RUNNING_X))
     y, y_mean, y_var = ops.bn_relu_conv(x, mean, var, gamma, beta, w, t["residual"], *conf[:2], 1e-5, True, True,
-                                        *y_running, 0.1, backend)
+                                        *y_running, 0.1, backend, conv_dtype=dy.dtype)
     x_stats = ops.batch_stats(x, *x_running, None, backend)  # momentum None: 1 / num_batches_tracked
     g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, backend)
     out = dict(y=y, stats=torch.stack([y_mean, y_var]), g=g,
-               dw=ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf, backend),
+               dw=ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf, backend, w.dtype),
                x_stats=torch.stack(x_stats), y_running=torch.stack(y_running[:2]),
                x_running=torch.stack(x_running[:2]), batches=torch.stack([y_running[2], x_running[2]]).double())
     if case.prologue:
@@ -126,12 +128,12 @@ def test_ops_conform_to_float64(case, poisoned, request, monkeypatch):
     backend = dispatch.get_backend(case.backend)
     if backend.opt_in:
         monkeypatch.setenv(*backend.opt_in)
-    x_dtype, conv_dtype, tf32, floor = PRECISIONS[case.precision]
+    x_dtype, w_dtype, conv_dtype, tf32, floor = PRECISIONS[case.precision]
     if tf32 and DEVICE != "cuda":
         pytest.skip("tf32 exists on GPUs only (on the CPU it is the fp32 case)")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
     torch.manual_seed(zlib.crc32(case_id(case).encode()))  # stable across processes
-    t = inputs(case, x_dtype, conv_dtype)
+    t = inputs(case, x_dtype, w_dtype, conv_dtype)
     tensors = [v for v in t.values() if v is not None]
     for op in ("bn_relu_conv", "bn_relu_conv_dgrad", "bn_relu_conv_wgrad"):
         reasons = backend.not_supported_reasons(op, tensors, conv_dtype)

@@ -37,7 +37,8 @@ def test_dtype_codes_and_errors():
 def test_wrappers_reject_cpu_tensors_before_launch():
     x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
-        cuda.bn_relu_conv(x, None, None, None, None, w, None, [1, 1], [1, 1], 1e-5, False, None, None, None, None)
+        cuda.bn_relu_conv(x, None, None, None, None, w, None, [1, 1], [1, 1], 1e-5, False, None, None, None, None,
+                          w.dtype)
     with pytest.raises(ValueError, match="dy must be a CUDA tensor"):
         cuda.bn_relu_conv_dgrad(torch.randn(2, 6, 5, 5), w, x, None, None, None, None, [1, 1], [1, 1], 1e-5)
     with pytest.raises(ValueError, match="partials must be a CUDA tensor"):

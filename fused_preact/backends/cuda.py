@@ -131,17 +131,17 @@ def conv_geometry(p, weight_shape, stride, padding):
 
 # --------------------------------------------------------------------------- ops
 def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats,
-                 running_mean, running_var, num_batches_tracked, momentum):
+                 running_mean, running_var, num_batches_tracked, momentum, conv_dtype):
     ext, _ = load_extension()
     for name, t in (("x", x), ("weight", weight)):
         require_cuda(name, t)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     out_h, out_w = conv_output_hw((h, w), (r, s), stride, padding)
-    y = torch.empty((n, k, out_h, out_w), device=x.device, dtype=weight.dtype, memory_format=torch.channels_last)
+    y = torch.empty((n, k, out_h, out_w), device=x.device, dtype=conv_dtype, memory_format=torch.channels_last)
     tiles = cdiv(n * out_h * out_w, ext.stats_rows)
     partials = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=torch.float32)
-    keep = [weight.permute(2, 3, 1, 0).contiguous()]  # [R, S, C, K]
+    keep = [weight.permute(2, 3, 1, 0).to(conv_dtype, memory_format=torch.contiguous_format)]  # [R, S, C, K]
     p = ext.ConvFwdParams()
     p.x, p.y = act(ext, x), act(ext, y)
     if residual is not None:
@@ -152,7 +152,7 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
     if want_stats:
         p.partials = partials.data_ptr()
     with torch.cuda.device(x.device):
-        ext.conv_fwd(p, dtype_code(ext, x.dtype), dtype_code(ext, weight.dtype), stream_of(x))
+        ext.conv_fwd(p, dtype_code(ext, x.dtype), dtype_code(ext, conv_dtype), stream_of(x))
     if not want_stats:
         return y, partials.new_empty(0), partials.new_empty(0)
     # The merge is a second launch here (the Triton kernels merge in their last program).
@@ -208,7 +208,7 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     has_bn = mean is not None
     tiles = ext.dgrad_tiles(n, h, w, stride[0], stride[1])
     sums = torch.empty((tiles if has_bn else 0, 2, c), device=x.device, dtype=torch.float32)
-    keep = [weight.permute(2, 3, 0, 1).contiguous()]  # [R, S, K, C]
+    keep = [weight.permute(2, 3, 0, 1).to(dy.dtype, memory_format=torch.contiguous_format)]  # [R, S, K, C]
     p = ext.ConvDgradParams()
     p.dy, p.x, p.g = act(ext, dy), act(ext, x), act(ext, g)
     p.w_rskc = keep[0].data_ptr()
@@ -222,7 +222,7 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     return g, sums.sum(dim=0) if has_bn else sums.new_empty((2, 0))
 
 
-def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps):
+def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, weight_dtype):
     ext, _ = load_extension()
     for name, t in (("dy", dy), ("x", x)):
         require_cuda(name, t)
@@ -242,7 +242,7 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
     p.partials, p.split, p.rows_per_split = partials.data_ptr(), split, rows_per_split
     with torch.cuda.device(x.device):
         ext.conv_wgrad(p, dtype_code(ext, x.dtype), dtype_code(ext, dy.dtype), stream_of(x))
-    return partials.sum(dim=0).to(dy.dtype)
+    return partials.sum(dim=0).to(weight_dtype)
 
 
 def bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats, dx_other):

@@ -77,7 +77,7 @@ def bn_relu_conv_dgrad_kernel(
                     mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + rk[:, None] * swk + rc[None, :] * swc + r * swr + s * sws,
                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-        acc += tl.dot(a, b, input_precision=PRECISION)
+        acc += tl.dot(a, b.to(a.dtype), input_precision=PRECISION)  # a float32 weight under autocast
 
     ok = row_ok[:, None] & c_ok[None, :]
     g = acc

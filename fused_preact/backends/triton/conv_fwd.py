@@ -81,8 +81,9 @@ def bn_relu_conv_fwd_kernel(
                                                    eps, HAS_GAMMA, HAS_BETA)
             a = relu((a - mean[None, :]) * scale[None, :] + beta[None, :])
             a = tl.where(ok, a, 0.0)  # zero padding after the activation
+        # The weight in the conv dtype (y's): under autocast a float32 parameter, cast here.
         b = tl.load(w_ptr + rc[:, None] * swc + rn[None, :] * swk + r * swr + s * sws,
-                    mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+                    mask=c_ok[:, None] & col_ok[None, :], other=0.0).to(y_ptr.dtype.element_ty)
         acc += tl.dot(a.to(b.dtype), b, input_precision=PRECISION)
 
     out_ok = row_ok[:, None] & col_ok[None, :]
@@ -101,15 +102,15 @@ def bn_relu_conv_fwd_kernel(
 
 
 def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats,
-                 running_mean, running_var, num_batches_tracked, momentum):
+                 running_mean, running_var, num_batches_tracked, momentum, conv_dtype):
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     p, q = conv_output_hw((h, w), (r, s), stride, padding)
     m = n * p * q
-    y = torch.empty((n, k, p, q), device=x.device, dtype=weight.dtype, memory_format=torch.channels_last)
+    y = torch.empty((n, k, p, q), device=x.device, dtype=conv_dtype, memory_format=torch.channels_last)
     bm, bn, bk = rows_per_tile(m), pow2_block(k, hi=128), pow2_block(c)
     tiles = stats_tiles(m)
-    part = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=stats_dtype(weight.dtype))
+    part = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=stats_dtype(conv_dtype))
     y_mean = torch.empty(k if want_stats else 0, device=x.device, dtype=part.dtype)
     y_var = torch.empty_like(y_mean)
     blocks = cdiv(k, bn)
@@ -131,7 +132,7 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
         **running_args(y_mean if want_stats else y, running_mean, running_var, num_batches_tracked, momentum),
         R=r, S=s, HAS_PROLOGUE=has_prologue,
         HAS_GAMMA=has_prologue and bn_weight is not None, HAS_BETA=has_prologue and bn_bias is not None,
-        HAS_RESIDUAL=residual is not None, WANT_STATS=want_stats, PRECISION=dot_precision(weight.dtype),
+        HAS_RESIDUAL=residual is not None, WANT_STATS=want_stats, PRECISION=dot_precision(conv_dtype),
         BM=bm, BN=bn, BK=bk, ONE_C_BLOCK=c <= bk, BT=merge_block(tiles, bn),
     )
     return y, y_mean, y_var

@@ -105,7 +105,7 @@ def split_count(rows: int, output_tiles: int) -> int:
     return wgrad_splits(rows, output_tiles)
 
 
-def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps):
+def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, weight_dtype):
     n, c, h, w = x.shape
     k, _, r, s = weight_shape
     _, _, p, q = dy.shape
@@ -115,7 +115,7 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
     split = split_count(rows, grid_kc * r * s)
     rows_per_split = cdiv(cdiv(rows, split), bl) * bl
     split = cdiv(rows, rows_per_split)
-    dw = torch.empty((k, c, r, s), device=x.device, dtype=dy.dtype)
+    dw = torch.empty((k, c, r, s), device=x.device, dtype=weight_dtype)
     if dw.numel() >= 2 ** 31:
         raise ValueError(f"fused_preact.triton: a weight of {dw.numel()} elements is too large (< 2^31)")
     part = torch.empty((split if split > 1 else 0, k, c, r, s), device=x.device, dtype=torch.float32)
