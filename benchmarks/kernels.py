@@ -52,10 +52,10 @@ def measure_conv(conv, batch, dtype, device, measure) -> dict[tuple[str, str], f
             x, mean, var, gamma, beta, w, None, strides, pads, 1e-5, True, *running, w.dtype)),
         ("conv_fwd", vendor): measure(lambda: F.conv2d(act, w, None, strides, pads)),
         ("conv_dgrad", "fused-triton"): measure(lambda: conv_dgrad.bn_relu_conv_dgrad(
-            dy, w, x, mean, var, gamma, beta, strides, pads, 1e-5)),
+            dy, w, x, mean, var, gamma, beta, strides, pads, 1e-5, w.dtype)),
         ("conv_dgrad", vendor): measure(lambda: backward([True, False, False])),
         ("conv_wgrad", "fused-triton"): measure(lambda: conv_wgrad.bn_relu_conv_wgrad(
-            dy, x, mean, var, gamma, beta, list(w.shape), strides, pads, 1e-5, w.dtype)),
+            dy, x, mean, var, gamma, beta, list(w.shape), strides, pads, 1e-5, w.dtype, w.dtype)),
         ("conv_wgrad", vendor): measure(lambda: backward([False, True, False])),
     }
 

@@ -3,8 +3,9 @@
     python -m benchmarks.launches              # prints the counts, writes nothing
 
 Per identity basic block inside a converted nn.Sequential of kuangliu blocks (`fp.convert`),
-in training: the counts of a chain of 3 blocks minus those of 2, so the first block's
-standalone statistics pass and the loss are left out. Triton launches are stubbed (counted,
+in training, in float32 and under autocast (float16 here: the interpreter declines bfloat16;
+the float32 input keeps eager's float32 residual stream): the counts of a chain of 3 blocks
+minus those of 2, so the first block's standalone statistics pass and the loss are left out. Triton launches are stubbed (counted,
 not run: this is about how many, not what they compute); torch kernels are the aten ops
 the profiler records outside our launches' allocations: every op but allocations, views
 and no-op conversions, counted once where one calls another (to -> _to_copy -> copy_).
@@ -50,28 +51,33 @@ def torch_kernels(events) -> Counter:
     return counted
 
 
-def count(blocks: int, backward: bool, launches: Counter) -> tuple[Counter, Counter]:
+def count(blocks: int, backward: bool, amp: bool, launches: Counter) -> tuple[Counter, Counter]:
     """(Triton launches, torch kernels) of one training step of `blocks` chained blocks."""
     torch.manual_seed(0)
     model = fp.convert(nn.Sequential(*[testing.PreActBlock(16, 16) for _ in range(blocks)]), backend="triton")
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    out = model(x)  # warm-up
+    with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
+        out = model(x)  # warm-up
     grad = torch.ones_like(out)
     launches.clear()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = model(x)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
+            out = model(x)
         if backward:
             out.backward(grad)
     return Counter(launches), torch_kernels(prof.events())
 
 
+MODES = {"fwd": (False, False), "fwdbwd": (True, False), "fwd-amp": (False, True), "fwdbwd-amp": (True, True)}
+
+
 def per_block() -> dict[str, dict[str, Counter]]:
-    """{"fwd"|"fwdbwd": {"triton": launches, "torch": kernels}} of one block in a chain."""
+    """{mode: {"triton": launches, "torch": kernels}} of one block in a chain, per MODES."""
     launches: Counter = Counter()
     stub_launches(launches)
     result = {}
-    for mode, backward in (("fwd", False), ("fwdbwd", True)):
-        two, three = count(2, backward, launches), count(3, backward, launches)
+    for mode, (backward, amp) in MODES.items():
+        two, three = count(2, backward, amp, launches), count(3, backward, amp, launches)
         result[mode] = {"triton": three[0] - two[0], "torch": three[1] - two[1]}
     return result
 
@@ -79,7 +85,7 @@ def per_block() -> dict[str, dict[str, Counter]]:
 def main() -> None:
     for mode, counts in per_block().items():
         for kind, counter in counts.items():
-            print(f"{mode:7s} {kind:7s} {sum(counter.values()):3d}  {dict(sorted(counter.items()))}")
+            print(f"{mode:10s} {kind:7s} {sum(counter.values()):3d}  {dict(sorted(counter.items()))}")
 
 
 if __name__ == "__main__":

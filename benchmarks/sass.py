@@ -86,9 +86,9 @@ def record_launches(case: C.BlockCase, dtype: torch.dtype) -> list:
             y, *_ = modules["conv_fwd"].bn_relu_conv(x, v, v, v, v, w, None, [stride] * 2, [pad] * 2, 1e-5, True,
                                                      *running, dtype)
             dy = torch.empty_like(y)
-            modules["conv_dgrad"].bn_relu_conv_dgrad(dy, w, x, v, v, v, v, [stride] * 2, [pad] * 2, 1e-5)
+            modules["conv_dgrad"].bn_relu_conv_dgrad(dy, w, x, v, v, v, v, [stride] * 2, [pad] * 2, 1e-5, dtype)
             modules["conv_wgrad"].bn_relu_conv_wgrad(dy, x, v, v, v, v, list(w.shape), [stride] * 2, [pad] * 2, 1e-5,
-                                                     dtype)
+                                                     dtype, dtype)
             modules["stats"].batch_stats(x, v.clone(), v.clone(), None, 0.1)
             modules["stats"].bn_finalize(torch.ones(4, 3, c_in), v.clone(), v.clone(), None, 0.1)  # sync BN
             for dx_other in (None, x):  # with: the first unit of an identity block

@@ -177,9 +177,9 @@ def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv
     else:
         mean, var, batch, sync_group = stats
         bn_weight, bn_bias, eps = bn.weight, bn.bias, bn.eps
-    # A residual of another dtype (fp32 identity under autocast) is added outside, with
-    # PyTorch's type promotion, exactly as the eager `out + shortcut` does.
-    fused_residual = residual if residual is None or residual.dtype == dtype else None
+    # The epilogue adds a residual of the conv dtype, or a float32 one under autocast (the
+    # identity stream: y is then float32, as eager's promotion); any other is added here.
+    fused_residual = residual if residual is None or residual.dtype in ops.residual_dtypes(dtype) else None
     want = consumer is not None and needs_batch_stats(consumer.bn) and residual is fused_residual
     running = running_update(consumer.bn, consumer.synced) if want else (None, None, None, None)
     # Under autocast the float32 parameter itself: the kernels cast its tiles (and write its

@@ -61,6 +61,12 @@ def _check_pair(name: str, value: Sequence[int], minimum: int) -> None:
         raise ValueError(f"fused_preact: {name} must be two ints >= {minimum}, got {list(value)}")
 
 
+def residual_dtypes(conv_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The residual dtypes a unit adds in its epilogue: the conv's, and float32 under a
+    low-precision conv (autocast's identity stream; y is then float32, as eager's promotion)."""
+    return (conv_dtype, torch.float32) if conv_dtype in LOW_PRECISION else (conv_dtype,)
+
+
 def check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding,
                     conv_dtype: Optional[torch.dtype] = None) -> None:
     """Validate a bn -> relu -> conv unit computing in conv_dtype (None: weight's dtype);
@@ -99,9 +105,9 @@ def check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, 
         expected = (x.shape[0], weight.shape[0], *out_hw)
         if tuple(residual.shape) != expected:
             raise ValueError(f"fused_preact: residual must have shape {expected}, got {tuple(residual.shape)}")
-        if residual.device != x.device or residual.dtype != conv_dtype:
+        if residual.device != x.device or residual.dtype not in residual_dtypes(conv_dtype):
             raise ValueError(
-                f"fused_preact: residual must be {conv_dtype} (the output dtype) on {x.device}, "
+                f"fused_preact: residual must be {' or '.join(map(str, residual_dtypes(conv_dtype)))} on {x.device}, "
                 f"got {residual.dtype} on {residual.device}")
 
 
@@ -151,9 +157,11 @@ def bn_relu_conv(
     biased variance of y per channel (else two empty tensors), the running statistics given
     updated with them (the next BatchNorm's; see the module docstring).
 
-    The conv computes in conv_dtype (None: weight's dtype), and y has it: the activation
-    relu(bn(x)) and the weight are cast to it in the kernel (under autocast the weight is
-    the float32 parameter itself: no cast launch, and its gradient comes back in float32).
+    The conv computes in conv_dtype (None: weight's dtype): the activation relu(bn(x)) and
+    the weight are cast to it in the kernel (under autocast the weight is the float32
+    parameter itself: no cast launch, and its gradient comes back in float32). y has the
+    conv dtype, or the residual's where that is float32 under autocast: as eager's
+    `conv(...) + shortcut`, the conv output is rounded to the conv dtype, then added.
     mean/var None: no BN prologue (a plain conv). batch_stats: mean/var are the batch
     statistics of x (training mode), so the backward differentiates through them;
     sync_group (a fused_preact.distributed handle, 0 for none): they are statistics over
@@ -177,9 +185,10 @@ def _(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, 
     check_unit_args(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, conv_dtype)
     out_hw = conv_output_hw(x.shape[2:], weight.shape[2:], stride, padding)
     n, c_out = x.shape[0], weight.shape[0]
-    y = _empty_nchw_channels_last(x, (n, c_out, *out_hw), dtype=conv_dtype)
+    y_dtype = conv_dtype if residual is None else residual.dtype
+    y = _empty_nchw_channels_last(x, (n, c_out, *out_hw), dtype=y_dtype)
     channels = c_out if want_stats else 0
-    stats = x.new_empty((channels,), dtype=stats_dtype(conv_dtype))
+    stats = x.new_empty((channels,), dtype=stats_dtype(y_dtype))
     return y, stats, torch.empty_like(stats)
 
 
@@ -204,7 +213,8 @@ def _unit_setup_context(ctx, inputs, output):
         else:  # the registered op ran (a dispatch mode, fake tensors): the same choice, made again
             ran_on = dispatch.select("bn_relu_conv", [x, mean, var, bn_weight, bn_bias, weight, residual], backend,
                                      conv_dtype or weight.dtype).name
-    ctx.conf = (list(stride), list(padding), eps, batch_stats, ran_on, residual is not None, sync_group)
+    ctx.conf = (list(stride), list(padding), eps, batch_stats, ran_on, residual is not None, sync_group,
+                conv_dtype or weight.dtype)
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics outputs
 
@@ -220,15 +230,15 @@ def _unit_backward(ctx, dy, _dmean, _dvar, dx_other=None):
         raise RuntimeError("fused_preact: double backward (create_graph=True, e.g. a gradient penalty) is not "
                            "supported by the fused units; use the eager blocks for that part of the model")
     x, mean, var, bn_weight, bn_bias, weight = ctx.saved_tensors
-    stride, padding, eps, batch_stats, backend, has_residual, sync_group = ctx.conf
+    stride, padding, eps, batch_stats, backend, has_residual, sync_group, conv_dtype = ctx.conf
     dx = dgamma = dbeta = dweight = None
-    dy = dy.contiguous(memory_format=torch.channels_last)
+    dy = dy.contiguous(memory_format=torch.channels_last)  # float32 where y added a float32 shortcut
     if needs[5]:
         dweight = bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, list(weight.shape),
-                                     stride, padding, eps, backend, weight.dtype)
+                                     stride, padding, eps, backend, weight.dtype, conv_dtype)
     if needs[0] or needs[3] or needs[4]:
         g, sums = bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding,
-                                     eps, backend)
+                                     eps, backend, conv_dtype)
         if mean is None:
             dx = g if dx_other is None else g + dx_other
         else:
@@ -297,18 +307,21 @@ def _(partials, running_mean, running_var, num_batches_tracked, momentum, backen
 def bn_relu_conv_dgrad(dy: Tensor, weight: Tensor, x: Tensor, mean: Optional[Tensor],
                        var: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                        stride: Sequence[int], padding: Sequence[int], eps: float,
-                       backend: str) -> tuple[Tensor, Tensor]:
+                       backend: str, conv_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """g = dgrad(dy, W) * [bn(x) > 0] and sums [2, C] = (sum g, sum g * xhat).
 
-    The conv computes in dy's dtype (a float32 weight under autocast is cast in the kernel).
+    The conv computes in conv_dtype (None: dy's); under autocast a float32 weight or dy is
+    cast tile by tile in the kernel.
     Without a BN prologue (mean None): g = dgrad(dy, W), sums empty.
     """
-    return _run("bn_relu_conv_dgrad", backend, dy.dtype, dy=dy, weight=weight, x=x, mean=mean, var=var,
-                bn_weight=bn_weight, bn_bias=bn_bias, stride=list(stride), padding=list(padding), eps=eps)
+    conv_dtype = conv_dtype or dy.dtype
+    return _run("bn_relu_conv_dgrad", backend, conv_dtype, dy=dy, weight=weight, x=x, mean=mean, var=var,
+                bn_weight=bn_weight, bn_bias=bn_bias, stride=list(stride), padding=list(padding), eps=eps,
+                conv_dtype=conv_dtype)
 
 
 @bn_relu_conv_dgrad.op.register_fake
-def _(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, backend):
+def _(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, backend, conv_dtype=None):
     channels = 0 if mean is None else x.shape[1]
     return (_empty_nchw_channels_last(x, x.shape),
             x.new_empty((2, channels), dtype=stats_dtype(x.dtype)))
@@ -318,16 +331,19 @@ def _(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, backen
 def bn_relu_conv_wgrad(dy: Tensor, x: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
                        bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                        weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                       eps: float, backend: str, weight_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """dW = wgrad(relu(bn(x)), dy), the activation recomputed from x, computed in dy's dtype
-    and written in weight_dtype (the parameter's; None: dy's)."""
-    return _run("bn_relu_conv_wgrad", backend, dy.dtype, dy=dy, x=x, mean=mean, var=var, bn_weight=bn_weight,
+                       eps: float, backend: str, weight_dtype: Optional[torch.dtype] = None,
+                       conv_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """dW = wgrad(relu(bn(x)), dy), the activation recomputed from x, computed in conv_dtype
+    (None: dy's) and written in weight_dtype (the parameter's; None: dy's)."""
+    conv_dtype = conv_dtype or dy.dtype
+    return _run("bn_relu_conv_wgrad", backend, conv_dtype, dy=dy, x=x, mean=mean, var=var, bn_weight=bn_weight,
                 bn_bias=bn_bias, weight_shape=list(weight_shape), stride=list(stride), padding=list(padding), eps=eps,
-                weight_dtype=weight_dtype or dy.dtype)
+                weight_dtype=weight_dtype or dy.dtype, conv_dtype=conv_dtype)
 
 
 @bn_relu_conv_wgrad.op.register_fake
-def _(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, backend, weight_dtype=None):
+def _(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, backend, weight_dtype=None,
+      conv_dtype=None):
     return x.new_empty(weight_shape, dtype=weight_dtype or dy.dtype)
 
 

@@ -182,7 +182,8 @@ def test_report_flags_a_noisy_time():
 # Per identity basic block inside a converted nn.Sequential, measured by benchmarks.launches
 # at this commit; the targets are 2 / 8 Triton launches and no torch kernel. A change
 # that adds a launch or a kernel beside them fails here; one that removes some lowers these.
-LAUNCH_BUDGET = {"fwd": {"triton": 2, "torch": 0}, "fwdbwd": {"triton": 8, "torch": 0}}
+LAUNCH_BUDGET = {mode: {"triton": 8 if "bwd" in mode else 2, "torch": 0}
+                 for mode in ("fwd", "fwdbwd", "fwd-amp", "fwdbwd-amp")}
 
 
 def test_launches_per_chained_block_do_not_regress():

@@ -29,7 +29,8 @@ PRECISIONS = {
     "tf32": (torch.float32, torch.float32, torch.float32, True, 3e-3),
     "fp16": (torch.float16, torch.float16, torch.float16, False, 1e-3),
     "bf16": (torch.bfloat16, torch.bfloat16, torch.bfloat16, False, 8e-3),
-    # autocast: BN reads fp32 x, the kernels cast the fp32 weight, dW comes back in fp32
+    # autocast: BN reads fp32 x, the kernels cast the fp32 weight, dW comes back in fp32; the
+    # residual (the identity stream) is fp32, so are y and dy
     "amp-fp16": (torch.float32, torch.float32, torch.float16, False, 1e-3),
     "amp-bf16": (torch.float32, torch.float32, torch.bfloat16, False, 8e-3),
 }
@@ -76,13 +77,14 @@ def case_id(case: Case) -> str:
 
 def inputs(case: Case, x_dtype, w_dtype, conv_dtype):
     c, k, r, stride, pad, hw, n = case.shape
+    y_dtype = torch.float32 if case.residual and w_dtype != conv_dtype else conv_dtype  # autocast: fp32 stream
     p = (hw + 2 * pad - r) // stride + 1
     x = (torch.randn(n, c, hw, hw) * 2 + 1).to(x_dtype)
     if torch.rand(()) < 0.5:
         x = x.contiguous(memory_format=torch.channels_last)
     t = dict(x=x, w=(torch.randn(k, c, r, r) * (2 / (c * r * r)) ** 0.5).to(w_dtype),
-             residual=torch.randn(n, k, p, p).to(conv_dtype) if case.residual else None,
-             dy=torch.randn(n, k, p, p).to(conv_dtype))
+             residual=torch.randn(n, k, p, p).to(y_dtype) if case.residual else None,
+             dy=torch.randn(n, k, p, p).to(y_dtype))
     # Running statistics of the BatchNorms that read y and x (the ops update them in place).
     for prefix, channels in (("y", k), ("x", c)):
         t.update({f"{prefix}_running_mean": torch.randn(channels), f"{prefix}_running_var": torch.rand(channels) + 0.5,
@@ -96,18 +98,19 @@ def inputs(case: Case, x_dtype, w_dtype, conv_dtype):
     return {name: v if v is None else v.to(DEVICE) for name, v in t.items()}
 
 
-def run_ops(case: Case, backend: str, t: dict) -> dict:
+def run_ops(case: Case, backend: str, t: dict, conv_dtype: torch.dtype) -> dict:
     """Every op of a unit on `backend`: forward with statistics, backward pieces, x's statistics."""
     _, _, _, stride, pad, _, _ = case.shape
     conf = ([stride] * 2, [pad] * 2, 1e-5)
     x, w, mean, var, gamma, beta, dy = (t[n] for n in ("x", "w", "mean", "var", "gamma", "beta", "dy"))
     y_running, x_running = ([t[name].clone() for name in names] for names in (RUNNING_Y, RUNNING_X))
     y, y_mean, y_var = ops.bn_relu_conv(x, mean, var, gamma, beta, w, t["residual"], *conf[:2], 1e-5, True, True,
-                                        *y_running, 0.1, backend, conv_dtype=dy.dtype)
+                                        *y_running, 0.1, backend, conv_dtype=conv_dtype)
     x_stats = ops.batch_stats(x, *x_running, None, backend)  # momentum None: 1 / num_batches_tracked
-    g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, backend)
+    g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, backend, conv_dtype)
     out = dict(y=y, stats=torch.stack([y_mean, y_var]), g=g,
-               dw=ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf, backend, w.dtype),
+               dw=ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf, backend, w.dtype,
+                                         conv_dtype),
                x_stats=torch.stack(x_stats), y_running=torch.stack(y_running[:2]),
                x_running=torch.stack(x_running[:2]), batches=torch.stack([y_running[2], x_running[2]]).double())
     if case.prologue:
@@ -143,10 +146,10 @@ def test_ops_conform_to_float64(case, poisoned, request, monkeypatch):
         if predicate(case):
             request.applymarker(pytest.mark.xfail(strict=True, reason=why))
     with poisoned:
-        got = run_ops(case, case.backend, t)
-    same_precision = run_ops(case, "reference", t)
+        got = run_ops(case, case.backend, t, conv_dtype)
+    same_precision = run_ops(case, "reference", t, conv_dtype)
     truth = run_ops(case, "reference", {n: v.double() if v is not None and v.is_floating_point() else v
-                                        for n, v in t.items()})
+                                        for n, v in t.items()}, torch.float64)
     errors = {name: (relative_error(got[name], ref), relative_error(same_precision[name], ref))
               for name, ref in truth.items()}
     bad = {name: f"{ours:.1e} vs reference {theirs:.1e}" for name, (ours, theirs) in errors.items()

@@ -40,7 +40,8 @@ def test_wrappers_reject_cpu_tensors_before_launch():
         cuda.bn_relu_conv(x, None, None, None, None, w, None, [1, 1], [1, 1], 1e-5, False, None, None, None, None,
                           w.dtype)
     with pytest.raises(ValueError, match="dy must be a CUDA tensor"):
-        cuda.bn_relu_conv_dgrad(torch.randn(2, 6, 5, 5), w, x, None, None, None, None, [1, 1], [1, 1], 1e-5)
+        cuda.bn_relu_conv_dgrad(torch.randn(2, 6, 5, 5), w, x, None, None, None, None, [1, 1], [1, 1], 1e-5,
+                                torch.float32)
     with pytest.raises(ValueError, match="partials must be a CUDA tensor"):
         cuda.bn_finalize(torch.zeros(1, 3, 4), None, None, None, 0.1)
     with pytest.raises(ValueError, match="mean must be a CUDA tensor"):

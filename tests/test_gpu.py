@@ -87,30 +87,47 @@ def kernel_names(fn):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def test_launch_budget_forward_basic_block_identity():
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp-bf16"])
+def test_launch_budget_forward_basic_block_identity(amp):
     """Training forward of a chained identity basic block: 2 conv launches of ours, nothing else
-    (each conv's last programs merge the next BatchNorm's statistics)."""
+    (each conv's last programs merge the next BatchNorm's statistics; under autocast the
+    kernels cast the float32 weights and add the float32 identity stream themselves)."""
     block = fp.PreActBlock(64, 64, backend="triton").cuda()
     consumer = fp.PreActBlock(64, 64, backend="triton").cuda().consumer()
     x = torch.randn(128, 64, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     moments = fp.ops.batch_stats(x, None, None, None, None, "triton")
-    block.forward_with_stats(x, moments, consumer)  # warm-up: autotuning, compilation
-    names = kernel_names(lambda: block.forward_with_stats(x, moments, consumer))
+
+    def forward():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            return block.forward_with_stats(x, moments, consumer)
+    forward()  # warm-up: autotuning, compilation
+    names = kernel_names(forward)
     print("\n".join(names))
     assert sum("bn_relu_conv_fwd_kernel" in n for n in names) == 2
     assert len(names) == 2, names
 
 
-def test_launch_budget_backward_basic_block_identity():
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp-bf16"])
+def test_launch_budget_backward_basic_block_identity(amp):
+    """Backward: 2 dgrad, 2 wgrad, 2 BN-backward passes, nothing else (the identity gradient
+    is added in the first unit's BN-backward pass; no weight-gradient cast under autocast)."""
     block = fp.PreActBlock(64, 64, backend="triton").cuda()
     x = torch.randn(128, 64, 32, 32, device="cuda", requires_grad=True)
-    block(x).sum().backward()  # warm-up
-    out = block(x)
-    names = kernel_names(lambda: out.backward(torch.ones_like(out)))
+
+    def forward():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            return block(x)
+    forward().sum().backward()  # warm-up
+    out = forward()
+    grad = torch.ones_like(out)
+    block.zero_grad(set_to_none=True)  # accumulating into existing gradients would add kernels
+    x.grad = None
+    names = kernel_names(lambda: out.backward(grad))
     print("\n".join(names))
     assert sum("dgrad_kernel" in n for n in names) == 2
     assert sum("wgrad_kernel" in n for n in names) == 2
     assert sum("bn_backward_apply_kernel" in n for n in names) == 2
+    assert len(names) == 6, names
 
 
 def test_cuda_graph_capture_of_a_training_step():

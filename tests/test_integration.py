@@ -69,6 +69,34 @@ def test_autocast_bf16_cpu_matches_eager_autocast():
             assert_close(a, b, torch.bfloat16, name)
 
 
+@pytest.mark.parametrize("backend", fp.dispatch.BACKEND_NAMES)
+def test_autocast_float32_identity_stream_matches_eager(backend, monkeypatch):
+    """Identity blocks fed float32 under autocast: eager's `conv(...) + shortcut` promotes,
+    so the residual stream stays float32 from block to block; ours adds the float32 shortcut
+    in the epilogue (y float32, statistics for the next block from the same pass) and the
+    backward casts the float32 dy tile by tile."""
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16  # the CPU interpreter declines bf16
+    x = torch.randn(3, 8, 6, 6, device=DEVICE)
+    use_backend_or_skip(backend, monkeypatch, x, conv_dtype=dtype)
+    torch.manual_seed(0)
+    eager = nn.Sequential(*[EagerBlock(8, 8) for _ in range(3)]).to(DEVICE)
+    randomize_bn(eager)
+    ours = fp.convert(copy.deepcopy(eager), backend=backend)
+    with torch.autocast(DEVICE, dtype=dtype):
+        out, dx = step(ours, x)
+        ref, ref_dx = step(eager, x)
+    assert out.dtype == ref.dtype == torch.float32
+    assert_close(out, ref, dtype, "output")
+    assert_close(dx, ref_dx, dtype, "grad x", atol=0.02 * ref_dx.abs().max().item())
+    for (name, p), (_, q) in zip(ours.named_parameters(), eager.named_parameters()):
+        assert p.grad.dtype == torch.float32, name
+        assert_close(p.grad, q.grad, dtype, f"grad {name}", atol=0.05 * q.grad.abs().max().item(), rtol=0.05)
+    for (name, a), (_, b) in zip(ours.named_buffers(), eager.named_buffers()):
+        assert a.dtype == b.dtype, name
+        if a.is_floating_point():
+            assert_close(a, b, dtype, name)
+
+
 def test_checkpoint_pickle_deepcopy_round_trips():
     ours, _ = small_pair()
     ours(torch.randn(2, 3, 8, 8))  # non-default running statistics

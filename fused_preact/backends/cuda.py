@@ -135,6 +135,15 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
     ext, _ = load_extension()
     for name, t in (("x", x), ("weight", weight)):
         require_cuda(name, t)
+    if residual is not None and residual.dtype != conv_dtype:
+        # A float32 shortcut under autocast: these kernels add a residual of the conv dtype
+        # only, so the sum and its statistics follow in torch here.
+        y = bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, None, stride, padding, eps, False,
+                         None, None, None, momentum, conv_dtype)[0]
+        y = (y + residual).contiguous(memory_format=torch.channels_last)
+        if not want_stats:
+            return y, y.new_empty(0, dtype=torch.float32), y.new_empty(0, dtype=torch.float32)
+        return y, *batch_stats(y, running_mean, running_var, num_batches_tracked, momentum)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     out_h, out_w = conv_output_hw((h, w), (r, s), stride, padding)
@@ -199,16 +208,17 @@ def bn_finalize(partials, running_mean, running_var, num_batches_tracked, moment
     return mean, var
 
 
-def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps):
+def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, conv_dtype):
     ext, _ = load_extension()
     for name, t in (("dy", dy), ("weight", weight), ("x", x)):
         require_cuda(name, t)
+    dy = dy.to(conv_dtype)  # float32 behind a float32 shortcut under autocast
     n, c, h, w = x.shape
     g = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     has_bn = mean is not None
     tiles = ext.dgrad_tiles(n, h, w, stride[0], stride[1])
     sums = torch.empty((tiles if has_bn else 0, 2, c), device=x.device, dtype=torch.float32)
-    keep = [weight.permute(2, 3, 0, 1).to(dy.dtype, memory_format=torch.contiguous_format)]  # [R, S, K, C]
+    keep = [weight.permute(2, 3, 0, 1).to(conv_dtype, memory_format=torch.contiguous_format)]  # [R, S, K, C]
     p = ext.ConvDgradParams()
     p.dy, p.x, p.g = act(ext, dy), act(ext, x), act(ext, g)
     p.w_rskc = keep[0].data_ptr()
@@ -222,10 +232,12 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     return g, sums.sum(dim=0) if has_bn else sums.new_empty((2, 0))
 
 
-def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, weight_dtype):
+def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, weight_dtype,
+                       conv_dtype):
     ext, _ = load_extension()
     for name, t in (("dy", dy), ("x", x)):
         require_cuda(name, t)
+    dy = dy.to(conv_dtype)  # float32 behind a float32 shortcut under autocast
     n, c, _, _ = x.shape
     k, _, r, s = weight_shape
     rows = n * dy.shape[2] * dy.shape[3]

@@ -95,8 +95,8 @@ def bn_finalize(partials, running_mean, running_var, num_batches_tracked, moment
     return mean, var
 
 
-def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps):
-    da = torch.nn.grad.conv2d_input(x.shape, weight.to(dy.dtype), dy, stride, padding)
+def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, conv_dtype):
+    da = torch.nn.grad.conv2d_input(x.shape, weight.to(conv_dtype), dy.to(conv_dtype), stride, padding)
     if mean is None:
         return da.to(x.dtype).contiguous(memory_format=torch.channels_last), da.new_empty((2, 0))
     # ReLU's gradient passes where bn(x) > 0 and at NaN, as eager's threshold_backward (v <= 0 -> 0).
@@ -108,9 +108,10 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     return g.contiguous(memory_format=torch.channels_last), sums
 
 
-def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, weight_dtype):
-    a = activation(x, mean, var, bn_weight, bn_bias, eps, dy.dtype)
-    return torch.nn.grad.conv2d_weight(a, weight_shape, dy, stride, padding).to(weight_dtype).contiguous()
+def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, weight_dtype,
+                       conv_dtype):
+    a = activation(x, mean, var, bn_weight, bn_bias, eps, conv_dtype)
+    return torch.nn.grad.conv2d_weight(a, weight_shape, dy.to(conv_dtype), stride, padding).to(weight_dtype).contiguous()
 
 
 def bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats, dx_other):

@@ -80,6 +80,15 @@ class FixedConfig:
         return functools.partial(self.kernel[grid], **self.launch_options)
 
 
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The Triton dtype a conv's tiles are cast to before tl.dot (a constexpr argument): the
+    conv dtype, which under autocast differs from the float32 weight, input or gradient."""
+    return TL_DTYPES[dtype]
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tf32 for float32 where torch allows it for convolutions (as nn.Conv2d), else exact."""
     if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreter_on():

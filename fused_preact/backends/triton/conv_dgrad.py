@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv
-from .common import (autotune_warps, bn_scale_shift, dot_precision, nhwc_strides, pow2_block, relu_passes,
+from .common import (autotune_warps, bn_scale_shift, dot_dtype, dot_precision, nhwc_strides, pow2_block, relu_passes,
                      rows_per_tile)
 from .merge import merge_block, sum_if_last, ticket_counters
 
@@ -34,7 +34,8 @@ def bn_relu_conv_dgrad_kernel(
     R: tl.constexpr, S: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     phase = pid // tiles_per_phase
@@ -77,7 +78,8 @@ def bn_relu_conv_dgrad_kernel(
                     mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + rk[:, None] * swk + rc[None, :] * swc + r * swr + s * sws,
                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-        acc += tl.dot(a, b.to(a.dtype), input_precision=PRECISION)  # a float32 weight under autocast
+        # In the conv dtype: under autocast the weight (and a shortcut's dy) are float32.
+        acc += tl.dot(a.to(DOT), b.to(DOT), input_precision=PRECISION)
 
     ok = row_ok[:, None] & c_ok[None, :]
     g = acc
@@ -101,7 +103,7 @@ def bn_relu_conv_dgrad_kernel(
         sum_if_last(part_ptr, tl.num_programs(0), C, counter_ptr, tl.program_id(1), sums_ptr, 2, BN, BT)
 
 
-def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps):
+def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, conv_dtype):
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     _, _, p, q = dy.shape
@@ -126,7 +128,7 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
         n, h, w, c, p, q, k, hp, wp, tiles_per_phase,
         R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
-        HAS_BETA=has_prologue and bn_bias is not None, PRECISION=dot_precision(dy.dtype),
-        BM=bm, BN=bn, BK=bk, BT=merge_block(tiles, bn),
+        HAS_BETA=has_prologue and bn_bias is not None, DOT=dot_dtype(conv_dtype),
+        PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BK=bk, BT=merge_block(tiles, bn),
     )
     return g, sums

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv, conv_output_hw, stats_dtype
-from .common import (autotune_warps, bn_scale_shift, dot_precision, nhwc_strides, pow2_block, relu, rows_per_tile,
+from .common import (autotune_warps, bn_scale_shift, dot_dtype, dot_precision, nhwc_strides, pow2_block, relu, rows_per_tile,
                      stats_tiles, write_tile_stats)
 from .merge import merge_block, merge_if_last, ticket_counters
 from .stats import running_args
@@ -36,7 +36,7 @@ def bn_relu_conv_fwd_kernel(
     rmean_ptr, rvar_ptr, nbt_ptr, momentum,    # running statistics of the next BatchNorm
     R: tl.constexpr, S: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, WANT_STATS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, WANT_STATS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_C_BLOCK: tl.constexpr, BT: tl.constexpr,
 ):
@@ -81,15 +81,18 @@ def bn_relu_conv_fwd_kernel(
                                                    eps, HAS_GAMMA, HAS_BETA)
             a = relu((a - mean[None, :]) * scale[None, :] + beta[None, :])
             a = tl.where(ok, a, 0.0)  # zero padding after the activation
-        # The weight in the conv dtype (y's): under autocast a float32 parameter, cast here.
+        # The weight in the conv dtype: under autocast a float32 parameter, cast here.
         b = tl.load(w_ptr + rc[:, None] * swc + rn[None, :] * swk + r * swr + s * sws,
-                    mask=c_ok[:, None] & col_ok[None, :], other=0.0).to(y_ptr.dtype.element_ty)
-        acc += tl.dot(a.to(b.dtype), b, input_precision=PRECISION)
+                    mask=c_ok[:, None] & col_ok[None, :], other=0.0).to(DOT)
+        acc += tl.dot(a.to(DOT), b, input_precision=PRECISION)
 
     out_ok = row_ok[:, None] & col_ok[None, :]
     y_row = n * syn + p.to(tl.int64) * syh + q.to(tl.int64) * syw
     if HAS_RESIDUAL:
+        # Eager's `conv(...) + shortcut`: the conv output rounded to the conv dtype, then the
+        # sum rounded to y's (float32 for a float32 shortcut under autocast).
         r_row = n * srn + p.to(tl.int64) * srh + q.to(tl.int64) * srw
+        acc = acc.to(DOT).to(tl.float32)
         acc += tl.load(res_ptr + r_row[:, None] + rn[None, :] * src, mask=out_ok, other=0.0).to(tl.float32)
     y = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + y_row[:, None] + rn[None, :] * syc, y, mask=out_ok)
@@ -107,10 +110,11 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
     k, _, r, s = weight.shape
     p, q = conv_output_hw((h, w), (r, s), stride, padding)
     m = n * p * q
-    y = torch.empty((n, k, p, q), device=x.device, dtype=conv_dtype, memory_format=torch.channels_last)
+    y_dtype = conv_dtype if residual is None else residual.dtype  # float32 for a float32 shortcut
+    y = torch.empty((n, k, p, q), device=x.device, dtype=y_dtype, memory_format=torch.channels_last)
     bm, bn, bk = rows_per_tile(m), pow2_block(k, hi=128), pow2_block(c)
     tiles = stats_tiles(m)
-    part = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=stats_dtype(conv_dtype))
+    part = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=stats_dtype(y_dtype))
     y_mean = torch.empty(k if want_stats else 0, device=x.device, dtype=part.dtype)
     y_var = torch.empty_like(y_mean)
     blocks = cdiv(k, bn)
@@ -132,7 +136,8 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
         **running_args(y_mean if want_stats else y, running_mean, running_var, num_batches_tracked, momentum),
         R=r, S=s, HAS_PROLOGUE=has_prologue,
         HAS_GAMMA=has_prologue and bn_weight is not None, HAS_BETA=has_prologue and bn_bias is not None,
-        HAS_RESIDUAL=residual is not None, WANT_STATS=want_stats, PRECISION=dot_precision(conv_dtype),
+        HAS_RESIDUAL=residual is not None, WANT_STATS=want_stats, DOT=dot_dtype(conv_dtype),
+        PRECISION=dot_precision(conv_dtype),
         BM=bm, BN=bn, BK=bk, ONE_C_BLOCK=c <= bk, BT=merge_block(tiles, bn),
     )
     return y, y_mean, y_var

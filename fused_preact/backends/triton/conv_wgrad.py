@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv, wgrad_splits
-from .common import autotune_warps, bn_scale_shift, dot_precision, interpreter_on, nhwc_strides, pow2_block, relu
+from .common import (autotune_warps, bn_scale_shift, dot_dtype, dot_precision, interpreter_on, nhwc_strides, pow2_block,
+                     relu)
 from .merge import last_ticket, reset_ticket, ticket_counters
 
 
@@ -30,7 +31,7 @@ def bn_relu_conv_wgrad_kernel(
     stride_h, stride_w, pad_h, pad_w,
     R: tl.constexpr, S: tl.constexpr, SPLIT: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr,
 ):
     rk = tl.program_id(0) * BM + tl.arange(0, BM)
     rc = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -63,7 +64,7 @@ def bn_relu_conv_wgrad_kernel(
         if HAS_PROLOGUE:
             a = relu((a - mean[None, :]) * scale[None, :] + beta[None, :])
             a = tl.where(ok, a, 0.0)
-        acc += tl.dot(dyt, a.to(dyt.dtype), input_precision=PRECISION)
+        acc += tl.dot(dyt.to(DOT), a.to(DOT), input_precision=PRECISION)  # dy: float32 behind a shortcut
     offs = ((rk.to(tl.int64)[:, None] * C + rc[None, :]) * R + r) * S + s  # in [K, C, R, S]
     out_ok = k_ok[:, None] & c_ok[None, :]
     if SPLIT == 1:
@@ -105,7 +106,8 @@ def split_count(rows: int, output_tiles: int) -> int:
     return wgrad_splits(rows, output_tiles)
 
 
-def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, weight_dtype):
+def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, weight_dtype,
+                       conv_dtype):
     n, c, h, w = x.shape
     k, _, r, s = weight_shape
     _, _, p, q = dy.shape
@@ -128,7 +130,7 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
         part if split > 1 else dummy, ticket_counters(x.device, grid_kc * r * s) if split > 1 else dummy, dw,
         rows, h, w, c, p, q, k, rows_per_split, stride[0], stride[1], padding[0], padding[1],
         R=r, S=s, SPLIT=split, HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
-        HAS_BETA=has_prologue and bn_bias is not None, PRECISION=dot_precision(dy.dtype),
-        BM=bm, BN=bn, BL=bl,
+        HAS_BETA=has_prologue and bn_bias is not None, DOT=dot_dtype(conv_dtype),
+        PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BL=bl,
     )
     return dw
