@@ -4,6 +4,7 @@ spills, shared memory, tensor-core instructions, instructions per main-loop iter
 ptxas's advisories (C7514/C7515: wgmma serialised).
 
     python -m benchmarks.sass                       # the headline case, bf16, sm_90
+    python -m benchmarks.sass --dtype amp-bf16      # under autocast: float32 stream and weights
     python -m benchmarks.sass --case in-r50-14 --arch 80 --json out.json
 
 No GPU is needed: a stand-in driver reports the target, the launchers run on CPU tensors
@@ -35,7 +36,10 @@ from triton.runtime import driver  # noqa: E402
 from . import cases as C  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# name -> (dtype of the activations between blocks and of the weights, conv dtype). amp-bf16:
+# autocast's float32 identity stream and master weights with bf16 convs (the kernels cast tiles).
+DTYPES = {"bf16": (torch.bfloat16, torch.bfloat16), "fp16": (torch.float16, torch.float16),
+          "fp32": (torch.float32, torch.float32), "amp-bf16": (torch.float32, torch.bfloat16)}
 KERNELS = [("conv_fwd", "bn_relu_conv_fwd_kernel"), ("conv_dgrad", "bn_relu_conv_dgrad_kernel"),
            ("conv_wgrad", "bn_relu_conv_wgrad_kernel"), ("stats", "batch_stats_kernel"),
            ("stats", "bn_finalize_kernel"), ("bn_backward", "bn_backward_apply_kernel")]
@@ -68,9 +72,12 @@ class Recorder:
         return lambda *args, **kwargs: self.launches.append((self.name, grid, args, kwargs))
 
 
-def record_launches(case: C.BlockCase, dtype: torch.dtype) -> list:
+def record_launches(case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype]) -> list:
     """Every Triton launch of one training step of the block's units (by unit), unique by
-    kernel and constexprs."""
+    kernel, constexprs and tensor dtypes. Under autocast each conv is recorded both as a
+    first unit (float32 x in, conv-dtype y out) and as a last one (adding the float32 stream)."""
+    dtype, conv_dtype = precision
+    shortcut_variants = (False, True) if dtype != conv_dtype else (False,)
     import importlib
     modules = {m: importlib.import_module(f"fused_preact.backends.triton.{m}") for m, _ in KERNELS}
     originals = {name: getattr(modules[m], name) for m, name in KERNELS}
@@ -78,17 +85,22 @@ def record_launches(case: C.BlockCase, dtype: torch.dtype) -> list:
     for m, name in KERNELS:
         setattr(modules[m], name, Recorder(name, launches))
     try:
-        for c_in, c_out, k, stride, pad, hw in case.convs():
-            x = torch.empty(case.batch, c_in, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        for (c_in, c_out, k, stride, pad, hw), adds_stream in ((conv, adds) for conv in case.convs()
+                                                                for adds in shortcut_variants):
+            x_dtype = conv_dtype if adds_stream else dtype
+            x = torch.empty(case.batch, c_in, hw, hw, dtype=x_dtype).contiguous(memory_format=torch.channels_last)
             w = torch.empty(c_out, c_in, k, k, dtype=dtype)
             v = torch.ones(c_in)
             running = (torch.zeros(c_out), torch.ones(c_out), None, 0.1)  # the next BatchNorm's, updated
-            y, *_ = modules["conv_fwd"].bn_relu_conv(x, v, v, v, v, w, None, [stride] * 2, [pad] * 2, 1e-5, True,
-                                                     *running, dtype)
+            p = (hw + 2 * pad - k) // stride + 1
+            residual = (torch.empty(case.batch, c_out, p, p, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                        if adds_stream else None)
+            y, *_ = modules["conv_fwd"].bn_relu_conv(x, v, v, v, v, w, residual, [stride] * 2, [pad] * 2, 1e-5, True,
+                                                     *running, conv_dtype)
             dy = torch.empty_like(y)
-            modules["conv_dgrad"].bn_relu_conv_dgrad(dy, w, x, v, v, v, v, [stride] * 2, [pad] * 2, 1e-5, dtype)
+            modules["conv_dgrad"].bn_relu_conv_dgrad(dy, w, x, v, v, v, v, [stride] * 2, [pad] * 2, 1e-5, conv_dtype)
             modules["conv_wgrad"].bn_relu_conv_wgrad(dy, x, v, v, v, v, list(w.shape), [stride] * 2, [pad] * 2, 1e-5,
-                                                     dtype, dtype)
+                                                     dtype, conv_dtype)
             modules["stats"].batch_stats(x, v.clone(), v.clone(), None, 0.1)
             modules["stats"].bn_finalize(torch.ones(4, 3, c_in), v.clone(), v.clone(), None, 0.1)  # sync BN
             for dx_other in (None, x):  # with: the first unit of an identity block
@@ -143,10 +155,10 @@ def main_loop(sass: str) -> list[str]:
     return best
 
 
-def analyse(arch: int, case: C.BlockCase, dtype: torch.dtype) -> list[dict]:
+def analyse(arch: int, case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype]) -> list[dict]:
     driver.set_active(StandInDriver(arch))
     rows = []
-    for name, grid, args, kwargs, kernel in record_launches(case, dtype):
+    for name, grid, args, kwargs, kernel in record_launches(case, precision):
         compiled = compile_launch(kernel, grid, args, kwargs)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
@@ -159,7 +171,9 @@ def analyse(arch: int, case: C.BlockCase, dtype: torch.dtype) -> list[dict]:
         resources = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
         spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
         rows.append({
-            "kernel": name, "conv": name in CONV_KERNELS, "config": {k: v for k, v in kwargs.items() if k.isupper() and k.startswith(("B", "R", "S"))},
+            "kernel": name, "conv": name in CONV_KERNELS,
+            "tensor_dtypes": "/".join(sorted({str(a.dtype).replace("torch.", "") for a in args
+                                              if isinstance(a, torch.Tensor)})), "config": {k: v for k, v in kwargs.items() if k.isupper() and k.startswith(("B", "R", "S"))},
             "registers": int(resources.get("REG", -1)), "stack_bytes": int(resources.get("STACK", 0)),
             "local_bytes": int(resources.get("LOCAL", 0)),
             "spill_bytes": sum(map(int, spills.groups())) if spills else 0,
@@ -190,7 +204,7 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"{r['kernel']:28s} {r['registers']:4d} {r['spill_bytes']:7d} {r['shared_bytes']:7d} {r['hgmma']:5d} "
               f"{r['hmma']:4d} {str(r['main_loop_instructions'] or '-'):>8s} {r['main_loop_mufu']:4d} "
-              f"{r['main_loop_sel']:4d}  {' '.join(r['advisories']) or '-'}  {r['config']}")
+              f"{r['main_loop_sel']:4d}  {' '.join(r['advisories']) or '-'}  {r['config']} {r['tensor_dtypes']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "case": case.name,
                                                "dtype": args.dtype, "kernels": rows}, indent=2))
