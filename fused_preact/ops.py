@@ -160,8 +160,8 @@ def bn_relu_conv(
     The conv computes in conv_dtype (None: weight's dtype): the activation relu(bn(x)) and
     the weight are cast to it in the kernel (under autocast the weight is the float32
     parameter itself: no cast launch, and its gradient comes back in float32). y has the
-    conv dtype, or the residual's where that is float32 under autocast: as eager's
-    `conv(...) + shortcut`, the conv output is rounded to the conv dtype, then added.
+    conv dtype, or the residual's where that is float32 under autocast (the dtype of eager's
+    `conv(...) + shortcut`; the sum is taken in float32 and rounded once).
     mean/var None: no BN prologue (a plain conv). batch_stats: mean/var are the batch
     statistics of x (training mode), so the backward differentiates through them;
     sync_group (a fused_preact.distributed handle, 0 for none): they are statistics over
