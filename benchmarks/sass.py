@@ -4,7 +4,7 @@ spills, shared memory, tensor-core instructions, instructions per main-loop iter
 ptxas's advisories (C7514/C7515: wgmma serialised).
 
     python -m benchmarks.sass                       # the headline case, bf16, sm_90
-    python -m benchmarks.sass --dtype amp-bf16      # under autocast: float32 stream and weights
+    python -m benchmarks.sass --dtype amp-bf16      # under autocast: bf16 activations, float32 weights
     python -m benchmarks.sass --case in-r50-14 --arch 80 --json out.json
 
 No GPU is needed: a stand-in driver reports the target, the launchers run on CPU tensors
@@ -36,10 +36,13 @@ from triton.runtime import driver  # noqa: E402
 from . import cases as C  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-# name -> (dtype of the activations between blocks and of the weights, conv dtype). amp-bf16:
-# autocast's float32 identity stream and master weights with bf16 convs (the kernels cast tiles).
-DTYPES = {"bf16": (torch.bfloat16, torch.bfloat16), "fp16": (torch.float16, torch.float16),
-          "fp32": (torch.float32, torch.float32), "amp-bf16": (torch.float32, torch.bfloat16)}
+# name -> (dtype of the activations between blocks, of the weights, of the convs). amp-bf16:
+# autocast in a network (the stem conv's output is bf16, so is the identity stream) with
+# float32 master weights, cast tile by tile in the kernels; amp-bf16-fp32-stream: blocks fed
+# float32 under autocast, whose identity stream stays float32 (eager's promotion).
+DTYPES = {"bf16": (torch.bfloat16,) * 3, "fp16": (torch.float16,) * 3, "fp32": (torch.float32,) * 3,
+          "amp-bf16": (torch.bfloat16, torch.float32, torch.bfloat16),
+          "amp-bf16-fp32-stream": (torch.float32, torch.float32, torch.bfloat16)}
 KERNELS = [("conv_fwd", "bn_relu_conv_fwd_kernel"), ("conv_dgrad", "bn_relu_conv_dgrad_kernel"),
            ("conv_wgrad", "bn_relu_conv_wgrad_kernel"), ("stats", "batch_stats_kernel"),
            ("stats", "bn_finalize_kernel"), ("bn_backward", "bn_backward_apply_kernel")]
@@ -72,11 +75,11 @@ class Recorder:
         return lambda *args, **kwargs: self.launches.append((self.name, grid, args, kwargs))
 
 
-def record_launches(case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype]) -> list:
+def record_launches(case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype, torch.dtype]) -> list:
     """Every Triton launch of one training step of the block's units (by unit), unique by
-    kernel, constexprs and tensor dtypes. Under autocast each conv is recorded both as a
-    first unit (float32 x in, conv-dtype y out) and as a last one (adding the float32 stream)."""
-    dtype, conv_dtype = precision
+    kernel, constexprs and tensor dtypes. With a float32 stream each conv is recorded both as
+    a first unit (float32 x in, conv-dtype y out) and as a last one (adding the stream)."""
+    dtype, w_dtype, conv_dtype = precision
     shortcut_variants = (False, True) if dtype != conv_dtype else (False,)
     import importlib
     modules = {m: importlib.import_module(f"fused_preact.backends.triton.{m}") for m, _ in KERNELS}
@@ -89,7 +92,7 @@ def record_launches(case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype
                                                                 for adds in shortcut_variants):
             x_dtype = conv_dtype if adds_stream else dtype
             x = torch.empty(case.batch, c_in, hw, hw, dtype=x_dtype).contiguous(memory_format=torch.channels_last)
-            w = torch.empty(c_out, c_in, k, k, dtype=dtype)
+            w = torch.empty(c_out, c_in, k, k, dtype=w_dtype)
             v = torch.ones(c_in)
             running = (torch.zeros(c_out), torch.ones(c_out), None, 0.1)  # the next BatchNorm's, updated
             p = (hw + 2 * pad - k) // stride + 1
@@ -100,7 +103,7 @@ def record_launches(case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype
             dy = torch.empty_like(y)
             modules["conv_dgrad"].bn_relu_conv_dgrad(dy, w, x, v, v, v, v, [stride] * 2, [pad] * 2, 1e-5, conv_dtype)
             modules["conv_wgrad"].bn_relu_conv_wgrad(dy, x, v, v, v, v, list(w.shape), [stride] * 2, [pad] * 2, 1e-5,
-                                                     dtype, conv_dtype)
+                                                     w_dtype, conv_dtype)
             modules["stats"].batch_stats(x, v.clone(), v.clone(), None, 0.1)
             modules["stats"].bn_finalize(torch.ones(4, 3, c_in), v.clone(), v.clone(), None, 0.1)  # sync BN
             for dx_other in (None, x):  # with: the first unit of an identity block
@@ -155,7 +158,7 @@ def main_loop(sass: str) -> list[str]:
     return best
 
 
-def analyse(arch: int, case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype]) -> list[dict]:
+def analyse(arch: int, case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype, torch.dtype]) -> list[dict]:
     driver.set_active(StandInDriver(arch))
     rows = []
     for name, grid, args, kwargs, kernel in record_launches(case, precision):
