@@ -7,6 +7,8 @@ compile-max         torch.compile(mode="max-autotune-no-cudagraphs") (GPU, when 
                     autotuned kernels without CUDA graphs, which no other provider uses
                     (with them the timed loop also failed: graph outputs overwritten by the next replay)
 fused-<backend>     fused_preact blocks on one backend, channels_last + autocast
+compile-fused-triton  torch.compile (default mode) of the fused blocks / converted model: our
+                    custom ops inside an Inductor graph, beside `compile` of the eager ones (GPU)
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ def providers(device: str, max_autotune: bool) -> list[Provider]:
     else:
         backends = ["reference"]
     out += [Provider(f"fused-{b}", b, True, True) for b in backends]
+    if device == "cuda":
+        out.append(Provider("compile-fused-triton", "triton", True, True, "default"))
     return out
 
 

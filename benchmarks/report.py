@@ -20,6 +20,7 @@ LEGEND = {
     "fused-triton": "fused_preact blocks, triton backend",
     "fused-cuda": "fused_preact blocks, cuda backend",
     "fused-reference": "fused_preact blocks, reference backend (pure PyTorch: recomputes to save memory)",
+    "compile-fused-triton": "torch.compile (default mode) of the fused blocks / converted model, triton backend",
     "floor": "max(minimum bytes / copy rate, FLOPs / bf16 matmul rate)",
 }
 

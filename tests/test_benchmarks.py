@@ -33,6 +33,19 @@ def test_wrong_provider_is_reported_not_timed(monkeypatch):
     assert not any(r[1] == "fused-broken" and r[4] == "time_ms" for r in rows)
 
 
+def test_compiled_fused_provider_is_checked_and_timed():
+    """torch.compile of the fused blocks (on a GPU: compile-fused-triton) goes through the
+    same correctness guard as every provider; here on the reference backend."""
+    case = cases.BlockCase("tiny", "basic", 4, 4, 1, 2, 6)
+    compiled = providers.Provider("compile-fused-reference", "reference", True, True, "default")
+    assert "compile-fused-triton" in [p.name for p in providers.providers("cuda", False)]
+    rows = []
+    run.run_block_case(case, "bf16", [compiled], "cpu", {}, rows, run.timer("cpu"))  # compiled: bf16 only
+    by = {(r[1], r[3], r[4]) for r in rows}
+    assert ("compile-fused-reference", "fwd", "time_ms") in by
+    assert ("compile-fused-reference", "fwdbwd", "time_ms") in by
+
+
 def test_cpu_default_run_writes_results_and_report(tmp_path, monkeypatch):
     monkeypatch.setattr(cases, "CPU_BLOCKS", [cases.BlockCase("tiny", "bottleneck", 8, 2, 2, 2, 6)])
     run.main(["--out", str(tmp_path), "--device", "cpu", "--no-models"])
