@@ -60,19 +60,19 @@ class OpEntry:
         own register_autograd takes functional ops only, and the forward unit updates the
         next BatchNorm's running statistics in place. `backward` gets one gradient per
         output, plus the carried input's when the call carried it (see call_carrying_input)."""
-        def forward(ctx, *args_and_carry):
+        def forward(ctx, *args_and_flags):
             # ctx-first style: Function.apply binds the signature of a separate
             # setup_context on every call (inspect.signature), which costs more than the op.
-            # The flag comes last, so ctx.needs_input_grad[i] is the op's argument i.
-            *args, carry_input = args_and_carry
-            output = self.op(*args) if registered_op_needed(args) else self.body(*args)
+            # The flags come last, so ctx.needs_input_grad[i] is the op's argument i.
+            *args, registered, carry_input = args_and_flags
+            output = self.op(*args) if registered else self.body(*args)
             setup_context(ctx, args, output)
             return output + (args[0],) if carry_input else output
 
-        def backward_and_flag(ctx, *grads):
-            return backward(ctx, *grads) + (None,)
+        def backward_and_flags(ctx, *grads):
+            return backward(ctx, *grads) + (None, None)
         self.function = type(f"{self.__name__}_function", (torch.autograd.Function,), {
-            "forward": staticmethod(forward), "backward": staticmethod(backward_and_flag)})
+            "forward": staticmethod(forward), "backward": staticmethod(backward_and_flags)})
 
     def __call__(self, *args, **kwargs):
         return self.call(self.positional(args, kwargs), False)
@@ -99,11 +99,12 @@ class OpEntry:
             if isinstance(a, Tensor):
                 plain = plain and type(a) in PLAIN_TENSOR_TYPES
                 requires_grad = requires_grad or a.requires_grad
+        registered = intercepted() or not plain
         if requires_grad and torch.is_grad_enabled() and self.function is not None:
-            return self.function.apply(*positional, carry_input)
+            return self.function.apply(*positional, registered, carry_input)
         # An op without a formula goes through the registered op, which raises PyTorch's
         # own "no autograd formula" error (double backward, say).
-        if intercepted() or not plain or requires_grad and torch.is_grad_enabled():
+        if registered or requires_grad and torch.is_grad_enabled():
             output = self.op(*positional)
         else:
             output = self.body(*positional)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import dispatch, distributed
 from .backends.base import conv_output_hw, stats_dtype
-from .entry import declare
+from .entry import declare, registered_op_needed
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -233,12 +233,14 @@ def _unit_backward(ctx, dy, _dmean, _dvar, dx_other=None):
     stride, padding, eps, batch_stats, backend, has_residual, sync_group, conv_dtype = ctx.conf
     dx = dgamma = dbeta = dweight = None
     dy = dy.contiguous(memory_format=torch.channels_last)  # float32 where y added a float32 shortcut
+    run = _backward_runner(backend, (dy, x, mean, var, bn_weight, bn_bias, weight, dx_other))
     if needs[5]:
-        dweight = bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, list(weight.shape),
-                                     stride, padding, eps, backend, weight.dtype, conv_dtype)
+        dweight = run(bn_relu_conv_wgrad, dy=dy, x=x, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias,
+                      weight_shape=list(weight.shape), stride=stride, padding=padding, eps=eps,
+                      weight_dtype=weight.dtype, conv_dtype=conv_dtype)
     if needs[0] or needs[3] or needs[4]:
-        g, sums = bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding,
-                                     eps, backend, conv_dtype)
+        g, sums = run(bn_relu_conv_dgrad, dy=dy, weight=weight, x=x, mean=mean, var=var, bn_weight=bn_weight,
+                      bn_bias=bn_bias, stride=stride, padding=padding, eps=eps, conv_dtype=conv_dtype)
         if mean is None:
             dx = g if dx_other is None else g + dx_other
         else:
@@ -247,8 +249,8 @@ def _unit_backward(ctx, dy, _dmean, _dvar, dx_other=None):
                 grad_sums = sums
                 if batch_stats and sync_group:  # the means over all ranks (dgamma, dbeta stay local sums)
                     grad_sums, count = distributed.global_grad_means(sums, count, sync_group), 1
-                dx = bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats,
-                                       dx_other, backend)
+                dx = run(bn_backward_apply, g=g, x=x, mean=mean, var=var, bn_weight=bn_weight, grad_sums=grad_sums,
+                         count=count, eps=eps, batch_stats=batch_stats, dx_other=dx_other)
             if needs[3]:
                 dgamma = sums[1].to(bn_weight.dtype)
             if needs[4]:
@@ -258,6 +260,18 @@ def _unit_backward(ctx, dy, _dmean, _dvar, dx_other=None):
 
 
 bn_relu_conv.register_autograd(_unit_backward, _unit_setup_context)
+
+
+def _backward_runner(backend: str, tensors: Sequence[Optional[Tensor]]):
+    """How the unit's backward calls its ops on `backend` (the one that ran the forward):
+    in plain eager mode its implementations directly, since the forward validated every
+    argument and chose the backend (going through the op entry and selecting again for
+    each of the three ops was a sixth of a block's host time); the registered ops wherever
+    something traces or intercepts, or a tensor is a subclass."""
+    if registered_op_needed(tensors):
+        return lambda entry, **args: entry(**args, backend=backend)
+    impls = dispatch.get_backend(backend).impls
+    return lambda entry, **args: impls[entry.__name__](**args)
 
 
 # --------------------------------------------------------------------------- statistics
