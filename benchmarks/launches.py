@@ -2,15 +2,17 @@
 
     python -m benchmarks.launches              # prints the counts, writes nothing
 
-Per identity basic block inside a converted nn.Sequential of kuangliu blocks (`fp.convert`),
-in training, in float32 and under autocast (float16 here: the interpreter declines bfloat16;
-the float32 input keeps eager's float32 residual stream): the counts of a chain of 3 blocks
-minus those of 2, so the first block's standalone statistics pass and the loss are left out. Triton launches are stubbed (counted,
+Per basic block inside a converted nn.Sequential of kuangliu blocks (`fp.convert`), an
+identity block and a projection block (preact shortcut), in training, in float32 and under
+autocast (float16 here: the interpreter declines bfloat16; the float32 input keeps eager's
+float32 residual stream): the counts of a chain of 2 identity blocks and the block minus
+those of the 2, so the first block's standalone statistics pass and the loss are left out.
+Triton launches are stubbed (counted,
 not run: this is about how many, not what they compute); torch kernels are the aten ops
 the profiler records outside our launches' allocations: every op but allocations, views
 and no-op conversions, counted once where one calls another (to -> _to_copy -> copy_).
-Targets (issue "Speed, part 1"): <= 2 Triton launches forward, <= 8 forward+backward, no
-torch kernel beside them.
+Targets (issue "Speed, part 1"), identity block: <= 2 Triton launches forward, <= 8
+forward+backward, no torch kernel beside them.
 """
 from __future__ import annotations
 
@@ -51,10 +53,12 @@ def torch_kernels(events) -> Counter:
     return counted
 
 
-def count(blocks: int, backward: bool, amp: bool, launches: Counter) -> tuple[Counter, Counter]:
-    """(Triton launches, torch kernels) of one training step of `blocks` chained blocks."""
+def count(blocks: int, backward: bool, amp: bool, launches: Counter, projection: bool = False) -> tuple[Counter, Counter]:
+    """(Triton launches, torch kernels) of one training step of `blocks` chained identity
+    blocks, followed by a projection block (16 -> 32 channels, stride 2) if `projection`."""
     torch.manual_seed(0)
-    model = fp.convert(nn.Sequential(*[testing.PreActBlock(16, 16) for _ in range(blocks)]), backend="triton")
+    layers = [testing.PreActBlock(16, 16) for _ in range(blocks)] + ([testing.PreActBlock(16, 32, 2)] if projection else [])
+    model = fp.convert(nn.Sequential(*layers), backend="triton")
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
         out = model(x)  # warm-up
@@ -71,21 +75,24 @@ def count(blocks: int, backward: bool, amp: bool, launches: Counter) -> tuple[Co
 MODES = {"fwd": (False, False), "fwdbwd": (True, False), "fwd-amp": (False, True), "fwdbwd-amp": (True, True)}
 
 
-def per_block() -> dict[str, dict[str, Counter]]:
-    """{mode: {"triton": launches, "torch": kernels}} of one block in a chain, per MODES."""
+def per_block(block: str = "identity") -> dict[str, dict[str, Counter]]:
+    """{mode: {"triton": launches, "torch": kernels}} of one block in a chain, per MODES:
+    an identity block (a third after two), or a projection block (after two identity blocks)."""
     launches: Counter = Counter()
     stub_launches(launches)
     result = {}
     for mode, (backward, amp) in MODES.items():
-        two, three = count(2, backward, amp, launches), count(3, backward, amp, launches)
-        result[mode] = {"triton": three[0] - two[0], "torch": three[1] - two[1]}
+        two = count(2, backward, amp, launches)
+        more = count(2, backward, amp, launches, projection=True) if block == "projection" else count(3, backward, amp, launches)
+        result[mode] = {"triton": more[0] - two[0], "torch": more[1] - two[1]}
     return result
 
 
 def main() -> None:
-    for mode, counts in per_block().items():
-        for kind, counter in counts.items():
-            print(f"{mode:10s} {kind:7s} {sum(counter.values()):3d}  {dict(sorted(counter.items()))}")
+    for block in ("identity", "projection"):
+        for mode, counts in per_block(block).items():
+            for kind, counter in counts.items():
+                print(f"{block:10s} {mode:10s} {kind:7s} {sum(counter.values()):3d}  {dict(sorted(counter.items()))}")
 
 
 if __name__ == "__main__":

@@ -172,7 +172,8 @@ def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv
     """
     dtype = compute_dtype(x, conv)
     if stats is None:
-        x = x.to(dtype) if torch.is_autocast_enabled(x.device.type) else x
+        # The kernels read a float32 x under autocast and cast its tiles (no cast kernel).
+        x = x if x.dtype in (dtype, torch.float32) else x.to(dtype)
         mean, var, bn_weight, bn_bias, eps, batch, sync_group = None, None, None, None, 0.0, False, 0
     else:
         mean, var, batch, sync_group = stats

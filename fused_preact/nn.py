@@ -149,23 +149,25 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         bn1 = units[0][0]
         stats = Fp.bn_stats(bn1, x, x_moments, backend, sync, images)
         projection = self.projection()
-        if projection is None:
-            shortcut = None  # the identity: x as the first unit returns it, so its gradient joins that unit's dx kernel
-        elif self.shortcut_source == "preact":
-            shortcut = Fp.unit(x, stats, bn1, projection, None, None, backend).output
-        else:
-            shortcut = Fp.unit(x, None, None, projection, None, None, backend).output
-        h, moments = x, x_moments
+        h, moments, shortcut = x, x_moments, None
         for i, (bn, conv) in enumerate(units):
             last = i == len(units) - 1
             if i > 0:
                 stats = Fp.bn_stats(bn, h, moments, backend, sync, images)
             next_consumer = consumer if last else Fp.Consumer(units[i + 1][0], bool(sync))
-            carry = i == 0 and projection is None
+            # The shortcut reads x as the first unit's autograd node returns it, so its
+            # gradient (the identity's, or the projection's dx) joins that unit's dx kernel.
             h, moments, carried = Fp.unit(h, stats, bn, conv, shortcut if last else None, next_consumer, backend,
-                                          carry_input=carry)
-            shortcut = carried if carry else shortcut
+                                          carry_input=i == 0)
+            if i == 0:
+                shortcut = carried if projection is None else self.project(carried, stats, backend)
         return h, moments
+
+    def project(self, x: Tensor, stats: Fp.BNStats, backend: str) -> Tensor:
+        """The projection shortcut of x: conv(relu(bn1(x))) ("preact") or conv(x) ("input")."""
+        if self.shortcut_source == "preact":
+            return Fp.unit(x, stats, self.first_bn(), self.projection(), None, None, backend).output
+        return Fp.unit(x, None, None, self.projection(), None, None, backend).output
 
     def consumer(self) -> Fp.Consumer:
         """This block's first BatchNorm as the consumer of the previous block's statistics."""
