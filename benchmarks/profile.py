@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import time
-from collections import defaultdict
 
 import torch
 
 from . import cases as C
 from .providers import build_block, eager_block, providers
-from .run import DTYPES
+from .run import DTYPES, kernel_times
 
 ITERATIONS = 5
 
@@ -36,23 +34,12 @@ def profile_provider(prov, case, state, dtype, host_profile=False) -> tuple[dict
         out.backward(torch.ones_like(out))
     for _ in range(3):
         step()  # compilation, autotuning
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(ITERATIONS):
-            step()
-        torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) * 1e3 / ITERATIONS
+    per_kernel, wall_ms = kernel_times(step, ITERATIONS)
     if host_profile:
         profiler = cProfile.Profile()
         profiler.runcall(lambda: [step() for _ in range(ITERATIONS)])
         torch.cuda.synchronize()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    per_kernel = defaultdict(lambda: [0.0, 0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[e.name][0] += e.device_time_total / 1e3 / ITERATIONS
-            per_kernel[e.name][1] += 1
     return per_kernel, wall_ms
 
 

@@ -7,8 +7,12 @@ compile-max         torch.compile(mode="max-autotune-no-cudagraphs") (GPU, when 
                     autotuned kernels without CUDA graphs, which no other provider uses
                     (with them the timed loop also failed: graph outputs overwritten by the next replay)
 fused-<backend>     fused_preact blocks on one backend, channels_last + autocast
-compile-fused-triton  torch.compile (default mode) of the fused blocks / converted model: our
-                    custom ops inside an Inductor graph, beside `compile` of the eager ones (GPU)
+compile-fused-triton  torch.compile (default mode) of the fused blocks / of the eager model after
+                    fp.convert (a user's model, converted): our custom ops inside an Inductor
+                    graph, beside `compile` of the eager ones (GPU)
+<provider>-graph    eager-cl-amp and fused-triton with each timed step (block fwd, fwd+bwd, a
+                    model's training step) captured whole in one CUDA graph and replayed: the
+                    same GPU work without the host work (GPU)
 """
 from __future__ import annotations
 
@@ -29,10 +33,13 @@ class Provider:
     channels_last: bool
     autocast: bool                 # run under autocast to the case dtype
     compile_mode: str | None = None
+    cuda_graph: bool = False       # each timed step captured in a CUDA graph and replayed
 
     def autocast_context(self, device: str, dtype: torch.dtype):
         if self.autocast and dtype != torch.float32:
-            return torch.autocast(device, dtype=dtype)
+            # A captured graph must not keep autocast's cached weight casts from the warm-up
+            # (torch.cuda.graphs: autocast with cache_enabled=False).
+            return torch.autocast(device, dtype=dtype, cache_enabled=not self.cuda_graph)
         return contextlib.nullcontext()
 
     def block_input(self, x32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -54,7 +61,9 @@ def providers(device: str, max_autotune: bool) -> list[Provider]:
         backends = ["reference"]
     out += [Provider(f"fused-{b}", b, True, True) for b in backends]
     if device == "cuda":
-        out.append(Provider("compile-fused-triton", "triton", True, True, "default"))
+        out += [Provider("compile-fused-triton", "triton", True, True, "default"),
+                Provider("eager-cl-amp-graph", None, True, True, cuda_graph=True),
+                Provider("fused-triton-graph", "triton", True, True, cuda_graph=True)]
     return out
 
 
@@ -89,6 +98,8 @@ def build_model(provider: Provider, name: str, device: str):
     torch.manual_seed(0)
     if backend is None:
         model = eager_model(name)
+    elif provider.compile_mode:  # what a user compiles: their own model, converted
+        model = fp.convert(eager_model(name), backend=backend)
     else:
         model = getattr(fp.models, name)(backend=backend)
     return prepare(provider, model, device)

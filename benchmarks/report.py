@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 BASELINES = ("eager-fp32-nchw", "eager-cl-amp", "compile")
+GRAPH = "-graph"  # the suffix of a provider replayed from a CUDA graph
 NOISY_SPREAD = 0.2  # as benchmarks.run: interquartile range over median above which a time is flagged
 LEGEND = {
     "eager-fp32-nchw": "eager PyTorch blocks, float32, NCHW",
@@ -20,7 +21,10 @@ LEGEND = {
     "fused-triton": "fused_preact blocks, triton backend",
     "fused-cuda": "fused_preact blocks, cuda backend",
     "fused-reference": "fused_preact blocks, reference backend (pure PyTorch: recomputes to save memory)",
-    "compile-fused-triton": "torch.compile (default mode) of the fused blocks / converted model, triton backend",
+    "compile-fused-triton": "torch.compile (default mode) of the fused blocks / of the eager model after fp.convert, "
+                            "triton backend",
+    "eager-cl-amp-graph": "eager-cl-amp with each timed step captured in one CUDA graph and replayed (no host work)",
+    "fused-triton-graph": "fused-triton with each timed step captured in one CUDA graph and replayed (no host work)",
     "floor": "max(minimum bytes / copy rate, FLOPs / bf16 matmul rate)",
 }
 
@@ -38,6 +42,8 @@ def block_table(rows) -> list[str]:
     problems = []
     for r in rows:
         key = (r["case"], r["dtype"], r["mode"])
+        if r["mode"] == "train_step":
+            continue  # model_table's
         if r["metric"] == "time_ms":
             times[key][r["provider"]] = float(r["value"])
         elif r["metric"] == "time_spread":
@@ -48,8 +54,9 @@ def block_table(rows) -> list[str]:
             problems.append(f"- {r['case']} {r['dtype']} {r['mode']} **{r['provider']}**: {r['metric']} {r['note']}")
     providers = sorted({p for t in times.values() for p in t if p != "floor"})
     # Speedups for the fast backends; the reference backend's times are in its column.
-    fused = [p for p in providers if p.startswith("fused-") and p != "fused-reference"]
-    ratio_pairs = [(f, b) for f in fused for b in BASELINES if b in providers]
+    fused = [p for p in providers if p.startswith("fused-") and p != "fused-reference" and not p.endswith(GRAPH)]
+    ratio_pairs = [(f, b) for f in fused for b in BASELINES if b in providers] \
+        + [(f + GRAPH, b + GRAPH) for f in fused for b in BASELINES if {f + GRAPH, b + GRAPH} <= set(providers)]
     header = ["case", "dtype", "mode", *(f"{p} ms" for p in providers), *(f"{f} vs {b}" for f, b in ratio_pairs),
               "saved act. fused/eager"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -70,6 +77,31 @@ def block_table(rows) -> list[str]:
         table += ["", f"(noisy): the interquartile range of its samples is over {NOISY_SPREAD:.0%} of the median; "
                   "rerun before reading much into it."]
     return table + ([""] + ["Not timed:"] + problems if problems else [])
+
+
+def host_table(rows) -> list[str]:
+    """Per timed step (block mode or model training step) and provider: the wall time, the
+    summed GPU time of its kernels (torch.profiler), their ratio and the host's share of
+    the wall time, and the time of the same step replayed from a CUDA graph where the run
+    has that provider's -graph twin (empty without GPU times)."""
+    times, gpu = defaultdict(dict), defaultdict(dict)  # (case, dtype, mode) -> provider -> ms
+    for r in rows:
+        key = (r["case"], r["dtype"], r["mode"])
+        if r["metric"] == "time_ms":
+            times[key][r["provider"]] = float(r["value"])
+        elif r["metric"] == "gpu_time_ms":
+            gpu[key][r["provider"]] = float(r["value"])
+    lines = ["| case | dtype | mode | provider | wall ms | GPU ms | wall / GPU | host share | CUDA graph replay ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, per_provider in gpu.items():
+        for prov, gpu_ms in per_provider.items():
+            wall = times[key].get(prov)
+            if wall is None:
+                continue
+            replay = times[key].get(prov + GRAPH)
+            lines.append(f"| {' | '.join(key)} | {prov} | {wall:.3f} | {gpu_ms:.3f} | {wall / gpu_ms:.2f} | "
+                         f"{max(0.0, 1 - gpu_ms / wall):.0%} | {'-' if replay is None else f'{replay:.3f}'} |")
+    return lines if len(lines) > 2 else []
 
 
 def has_ratios(table: list[str]) -> bool:
@@ -192,7 +224,7 @@ def main(argv=None) -> None:
         c = meta["ceilings"]
         header += [f"Measured ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
                    f"bf16 matmul {c['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s.", ""]
-    blocks, floors, models = block_table(rows), floor_table(rows), model_table(rows)
+    blocks, floors, models, host = block_table(rows), floor_table(rows), model_table(rows), host_table(rows)
     shown = sorted({r["provider"] for r in rows if r["provider"] in LEGEND})
     header += ["Providers:"] + [f"- `{p}`: {LEGEND[p]}" for p in shown] + [""]
     heading = "## Blocks (median ms" + ("; speedup = baseline time / fused time" if has_ratios(blocks) else "") \
@@ -200,7 +232,9 @@ def main(argv=None) -> None:
     text = header + ([heading, ""] + blocks if blocks else []) \
         + (["", "## Blocks: time over the floor (max(minimum bytes / copy rate, FLOPs / bf16 matmul rate), "
             "from the ceilings above)", ""] + floors if floors else []) \
-        + (["", "## Model training steps", ""] + models if len(models) > 2 else [])
+        + (["", "## Model training steps", ""] + models if len(models) > 2 else []) \
+        + (["", "## Host share (wall time against the summed GPU time of the kernels; the CUDA graph replay "
+            "runs the same kernels without the host work)", ""] + host if host else [])
     (folder / "results.md").write_text("\n".join(text) + "\n")
     figure = plot_summary(rows, meta, folder)
     print("\n".join([header[0], run_line(meta), ""] + blocks + ([""] + models if len(models) > 2 else [])))

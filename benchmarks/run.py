@@ -128,6 +128,48 @@ def timer(device: str):
     return measure_cpu
 
 
+def kernel_times(fn, iterations: int) -> tuple[dict[str, list], float]:
+    """GPU time of each kernel fn launches, {name: [ms per call of fn, launches]}, and the
+    wall ms per call, over `iterations` calls under torch.profiler (after the caller's
+    warm-up): the kernels' sum against the wall time is the host's share."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            fn()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / iterations
+    per_kernel: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = per_kernel.setdefault(e.name, [0.0, 0])
+            entry[0] += e.device_time_total / 1e3 / iterations
+            entry[1] += 1
+    return per_kernel, wall_ms
+
+
+def gpu_time_ms(fn, iterations: int = 5) -> float:
+    """The summed GPU time of fn's kernels per call."""
+    return sum(ms for ms, _ in kernel_times(fn, iterations)[0].values())
+
+
+def cuda_graph_replay(fn):
+    """fn captured whole in one CUDA graph, returned as the graph's replay: the same GPU
+    work without fn's host work. Warmed up on a side stream first, as torch.cuda.graph asks
+    (lazy state such as optimizer buffers and Triton's compiled kernels exists before the
+    capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def ceilings(device: str) -> dict:
     """Measured copy bandwidth (bytes read + written per s) and bf16 matmul rate (FLOP/s)."""
     if device != "cuda":
@@ -215,20 +257,15 @@ def run_block_case(case, dtype_name, provs, device, ceil, rows, measure):
                 rows.append([case.name, prov.name, dtype_name, mode, "error", math.nan, "",
                              f"build: {type(e).__name__}: {e}"[:300]])
             continue
-        # Rotate inputs so repeated runs are not served from L2.
-        n_inputs = max(1, min(8, math.ceil(2 * 60e6 / (x32.numel() * 4)))) if device == "cuda" else 1
+        # Rotate inputs so repeated runs are not served from L2 (a captured graph has one).
+        n_inputs = max(1, min(8, math.ceil(2 * 60e6 / (x32.numel() * 4)))) \
+            if device == "cuda" and not prov.cuda_graph else 1
         for mode in modes:
             row = [case.name, prov.name, dtype_name, mode]
             xs = [prov.block_input(x32 + 0.01 * i, dtype).requires_grad_(mode == "fwdbwd")
                   for i in range(n_inputs)]
             autocast = prov.autocast_context(device, dtype)
             try:
-                with autocast:
-                    got = module(xs[0]).float()
-                err = ((got - expected).norm() / expected.norm()).item()
-                if not err <= GUARD[dtype]:
-                    rows.append(row + ["wrong", err, "rel_l2", "output differs from eager fp32: not timed"])
-                    continue
                 counter = iter(range(10**9))
 
                 def call():
@@ -237,11 +274,28 @@ def run_block_case(case, dtype_name, provs, device, ceil, rows, measure):
                         out = module(x)
                     if mode == "fwdbwd":
                         out.backward(torch.ones_like(out))
-                ms = measure(call)
+                    return out
+                step = call
+                if prov.cuda_graph:
+                    outputs = []
+                    step = cuda_graph_replay(lambda: outputs.append(call()))
+                    step()
+                    got = outputs[-1].float()  # what the replay wrote
+                else:
+                    got = call().float()
+                err = ((got - expected).norm() / expected.norm()).item()
+                if not err <= GUARD[dtype]:
+                    rows.append(row + ["wrong", err, "rel_l2", "output differs from eager fp32: not timed"])
+                    continue
+                ms = measure(step)
                 rows.append(row + ["time_ms", float(ms), "ms", f"rel_l2={err:.1e}"])
                 rows.append(row + ["time_spread", ms.spread, "iqr/median", ""])
                 if mode in floor_ms:
                     rows.append(row + ["time_over_floor", ms / floor_ms[mode], "x", ""])
+                if prov.cuda_graph:
+                    continue  # the rest is its uncaptured twin's
+                if device == "cuda":
+                    rows.append(row + ["gpu_time_ms", gpu_time_ms(step), "ms", "summed kernel time (torch.profiler)"])
                 if not prov.compile_mode:  # saved-tensor hooks would recompile the graph
                     with autocast:
                         rows.append(row + ["saved_activation_bytes", saved_activation_bytes(module, xs[0]), "B", ""])
@@ -304,19 +358,22 @@ def run_model_case(name, batch, dtype_name, provs, device, rows, measure):
         try:
             model = build_model(prov, name, device)
             step = training_step(model, prov, batch, dtype, device)
+            step = cuda_graph_replay(step) if prov.cuda_graph else step
             step()
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             ms = measure(step)
             rows.append(row + ["images_per_s", batch / (ms * 1e-3), "img/s", f"batch={batch}"])
-            if device == "cuda":
+            rows.append(row + ["time_ms", float(ms), "ms", f"batch={batch}"])
+            if device == "cuda" and not prov.cuda_graph:
                 rows.append(row + ["peak_memory_bytes", torch.cuda.max_memory_allocated(), "B", f"batch={batch}"])
+                rows.append(row + ["gpu_time_ms", gpu_time_ms(step, 3), "ms", "summed kernel time (torch.profiler)"])
             model = step = None
             # Largest batch: eager against our fast backend (each try of the slower ones costs
             # minutes at the batch sizes that fill the GPU).
             if (device == "cuda" and name == "preact_resnet1001" and dtype_name == "bf16"
-                    and not prov.compile_mode and prov.fused_backend in (None, "triton")):
+                    and not prov.compile_mode and not prov.cuda_graph and prov.fused_backend in (None, "triton")):
                 rows.append(row + ["largest_batch", largest_batch(prov, name, dtype, device, batch), "images", ""])
         except Exception as e:  # noqa: BLE001
             rows.append(row + ["error", math.nan, "", f"{type(e).__name__}: {e}"[:300]])

@@ -9,6 +9,7 @@ import torch
 
 import fused_preact as fp
 from benchmarks import cases, providers, readme, report, run
+from fused_preact import testing
 from fused_preact.testing import PreActBlock as EagerBlock
 
 
@@ -44,6 +45,46 @@ def test_compiled_fused_provider_is_checked_and_timed():
     by = {(r[1], r[3], r[4]) for r in rows}
     assert ("compile-fused-reference", "fwd", "time_ms") in by
     assert ("compile-fused-reference", "fwdbwd", "time_ms") in by
+
+
+def test_compiled_fused_model_is_the_users_model_converted(monkeypatch):
+    """compile-fused-* compiles what a user would: their eager model after fp.convert."""
+    monkeypatch.setitem(providers.EAGER_MODELS, "tiny_resnet",
+                        lambda: testing.PreActResNet(testing.PreActBlock, [1, 1, 1, 1]))
+    compiled = providers.Provider("compile-fused-reference", "reference", True, True, "default")
+    model = providers.build_model(compiled, "tiny_resnet", "cpu")
+    inner = model._orig_mod  # torch.compile's wrapper around the module it compiles
+    assert type(inner) is testing.PreActResNet
+    assert sum(isinstance(m, fp.PreActBlock) for m in inner.modules()) == 4
+
+
+def test_graph_providers_exist_on_gpus_only():
+    on_gpu = {p.name: p for p in providers.providers("cuda", False)}
+    assert on_gpu["eager-cl-amp-graph"].cuda_graph and on_gpu["fused-triton-graph"].cuda_graph
+    assert not any(p.cuda_graph for p in providers.providers("cpu", False))
+    # A captured graph must not replay autocast's cached casts of the warm-up.
+    with on_gpu["fused-triton-graph"].autocast_context("cpu", torch.bfloat16):
+        assert not torch.is_autocast_cache_enabled()
+
+
+def test_report_host_share_table():
+    block = {"case": "c", "dtype": "bf16", "mode": "fwdbwd", "unit": "", "note": ""}
+    model = dict(block, case="m", mode="train_step")
+    rows = [dict(block, provider="fused-triton", metric="time_ms", value="2.0"),
+            dict(block, provider="fused-triton", metric="gpu_time_ms", value="0.5"),
+            dict(block, provider="fused-triton-graph", metric="time_ms", value="0.6"),
+            dict(block, provider="eager-cl-amp", metric="time_ms", value="1.0"),
+            dict(block, provider="eager-cl-amp-graph", metric="time_ms", value="0.8"),
+            dict(model, provider="eager-cl-amp", metric="time_ms", value="10.0"),
+            dict(model, provider="eager-cl-amp", metric="gpu_time_ms", value="8.0")]
+    host = report.host_table(rows)
+    assert host[2] == "| c | bf16 | fwdbwd | fused-triton | 2.000 | 0.500 | 4.00 | 75% | 0.600 |"
+    assert host[3] == "| m | bf16 | train_step | eager-cl-amp | 10.000 | 8.000 | 1.25 | 20% | - |"
+    blocks = report.block_table(rows)
+    assert "fused-triton-graph vs eager-cl-amp-graph" in blocks[0]
+    assert "fused-triton-graph vs eager-cl-amp |" not in blocks[0]  # replays compare with replays
+    assert not any("train_step" in line for line in blocks)  # model rows are model_table's
+    assert report.host_table(rows[:1]) == []
 
 
 def test_cpu_default_run_writes_results_and_report(tmp_path, monkeypatch):
