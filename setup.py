@@ -1,12 +1,15 @@
 """Build fused_preact._C (csrc/) with nvcc directly; torch is not needed to build.
 
 The CUDA library is torch-free and links the CUDA runtime statically, so the module
-builds on a machine with nvcc and no GPU, and imports there. Environment:
+builds on a machine with nvcc and no GPU, and imports there. The tensor-core kernels are
+written with CuTe: its headers come from the nvidia-cutlass wheel, a build requirement
+pinned in pyproject.toml (found on disk, never imported). Environment:
   FUSED_PREACT_CUDA_ARCHS      e.g. "80;90" (default); gencode flags for each
   FUSED_PREACT_SKIP_CUDA_BUILD=1  skip the extension (pure-Python install)
   MAX_JOBS                     parallel nvcc processes (default: cores, memory permitting)
   CUDA_HOME / CUDA_PATH        where nvcc lives (else nvcc on PATH)
 """
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -27,6 +30,21 @@ def find_nvcc():
         if home and (Path(home) / "bin" / "nvcc").exists():
             return str(Path(home) / "bin" / "nvcc")
     return shutil.which("nvcc")
+
+
+CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"  # as in pyproject.toml's build requirements
+
+
+def cutlass_include() -> Path:
+    """The CUTLASS / CuTe headers the nvidia-cutlass wheel ships (cutlass_library/source/include)."""
+    spec = importlib.util.find_spec("cutlass_library")
+    include = Path(list(spec.submodule_search_locations)[0]) / "source" / "include" if spec else None
+    if include is None or not (include / "cute" / "tensor.hpp").exists():
+        raise RuntimeError(
+            f"fused_preact: the CUDA extension needs the CUTLASS headers of {CUTLASS_PIN}: pip installs it as a "
+            "build requirement; with --no-build-isolation install it first (pip install --no-deps "
+            f"{CUTLASS_PIN}), or skip the extension with FUSED_PREACT_SKIP_CUDA_BUILD=1")
+    return include
 
 
 def cuda_archs():
@@ -68,8 +86,9 @@ class NvccBuildExt(build_ext):
         gencode = []
         for arch in archs:
             gencode += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
-        common = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
-                  f"-I{ROOT / 'csrc'}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
+        common = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-Xcompiler",
+                  "-fvisibility=hidden", f"-I{ROOT / 'csrc'}", f"-I{cutlass_include()}",
+                  f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
                   f'-DFUSED_PREACT_ARCHS="{";".join(archs)}"']
 
         def compile_one(source):

@@ -71,6 +71,7 @@ PYBIND11_MODULE(_C, m) {
   fwd CONV_FIELDS(ConvFwdParams).def_readwrite("x", &ConvFwdParams::x).def_readwrite("y", &ConvFwdParams::y)
       .def_readwrite("residual", &ConvFwdParams::residual);
   pointer_field(fwd, "w_rsck", &ConvFwdParams::w_rsck);
+  pointer_field(fwd, "w_krsc", &ConvFwdParams::w_krsc);
   pointer_field(fwd, "partials", &ConvFwdParams::partials);
 
   py::class_<ConvDgradParams> dgrad(m, "ConvDgradParams");
@@ -113,6 +114,9 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("conv_fwd", [](const ConvFwdParams& p, DType xdt, DType dt, std::uintptr_t s) {
     check(conv_fwd(p, xdt, dt, as_stream(s)), "conv_fwd");
+  });
+  m.def("conv_fwd_sm80", [](const ConvFwdParams& p, DType dt, std::uintptr_t s) {
+    check(conv_fwd_sm80(p, dt, as_stream(s)), "conv_fwd_sm80");
   });
   m.def("conv_dgrad", [](const ConvDgradParams& p, DType xdt, DType dt, std::uintptr_t s) {
     check(conv_dgrad(p, xdt, dt, as_stream(s)), "conv_dgrad");

@@ -19,6 +19,9 @@ cudaError_t bn_finalize(const FinalizeParams& p, cudaStream_t stream);
 cudaError_t bn_backward_apply(const BnBackwardParams& p, DType dtype, cudaStream_t stream);
 // x_dtype: the unit input's dtype (float32 under autocast); dtype: the conv's (weight, dy, y).
 cudaError_t conv_fwd(const ConvFwdParams& p, DType x_dtype, DType dtype, cudaStream_t stream);
+// The same unit on sm_80-class tensor cores (fprop_sm80.cuh), fp16 / bf16, x of the conv
+// dtype, weight in p.w_krsc; cudaErrorNotSupported where its layout needs are not met.
+cudaError_t conv_fwd_sm80(const ConvFwdParams& p, DType dtype, cudaStream_t stream);
 cudaError_t conv_dgrad(const ConvDgradParams& p, DType x_dtype, DType dtype, cudaStream_t stream);
 cudaError_t conv_wgrad(const ConvWgradParams& p, DType x_dtype, DType dtype, cudaStream_t stream);
 

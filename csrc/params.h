@@ -29,6 +29,7 @@ struct BnArgs {
 struct ConvFwdParams {
   Act x, y, residual;           // residual.ptr null: none
   const void* w_rsck = nullptr; // weight packed [R, S, C, K], K contiguous
+  const void* w_krsc = nullptr; // weight [K, R, S, C], C contiguous (channels_last): the sm80 kernels
   int64_t k = 0, r = 0, s = 0;
   int stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0;
   BnArgs bn;

@@ -25,6 +25,14 @@ step() { echo "== [$((SECONDS - start)) s] $*"; }
 wanted() { [[ $steps == *" $1 "* ]]; }
 
 step build
+# The CuTe kernels need nvidia-cutlass's headers (a build requirement; the GPU image lacks it
+# and has no network): carry its wheel in .whl/ (echo /.whl/ >> .git/info/exclude; pip download
+# --no-deps -d .whl nvidia-cutlass==4.2.0.0; name .whl in the run's carry).
+if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; then
+  python -m pip install -q --no-index --no-deps --target /tmp/cutlass-site .whl/nvidia_cutlass-*.whl \
+    || { echo "no nvidia-cutlass here: carry its wheel in .whl/ (see above)"; exit 1; }
+  export PYTHONPATH=/tmp/cutlass-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 python -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
 python -m fused_preact.info | tee "$out/info.txt"
 

@@ -14,12 +14,13 @@ FACTOR x the reference backend's own error in the same precision, plus the preci
 float32 kernels and have a much smaller error of its own).
 """
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
 from fused_preact import dispatch, ops
+from fused_preact.backends import cuda
 from helpers import DEVICE
 
 FACTOR = 2.0
@@ -54,6 +55,7 @@ class Case:
     shape: tuple
     prologue: bool  # a BN -> ReLU prologue (else a plain conv)
     residual: bool
+    variant: str = ""  # another kernel of the backend, chosen by its environment variable (VARIANTS)
 
 
 # Known failures, as data: (predicate on the case, what was measured). Marked xfail(strict).
@@ -69,10 +71,16 @@ CASES = [Case(backend, precision, shape, prologue, residual)
          for prologue, residual in ((True, True), (True, False), (False, False))]
 
 
+# The cuda backend's tensor-core forward kernel (csrc/fprop_sm80.cuh) runs only with its flag
+# until a GPU run has verified it: its cases again with the flag, x channels_last (its layout).
+VARIANTS = {"sm80": cuda.SM80_FLAG}
+CASES += [replace(c, variant="sm80") for c in CASES if c.backend == "cuda" and c.precision in ("fp16", "bf16")]
+
+
 def case_id(case: Case) -> str:
     c, k, r, s, p, hw, n = case.shape
-    return (f"{case.backend}-{case.precision}-{c}x{k}k{r}s{s}p{p}-{hw}px-n{n}-"
-            f"{'bn' if case.prologue else 'plain'}{'-res' if case.residual else ''}")
+    return (f"{case.backend}{'-' + case.variant if case.variant else ''}-{case.precision}-"
+            f"{c}x{k}k{r}s{s}p{p}-{hw}px-n{n}-{'bn' if case.prologue else 'plain'}{'-res' if case.residual else ''}")
 
 
 def inputs(case: Case, x_dtype, w_dtype, conv_dtype):
@@ -80,7 +88,7 @@ def inputs(case: Case, x_dtype, w_dtype, conv_dtype):
     y_dtype = torch.float32 if case.residual and w_dtype != conv_dtype else conv_dtype  # autocast: fp32 stream
     p = (hw + 2 * pad - r) // stride + 1
     x = (torch.randn(n, c, hw, hw) * 2 + 1).to(x_dtype)
-    if torch.rand(()) < 0.5:
+    if torch.rand(()) < 0.5 or case.variant:
         x = x.contiguous(memory_format=torch.channels_last)
     t = dict(x=x, w=(torch.randn(k, c, r, r) * (2 / (c * r * r)) ** 0.5).to(w_dtype),
              residual=torch.randn(n, k, p, p).to(y_dtype) if case.residual else None,
@@ -122,6 +130,18 @@ def run_ops(case: Case, backend: str, t: dict, conv_dtype: torch.dtype) -> dict:
     return out
 
 
+def count_sm80_launches(monkeypatch) -> list:
+    """A list that gets a 1 for each launch of the extension's conv_fwd_sm80."""
+    ext, _ = cuda.load_extension()
+    launches, launch = [], ext.conv_fwd_sm80
+
+    def counted(*args):
+        launches.append(1)
+        return launch(*args)
+    monkeypatch.setattr(ext, "conv_fwd_sm80", counted)
+    return launches
+
+
 def relative_error(got: torch.Tensor, truth: torch.Tensor) -> float:
     return ((got.double() - truth).norm() / truth.norm().clamp_min(1e-12)).item()
 
@@ -145,8 +165,13 @@ def test_ops_conform_to_float64(case, poisoned, request, monkeypatch):
     for predicate, why in KNOWN_FAILURES:
         if predicate(case):
             request.applymarker(pytest.mark.xfail(strict=True, reason=why))
+    if case.variant:
+        monkeypatch.setenv(VARIANTS[case.variant], "1")
+        launches = count_sm80_launches(monkeypatch)
     with poisoned:
         got = run_ops(case, case.backend, t, conv_dtype)
+    if case.variant:  # it ran wherever its layout needs are met
+        assert launches == ([1] if case.shape[0] % 8 == 0 else []), launches
     same_precision = run_ops(case, "reference", t, conv_dtype)
     truth = run_ops(case, "reference", {n: v.double() if v is not None and v.is_floating_point() else v
                                         for n, v in t.items()}, torch.float64)

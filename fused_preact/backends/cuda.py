@@ -6,7 +6,10 @@ data pointers, sizes and element strides, and passes the CURRENT stream on every
 
 The kernels are opt-in (FUSED_PREACT_ENABLE_CUDA_BACKEND=1) while they are slower than
 the triton backend, because "auto" tries cuda first; README's backend table says what was
-verified where.
+verified where. The forward unit's tensor-core kernel (csrc/fprop_sm80.cuh: CuTe, cp.async,
+ldmatrix, mma.sync; fp16 / bf16, channels_last) runs only with FUSED_PREACT_CUDA_SM80=1
+until a GPU run has verified it (it was built and its SASS checked without one); the
+WMMA kernel runs otherwise.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from .base import Backend, cdiv, conv_output_hw, wgrad_splits
 
 ENABLE_FLAG = "FUSED_PREACT_ENABLE_CUDA_BACKEND"
+SM80_FLAG = "FUSED_PREACT_CUDA_SM80"
 
 
 def load_extension():
@@ -129,6 +133,25 @@ def conv_geometry(p, weight_shape, stride, padding):
     p.pad_h, p.pad_w = padding
 
 
+def sm80_fprop_runs(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, conv_dtype: torch.dtype) -> bool:
+    """Whether the forward runs on the sm_80 tensor-core kernel (csrc/fprop_sm80.cuh): asked
+    for (SM80_FLAG), an fp16 / bf16 conv with x of that dtype, x with unit channel stride
+    and its other strides and C multiples of 8 (channels_last) and 16-byte aligned, an
+    sm_80-or-newer device, and tensors under 2^31 elements (its 32-bit offsets)."""
+    limit = 2**31
+    sn, sc, sh, sw = x.stride()
+    return (os.environ.get(SM80_FLAG) == "1" and conv_dtype in (torch.float16, torch.bfloat16)
+            and x.dtype == conv_dtype and sc == 1 and all(v % 8 == 0 for v in (x.shape[1], sn, sh, sw))
+            and x.data_ptr() % 16 == 0
+            and torch.cuda.get_device_capability(x.device) >= (8, 0)
+            and max(x.numel(), y.numel(), weight.numel()) < limit)
+
+
+def aligned_16(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it starting on a 16-byte boundary (the kernels' 16-byte loads)."""
+    return t if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.channels_last)
+
+
 # --------------------------------------------------------------------------- ops
 def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats,
                  running_mean, running_var, num_batches_tracked, momentum, conv_dtype):
@@ -150,18 +173,26 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
     y = torch.empty((n, k, out_h, out_w), device=x.device, dtype=conv_dtype, memory_format=torch.channels_last)
     tiles = cdiv(n * out_h * out_w, ext.stats_rows)
     partials = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=torch.float32)
-    keep = [weight.permute(2, 3, 1, 0).to(conv_dtype, memory_format=torch.contiguous_format)]  # [R, S, C, K]
+    sm80 = sm80_fprop_runs(x, weight, y, conv_dtype)
     p = ext.ConvFwdParams()
+    if sm80:  # [K, R, S, C]: the channels_last weight
+        keep = [aligned_16(weight.to(conv_dtype).contiguous(memory_format=torch.channels_last))]
+        p.w_krsc = keep[0].data_ptr()
+    else:
+        keep = [weight.permute(2, 3, 1, 0).to(conv_dtype, memory_format=torch.contiguous_format)]  # [R, S, C, K]
+        p.w_rsck = keep[0].data_ptr()
     p.x, p.y = act(ext, x), act(ext, y)
     if residual is not None:
         p.residual = act(ext, require_cuda("residual", residual))
-    p.w_rsck = keep[0].data_ptr()
     conv_geometry(p, weight.shape, stride, padding)
     p.bn = bn_args(ext, mean, var, bn_weight, bn_bias, eps, c, keep)
     if want_stats:
         p.partials = partials.data_ptr()
     with torch.cuda.device(x.device):
-        ext.conv_fwd(p, dtype_code(ext, x.dtype), dtype_code(ext, conv_dtype), stream_of(x))
+        if sm80:
+            ext.conv_fwd_sm80(p, dtype_code(ext, conv_dtype), stream_of(x))
+        else:
+            ext.conv_fwd(p, dtype_code(ext, x.dtype), dtype_code(ext, conv_dtype), stream_of(x))
     if not want_stats:
         return y, partials.new_empty(0), partials.new_empty(0)
     # The merge is a second launch here (the Triton kernels merge in their last program).
