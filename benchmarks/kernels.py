@@ -1,7 +1,7 @@
 """Each of our three convolution kernels against the vendor's plain convolution at the same
 shapes, dtype and layout, in the same run:
 
-    python -m benchmarks.kernels --out kernels_out      # GPU: fused-triton vs cudnn
+    python -m benchmarks.kernels --out kernels_out      # GPU: fused-triton, fused-cuda vs cudnn
 
 conv_fwd:   ours = BN+ReLU prologue, conv, statistics epilogue; cudnn = F.conv2d of the activation
 conv_dgrad: ours = dgrad, ReLU-mask + BN-sums epilogue;          cudnn = convolution_backward, input gradient
@@ -9,14 +9,17 @@ conv_wgrad: ours = recomputed activation, split-K weight grad;   cudnn = convolu
 
 Every conv of each block case (its units and projection), rows in the benchmark's CSV schema
 (results.csv: mode conv_fwd / conv_dgrad / conv_wgrad, provider fused-triton / cudnn, metric
-time_ms, the conv in `note`) plus `ratio` rows (ours / cudnn). On a CPU (--device cpu, for
-checking the tool) the Triton interpreter runs against aten's CPU convolution, named `aten`.
+time_ms, the conv in `note`) plus `ratio` rows (ours / cudnn). On a GPU with the extension
+built, also the cuda backend's kernels (`fused-cuda`: WMMA) and its CuTe forward kernel
+(`fused-cuda-sm80`, csrc/fprop_sm80.cuh, for the layouts it takes). On a CPU (--device cpu,
+for checking the tool) the Triton interpreter runs against aten's CPU convolution, named `aten`.
 """
 from __future__ import annotations
 
 import argparse
 import os
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +50,9 @@ def measure_conv(conv, batch, dtype, device, measure) -> dict[tuple[str, str], f
 
     def backward(mask):
         return torch.ops.aten.convolution_backward(dy, act, w, None, strides, pads, [1, 1], False, [0, 0], 1, mask)
-    return {
+    times = measure_cuda_backend(x, w, dy, mean, var, gamma, beta, strides, pads, running, measure) \
+        if device == "cuda" else {}
+    return times | {
         ("conv_fwd", "fused-triton"): measure(lambda: conv_fwd.bn_relu_conv(
             x, mean, var, gamma, beta, w, None, strides, pads, 1e-5, True, *running, w.dtype)),
         ("conv_fwd", vendor): measure(lambda: F.conv2d(act, w, None, strides, pads)),
@@ -58,6 +63,30 @@ def measure_conv(conv, batch, dtype, device, measure) -> dict[tuple[str, str], f
             dy, x, mean, var, gamma, beta, list(w.shape), strides, pads, 1e-5, w.dtype, w.dtype)),
         ("conv_wgrad", vendor): measure(lambda: backward([False, True, False])),
     }
+
+
+def measure_cuda_backend(x, w, dy, mean, var, gamma, beta, strides, pads, running, measure) -> dict:
+    """The cuda backend's three kernels, and its sm80 forward kernel where it takes x ({}
+    where the extension is not built or declines the device)."""
+    from fused_preact.backends import cuda
+    ext, _ = cuda.load_extension()
+    if ext is None or ext.device_count() == 0 or cuda.BACKEND.device_reason(x.device):
+        return {}
+    conf = (strides, pads, 1e-5)
+
+    def forward(sm80: bool):
+        with mock.patch.dict(os.environ, {cuda.SM80_FLAG: "1" if sm80 else "0"}):
+            return measure(lambda: cuda.bn_relu_conv(x, mean, var, gamma, beta, w, None, *conf, True, *running, w.dtype))
+    times = {("conv_fwd", "fused-cuda"): forward(False),
+             ("conv_dgrad", "fused-cuda"): measure(lambda: cuda.bn_relu_conv_dgrad(
+                 dy, w, x, mean, var, gamma, beta, *conf, w.dtype)),
+             ("conv_wgrad", "fused-cuda"): measure(lambda: cuda.bn_relu_conv_wgrad(
+                 dy, x, mean, var, gamma, beta, list(w.shape), *conf, w.dtype, w.dtype))}
+    with mock.patch.dict(os.environ, {cuda.SM80_FLAG: "1"}):
+        takes_it = cuda.sm80_fprop_runs(x, w, torch.empty_like(dy), w.dtype)
+    if takes_it:
+        times[("conv_fwd", "fused-cuda-sm80")] = forward(True)
+    return times
 
 
 def main(argv=None) -> None:
@@ -86,11 +115,13 @@ def main(argv=None) -> None:
                 times = measure_conv(conv, case.batch, DTYPES[dtype_name], args.device, measure)
                 for (mode, provider), ms in times.items():
                     rows.append([name, provider, dtype_name, mode, "time_ms", float(ms), "ms", note])
-                for mode in ("conv_fwd", "conv_dgrad", "conv_wgrad"):
-                    ours, theirs = (times[m] for m in times if m[0] == mode)
-                    rows.append([name, "fused-triton", dtype_name, mode, "ratio", ours / theirs,
-                                 f"x {'cudnn' if args.device == 'cuda' else 'aten'}", note])
-                    print(f"{name:10s} {dtype_name} {mode:10s} {note:28s} ours {float(ours):.3f} ms, "
+                vendor = "cudnn" if args.device == "cuda" else "aten"
+                for (mode, provider), ours in times.items():
+                    if provider == vendor:
+                        continue
+                    theirs = times[(mode, vendor)]
+                    rows.append([name, provider, dtype_name, mode, "ratio", ours / theirs, f"x {vendor}", note])
+                    print(f"{name:10s} {dtype_name} {mode:10s} {provider:15s} {note:28s} ours {float(ours):.3f} ms, "
                           f"vendor {float(theirs):.3f} ms: {ours / theirs:.2f}x")
             write_results(out, rows, metadata(args.device))
     print(f"wrote {len(rows)} rows to {out / 'results.csv'}")
