@@ -10,8 +10,8 @@ conv_wgrad: ours = recomputed activation, split-K weight grad;   cudnn = convolu
 Every conv of each block case (its units and projection), rows in the benchmark's CSV schema
 (results.csv: mode conv_fwd / conv_dgrad / conv_wgrad, provider fused-triton / cudnn, metric
 time_ms, the conv in `note`) plus `ratio` rows (ours / cudnn). On a GPU with the extension
-built, also the cuda backend's kernels (`fused-cuda`: WMMA) and its CuTe forward kernel
-(`fused-cuda-sm80`, csrc/fprop_sm80.cuh, for the layouts it takes). On a CPU (--device cpu,
+built, also the cuda backend's kernels (`fused-cuda`: WMMA) and its CuTe forward and dgrad
+kernels (`fused-cuda-sm80`, csrc/*_sm80.cuh, for the layouts they take). On a CPU (--device cpu,
 for checking the tool) the Triton interpreter runs against aten's CPU convolution, named `aten`.
 """
 from __future__ import annotations
@@ -66,26 +66,28 @@ def measure_conv(conv, batch, dtype, device, measure) -> dict[tuple[str, str], f
 
 
 def measure_cuda_backend(x, w, dy, mean, var, gamma, beta, strides, pads, running, measure) -> dict:
-    """The cuda backend's three kernels, and its sm80 forward kernel where it takes x ({}
-    where the extension is not built or declines the device)."""
+    """The cuda backend's three kernels, and its sm80 forward and dgrad kernels where they
+    take the tensors ({} where the extension is not built or declines the device)."""
     from fused_preact.backends import cuda
     ext, _ = cuda.load_extension()
     if ext is None or ext.device_count() == 0 or cuda.BACKEND.device_reason(x.device):
         return {}
     conf = (strides, pads, 1e-5)
 
-    def forward(sm80: bool):
-        with mock.patch.dict(os.environ, {cuda.SM80_FLAG: "1" if sm80 else "0"}):
-            return measure(lambda: cuda.bn_relu_conv(x, mean, var, gamma, beta, w, None, *conf, True, *running, w.dtype))
-    times = {("conv_fwd", "fused-cuda"): forward(False),
-             ("conv_dgrad", "fused-cuda"): measure(lambda: cuda.bn_relu_conv_dgrad(
-                 dy, w, x, mean, var, gamma, beta, *conf, w.dtype)),
-             ("conv_wgrad", "fused-cuda"): measure(lambda: cuda.bn_relu_conv_wgrad(
-                 dy, x, mean, var, gamma, beta, list(w.shape), *conf, w.dtype, w.dtype))}
+    def forward():
+        return measure(lambda: cuda.bn_relu_conv(x, mean, var, gamma, beta, w, None, *conf, True, *running, w.dtype))
+
+    def dgrad():
+        return measure(lambda: cuda.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, w.dtype))
+    with mock.patch.dict(os.environ, {cuda.SM80_FLAG: "0"}):
+        times = {("conv_fwd", "fused-cuda"): forward(), ("conv_dgrad", "fused-cuda"): dgrad(),
+                 ("conv_wgrad", "fused-cuda"): measure(lambda: cuda.bn_relu_conv_wgrad(
+                     dy, x, mean, var, gamma, beta, list(w.shape), *conf, w.dtype, w.dtype))}
     with mock.patch.dict(os.environ, {cuda.SM80_FLAG: "1"}):
-        takes_it = cuda.sm80_fprop_runs(x, w, torch.empty_like(dy), w.dtype)
-    if takes_it:
-        times[("conv_fwd", "fused-cuda-sm80")] = forward(True)
+        if cuda.sm80_kernel_runs(x, w.dtype, w, dy):
+            times[("conv_fwd", "fused-cuda-sm80")] = forward()
+        if cuda.sm80_kernel_runs(dy, w.dtype, x, w):
+            times[("conv_dgrad", "fused-cuda-sm80")] = dgrad()
     return times
 
 

@@ -78,6 +78,7 @@ PYBIND11_MODULE(_C, m) {
   dgrad CONV_FIELDS(ConvDgradParams).def_readwrite("dy", &ConvDgradParams::dy).def_readwrite("x", &ConvDgradParams::x)
       .def_readwrite("g", &ConvDgradParams::g);
   pointer_field(dgrad, "w_rskc", &ConvDgradParams::w_rskc);
+  pointer_field(dgrad, "w_crsk", &ConvDgradParams::w_crsk);
   pointer_field(dgrad, "sums", &ConvDgradParams::sums);
 
   py::class_<ConvWgradParams> wgrad(m, "ConvWgradParams");
@@ -120,6 +121,9 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("conv_dgrad", [](const ConvDgradParams& p, DType xdt, DType dt, std::uintptr_t s) {
     check(conv_dgrad(p, xdt, dt, as_stream(s)), "conv_dgrad");
+  });
+  m.def("conv_dgrad_sm80", [](const ConvDgradParams& p, DType dt, std::uintptr_t s) {
+    check(conv_dgrad_sm80(p, dt, as_stream(s)), "conv_dgrad_sm80");
   });
   m.def("conv_wgrad", [](const ConvWgradParams& p, DType xdt, DType dt, std::uintptr_t s) {
     check(conv_wgrad(p, xdt, dt, as_stream(s)), "conv_wgrad");

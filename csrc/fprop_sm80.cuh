@@ -1,61 +1,25 @@
-// Forward unit on sm_80 tensor cores, written with CuTe (CUTLASS 3.x):
-// y = conv(relu(bn(x)), W) [+ residual] and per-tile (count, mean, M2) of y.
+// Forward unit on sm_80 tensor cores: y = conv(relu(bn(x)), W) [+ residual] and per-tile
+// (count, mean, M2) of y, on the CuTe implicit-GEMM core of sm80_gemm.cuh.
 //
-// Implicit GEMM: rows M = N*P*Q output pixels, columns the K output channels, reduction
-// over (r, s, c) in k-tiles of kBK channels of one filter tap. A (x gathered per tap) and
-// B (the weight [K, R, S, C], C contiguous) travel global -> shared by cp.async (16-byte
-// vectors, zero-filled outside the image: padding) through a kStages-deep pipeline; each
-// thread then applies the BN prologue + ReLU to the A vectors IT copied, in shared memory,
-// once its copies have landed (its own cp.async.wait, no barrier needed for that), so
-// padding stays 0 AFTER the activation; ldmatrix moves the tiles to registers for
-// mma.sync m16n8k16 (fp32 accumulators). The epilogue adds the residual, stores y, and
-// writes the statistics of the stored (rounded) values per 64-row tile, as the next
-// BatchNorm will read them.
+// GEMM rows are the N*P*Q output pixels, columns the K output channels, the reduction runs
+// over (r, s, c) in k-tiles of kBK channels of one filter tap. A gathers x per tap (zero-
+// filled outside the image: padding), B reads the weight [K, R, S, C] (C contiguous). Each
+// thread applies the BN prologue + ReLU to the A vectors it copied, in shared memory, once
+// they have landed, so padding stays 0 AFTER the activation. The epilogue adds the
+// residual, stores y, and writes the statistics of the stored (rounded) values per 64-row
+// tile, as the next BatchNorm will read them.
 //
 // Needs: x with unit channel stride and every other stride a multiple of 8 elements
 // (channels_last), C % 8 == 0, 16-byte aligned x and weight, fewer than 2^31 elements
 // per tensor; the launcher answers cudaErrorNotSupported otherwise.
 #pragma once
-#include <cute/tensor.hpp>
-
-#include "common.cuh"
 #include "launch.h"
+#include "sm80_gemm.cuh"
 
 namespace fused_preact {
 namespace sm80 {
 
-using namespace cute;
-
-constexpr int kBM = 128;    // output pixels per CTA (two statistics tiles)
-constexpr int kBN = 64;     // output channels per CTA
-constexpr int kBK = 64;     // input channels per k-tile (one filter tap)
-constexpr int kStages = 3;  // cp.async pipeline depth
-constexpr int kThreads = 128;
-constexpr int kVec = 8;     // elements per 16-byte cp.async vector
-constexpr int kLdC = kBN + 4;  // fp32 epilogue tile row pitch (bank spread)
 static_assert(kBM == 2 * kStatsRows, "the epilogue writes two statistics tiles per CTA");
-
-// Rows of A and B each thread copies: threads laid out 16 rows x 8 vectors (k-major).
-constexpr int kRowsA = kBM / 16;
-constexpr int kRowsB = kBN / 16;
-
-template <typename T> struct MmaAtom;
-template <> struct MmaAtom<half_t> { using type = SM80_16x8x16_F32F16F16F32_TN; };
-template <> struct MmaAtom<bfloat16_t> { using type = SM80_16x8x16_F32BF16BF16F32_TN; };
-
-template <typename T> struct Config {
-  // 128-byte rows (64 elements) swizzled for conflict-free ldmatrix and 16-byte stores.
-  using SmemAtom = decltype(composition(Swizzle<3, 3, 3>{},
-                                        Layout<Shape<_8, Shape<_8, _8>>, Stride<_8, Stride<_1, _64>>>{}));
-  using SmemA = decltype(tile_to_shape(SmemAtom{}, make_shape(Int<kBM>{}, Int<kBK>{}, Int<kStages>{})));
-  using SmemB = decltype(tile_to_shape(SmemAtom{}, make_shape(Int<kBN>{}, Int<kBK>{}, Int<kStages>{})));
-  // 2 x 2 warps; the 32 x 32 x 16 permutation lets ldmatrix.x4 feed B too.
-  using Mma = decltype(make_tiled_mma(typename MmaAtom<T>::type{}, Layout<Shape<_2, _2>>{}, Tile<_32, _32, _16>{}));
-  using LoadS2R = Copy_Atom<SM75_U32x4_LDSM_N, T>;
-  static constexpr int kPipeBytes = int(sizeof(T)) * (cosize_v<SmemA> + cosize_v<SmemB>);
-  static constexpr int kEpilogueBytes = int(sizeof(float)) * kBM * kLdC;
-  static_assert(kEpilogueBytes <= kPipeBytes, "the epilogue tile reuses the pipeline's shared memory");
-};
 
 // Dynamic shared memory: the pipeline (reused by the epilogue), then the per-channel BN
 // constants (mean, scale, beta) of all C input channels.
@@ -65,13 +29,9 @@ template <typename T> int smem_bytes(int64_t channels) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
-  using Cfg = Config<T>;
   extern __shared__ __align__(128) char smem[];
-  T* smem_a = reinterpret_cast<T*>(smem);
-  T* smem_b = smem_a + cosize_v<typename Cfg::SmemA>;
-  float* bn_table = reinterpret_cast<float*>(smem + Cfg::kPipeBytes);  // [3][C]
-  Tensor sA = make_tensor(make_smem_ptr(smem_a), typename Cfg::SmemA{});  // (BM, BK, stages)
-  Tensor sB = make_tensor(make_smem_ptr(smem_b), typename Cfg::SmemB{});  // (BN, BK, stages)
+  const Operands<T> ops(smem);
+  float* bn_table = reinterpret_cast<float*>(smem + Config<T>::kPipeBytes);  // [3][C]
 
   const int tid = threadIdx.x;
   const int C = int(p.x.c), K = int(p.k), H = int(p.x.h), W = int(p.x.w);
@@ -119,17 +79,14 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
     for (int i = 0; i < kRowsA; ++i) {
       const int h = a_h0[i] + r, wi = a_w0[i] + s;
       const bool ok = c_ok && h >= 0 && h < H && wi >= 0 && wi < W;
-      const T* src = ok ? x + a_base[i] + r * int(p.x.sh) + s * int(p.x.sw) + c : x;
-      SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
-          *reinterpret_cast<uint128_t*>(&sA(row0 + 16 * i, vec * kVec, stage)), ok);
+      copy_vector(ok ? x + a_base[i] + r * int(p.x.sh) + s * int(p.x.sw) + c : x,
+                  ops.a_vector(row0 + 16 * i, vec, stage), ok);
     }
     CUTE_UNROLL
     for (int i = 0; i < kRowsB; ++i) {
       const int k = n0 + row0 + 16 * i;
       const bool ok = c_ok && k < K;
-      const T* src = ok ? w + int64_t(k) * ktaps + (r * S + s) * C + c : w;
-      SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
-          *reinterpret_cast<uint128_t*>(&sB(row0 + 16 * i, vec * kVec, stage)), ok);
+      copy_vector(ok ? w + int64_t(k) * ktaps + (r * S + s) * C + c : w, ops.b_vector(row0 + 16 * i, vec, stage), ok);
     }
   };
   // relu(bn(.)) of the A vectors this thread copied into `stage`; the zero-filled ones
@@ -140,13 +97,16 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
     if (c >= C) return;
     float mean[kVec], scale[kVec], beta[kVec];
     CUTE_UNROLL
-    for (int j = 0; j < kVec; ++j)
-      mean[j] = bn_table[c + j], scale[j] = bn_table[C + c + j], beta[j] = bn_table[2 * C + c + j];
+    for (int j = 0; j < kVec; ++j) {
+      mean[j] = bn_table[c + j];
+      scale[j] = bn_table[C + c + j];
+      beta[j] = bn_table[2 * C + c + j];
+    }
     CUTE_UNROLL
     for (int i = 0; i < kRowsA; ++i) {
       const int h = a_h0[i] + r, wi = a_w0[i] + s;
       if (h < 0 || h >= H || wi < 0 || wi >= W) continue;
-      T* v = &sA(row0 + 16 * i, vec * kVec, stage);
+      T* v = ops.a_vector(row0 + 16 * i, vec, stage);
       CUTE_UNROLL
       for (int j = 0; j < kVec; ++j) {
         const float a = (float(v[j]) - mean[j]) * scale[j] + beta[j];
@@ -155,52 +115,12 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
     }
   };
 
-  typename Cfg::Mma mma;
-  auto thr_mma = mma.get_slice(tid);
-  Tensor acc = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});  // (MMA, MMA_M, MMA_N) fp32
-  clear(acc);
-  Tensor rA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
-  Tensor rB = thr_mma.partition_fragment_B(sB(_, _, 0));
-  auto s2r_a = make_tiled_copy_A(typename Cfg::LoadS2R{}, mma);
-  auto s2r_b = make_tiled_copy_B(typename Cfg::LoadS2R{}, mma);
-  auto thr_s2r_a = s2r_a.get_slice(tid);
-  auto thr_s2r_b = s2r_b.get_slice(tid);
-  Tensor sA_view = thr_s2r_a.partition_S(sA);  // (CPY, MMA_M, MMA_K, stages)
-  Tensor sB_view = thr_s2r_b.partition_S(sB);
-  Tensor rA_view = thr_s2r_a.retile_D(rA);
-  Tensor rB_view = thr_s2r_b.retile_D(rB);
-
+  auto acc = make_accumulators<T>();
   __syncthreads();  // the BN table
-  CUTE_UNROLL
-  for (int stage = 0; stage < kStages - 1; ++stage) {
-    if (stage < k_tiles) load_tile(stage, stage);
-    cp_async_fence();
-  }
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    const int stage = kt % kStages;
-    cp_async_wait<kStages - 2>();  // this thread's copies of tile kt have landed
+  mainloop(ops, k_tiles, acc, load_tile, [&](int kt, int stage) {
     if (has_bn) activate_tile(kt, stage);
-    __syncthreads();  // every thread's tile kt is in place; tile kt - 1's stage is free
-    const int next = kt + kStages - 1;
-    if (next < k_tiles) load_tile(next, next % kStages);
-    cp_async_fence();
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(rA); ++kb) {
-      copy(s2r_a, sA_view(_, _, kb, stage), rA_view(_, _, kb));
-      copy(s2r_b, sB_view(_, _, kb, stage), rB_view(_, _, kb));
-      gemm(mma, rA(_, _, kb), rB(_, _, kb), acc);
-    }
-  }
-  cp_async_wait<0>();
-  __syncthreads();  // the pipeline's shared memory becomes the epilogue tile
-
-  float* tile = reinterpret_cast<float*>(smem);
-  Tensor sC = make_tensor(make_smem_ptr(tile), make_layout(make_shape(Int<kBM>{}, Int<kBN>{}),
-                                                           make_stride(Int<kLdC>{}, Int<1>{})));
-  Tensor sC_view = thr_mma.partition_C(sC);
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) sC_view(i) = acc(i);
-  __syncthreads();
+  });
+  float* tile = accumulators_to_smem<T>(smem, acc);
 
   T* y = static_cast<T*>(p.y.ptr);
   const T* res = static_cast<const T*>(p.residual.ptr);
@@ -239,16 +159,13 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
 }
 
 // Whether fprop_kernel<T> can run p (see the top of this file).
-inline bool supported(const ConvFwdParams& p) {
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
-  const int64_t limit = int64_t(1) << 31;
-  return p.x.sc == 1 && p.x.c % kVec == 0 && p.x.sw % kVec == 0 && p.x.sh % kVec == 0 && p.x.sn % kVec == 0 &&
-         aligned(p.x.ptr) && p.w_krsc != nullptr && aligned(p.w_krsc) &&
-         p.x.n * p.x.sn < limit && p.k * p.r * p.s * p.x.c < limit && p.y.n * p.y.c * p.y.h * p.y.w < limit;
+inline bool fprop_supported(const ConvFwdParams& p) {
+  return gathers_vectors(p.x) && aligned16(p.w_krsc) && fits_int32(p.k * p.r * p.s * p.x.c) &&
+         fits_int32(p.y.n * p.y.c * p.y.h * p.y.w);
 }
 
 template <typename T> cudaError_t launch_fprop(const ConvFwdParams& p, cudaStream_t stream) {
-  if (!supported(p)) return cudaErrorNotSupported;
+  if (!fprop_supported(p)) return cudaErrorNotSupported;
   const int bytes = smem_bytes<T>(p.x.c);
   cudaError_t err = cudaFuncSetAttribute(fprop_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;

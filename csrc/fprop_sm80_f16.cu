@@ -1,4 +1,4 @@
-// fprop_sm80.cuh instantiated for float16 (one file per dtype: the build compiles them in parallel).
+// fprop_sm80.cuh instantiated for float16 (one file per kernel and dtype: the build compiles them in parallel).
 #include "fprop_sm80.cuh"
 
 namespace fused_preact {

@@ -23,6 +23,9 @@ cudaError_t conv_fwd(const ConvFwdParams& p, DType x_dtype, DType dtype, cudaStr
 // dtype, weight in p.w_krsc; cudaErrorNotSupported where its layout needs are not met.
 cudaError_t conv_fwd_sm80(const ConvFwdParams& p, DType dtype, cudaStream_t stream);
 cudaError_t conv_dgrad(const ConvDgradParams& p, DType x_dtype, DType dtype, cudaStream_t stream);
+// The same on sm_80-class tensor cores (dgrad_sm80.cuh), fp16 / bf16, x of the conv dtype,
+// weight in p.w_crsk; cudaErrorNotSupported where its layout needs are not met.
+cudaError_t conv_dgrad_sm80(const ConvDgradParams& p, DType dtype, cudaStream_t stream);
 cudaError_t conv_wgrad(const ConvWgradParams& p, DType x_dtype, DType dtype, cudaStream_t stream);
 
 }  // namespace fused_preact

@@ -40,6 +40,7 @@ struct ConvFwdParams {
 struct ConvDgradParams {
   Act dy, x, g;
   const void* w_rskc = nullptr; // weight packed [R, S, K, C], C contiguous
+  const void* w_crsk = nullptr; // weight packed [C, R, S, K], K contiguous: the sm80 kernels
   int64_t k = 0, r = 0, s = 0;
   int stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0;
   BnArgs bn;

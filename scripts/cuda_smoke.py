@@ -1,6 +1,7 @@
 """Run every cuda-backend op once on small odd shapes (for compute-sanitizer memcheck /
 racecheck in scripts/gpu_all.sh) and print each op's max error against the reference;
-the forward twice where the sm_80 tensor-core kernel can take it (FUSED_PREACT_CUDA_SM80)."""
+the forward and dgrad again on the sm_80 tensor-core kernels (FUSED_PREACT_CUDA_SM80)
+where they take the tensors."""
 import os
 
 os.environ["FUSED_PREACT_ENABLE_CUDA_BACKEND"] = "1"
@@ -18,7 +19,7 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
         mean, var = x.float().mean((0, 2, 3)), x.float().var((0, 2, 3), unbiased=False)
         gamma, beta = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
         p = (hw + 2 * pad - kernel) // stride + 1
-        dy = torch.randn(2, k, p, p, device="cuda", dtype=dtype)
+        dy = torch.randn(2, k, p, p, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
         residual = torch.randn(2, k, p, p, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
         conf = ([stride] * 2, [pad] * 2, 1e-5)
         count = x.numel() // c
@@ -27,10 +28,10 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
             os.environ[cuda.SM80_FLAG] = "1" if sm80 else "0"
             y, y_mean, y_var = ops.bn_relu_conv(x, mean, var, gamma, beta, w, residual, *conf[:2], 1e-5, True, True,
                                                 None, None, None, 0.1, backend)
-            if sm80:  # the other ops have one kernel each
-                results["cuda-sm80"] = (y, y_mean, y_var)
-                continue
             g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, backend)
+            if sm80:  # the other ops have one kernel each
+                results["cuda-sm80"] = (y, y_mean, y_var, g)
+                continue
             dw = ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf, backend)
             dx = ops.bn_backward_apply(g, x, mean, var, gamma, sums, count, 1e-5, True, None, backend)
             x_mean, x_var = ops.batch_stats(x, None, None, None, 0.1, backend)

@@ -71,8 +71,9 @@ CASES = [Case(backend, precision, shape, prologue, residual)
          for prologue, residual in ((True, True), (True, False), (False, False))]
 
 
-# The cuda backend's tensor-core forward kernel (csrc/fprop_sm80.cuh) runs only with its flag
-# until a GPU run has verified it: its cases again with the flag, x channels_last (its layout).
+# The cuda backend's tensor-core forward and dgrad kernels (csrc/*_sm80.cuh) run only with
+# their flag until a GPU run has verified them: its cases again with the flag, x and dy
+# channels_last (their layout).
 VARIANTS = {"sm80": cuda.SM80_FLAG}
 CASES += [replace(c, variant="sm80") for c in CASES if c.backend == "cuda" and c.precision in ("fp16", "bf16")]
 
@@ -93,6 +94,8 @@ def inputs(case: Case, x_dtype, w_dtype, conv_dtype):
     t = dict(x=x, w=(torch.randn(k, c, r, r) * (2 / (c * r * r)) ** 0.5).to(w_dtype),
              residual=torch.randn(n, k, p, p).to(y_dtype) if case.residual else None,
              dy=torch.randn(n, k, p, p).to(y_dtype))
+    if case.variant:  # the layout of the sm80 kernels' gathered operands (x forward, dy backward)
+        t["dy"] = t["dy"].contiguous(memory_format=torch.channels_last)
     # Running statistics of the BatchNorms that read y and x (the ops update them in place).
     for prefix, channels in (("y", k), ("x", c)):
         t.update({f"{prefix}_running_mean": torch.randn(channels), f"{prefix}_running_var": torch.rand(channels) + 0.5,
@@ -130,15 +133,17 @@ def run_ops(case: Case, backend: str, t: dict, conv_dtype: torch.dtype) -> dict:
     return out
 
 
-def count_sm80_launches(monkeypatch) -> list:
-    """A list that gets a 1 for each launch of the extension's conv_fwd_sm80."""
+def count_sm80_launches(monkeypatch) -> dict:
+    """{name: launches so far} of the extension's sm80 kernels, counted from now on."""
     ext, _ = cuda.load_extension()
-    launches, launch = [], ext.conv_fwd_sm80
+    launches = {}
+    for name in ("conv_fwd_sm80", "conv_dgrad_sm80"):
+        launches[name] = 0
 
-    def counted(*args):
-        launches.append(1)
-        return launch(*args)
-    monkeypatch.setattr(ext, "conv_fwd_sm80", counted)
+        def counted(*args, name=name, launch=getattr(ext, name)):
+            launches[name] += 1
+            return launch(*args)
+        monkeypatch.setattr(ext, name, counted)
     return launches
 
 
@@ -170,8 +175,9 @@ def test_ops_conform_to_float64(case, poisoned, request, monkeypatch):
         launches = count_sm80_launches(monkeypatch)
     with poisoned:
         got = run_ops(case, case.backend, t, conv_dtype)
-    if case.variant:  # it ran wherever its layout needs are met
-        assert launches == ([1] if case.shape[0] % 8 == 0 else []), launches
+    if case.variant:  # each ran wherever its layout needs are met (x's channels forward, dy's backward)
+        expected = {"conv_fwd_sm80": case.shape[0] % 8 == 0, "conv_dgrad_sm80": case.shape[1] % 8 == 0}
+        assert launches == {name: int(ran) for name, ran in expected.items()}, launches
     same_precision = run_ops(case, "reference", t, conv_dtype)
     truth = run_ops(case, "reference", {n: v.double() if v is not None and v.is_floating_point() else v
                                         for n, v in t.items()}, torch.float64)

@@ -6,10 +6,10 @@ data pointers, sizes and element strides, and passes the CURRENT stream on every
 
 The kernels are opt-in (FUSED_PREACT_ENABLE_CUDA_BACKEND=1) while they are slower than
 the triton backend, because "auto" tries cuda first; README's backend table says what was
-verified where. The forward unit's tensor-core kernel (csrc/fprop_sm80.cuh: CuTe, cp.async,
-ldmatrix, mma.sync; fp16 / bf16, channels_last) runs only with FUSED_PREACT_CUDA_SM80=1
-until a GPU run has verified it (it was built and its SASS checked without one); the
-WMMA kernel runs otherwise.
+verified where. The tensor-core kernels of the forward and dgrad (csrc/fprop_sm80.cuh,
+dgrad_sm80.cuh: CuTe, cp.async, ldmatrix, mma.sync; fp16 / bf16, channels_last) run only
+with FUSED_PREACT_CUDA_SM80=1 until a GPU run has verified them (they were built and their
+SASS checked without one); the WMMA kernels run otherwise.
 """
 from __future__ import annotations
 
@@ -133,23 +133,22 @@ def conv_geometry(p, weight_shape, stride, padding):
     p.pad_h, p.pad_w = padding
 
 
-def sm80_fprop_runs(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, conv_dtype: torch.dtype) -> bool:
-    """Whether the forward runs on the sm_80 tensor-core kernel (csrc/fprop_sm80.cuh): asked
-    for (SM80_FLAG), an fp16 / bf16 conv with x of that dtype, x with unit channel stride
-    and its other strides and C multiples of 8 (channels_last) and 16-byte aligned, an
-    sm_80-or-newer device, and tensors under 2^31 elements (its 32-bit offsets)."""
-    limit = 2**31
-    sn, sc, sh, sw = x.stride()
+def sm80_kernel_runs(gathered: torch.Tensor, conv_dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """Whether an op runs on its sm_80 tensor-core kernel (csrc/fprop_sm80.cuh,
+    dgrad_sm80.cuh): asked for (SM80_FLAG), an fp16 / bf16 conv, `gathered` (what its main
+    loop reads in 16-byte vectors of channels: x forward, dy backward) of the conv dtype with
+    unit channel stride, its other strides and channels multiples of 8, 16-byte aligned, an
+    sm_80-or-newer device, and every tensor under 2^31 elements (32-bit offsets)."""
+    sn, sc, sh, sw = gathered.stride()
     return (os.environ.get(SM80_FLAG) == "1" and conv_dtype in (torch.float16, torch.bfloat16)
-            and x.dtype == conv_dtype and sc == 1 and all(v % 8 == 0 for v in (x.shape[1], sn, sh, sw))
-            and x.data_ptr() % 16 == 0
-            and torch.cuda.get_device_capability(x.device) >= (8, 0)
-            and max(x.numel(), y.numel(), weight.numel()) < limit)
+            and gathered.dtype == conv_dtype and sc == 1 and all(v % 8 == 0 for v in (gathered.shape[1], sn, sh, sw))
+            and gathered.data_ptr() % 16 == 0 and torch.cuda.get_device_capability(gathered.device) >= (8, 0)
+            and max(t.numel() for t in (gathered, *tensors)) < 2**31)
 
 
 def aligned_16(t: torch.Tensor) -> torch.Tensor:
-    """t, or a copy of it starting on a 16-byte boundary (the kernels' 16-byte loads)."""
-    return t if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.channels_last)
+    """t, or a copy of it (same strides) starting on a 16-byte boundary (the kernels' 16-byte loads)."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 # --------------------------------------------------------------------------- ops
@@ -173,7 +172,7 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
     y = torch.empty((n, k, out_h, out_w), device=x.device, dtype=conv_dtype, memory_format=torch.channels_last)
     tiles = cdiv(n * out_h * out_w, ext.stats_rows)
     partials = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=torch.float32)
-    sm80 = sm80_fprop_runs(x, weight, y, conv_dtype)
+    sm80 = sm80_kernel_runs(x, conv_dtype, weight, y)
     p = ext.ConvFwdParams()
     if sm80:  # [K, R, S, C]: the channels_last weight
         keep = [aligned_16(weight.to(conv_dtype).contiguous(memory_format=torch.channels_last))]
@@ -249,16 +248,24 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     has_bn = mean is not None
     tiles = ext.dgrad_tiles(n, h, w, stride[0], stride[1])
     sums = torch.empty((tiles if has_bn else 0, 2, c), device=x.device, dtype=torch.float32)
-    keep = [weight.permute(2, 3, 0, 1).to(conv_dtype, memory_format=torch.contiguous_format)]  # [R, S, K, C]
+    sm80 = x.dtype == conv_dtype and sm80_kernel_runs(dy, conv_dtype, x, weight)
     p = ext.ConvDgradParams()
+    if sm80:
+        keep = [aligned_16(weight.permute(1, 2, 3, 0).to(conv_dtype, memory_format=torch.contiguous_format))]
+        p.w_crsk = keep[0].data_ptr()  # [C, R, S, K]
+    else:
+        keep = [weight.permute(2, 3, 0, 1).to(conv_dtype, memory_format=torch.contiguous_format)]  # [R, S, K, C]
+        p.w_rskc = keep[0].data_ptr()
     p.dy, p.x, p.g = act(ext, dy), act(ext, x), act(ext, g)
-    p.w_rskc = keep[0].data_ptr()
     conv_geometry(p, weight.shape, stride, padding)
     p.bn = bn_args(ext, mean, var, bn_weight, bn_bias, eps, c, keep)
     if has_bn:
         p.sums = sums.data_ptr()
     with torch.cuda.device(x.device):
-        ext.conv_dgrad(p, dtype_code(ext, x.dtype), dtype_code(ext, dy.dtype), stream_of(x))
+        if sm80:
+            ext.conv_dgrad_sm80(p, dtype_code(ext, conv_dtype), stream_of(x))
+        else:
+            ext.conv_dgrad(p, dtype_code(ext, x.dtype), dtype_code(ext, dy.dtype), stream_of(x))
     # Tiles reduced in a fixed order (one torch reduction kernel, no atomics).
     return g, sums.sum(dim=0) if has_bn else sums.new_empty((2, 0))
 

@@ -1,0 +1,147 @@
+// The implicit-GEMM core the sm_80 tensor-core kernels share (fprop_sm80.cuh,
+// dgrad_sm80.cuh), written with CuTe (CUTLASS 3.x): a kBM x kBN fp32 accumulator tile of
+// each CTA, over k-tiles of kBK reduction elements whose A (kBM rows) and B (kBN rows)
+// operands are k-contiguous 16-byte vectors that the kernel gathers itself (its load_tile).
+//
+// Pipeline: kStages shared-memory stages filled by cp.async (16-byte vectors, zero-filled
+// where the kernel says the vector is outside its tensor). Each thread copies the vectors
+// `vec` (tid % 8) of rows tid / 8 + 16 i; once its own copies of a tile have landed
+// (cp.async.wait, which makes them visible to the copying thread) a kernel may transform
+// them in place (its prepare_tile, e.g. the BN prologue), then a barrier publishes the tile
+// and ldmatrix feeds mma.sync m16n8k16 from it. The epilogue gets the tile in shared memory.
+#pragma once
+#include <cute/tensor.hpp>
+
+#include "common.cuh"
+
+namespace fused_preact {
+namespace sm80 {
+
+using namespace cute;
+
+constexpr int kBM = 128;       // GEMM rows per CTA: output pixels, two 64-row statistics tiles
+constexpr int kBN = 64;        // GEMM columns per CTA: output channels
+constexpr int kBK = 64;        // reduction elements per k-tile: channels of one filter tap
+constexpr int kStages = 3;     // cp.async pipeline depth
+constexpr int kThreads = 128;  // 4 warps, 2 x 2 over the tile
+constexpr int kVec = 8;        // elements per 16-byte cp.async vector
+constexpr int kLdC = kBN + 4;  // row pitch of the fp32 epilogue tile (spreads the banks)
+constexpr int kRowsA = kBM / 16;  // A rows each thread copies (threads: 16 rows x 8 vectors)
+constexpr int kRowsB = kBN / 16;
+
+template <typename T> struct MmaAtom;
+template <> struct MmaAtom<half_t> { using type = SM80_16x8x16_F32F16F16F32_TN; };
+template <> struct MmaAtom<bfloat16_t> { using type = SM80_16x8x16_F32BF16BF16F32_TN; };
+
+template <typename T> struct Config {
+  // 128-byte rows (64 elements) swizzled for conflict-free ldmatrix and 16-byte stores.
+  using SmemAtom = decltype(composition(Swizzle<3, 3, 3>{},
+                                        Layout<Shape<_8, Shape<_8, _8>>, Stride<_8, Stride<_1, _64>>>{}));
+  using SmemA = decltype(tile_to_shape(SmemAtom{}, make_shape(Int<kBM>{}, Int<kBK>{}, Int<kStages>{})));
+  using SmemB = decltype(tile_to_shape(SmemAtom{}, make_shape(Int<kBN>{}, Int<kBK>{}, Int<kStages>{})));
+  // 2 x 2 warps; the 32 x 32 x 16 permutation lets ldmatrix.x4 feed B too.
+  using Mma = decltype(make_tiled_mma(typename MmaAtom<T>::type{}, Layout<Shape<_2, _2>>{}, Tile<_32, _32, _16>{}));
+  using LoadS2R = Copy_Atom<SM75_U32x4_LDSM_N, T>;
+  static constexpr int kPipeBytes = int(sizeof(T)) * (cosize_v<SmemA> + cosize_v<SmemB>);
+  static_assert(int(sizeof(float)) * kBM * kLdC <= kPipeBytes, "the epilogue tile reuses the pipeline's memory");
+};
+
+// The pipeline's operand tiles in dynamic shared memory `smem`.
+template <typename T> struct Operands {
+  T* a;
+  T* b;
+  CUTE_DEVICE explicit Operands(char* smem)
+      : a(reinterpret_cast<T*>(smem)), b(reinterpret_cast<T*>(smem) + cosize_v<typename Config<T>::SmemA>) {}
+  // Where vector `vec` of row `row` of `stage` goes (8 contiguous elements: the swizzle
+  // moves 16-byte chunks only).
+  CUTE_DEVICE T* a_vector(int row, int vec, int stage) const {
+    return &make_tensor(make_smem_ptr(a), typename Config<T>::SmemA{})(row, vec * kVec, stage);
+  }
+  CUTE_DEVICE T* b_vector(int row, int vec, int stage) const {
+    return &make_tensor(make_smem_ptr(b), typename Config<T>::SmemB{})(row, vec * kVec, stage);
+  }
+};
+
+inline bool aligned16(const void* ptr) { return ptr != nullptr && reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
+inline bool fits_int32(int64_t elements) { return elements < (int64_t(1) << 31); }  // the kernels' offsets
+
+// Whether a kernel can gather 16-byte vectors of channels from activation a: unit channel
+// stride, the other strides and the channels multiples of kVec, 16-byte aligned, and
+// 32-bit offsets enough.
+inline bool gathers_vectors(const Act& a) {
+  return a.sc == 1 && a.c % kVec == 0 && a.sw % kVec == 0 && a.sh % kVec == 0 && a.sn % kVec == 0 &&
+         aligned16(a.ptr) && fits_int32(a.n * a.sn);
+}
+
+// cp.async of the 16-byte vector at src into dst, or 16 zero bytes where !ok (src unread).
+template <typename T> CUTE_DEVICE void copy_vector(const T* src, T* dst, bool ok) {
+  SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
+                                                   *reinterpret_cast<uint128_t*>(dst), ok);
+}
+
+// acc (the CTA's kBM x kBN tile, fp32) = sum over k_tiles of A * B^T. load_tile(kt, stage)
+// issues this thread's cp.async copies of k-tile kt; prepare_tile(kt, stage) transforms
+// them once landed. Returns with the pipeline drained and every thread past it.
+template <typename T, typename Acc, typename LoadTile, typename PrepareTile>
+CUTE_DEVICE void mainloop(const Operands<T>& ops, int k_tiles, Acc& acc, LoadTile load_tile, PrepareTile prepare_tile) {
+  using Cfg = Config<T>;
+  Tensor sA = make_tensor(make_smem_ptr(ops.a), typename Cfg::SmemA{});  // (BM, BK, stages)
+  Tensor sB = make_tensor(make_smem_ptr(ops.b), typename Cfg::SmemB{});  // (BN, BK, stages)
+  typename Cfg::Mma mma;
+  auto thr_mma = mma.get_slice(threadIdx.x);
+  Tensor rA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
+  Tensor rB = thr_mma.partition_fragment_B(sB(_, _, 0));
+  auto s2r_a = make_tiled_copy_A(typename Cfg::LoadS2R{}, mma);
+  auto s2r_b = make_tiled_copy_B(typename Cfg::LoadS2R{}, mma);
+  auto thr_s2r_a = s2r_a.get_slice(threadIdx.x);
+  auto thr_s2r_b = s2r_b.get_slice(threadIdx.x);
+  Tensor sA_view = thr_s2r_a.partition_S(sA);  // (CPY, MMA_M, MMA_K, stages)
+  Tensor sB_view = thr_s2r_b.partition_S(sB);
+  Tensor rA_view = thr_s2r_a.retile_D(rA);
+  Tensor rB_view = thr_s2r_b.retile_D(rB);
+
+  clear(acc);
+  CUTE_UNROLL
+  for (int stage = 0; stage < kStages - 1; ++stage) {
+    if (stage < k_tiles) load_tile(stage, stage);
+    cp_async_fence();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    const int stage = kt % kStages;
+    cp_async_wait<kStages - 2>();  // this thread's copies of tile kt have landed
+    prepare_tile(kt, stage);
+    __syncthreads();  // every thread's tile kt is in place; tile kt - 1's stage is free
+    const int next = kt + kStages - 1;
+    if (next < k_tiles) load_tile(next, next % kStages);
+    cp_async_fence();
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(rA); ++kb) {
+      copy(s2r_a, sA_view(_, _, kb, stage), rA_view(_, _, kb));
+      copy(s2r_b, sB_view(_, _, kb, stage), rB_view(_, _, kb));
+      gemm(mma, rA(_, _, kb), rB(_, _, kb), acc);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline's shared memory may be reused
+}
+
+// The CTA's accumulator tile (from partition_fragment_C(Mma, (kBM, kBN))).
+template <typename T> CUTE_DEVICE auto make_accumulators() {
+  return partition_fragment_C(typename Config<T>::Mma{}, Shape<Int<kBM>, Int<kBN>>{});
+}
+
+// The accumulators written to shared memory as a kBM x kBN fp32 tile of row pitch kLdC
+// (over the pipeline's memory, after mainloop), visible to every thread on return.
+template <typename T, typename Acc> CUTE_DEVICE float* accumulators_to_smem(char* smem, const Acc& acc) {
+  float* tile = reinterpret_cast<float*>(smem);
+  Tensor sC = make_tensor(make_smem_ptr(tile), make_layout(make_shape(Int<kBM>{}, Int<kBN>{}),
+                                                           make_stride(Int<kLdC>{}, Int<1>{})));
+  Tensor sC_view = typename Config<T>::Mma{}.get_slice(threadIdx.x).partition_C(sC);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) sC_view(i) = acc(i);
+  __syncthreads();
+  return tile;
+}
+
+}  // namespace sm80
+}  // namespace fused_preact
