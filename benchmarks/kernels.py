@@ -10,8 +10,8 @@ conv_wgrad: ours = recomputed activation, split-K weight grad;   cudnn = convolu
 Every conv of each block case (its units and projection), rows in the benchmark's CSV schema
 (results.csv: mode conv_fwd / conv_dgrad / conv_wgrad, provider fused-triton / cudnn, metric
 time_ms, the conv in `note`) plus `ratio` rows (ours / cudnn). On a GPU with the extension
-built, also the cuda backend's kernels (`fused-cuda`: WMMA) and its CuTe forward and dgrad
-kernels (`fused-cuda-sm80`, csrc/*_sm80.cuh, for the layouts they take). On a CPU (--device cpu,
+built, also the cuda backend's kernels (`fused-cuda`: WMMA) and its CuTe ones
+(`fused-cuda-sm80`, csrc/*_sm80.cuh, for the layouts they take). On a CPU (--device cpu,
 for checking the tool) the Triton interpreter runs against aten's CPU convolution, named `aten`.
 """
 from __future__ import annotations
@@ -66,8 +66,8 @@ def measure_conv(conv, batch, dtype, device, measure) -> dict[tuple[str, str], f
 
 
 def measure_cuda_backend(x, w, dy, mean, var, gamma, beta, strides, pads, running, measure) -> dict:
-    """The cuda backend's three kernels, and its sm80 forward and dgrad kernels where they
-    take the tensors ({} where the extension is not built or declines the device)."""
+    """The cuda backend's three kernels, and its sm80 ones where they take the tensors ({}
+    where the extension is not built or declines the device)."""
     from fused_preact.backends import cuda
     ext, _ = cuda.load_extension()
     if ext is None or ext.device_count() == 0 or cuda.BACKEND.device_reason(x.device):
@@ -79,15 +79,19 @@ def measure_cuda_backend(x, w, dy, mean, var, gamma, beta, strides, pads, runnin
 
     def dgrad():
         return measure(lambda: cuda.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, w.dtype))
+
+    def wgrad():
+        return measure(lambda: cuda.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf,
+                                                       w.dtype, w.dtype))
     with mock.patch.dict(os.environ, {cuda.SM80_FLAG: "0"}):
         times = {("conv_fwd", "fused-cuda"): forward(), ("conv_dgrad", "fused-cuda"): dgrad(),
-                 ("conv_wgrad", "fused-cuda"): measure(lambda: cuda.bn_relu_conv_wgrad(
-                     dy, x, mean, var, gamma, beta, list(w.shape), *conf, w.dtype, w.dtype))}
+                 ("conv_wgrad", "fused-cuda"): wgrad()}
     with mock.patch.dict(os.environ, {cuda.SM80_FLAG: "1"}):
-        if cuda.sm80_kernel_runs(x, w.dtype, w, dy):
-            times[("conv_fwd", "fused-cuda-sm80")] = forward()
-        if cuda.sm80_kernel_runs(dy, w.dtype, x, w):
-            times[("conv_dgrad", "fused-cuda-sm80")] = dgrad()
+        x_ok, dy_ok = cuda.sm80_kernel_runs(x, w.dtype, w, dy), cuda.sm80_kernel_runs(dy, w.dtype, x, w)
+        for mode, measured, runs in (("conv_fwd", forward, x_ok), ("conv_dgrad", dgrad, dy_ok),
+                                     ("conv_wgrad", wgrad, x_ok and dy_ok)):
+            if runs:
+                times[(mode, "fused-cuda-sm80")] = measured()
     return times
 
 

@@ -128,4 +128,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv_wgrad", [](const ConvWgradParams& p, DType xdt, DType dt, std::uintptr_t s) {
     check(conv_wgrad(p, xdt, dt, as_stream(s)), "conv_wgrad");
   });
+  m.def("conv_wgrad_sm80", [](const ConvWgradParams& p, DType dt, std::uintptr_t s) {
+    check(conv_wgrad_sm80(p, dt, as_stream(s)), "conv_wgrad_sm80");
+  });
 }

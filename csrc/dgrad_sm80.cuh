@@ -20,13 +20,13 @@
 namespace fused_preact {
 namespace sm80 {
 
-static_assert(kBM == 2 * kStatsRows, "the epilogue writes two sum tiles per CTA");
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dgrad_kernel(ConvDgradParams p, int tiles_per_phase) {
+  using Cfg = PixelRows<T>;
   extern __shared__ __align__(128) char smem[];
   __shared__ float bn_table[4][kBN];  // mean, invstd, scale (invstd * gamma), beta of this CTA's channels
-  const Operands<T> ops(smem);
+  const Operands<Cfg> ops(smem);
   const int tid = threadIdx.x;
   const int C = int(p.x.c), K = int(p.k), H = int(p.x.h), W = int(p.x.w);
   const int P = int(p.dy.h), Q = int(p.dy.w), R = int(p.r), S = int(p.s);
@@ -57,9 +57,9 @@ __global__ void __launch_bounds__(kThreads) dgrad_kernel(ConvDgradParams p, int 
   // This thread's copies: rows tid / 8 + 16 i of A and B, the 16-byte vector tid % 8 of
   // each row's kBK output channels. Per A row: its image's dy and (h + pad, w + pad).
   const int vec = tid % 8, row0 = tid / 8;
-  int a_base[kRowsA], a_hp[kRowsA], a_wp[kRowsA];
+  int a_base[Cfg::kLinesA], a_hp[Cfg::kLinesA], a_wp[Cfg::kLinesA];
   CUTE_UNROLL
-  for (int i = 0; i < kRowsA; ++i) {
+  for (int i = 0; i < Cfg::kLinesA; ++i) {
     const int m = m0 + row0 + 16 * i;
     int n = 0, h = 0, wi = 0;
     if (m < rows) pixel(m, n, h, wi);
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) dgrad_kernel(ConvDgradParams p, int 
     const int k = (kt % k_chunks) * kBK + vec * kVec;
     const bool k_ok = k < K;
     CUTE_UNROLL
-    for (int i = 0; i < kRowsA; ++i) {
+    for (int i = 0; i < Cfg::kLinesA; ++i) {
       const int hh = a_hp[i] - r, ww = a_wp[i] - s;  // multiples of the strides in this phase
       const int op = hh / sh, oq = ww / sw;
       const bool ok = k_ok && hh >= 0 && op < P && ww >= 0 && oq < Q;
@@ -87,16 +87,16 @@ __global__ void __launch_bounds__(kThreads) dgrad_kernel(ConvDgradParams p, int 
                   ops.a_vector(row0 + 16 * i, vec, stage), ok);
     }
     CUTE_UNROLL
-    for (int i = 0; i < kRowsB; ++i) {
+    for (int i = 0; i < Cfg::kLinesB; ++i) {
       const int c = n0 + row0 + 16 * i;
       const bool ok = k_ok && c < C;
       copy_vector(ok ? w + int64_t(c) * taps + (r * S + s) * K + k : w, ops.b_vector(row0 + 16 * i, vec, stage), ok);
     }
   };
 
-  auto acc = make_accumulators<T>();
+  auto acc = make_accumulators<Cfg>();
   mainloop(ops, k_tiles, acc, load_tile, [](int, int) {});
-  float* tile = accumulators_to_smem<T>(smem, acc);  // (its barrier also publishes bn_table)
+  float* tile = accumulators_to_smem<Cfg>(smem, acc);  // (its barrier also publishes bn_table)
 
   T* g = static_cast<T*>(p.g.ptr);
   for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
@@ -141,7 +141,7 @@ inline bool dgrad_supported(const ConvDgradParams& p) {
 
 template <typename T> cudaError_t launch_dgrad(const ConvDgradParams& p, cudaStream_t stream) {
   if (!dgrad_supported(p)) return cudaErrorNotSupported;
-  const int bytes = Config<T>::kPipeBytes;
+  const int bytes = PixelRows<T>::kPipeBytes;
   cudaError_t err = cudaFuncSetAttribute(dgrad_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;
   const int64_t phases = int64_t(p.stride_h) * p.stride_w;

@@ -19,19 +19,18 @@
 namespace fused_preact {
 namespace sm80 {
 
-static_assert(kBM == 2 * kStatsRows, "the epilogue writes two statistics tiles per CTA");
-
 // Dynamic shared memory: the pipeline (reused by the epilogue), then the per-channel BN
 // constants (mean, scale, beta) of all C input channels.
 template <typename T> int smem_bytes(int64_t channels) {
-  return Config<T>::kPipeBytes + int(3 * sizeof(float) * channels);
+  return PixelRows<T>::kPipeBytes + int(3 * sizeof(float) * channels);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
+  using Cfg = PixelRows<T>;
   extern __shared__ __align__(128) char smem[];
-  const Operands<T> ops(smem);
-  float* bn_table = reinterpret_cast<float*>(smem + Config<T>::kPipeBytes);  // [3][C]
+  const Operands<Cfg> ops(smem);
+  float* bn_table = reinterpret_cast<float*>(smem + Cfg::kPipeBytes);  // [3][C]
 
   const int tid = threadIdx.x;
   const int C = int(p.x.c), K = int(p.k), H = int(p.x.h), W = int(p.x.w);
@@ -54,9 +53,9 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
   // This thread's copies: rows tid / 8 + 16 i of A and B, the 16-byte vector tid % 8 of
   // each row's kBK channels. Per A row: where its output pixel's receptive field starts.
   const int vec = tid % 8, row0 = tid / 8;
-  int a_base[kRowsA], a_h0[kRowsA], a_w0[kRowsA];
+  int a_base[Cfg::kLinesA], a_h0[Cfg::kLinesA], a_w0[Cfg::kLinesA];
   CUTE_UNROLL
-  for (int i = 0; i < kRowsA; ++i) {
+  for (int i = 0; i < Cfg::kLinesA; ++i) {
     const int m = m0 + row0 + 16 * i;
     const int n = m / (P * Q), pq = m % (P * Q), op = pq / Q, oq = pq % Q;
     a_h0[i] = m < M ? op * p.stride_h - p.pad_h : -(1 << 20);  // rows past M: never in the image
@@ -76,14 +75,14 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
     tap_of(kt, r, s, c);
     const bool c_ok = c < C;
     CUTE_UNROLL
-    for (int i = 0; i < kRowsA; ++i) {
+    for (int i = 0; i < Cfg::kLinesA; ++i) {
       const int h = a_h0[i] + r, wi = a_w0[i] + s;
       const bool ok = c_ok && h >= 0 && h < H && wi >= 0 && wi < W;
       copy_vector(ok ? x + a_base[i] + r * int(p.x.sh) + s * int(p.x.sw) + c : x,
                   ops.a_vector(row0 + 16 * i, vec, stage), ok);
     }
     CUTE_UNROLL
-    for (int i = 0; i < kRowsB; ++i) {
+    for (int i = 0; i < Cfg::kLinesB; ++i) {
       const int k = n0 + row0 + 16 * i;
       const bool ok = c_ok && k < K;
       copy_vector(ok ? w + int64_t(k) * ktaps + (r * S + s) * C + c : w, ops.b_vector(row0 + 16 * i, vec, stage), ok);
@@ -103,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
       beta[j] = bn_table[2 * C + c + j];
     }
     CUTE_UNROLL
-    for (int i = 0; i < kRowsA; ++i) {
+    for (int i = 0; i < Cfg::kLinesA; ++i) {
       const int h = a_h0[i] + r, wi = a_w0[i] + s;
       if (h < 0 || h >= H || wi < 0 || wi >= W) continue;
       T* v = ops.a_vector(row0 + 16 * i, vec, stage);
@@ -115,12 +114,12 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
     }
   };
 
-  auto acc = make_accumulators<T>();
+  auto acc = make_accumulators<Cfg>();
   __syncthreads();  // the BN table
   mainloop(ops, k_tiles, acc, load_tile, [&](int kt, int stage) {
     if (has_bn) activate_tile(kt, stage);
   });
-  float* tile = accumulators_to_smem<T>(smem, acc);
+  float* tile = accumulators_to_smem<Cfg>(smem, acc);
 
   T* y = static_cast<T*>(p.y.ptr);
   const T* res = static_cast<const T*>(p.residual.ptr);

@@ -27,5 +27,8 @@ cudaError_t conv_dgrad(const ConvDgradParams& p, DType x_dtype, DType dtype, cud
 // weight in p.w_crsk; cudaErrorNotSupported where its layout needs are not met.
 cudaError_t conv_dgrad_sm80(const ConvDgradParams& p, DType dtype, cudaStream_t stream);
 cudaError_t conv_wgrad(const ConvWgradParams& p, DType x_dtype, DType dtype, cudaStream_t stream);
+// The same on sm_80-class tensor cores (wgrad_sm80.cuh), fp16 / bf16, x and dy of the conv
+// dtype; cudaErrorNotSupported where its layout needs are not met.
+cudaError_t conv_wgrad_sm80(const ConvWgradParams& p, DType dtype, cudaStream_t stream);
 
 }  // namespace fused_preact

@@ -1,64 +1,85 @@
 // The implicit-GEMM core the sm_80 tensor-core kernels share (fprop_sm80.cuh,
-// dgrad_sm80.cuh), written with CuTe (CUTLASS 3.x): a kBM x kBN fp32 accumulator tile of
-// each CTA, over k-tiles of kBK reduction elements whose A (kBM rows) and B (kBN rows)
-// operands are k-contiguous 16-byte vectors that the kernel gathers itself (its load_tile).
+// dgrad_sm80.cuh, wgrad_sm80.cuh), written with CuTe (CUTLASS 3.x): a BM x kBN fp32
+// accumulator tile per CTA, over k-tiles of kBK reduction elements whose A (BM) and B (kBN)
+// operands the kernel gathers itself (its load_tile) as 16-byte vectors: along the
+// reduction (K-major: fprop, dgrad) or along the rows (MN-major: wgrad, whose reduction
+// runs over pixels while channels are contiguous).
 //
 // Pipeline: kStages shared-memory stages filled by cp.async (16-byte vectors, zero-filled
 // where the kernel says the vector is outside its tensor). Each thread copies the vectors
-// `vec` (tid % 8) of rows tid / 8 + 16 i; once its own copies of a tile have landed
+// `vec` (tid % 8) of the lines tid / 8 + 16 i (a line: a row of a K-major operand, a
+// reduction column of an MN-major one); once its own copies of a tile have landed
 // (cp.async.wait, which makes them visible to the copying thread) a kernel may transform
 // them in place (its prepare_tile, e.g. the BN prologue), then a barrier publishes the tile
-// and ldmatrix feeds mma.sync m16n8k16 from it. The epilogue gets the tile in shared memory.
+// and ldmatrix (transposing for MN-major) feeds mma.sync m16n8k16 from it. The epilogue
+// gets the tile in shared memory.
 #pragma once
 #include <cute/tensor.hpp>
 
 #include "common.cuh"
+#include "launch.h"
 
 namespace fused_preact {
 namespace sm80 {
 
 using namespace cute;
 
-constexpr int kBM = 128;       // GEMM rows per CTA: output pixels, two 64-row statistics tiles
-constexpr int kBN = 64;        // GEMM columns per CTA: output channels
-constexpr int kBK = 64;        // reduction elements per k-tile: channels of one filter tap
+constexpr int kBN = 64;        // GEMM columns per CTA
+constexpr int kBK = 64;        // reduction elements per k-tile
 constexpr int kStages = 3;     // cp.async pipeline depth
 constexpr int kThreads = 128;  // 4 warps, 2 x 2 over the tile
 constexpr int kVec = 8;        // elements per 16-byte cp.async vector
 constexpr int kLdC = kBN + 4;  // row pitch of the fp32 epilogue tile (spreads the banks)
-constexpr int kRowsA = kBM / 16;  // A rows each thread copies (threads: 16 rows x 8 vectors)
-constexpr int kRowsB = kBN / 16;
 
 template <typename T> struct MmaAtom;
 template <> struct MmaAtom<half_t> { using type = SM80_16x8x16_F32F16F16F32_TN; };
 template <> struct MmaAtom<bfloat16_t> { using type = SM80_16x8x16_F32BF16BF16F32_TN; };
 
-template <typename T> struct Config {
-  // 128-byte rows (64 elements) swizzled for conflict-free ldmatrix and 16-byte stores.
-  using SmemAtom = decltype(composition(Swizzle<3, 3, 3>{},
-                                        Layout<Shape<_8, Shape<_8, _8>>, Stride<_8, Stride<_1, _64>>>{}));
-  using SmemA = decltype(tile_to_shape(SmemAtom{}, make_shape(Int<kBM>{}, Int<kBK>{}, Int<kStages>{})));
+// T: fp16 / bf16; BM: GEMM rows per CTA; KMajor: operands contiguous along the reduction.
+template <typename T_, int BM_, bool KMajor_> struct Config {
+  using T = T_;
+  static constexpr int BM = BM_;
+  static constexpr bool KMajor = KMajor_;
+  // 128-byte lines (64 elements) swizzled for conflict-free ldmatrix and 16-byte stores.
+  using SmemAtom = std::conditional_t<
+      KMajor, decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, Shape<_8, _8>>, Stride<_8, Stride<_1, _64>>>{})),
+      decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{}))>;
+  using SmemA = decltype(tile_to_shape(SmemAtom{}, make_shape(Int<BM>{}, Int<kBK>{}, Int<kStages>{})));
   using SmemB = decltype(tile_to_shape(SmemAtom{}, make_shape(Int<kBN>{}, Int<kBK>{}, Int<kStages>{})));
   // 2 x 2 warps; the 32 x 32 x 16 permutation lets ldmatrix.x4 feed B too.
   using Mma = decltype(make_tiled_mma(typename MmaAtom<T>::type{}, Layout<Shape<_2, _2>>{}, Tile<_32, _32, _16>{}));
-  using LoadS2R = Copy_Atom<SM75_U32x4_LDSM_N, T>;
+  using LoadS2R = Copy_Atom<std::conditional_t<KMajor, SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T>, T>;
+  // Lines of A and B each thread copies (threads: 16 lines x 8 vectors).
+  static constexpr int kLinesA = (KMajor ? BM : kBK) / 16;
+  static constexpr int kLinesB = (KMajor ? kBN : kBK) / 16;
   static constexpr int kPipeBytes = int(sizeof(T)) * (cosize_v<SmemA> + cosize_v<SmemB>);
-  static_assert(int(sizeof(float)) * kBM * kLdC <= kPipeBytes, "the epilogue tile reuses the pipeline's memory");
+  static_assert(int(sizeof(float)) * BM * kLdC <= kPipeBytes, "the epilogue tile reuses the pipeline's memory");
 };
 
+// fprop and dgrad: GEMM rows are pixels, 128 per CTA (two statistics tiles), K-major operands.
+constexpr int kBM = 128;
+static_assert(kBM == 2 * kStatsRows, "the pixel-row kernels write two statistics tiles per CTA");
+template <typename T> using PixelRows = Config<T, kBM, true>;
+
 // The pipeline's operand tiles in dynamic shared memory `smem`.
-template <typename T> struct Operands {
+template <typename Cfg> struct Operands {
+  using T = typename Cfg::T;
   T* a;
   T* b;
   CUTE_DEVICE explicit Operands(char* smem)
-      : a(reinterpret_cast<T*>(smem)), b(reinterpret_cast<T*>(smem) + cosize_v<typename Config<T>::SmemA>) {}
-  // Where vector `vec` of row `row` of `stage` goes (8 contiguous elements: the swizzle
+      : a(reinterpret_cast<T*>(smem)), b(reinterpret_cast<T*>(smem) + cosize_v<typename Cfg::SmemA>) {}
+  // Where vector `vec` of line `line` of `stage` goes (8 contiguous elements: the swizzle
   // moves 16-byte chunks only).
-  CUTE_DEVICE T* a_vector(int row, int vec, int stage) const {
-    return &make_tensor(make_smem_ptr(a), typename Config<T>::SmemA{})(row, vec * kVec, stage);
+  CUTE_DEVICE T* a_vector(int line, int vec, int stage) const {
+    return vector(make_tensor(make_smem_ptr(a), typename Cfg::SmemA{}), line, vec, stage);
   }
-  CUTE_DEVICE T* b_vector(int row, int vec, int stage) const {
-    return &make_tensor(make_smem_ptr(b), typename Config<T>::SmemB{})(row, vec * kVec, stage);
+  CUTE_DEVICE T* b_vector(int line, int vec, int stage) const {
+    return vector(make_tensor(make_smem_ptr(b), typename Cfg::SmemB{}), line, vec, stage);
+  }
+
+ private:
+  template <typename Tile> CUTE_DEVICE static T* vector(Tile&& tile, int line, int vec, int stage) {
+    return Cfg::KMajor ? &tile(line, vec * kVec, stage) : &tile(vec * kVec, line, stage);
   }
 };
 
@@ -79,12 +100,11 @@ template <typename T> CUTE_DEVICE void copy_vector(const T* src, T* dst, bool ok
                                                    *reinterpret_cast<uint128_t*>(dst), ok);
 }
 
-// acc (the CTA's kBM x kBN tile, fp32) = sum over k_tiles of A * B^T. load_tile(kt, stage)
+// acc (the CTA's BM x kBN tile, fp32) = sum over k_tiles of A * B^T. load_tile(kt, stage)
 // issues this thread's cp.async copies of k-tile kt; prepare_tile(kt, stage) transforms
 // them once landed. Returns with the pipeline drained and every thread past it.
-template <typename T, typename Acc, typename LoadTile, typename PrepareTile>
-CUTE_DEVICE void mainloop(const Operands<T>& ops, int k_tiles, Acc& acc, LoadTile load_tile, PrepareTile prepare_tile) {
-  using Cfg = Config<T>;
+template <typename Cfg, typename Acc, typename LoadTile, typename PrepareTile>
+CUTE_DEVICE void mainloop(const Operands<Cfg>& ops, int k_tiles, Acc& acc, LoadTile load_tile, PrepareTile prepare_tile) {
   Tensor sA = make_tensor(make_smem_ptr(ops.a), typename Cfg::SmemA{});  // (BM, BK, stages)
   Tensor sB = make_tensor(make_smem_ptr(ops.b), typename Cfg::SmemB{});  // (BN, BK, stages)
   typename Cfg::Mma mma;
@@ -125,18 +145,18 @@ CUTE_DEVICE void mainloop(const Operands<T>& ops, int k_tiles, Acc& acc, LoadTil
   __syncthreads();  // the pipeline's shared memory may be reused
 }
 
-// The CTA's accumulator tile (from partition_fragment_C(Mma, (kBM, kBN))).
-template <typename T> CUTE_DEVICE auto make_accumulators() {
-  return partition_fragment_C(typename Config<T>::Mma{}, Shape<Int<kBM>, Int<kBN>>{});
+// The CTA's accumulator tile (from partition_fragment_C(Mma, (BM, kBN))).
+template <typename Cfg> CUTE_DEVICE auto make_accumulators() {
+  return partition_fragment_C(typename Cfg::Mma{}, Shape<Int<Cfg::BM>, Int<kBN>>{});
 }
 
-// The accumulators written to shared memory as a kBM x kBN fp32 tile of row pitch kLdC
+// The accumulators written to shared memory as a BM x kBN fp32 tile of row pitch kLdC
 // (over the pipeline's memory, after mainloop), visible to every thread on return.
-template <typename T, typename Acc> CUTE_DEVICE float* accumulators_to_smem(char* smem, const Acc& acc) {
+template <typename Cfg, typename Acc> CUTE_DEVICE float* accumulators_to_smem(char* smem, const Acc& acc) {
   float* tile = reinterpret_cast<float*>(smem);
-  Tensor sC = make_tensor(make_smem_ptr(tile), make_layout(make_shape(Int<kBM>{}, Int<kBN>{}),
+  Tensor sC = make_tensor(make_smem_ptr(tile), make_layout(make_shape(Int<Cfg::BM>{}, Int<kBN>{}),
                                                            make_stride(Int<kLdC>{}, Int<1>{})));
-  Tensor sC_view = typename Config<T>::Mma{}.get_slice(threadIdx.x).partition_C(sC);
+  Tensor sC_view = typename Cfg::Mma{}.get_slice(threadIdx.x).partition_C(sC);
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) sC_view(i) = acc(i);
   __syncthreads();

@@ -1,7 +1,7 @@
 """Run every cuda-backend op once on small odd shapes (for compute-sanitizer memcheck /
 racecheck in scripts/gpu_all.sh) and print each op's max error against the reference;
-the forward and dgrad again on the sm_80 tensor-core kernels (FUSED_PREACT_CUDA_SM80)
-where they take the tensors."""
+the three convs again on the sm_80 tensor-core kernels (FUSED_PREACT_CUDA_SM80) where
+they take the tensors."""
 import os
 
 os.environ["FUSED_PREACT_ENABLE_CUDA_BACKEND"] = "1"
@@ -29,10 +29,10 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
             y, y_mean, y_var = ops.bn_relu_conv(x, mean, var, gamma, beta, w, residual, *conf[:2], 1e-5, True, True,
                                                 None, None, None, 0.1, backend)
             g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, backend)
-            if sm80:  # the other ops have one kernel each
-                results["cuda-sm80"] = (y, y_mean, y_var, g)
-                continue
             dw = ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf, backend)
+            if sm80:  # the other ops have one kernel each
+                results["cuda-sm80"] = (y, y_mean, y_var, g, dw)
+                continue
             dx = ops.bn_backward_apply(g, x, mean, var, gamma, sums, count, 1e-5, True, None, backend)
             x_mean, x_var = ops.batch_stats(x, None, None, None, 0.1, backend)
             results[backend] = (y, y_mean, y_var, g, dw, dx, x_mean, x_var)

@@ -71,9 +71,9 @@ CASES = [Case(backend, precision, shape, prologue, residual)
          for prologue, residual in ((True, True), (True, False), (False, False))]
 
 
-# The cuda backend's tensor-core forward and dgrad kernels (csrc/*_sm80.cuh) run only with
-# their flag until a GPU run has verified them: its cases again with the flag, x and dy
-# channels_last (their layout).
+# The cuda backend's tensor-core conv kernels (csrc/*_sm80.cuh) run only with their flag
+# until a GPU run has verified them: its cases again with the flag, x and dy channels_last
+# (their layout).
 VARIANTS = {"sm80": cuda.SM80_FLAG}
 CASES += [replace(c, variant="sm80") for c in CASES if c.backend == "cuda" and c.precision in ("fp16", "bf16")]
 
@@ -137,7 +137,7 @@ def count_sm80_launches(monkeypatch) -> dict:
     """{name: launches so far} of the extension's sm80 kernels, counted from now on."""
     ext, _ = cuda.load_extension()
     launches = {}
-    for name in ("conv_fwd_sm80", "conv_dgrad_sm80"):
+    for name in ("conv_fwd_sm80", "conv_dgrad_sm80", "conv_wgrad_sm80"):
         launches[name] = 0
 
         def counted(*args, name=name, launch=getattr(ext, name)):
@@ -175,8 +175,9 @@ def test_ops_conform_to_float64(case, poisoned, request, monkeypatch):
         launches = count_sm80_launches(monkeypatch)
     with poisoned:
         got = run_ops(case, case.backend, t, conv_dtype)
-    if case.variant:  # each ran wherever its layout needs are met (x's channels forward, dy's backward)
-        expected = {"conv_fwd_sm80": case.shape[0] % 8 == 0, "conv_dgrad_sm80": case.shape[1] % 8 == 0}
+    if case.variant:  # each ran wherever its layout needs are met (x's channels, dy's, both)
+        expected = {"conv_fwd_sm80": case.shape[0] % 8 == 0, "conv_dgrad_sm80": case.shape[1] % 8 == 0,
+                    "conv_wgrad_sm80": case.shape[0] % 8 == 0 and case.shape[1] % 8 == 0}
         assert launches == {name: int(ran) for name, ran in expected.items()}, launches
     same_precision = run_ops(case, "reference", t, conv_dtype)
     truth = run_ops(case, "reference", {n: v.double() if v is not None and v.is_floating_point() else v

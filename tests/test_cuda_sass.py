@@ -1,5 +1,5 @@
 """What the GPU will run of the cuda backend, checked without one (benchmarks.cuda_sass):
-the tensor-core kernels (csrc/fprop_sm80.cuh, dgrad_sm80.cuh) of the built extension, for
+the tensor-core kernels (csrc/*_sm80.cuh) of the built extension, for
 every arch it was built for and both of their dtypes, have a main loop of mma.sync
 m16n8k16 (HMMA.16816), fed by cp.async (LDGSTS) and ldmatrix (LDSM), and no local memory."""
 import pytest
@@ -18,7 +18,7 @@ def rows():
 
 @pytest.mark.skipif(ext is None, reason=f"fused_preact._C not built: {why_not_built}")
 @pytest.mark.skipif(tool is None, reason="no cuobjdump (CUDA toolkit or Triton wheel)")
-@pytest.mark.parametrize("kernel", ["fprop_kernel", "dgrad_kernel"])
+@pytest.mark.parametrize("kernel", ["fprop_kernel", "dgrad_kernel", "wgrad_kernel"])
 def test_sm80_kernels_are_pipelined_tensor_core_loops_without_local_memory(kernel, rows):
     archs = sorted(int(a) for a in ext.built_archs.split(";") if a)
     mangled = f"4sm80{len(kernel)}{kernel}I"  # fused_preact::sm80::<kernel><...>, as the symbol spells it

@@ -6,8 +6,8 @@ data pointers, sizes and element strides, and passes the CURRENT stream on every
 
 The kernels are opt-in (FUSED_PREACT_ENABLE_CUDA_BACKEND=1) while they are slower than
 the triton backend, because "auto" tries cuda first; README's backend table says what was
-verified where. The tensor-core kernels of the forward and dgrad (csrc/fprop_sm80.cuh,
-dgrad_sm80.cuh: CuTe, cp.async, ldmatrix, mma.sync; fp16 / bf16, channels_last) run only
+verified where. The tensor-core conv kernels (csrc/fprop_sm80.cuh, dgrad_sm80.cuh,
+wgrad_sm80.cuh: CuTe, cp.async, ldmatrix, mma.sync; fp16 / bf16, channels_last) run only
 with FUSED_PREACT_CUDA_SM80=1 until a GPU run has verified them (they were built and their
 SASS checked without one); the WMMA kernels run otherwise.
 """
@@ -134,9 +134,9 @@ def conv_geometry(p, weight_shape, stride, padding):
 
 
 def sm80_kernel_runs(gathered: torch.Tensor, conv_dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
-    """Whether an op runs on its sm_80 tensor-core kernel (csrc/fprop_sm80.cuh,
-    dgrad_sm80.cuh): asked for (SM80_FLAG), an fp16 / bf16 conv, `gathered` (what its main
-    loop reads in 16-byte vectors of channels: x forward, dy backward) of the conv dtype with
+    """Whether an op runs on its sm_80 tensor-core kernel (csrc/*_sm80.cuh): asked for
+    (SM80_FLAG), an fp16 / bf16 conv, `gathered` (what its main loop reads in 16-byte
+    vectors of channels: x forward, dy for dgrad, both for wgrad) of the conv dtype with
     unit channel stride, its other strides and channels multiples of 8, 16-byte aligned, an
     sm_80-or-newer device, and every tensor under 2^31 elements (32-bit offsets)."""
     sn, sc, sh, sw = gathered.stride()
@@ -291,7 +291,10 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
     p.bn = bn_args(ext, mean, var, bn_weight, bn_bias, eps, c, keep)
     p.partials, p.split, p.rows_per_split = partials.data_ptr(), split, rows_per_split
     with torch.cuda.device(x.device):
-        ext.conv_wgrad(p, dtype_code(ext, x.dtype), dtype_code(ext, dy.dtype), stream_of(x))
+        if x.dtype == conv_dtype and sm80_kernel_runs(dy, conv_dtype) and sm80_kernel_runs(x, conv_dtype):
+            ext.conv_wgrad_sm80(p, dtype_code(ext, conv_dtype), stream_of(x))
+        else:
+            ext.conv_wgrad(p, dtype_code(ext, x.dtype), dtype_code(ext, dy.dtype), stream_of(x))
     return partials.sum(dim=0).to(weight_dtype)
 
 
