@@ -71,7 +71,6 @@ __global__ void __launch_bounds__(kThreads) dgrad_kernel(ConvDgradParams p, int 
   const int taps_r = r0 < R ? (R - r0 + sh - 1) / sh : 0, taps_s = s0 < S ? (S - s0 + sw - 1) / sw : 0;
   const int k_chunks = (K + kBK - 1) / kBK;
   const int k_tiles = taps_r * taps_s * k_chunks;
-  const int taps = R * S * K;  // weight row length
 
   auto load_tile = [&](int kt, int stage) {
     const int tap = kt / k_chunks;
@@ -86,12 +85,7 @@ __global__ void __launch_bounds__(kThreads) dgrad_kernel(ConvDgradParams p, int 
       copy_vector(ok ? dy + a_base[i] + op * int(p.dy.sh) + oq * int(p.dy.sw) + k : dy,
                   ops.a_vector(row0 + 16 * i, vec, stage), ok);
     }
-    CUTE_UNROLL
-    for (int i = 0; i < Cfg::kLinesB; ++i) {
-      const int c = n0 + row0 + 16 * i;
-      const bool ok = k_ok && c < C;
-      copy_vector(ok ? w + int64_t(c) * taps + (r * S + s) * K + k : w, ops.b_vector(row0 + 16 * i, vec, stage), ok);
-    }
+    load_weight_tile(ops, w, C, R * S, K, n0, r * S + s, k, stage);
   };
 
   auto acc = make_accumulators<Cfg>();

@@ -64,7 +64,6 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
   }
   const int c_tiles = (C + kBK - 1) / kBK;
   const int k_tiles = int(p.r) * S * c_tiles;
-  const int ktaps = int(p.r) * S * C;  // weight row length
 
   auto tap_of = [&](int kt, int& r, int& s, int& c) {
     const int rs = kt / c_tiles;
@@ -81,12 +80,7 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
       copy_vector(ok ? x + a_base[i] + r * int(p.x.sh) + s * int(p.x.sw) + c : x,
                   ops.a_vector(row0 + 16 * i, vec, stage), ok);
     }
-    CUTE_UNROLL
-    for (int i = 0; i < Cfg::kLinesB; ++i) {
-      const int k = n0 + row0 + 16 * i;
-      const bool ok = c_ok && k < K;
-      copy_vector(ok ? w + int64_t(k) * ktaps + (r * S + s) * C + c : w, ops.b_vector(row0 + 16 * i, vec, stage), ok);
-    }
+    load_weight_tile(ops, w, K, int(p.r) * S, C, n0, r * S + s, c, stage);
   };
   // relu(bn(.)) of the A vectors this thread copied into `stage`; the zero-filled ones
   // (padding, rows past M, channels past C) stay 0.

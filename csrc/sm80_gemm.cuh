@@ -100,6 +100,23 @@ template <typename T> CUTE_DEVICE void copy_vector(const T* src, T* dst, bool ok
                                                    *reinterpret_cast<uint128_t*>(dst), ok);
 }
 
+// B from a packed weight [rows][R * S][depth] (depth contiguous): this thread's vectors of
+// rows n0 + line0 + 16 i at filter tap `tap`, reduction elements from `first` (the thread's
+// vector; zero past `depth` or `rows`). K-major configs only.
+template <typename Cfg>
+CUTE_DEVICE void load_weight_tile(const Operands<Cfg>& ops, const typename Cfg::T* w, int rows, int taps, int depth,
+                                  int n0, int tap, int first, int stage) {
+  static_assert(Cfg::KMajor, "weight rows are gathered along the reduction");
+  const int vec = threadIdx.x % 8, line0 = threadIdx.x / 8;
+  const typename Cfg::T* at_tap = w + tap * depth + first;
+  CUTE_UNROLL
+  for (int i = 0; i < Cfg::kLinesB; ++i) {
+    const int row = n0 + line0 + 16 * i;
+    const bool ok = first < depth && row < rows;
+    copy_vector(ok ? at_tap + int64_t(row) * (taps * depth) : w, ops.b_vector(line0 + 16 * i, vec, stage), ok);
+  }
+}
+
 // acc (the CTA's BM x kBN tile, fp32) = sum over k_tiles of A * B^T. load_tile(kt, stage)
 // issues this thread's cp.async copies of k-tile kt; prepare_tile(kt, stage) transforms
 // them once landed. Returns with the pipeline drained and every thread past it.
