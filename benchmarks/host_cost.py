@@ -1,6 +1,7 @@
 """Host time of a fused block on the triton path, measurable without a GPU.
 
     python -m benchmarks.host_cost --out host_out      # writes host_out/host_cost.json
+    python -m benchmarks.host_cost --out host_out --breakdown   # also the layers of one unit
 
 On a GPU the small blocks are host-bound: the wall time per step is the Python, dispatch
 and launch work, not the kernels (see the tiny-overhead case). Here every Triton launch
@@ -24,6 +25,7 @@ os.environ.setdefault("FUSED_PREACT_TRITON_AUTOTUNE", "0")
 import torch  # noqa: E402
 
 import fused_preact as fp  # noqa: E402
+from fused_preact import ops  # noqa: E402
 
 from .run import metadata  # noqa: E402
 
@@ -70,11 +72,64 @@ def time_us(fn, repeats: int, calls: int) -> dict:
     return {"min_us": min(samples), "median_us": statistics.median(samples)}
 
 
+class Bare(torch.autograd.Function):
+    """An autograd node with a forward unit's arguments that computes nothing: PyTorch's
+    own cost of one custom-Function call and of one backward node."""
+
+    @staticmethod
+    def forward(ctx, x, *rest):
+        y = torch.empty_like(x)
+        stats = (x.new_empty(0), x.new_empty(0))
+        ctx.mark_non_differentiable(*stats)
+        return (y, *stats)
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        return (dy,) + (None,) * (ops.UNIT_ARGS - 1)
+
+
+def breakdown(repeats: int, calls: int) -> dict:
+    """Per-call microseconds of the layers of one forward unit (first unit of the basic
+    block, launches stubbed), inside out: what each layer adds is its time minus the one
+    below. And PyTorch's floor: bare custom-Function calls and their backward."""
+    from fused_preact import dispatch, functional
+    block = fp.PreActBlock(16, 16, 1, backend="triton").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    stats = functional.bn_stats(block.bn1, x.detach(), None, "triton")
+    consumer = functional.Consumer(block.bn2, False)
+    running = functional.running_update(block.bn2, False)
+    args = (x, stats.mean, stats.var, block.bn1.weight, block.bn1.bias, block.conv1.weight, None, [1, 1], [1, 1],
+            block.bn1.eps, True, True, *running, "triton", 0, torch.float32)
+    triton = dispatch.get_backend("triton")
+    impl_args = dict(zip(("x", "mean", "var", "bn_weight", "bn_bias", "weight", "residual", "stride", "padding",
+                          "eps"), args[:10]), want_stats=True, running_mean=running[0], running_var=running[1],
+                     num_batches_tracked=running[2], momentum=running[3], conv_dtype=torch.float32)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+
+    def bare_fwdbwd():
+        y = Bare.apply(Bare.apply(*args)[0], *args[1:])[0]
+        y.backward(torch.ones_like(y))
+    layers = {
+        "backend impl (launch arguments, allocation)": lambda: triton.impls["bn_relu_conv"](**impl_args),
+        "dispatch.select": lambda: dispatch.select("bn_relu_conv", tensors, "triton", torch.float32),
+        "ops.check_unit_args": lambda: ops.check_unit_args(*args[:9], torch.float32),
+        "op body (checks, select, impl)": lambda: ops.bn_relu_conv.body(*args),
+        "op entry, autograd node (body, Function.apply, setup_context)": lambda: ops.bn_relu_conv(*args),
+        "functional.unit (module glue, op entry)": lambda: functional.unit(x, stats, block.bn1, block.conv1, None,
+                                                                            consumer, "triton"),
+        "block forward (2 units, statistics pass, nn glue)": lambda: block(x),
+        "floor: bare Function.apply, unit's arguments": lambda: Bare.apply(*args),
+        "floor: 2 bare Function.apply + backward": bare_fwdbwd,
+    }
+    return {name: time_us(fn, repeats, calls) for name, fn in layers.items()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--breakdown", action="store_true", help="also time the layers of one forward unit")
     args = parser.parse_args(argv)
     stub_launches()
     torch.set_num_threads(1)  # host work is one thread; a second only adds jitter here
@@ -95,10 +150,14 @@ def main(argv=None) -> None:
         results[kind] = {"fwd": time_us(fwd, args.repeats, args.calls),
                          "fwdbwd": time_us(fwdbwd, args.repeats, args.calls)}
         print(kind, {mode: f"{r['min_us']:.0f} us (median {r['median_us']:.0f})" for mode, r in results[kind].items()})
+    written = {"meta": metadata("cpu"), "results": results}
+    if args.breakdown:
+        written["unit_layers"] = breakdown(args.repeats, args.calls * 4)
+        for name, r in written["unit_layers"].items():
+            print(f"{r['min_us']:7.1f} us  {name}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = metadata("cpu")
-    (out / "host_cost.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    (out / "host_cost.json").write_text(json.dumps(written, indent=2))
     print(f"wrote {out / 'host_cost.json'}")
 
 

@@ -164,9 +164,10 @@ def test_host_cost_runs_with_every_triton_launch_stubbed(tmp_path):
     import json
     import sys
     subprocess.run([sys.executable, "-m", "benchmarks.host_cost", "--out", str(tmp_path), "--repeats", "1",
-                    "--calls", "1"], check=True, capture_output=True, cwd=Path(__file__).parent.parent)
+                    "--calls", "1", "--breakdown"], check=True, capture_output=True, cwd=Path(__file__).parent.parent)
     written = json.loads((tmp_path / "host_cost.json").read_text())
     assert written["meta"]["device_type"] == "cpu"
+    assert len(written["unit_layers"]) == 9 and all(t["min_us"] > 0 for t in written["unit_layers"].values())
     assert {(kind, mode) for kind, r in written["results"].items() for mode in r} == {
         (kind, mode) for kind in ("basic", "bottleneck") for mode in ("fwd", "fwdbwd")}
     assert all(0 < t["min_us"] <= t["median_us"] for r in written["results"].values() for t in r.values())
