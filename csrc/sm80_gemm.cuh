@@ -136,6 +136,8 @@ CUTE_DEVICE void mainloop(const Operands<Cfg>& ops, int k_tiles, Acc& acc, LoadT
   Tensor sB_view = thr_s2r_b.partition_S(sB);
   Tensor rA_view = thr_s2r_a.retile_D(rA);
   Tensor rB_view = thr_s2r_b.retile_D(rB);
+  CUTE_STATIC_ASSERT_V(size<2>(rA) == size<2>(rA_view) && size<2>(rB) == size<2>(rB_view));  // k-blocks
+  CUTE_STATIC_ASSERT_V(size<1>(acc) == size<1>(rA) && size<2>(acc) == size<1>(rB));  // MMA_M, MMA_N
 
   clear(acc);
   CUTE_UNROLL
@@ -174,6 +176,7 @@ template <typename Cfg, typename Acc> CUTE_DEVICE float* accumulators_to_smem(ch
   Tensor sC = make_tensor(make_smem_ptr(tile), make_layout(make_shape(Int<Cfg::BM>{}, Int<kBN>{}),
                                                            make_stride(Int<kLdC>{}, Int<1>{})));
   Tensor sC_view = typename Cfg::Mma{}.get_slice(threadIdx.x).partition_C(sC);
+  CUTE_STATIC_ASSERT_V(shape(sC_view) == shape(acc));  // element i of both is the same (row, column)
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) sC_view(i) = acc(i);
   __syncthreads();
