@@ -87,7 +87,7 @@ def measure_cuda_backend(x, w, dy, mean, var, gamma, beta, strides, pads, runnin
         times = {("conv_fwd", "fused-cuda"): forward(), ("conv_dgrad", "fused-cuda"): dgrad(),
                  ("conv_wgrad", "fused-cuda"): wgrad()}
     with mock.patch.dict(os.environ, {cuda.SM80_FLAG: "1"}):
-        x_ok, dy_ok = cuda.sm80_kernel_runs(x, w.dtype, w, dy), cuda.sm80_kernel_runs(dy, w.dtype, x, w)
+        x_ok, dy_ok = cuda.sm80_kernel_runs(w.dtype, (x,), w, dy), cuda.sm80_kernel_runs(w.dtype, (dy,), x, w)
         for mode, measured, runs in (("conv_fwd", forward, x_ok), ("conv_dgrad", dgrad, dy_ok),
                                      ("conv_wgrad", wgrad, x_ok and dy_ok)):
             if runs:

@@ -133,17 +133,23 @@ def conv_geometry(p, weight_shape, stride, padding):
     p.pad_h, p.pad_w = padding
 
 
-def sm80_kernel_runs(gathered: torch.Tensor, conv_dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+def sm80_kernel_runs(conv_dtype: torch.dtype, gathered: tuple[torch.Tensor, ...],
+                     *tensors: torch.Tensor) -> bool:
     """Whether an op runs on its sm_80 tensor-core kernel (csrc/*_sm80.cuh): asked for
-    (SM80_FLAG), an fp16 / bf16 conv, `gathered` (what its main loop reads in 16-byte
-    vectors of channels: x forward, dy for dgrad, both for wgrad) of the conv dtype with
-    unit channel stride, its other strides and channels multiples of 8, 16-byte aligned, an
-    sm_80-or-newer device, and every tensor under 2^31 elements (32-bit offsets)."""
-    sn, sc, sh, sw = gathered.stride()
-    return (os.environ.get(SM80_FLAG) == "1" and conv_dtype in (torch.float16, torch.bfloat16)
-            and gathered.dtype == conv_dtype and sc == 1 and all(v % 8 == 0 for v in (gathered.shape[1], sn, sh, sw))
-            and gathered.data_ptr() % 16 == 0 and torch.cuda.get_device_capability(gathered.device) >= (8, 0)
-            and max(t.numel() for t in (gathered, *tensors)) < 2**31)
+    (SM80_FLAG), an fp16 / bf16 conv, every `gathered` tensor (what its main loop reads in
+    16-byte vectors of channels: x forward, dy for dgrad, both for wgrad) of the conv dtype
+    with unit channel stride, its other strides and channels multiples of 8, 16-byte
+    aligned, an sm_80-or-newer device, and every tensor under 2^31 elements (32-bit offsets)."""
+    if os.environ.get(SM80_FLAG) != "1" or conv_dtype not in (torch.float16, torch.bfloat16):
+        return False
+
+    def vectors_of_channels(t: torch.Tensor) -> bool:
+        sn, sc, sh, sw = t.stride()
+        return (t.dtype == conv_dtype and sc == 1 and all(v % 8 == 0 for v in (t.shape[1], sn, sh, sw))
+                and t.data_ptr() % 16 == 0)
+    return (all(vectors_of_channels(t) for t in gathered)
+            and torch.cuda.get_device_capability(gathered[0].device) >= (8, 0)
+            and max(t.numel() for t in (*gathered, *tensors)) < 2**31)
 
 
 def aligned_16(t: torch.Tensor) -> torch.Tensor:
@@ -172,7 +178,7 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
     y = torch.empty((n, k, out_h, out_w), device=x.device, dtype=conv_dtype, memory_format=torch.channels_last)
     tiles = cdiv(n * out_h * out_w, ext.stats_rows)
     partials = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=torch.float32)
-    sm80 = sm80_kernel_runs(x, conv_dtype, weight, y)
+    sm80 = sm80_kernel_runs(conv_dtype, (x,), weight, y)
     p = ext.ConvFwdParams()
     if sm80:  # [K, R, S, C]: the channels_last weight
         keep = [aligned_16(weight.to(conv_dtype).contiguous(memory_format=torch.channels_last))]
@@ -248,7 +254,7 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     has_bn = mean is not None
     tiles = ext.dgrad_tiles(n, h, w, stride[0], stride[1])
     sums = torch.empty((tiles if has_bn else 0, 2, c), device=x.device, dtype=torch.float32)
-    sm80 = x.dtype == conv_dtype and sm80_kernel_runs(dy, conv_dtype, x, weight)
+    sm80 = x.dtype == conv_dtype and sm80_kernel_runs(conv_dtype, (dy,), x, weight)
     p = ext.ConvDgradParams()
     if sm80:
         keep = [aligned_16(weight.permute(1, 2, 3, 0).to(conv_dtype, memory_format=torch.contiguous_format))]
@@ -291,7 +297,7 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
     p.bn = bn_args(ext, mean, var, bn_weight, bn_bias, eps, c, keep)
     p.partials, p.split, p.rows_per_split = partials.data_ptr(), split, rows_per_split
     with torch.cuda.device(x.device):
-        if x.dtype == conv_dtype and sm80_kernel_runs(dy, conv_dtype) and sm80_kernel_runs(x, conv_dtype):
+        if sm80_kernel_runs(conv_dtype, (dy, x)):
             ext.conv_wgrad_sm80(p, dtype_code(ext, conv_dtype), stream_of(x))
         else:
             ext.conv_wgrad(p, dtype_code(ext, x.dtype), dtype_code(ext, dy.dtype), stream_of(x))
