@@ -1,7 +1,8 @@
 """What a GPU will run of the cuda backend, read from the built extension on any machine:
 per kernel and arch of fused_preact._C, its registers, local memory, and the instructions
 that tell a tensor-core main loop from a naive one: HMMA.16816 (mma.sync m16n8k16),
-LDGSTS (cp.async, global -> shared without registers) and LDSM (ldmatrix).
+HMMA.1688.F32.TF32 (its tf32 form, m16n8k8), LDGSTS (cp.async, global -> shared without
+registers) and LDSM (ldmatrix).
 
     python -m benchmarks.cuda_sass                  # a table of every kernel
     python -m benchmarks.cuda_sass --json out.json
@@ -19,8 +20,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-INSTRUCTIONS = {"hmma_16816": r"\bHMMA\.16816\.", "ldgsts": r"\bLDGSTS\b", "ldsm": r"\bLDSM\b",
-                "local": r"\b(?:LDL|STL)\b"}
+INSTRUCTIONS = {"hmma_16816": r"\bHMMA\.16816\.", "hmma_1688_tf32": r"\bHMMA\.1688\.F32\.TF32\b",
+                "ldgsts": r"\bLDGSTS\b", "ldsm": r"\bLDSM\b", "local": r"\b(?:LDL|STL)\b"}
 
 
 def cuobjdump() -> str | None:
@@ -87,10 +88,11 @@ def main(argv=None) -> None:
     if binary is None or tool is None:
         raise SystemExit("needs the built extension fused_preact._C and cuobjdump")
     rows = kernels(binary, tool)
-    print(f"{'arch':>4} {'kernel':48s} {'regs':>4} {'HMMA.16816':>10} {'LDGSTS':>6} {'LDSM':>5} {'LDL/STL':>7}")
+    print(f"{'arch':>4} {'kernel':48s} {'regs':>4} {'HMMA.16816':>10} {'HMMA.1688.TF32':>14} {'LDGSTS':>6} "
+          f"{'LDSM':>5} {'LDL/STL':>7}")
     for r in rows:
         print(f"{r['arch']:>4} {r['kernel'][:48]:48s} {r['registers'] or '-':>4} {r['hmma_16816']:>10} "
-              f"{r['ldgsts']:>6} {r['ldsm']:>5} {r['local']:>7}")
+              f"{r['hmma_1688_tf32']:>14} {r['ldgsts']:>6} {r['ldsm']:>5} {r['local']:>7}")
     if args.json:
         Path(args.json).write_text(json.dumps({"extension": str(binary), "kernels": rows}, indent=2))
 

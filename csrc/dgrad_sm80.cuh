@@ -4,13 +4,14 @@
 // One stride phase (h % stride_h, w % stride_w) per group of CTAs: only the taps
 // r = (h + pad_h) mod stride_h (+ j * stride_h) reach an output pixel, so no zero-inserted
 // work is done. GEMM rows are the phase's N*hp*wp input pixels, columns the C input
-// channels, the reduction runs over (tap, k) in k-tiles of kBK output channels. A gathers
+// channels, the reduction runs over (tap, k) in k-tiles of BK output channels. A gathers
 // dy (zero outside it), B reads the weight [C, R, S, K] (K contiguous). The epilogue
 // recomputes the ReLU mask from the saved pre-BN x, stores g, and writes per 64-row tile
 // the sums of the stored g and of g * xhat (fixed order, no atomics); the tiles are
 // conv_dgrad's (dgrad_tiles: phase-major), and one without pixels writes zeros.
 //
-// Needs: dy with unit channel stride, its other strides and K multiples of 8, 16-byte
+// Needs: dy with unit channel stride, its other strides and K multiples of a 16-byte
+// vector (8 fp16 / bf16, 4 fp32 elements), 16-byte
 // aligned; x (and g) of the conv dtype; the weight 16-byte aligned; fewer than 2^31
 // elements per tensor. The launcher answers cudaErrorNotSupported otherwise.
 #pragma once
@@ -54,13 +55,13 @@ __global__ void __launch_bounds__(kThreads) dgrad_kernel(ConvDgradParams p, int 
   auto pixel = [&](int m, int& n, int& h, int& wi) {
     n = m / (hp * wp), h = ph + sh * ((m / wp) % hp), wi = pw + sw * (m % wp);
   };
-  // This thread's copies: rows tid / 8 + 16 i of A and B, the 16-byte vector tid % 8 of
-  // each row's kBK output channels. Per A row: its image's dy and (h + pad, w + pad).
-  const int vec = tid % 8, row0 = tid / 8;
+  // This thread's copies: rows line_of(tid) + kLineStep i of A and B, the 16-byte vector
+  // vector_of(tid) of each row's BK output channels. Per A row: its image's dy and (h + pad, w + pad).
+  const int vec = Cfg::vector_of(tid), row0 = Cfg::line_of(tid);
   int a_base[Cfg::kLinesA], a_hp[Cfg::kLinesA], a_wp[Cfg::kLinesA];
   CUTE_UNROLL
   for (int i = 0; i < Cfg::kLinesA; ++i) {
-    const int m = m0 + row0 + 16 * i;
+    const int m = m0 + row0 + Cfg::kLineStep * i;
     int n = 0, h = 0, wi = 0;
     if (m < rows) pixel(m, n, h, wi);
     a_base[i] = n * int(p.dy.sn);
@@ -69,13 +70,13 @@ __global__ void __launch_bounds__(kThreads) dgrad_kernel(ConvDgradParams p, int 
   }
   const int r0 = (ph + p.pad_h) % sh, s0 = (pw + p.pad_w) % sw;
   const int taps_r = r0 < R ? (R - r0 + sh - 1) / sh : 0, taps_s = s0 < S ? (S - s0 + sw - 1) / sw : 0;
-  const int k_chunks = (K + kBK - 1) / kBK;
+  const int k_chunks = (K + Cfg::BK - 1) / Cfg::BK;
   const int k_tiles = taps_r * taps_s * k_chunks;
 
   auto load_tile = [&](int kt, int stage) {
     const int tap = kt / k_chunks;
     const int r = r0 + sh * (tap / taps_s), s = s0 + sw * (tap % taps_s);
-    const int k = (kt % k_chunks) * kBK + vec * kVec;
+    const int k = (kt % k_chunks) * Cfg::BK + vec * Cfg::kVec;
     const bool k_ok = k < K;
     CUTE_UNROLL
     for (int i = 0; i < Cfg::kLinesA; ++i) {
@@ -83,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) dgrad_kernel(ConvDgradParams p, int 
       const int op = hh / sh, oq = ww / sw;
       const bool ok = k_ok && hh >= 0 && op < P && ww >= 0 && oq < Q;
       copy_vector(ok ? dy + a_base[i] + op * int(p.dy.sh) + oq * int(p.dy.sw) + k : dy,
-                  ops.a_vector(row0 + 16 * i, vec, stage), ok);
+                  ops.a_vector(row0 + Cfg::kLineStep * i, vec, stage), ok);
     }
     load_weight_tile(ops, w, C, R * S, K, n0, r * S + s, k, stage);
   };
@@ -128,13 +129,13 @@ __global__ void __launch_bounds__(kThreads) dgrad_kernel(ConvDgradParams p, int 
 }
 
 // Whether dgrad_kernel<T> can run p (see the top of this file).
-inline bool dgrad_supported(const ConvDgradParams& p) {
-  return gathers_vectors(p.dy) && aligned16(p.w_crsk) && fits_int32(p.k * p.r * p.s * p.x.c) &&
+template <typename T> bool dgrad_supported(const ConvDgradParams& p) {
+  return gathers_vectors<T>(p.dy) && aligned16(p.w_crsk) && fits_int32(p.k * p.r * p.s * p.x.c) &&
          fits_int32(p.x.n * p.x.c * p.x.h * p.x.w) && fits_int32(p.x.n * p.x.sn) && fits_int32(p.g.n * p.g.sn);
 }
 
 template <typename T> cudaError_t launch_dgrad(const ConvDgradParams& p, cudaStream_t stream) {
-  if (!dgrad_supported(p)) return cudaErrorNotSupported;
+  if (!dgrad_supported<T>(p)) return cudaErrorNotSupported;
   const int bytes = PixelRows<T>::kPipeBytes;
   cudaError_t err = cudaFuncSetAttribute(dgrad_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;

@@ -2,15 +2,15 @@
 // (count, mean, M2) of y, on the CuTe implicit-GEMM core of sm80_gemm.cuh.
 //
 // GEMM rows are the N*P*Q output pixels, columns the K output channels, the reduction runs
-// over (r, s, c) in k-tiles of kBK channels of one filter tap. A gathers x per tap (zero-
+// over (r, s, c) in k-tiles of BK channels of one filter tap. A gathers x per tap (zero-
 // filled outside the image: padding), B reads the weight [K, R, S, C] (C contiguous). Each
 // thread applies the BN prologue + ReLU to the A vectors it copied, in shared memory, once
 // they have landed, so padding stays 0 AFTER the activation. The epilogue adds the
 // residual, stores y, and writes the statistics of the stored (rounded) values per 64-row
 // tile, as the next BatchNorm will read them.
 //
-// Needs: x with unit channel stride and every other stride a multiple of 8 elements
-// (channels_last), C % 8 == 0, 16-byte aligned x and weight, fewer than 2^31 elements
+// Needs: x with unit channel stride, every other stride and C multiples of a 16-byte
+// vector (8 fp16 / bf16, 4 fp32 elements: channels_last), 16-byte aligned x and weight, fewer than 2^31 elements
 // per tensor; the launcher answers cudaErrorNotSupported otherwise.
 #pragma once
 #include "launch.h"
@@ -50,24 +50,25 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
     }
   }
 
-  // This thread's copies: rows tid / 8 + 16 i of A and B, the 16-byte vector tid % 8 of
-  // each row's kBK channels. Per A row: where its output pixel's receptive field starts.
-  const int vec = tid % 8, row0 = tid / 8;
+  // This thread's copies: rows line_of(tid) + kLineStep i of A and B, the 16-byte vector
+  // vector_of(tid) of each row's BK channels. Per A row: where its output pixel's receptive
+  // field starts.
+  const int vec = Cfg::vector_of(tid), row0 = Cfg::line_of(tid);
   int a_base[Cfg::kLinesA], a_h0[Cfg::kLinesA], a_w0[Cfg::kLinesA];
   CUTE_UNROLL
   for (int i = 0; i < Cfg::kLinesA; ++i) {
-    const int m = m0 + row0 + 16 * i;
+    const int m = m0 + row0 + Cfg::kLineStep * i;
     const int n = m / (P * Q), pq = m % (P * Q), op = pq / Q, oq = pq % Q;
     a_h0[i] = m < M ? op * p.stride_h - p.pad_h : -(1 << 20);  // rows past M: never in the image
     a_w0[i] = oq * p.stride_w - p.pad_w;
     a_base[i] = m < M ? n * int(p.x.sn) + a_h0[i] * int(p.x.sh) + a_w0[i] * int(p.x.sw) : 0;
   }
-  const int c_tiles = (C + kBK - 1) / kBK;
+  const int c_tiles = (C + Cfg::BK - 1) / Cfg::BK;
   const int k_tiles = int(p.r) * S * c_tiles;
 
   auto tap_of = [&](int kt, int& r, int& s, int& c) {
     const int rs = kt / c_tiles;
-    r = rs / S, s = rs % S, c = (kt % c_tiles) * kBK + vec * kVec;
+    r = rs / S, s = rs % S, c = (kt % c_tiles) * Cfg::BK + vec * Cfg::kVec;
   };
   auto load_tile = [&](int kt, int stage) {
     int r, s, c;
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
       const int h = a_h0[i] + r, wi = a_w0[i] + s;
       const bool ok = c_ok && h >= 0 && h < H && wi >= 0 && wi < W;
       copy_vector(ok ? x + a_base[i] + r * int(p.x.sh) + s * int(p.x.sw) + c : x,
-                  ops.a_vector(row0 + 16 * i, vec, stage), ok);
+                  ops.a_vector(row0 + Cfg::kLineStep * i, vec, stage), ok);
     }
     load_weight_tile(ops, w, K, int(p.r) * S, C, n0, r * S + s, c, stage);
   };
@@ -88,9 +89,9 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
     int r, s, c;
     tap_of(kt, r, s, c);
     if (c >= C) return;
-    float mean[kVec], scale[kVec], beta[kVec];
+    float mean[Cfg::kVec], scale[Cfg::kVec], beta[Cfg::kVec];
     CUTE_UNROLL
-    for (int j = 0; j < kVec; ++j) {
+    for (int j = 0; j < Cfg::kVec; ++j) {
       mean[j] = bn_table[c + j];
       scale[j] = bn_table[C + c + j];
       beta[j] = bn_table[2 * C + c + j];
@@ -99,9 +100,9 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
     for (int i = 0; i < Cfg::kLinesA; ++i) {
       const int h = a_h0[i] + r, wi = a_w0[i] + s;
       if (h < 0 || h >= H || wi < 0 || wi >= W) continue;
-      T* v = ops.a_vector(row0 + 16 * i, vec, stage);
+      T* v = ops.a_vector(row0 + Cfg::kLineStep * i, vec, stage);
       CUTE_UNROLL
-      for (int j = 0; j < kVec; ++j) {
+      for (int j = 0; j < Cfg::kVec; ++j) {
         const float a = (float(v[j]) - mean[j]) * scale[j] + beta[j];
         v[j] = T(a <= 0.f ? 0.f : a);  // keeps NaN, as F.relu
       }
@@ -152,13 +153,13 @@ __global__ void __launch_bounds__(kThreads) fprop_kernel(ConvFwdParams p) {
 }
 
 // Whether fprop_kernel<T> can run p (see the top of this file).
-inline bool fprop_supported(const ConvFwdParams& p) {
-  return gathers_vectors(p.x) && aligned16(p.w_krsc) && fits_int32(p.k * p.r * p.s * p.x.c) &&
+template <typename T> bool fprop_supported(const ConvFwdParams& p) {
+  return gathers_vectors<T>(p.x) && aligned16(p.w_krsc) && fits_int32(p.k * p.r * p.s * p.x.c) &&
          fits_int32(p.y.n * p.y.c * p.y.h * p.y.w);
 }
 
 template <typename T> cudaError_t launch_fprop(const ConvFwdParams& p, cudaStream_t stream) {
-  if (!fprop_supported(p)) return cudaErrorNotSupported;
+  if (!fprop_supported<T>(p)) return cudaErrorNotSupported;
   const int bytes = smem_bytes<T>(p.x.c);
   cudaError_t err = cudaFuncSetAttribute(fprop_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;

@@ -1,18 +1,21 @@
 // The implicit-GEMM core the sm_80 tensor-core kernels share (fprop_sm80.cuh,
 // dgrad_sm80.cuh, wgrad_sm80.cuh), written with CuTe (CUTLASS 3.x): a BM x kBN fp32
-// accumulator tile per CTA, over k-tiles of kBK reduction elements whose A (BM) and B (kBN)
+// accumulator tile per CTA, over k-tiles of BK reduction elements whose A (BM) and B (kBN)
 // operands the kernel gathers itself (its load_tile) as 16-byte vectors: along the
 // reduction (K-major: fprop, dgrad) or along the rows (MN-major: wgrad, whose reduction
-// runs over pixels while channels are contiguous).
+// runs over pixels while channels are contiguous). fp16 / bf16 run mma.sync m16n8k16;
+// fp32 runs as tf32 (m16n8k8, operands rounded to nearest, as the WMMA kernels and
+// nn.Conv2d with torch.backends.cudnn.allow_tf32 do).
 //
 // Pipeline: kStages shared-memory stages filled by cp.async (16-byte vectors, zero-filled
-// where the kernel says the vector is outside its tensor). Each thread copies the vectors
-// `vec` (tid % 8) of the lines tid / 8 + 16 i (a line: a row of a K-major operand, a
-// reduction column of an MN-major one); once its own copies of a tile have landed
-// (cp.async.wait, which makes them visible to the copying thread) a kernel may transform
-// them in place (its prepare_tile, e.g. the BN prologue), then a barrier publishes the tile
-// and ldmatrix (transposing for MN-major) feeds mma.sync m16n8k16 from it. The epilogue
-// gets the tile in shared memory.
+// where the kernel says the vector is outside its tensor). Each thread copies the vector
+// Cfg::vector_of(tid) of the lines Cfg::line_of(tid) + Cfg::kLineStep * i (a line: a row of
+// a K-major operand, a reduction column of an MN-major one); once its own copies of a tile
+// have landed (cp.async.wait, which makes them visible to the copying thread) a kernel may
+// transform them in place (its prepare_tile, e.g. the BN prologue), then a barrier
+// publishes the tile and ldmatrix (transposing 16-bit MN-major operands; 32-bit ones are
+// read element by element, which ldmatrix cannot transpose) feeds mma.sync from it. The
+// epilogue gets the tile in shared memory.
 #pragma once
 #include <cute/tensor.hpp>
 
@@ -25,34 +28,64 @@ namespace sm80 {
 using namespace cute;
 
 constexpr int kBN = 64;        // GEMM columns per CTA
-constexpr int kBK = 64;        // reduction elements per k-tile
 constexpr int kStages = 3;     // cp.async pipeline depth
 constexpr int kThreads = 128;  // 4 warps, 2 x 2 over the tile
-constexpr int kVec = 8;        // elements per 16-byte cp.async vector
 constexpr int kLdC = kBN + 4;  // row pitch of the fp32 epilogue tile (spreads the banks)
 
-template <typename T> struct MmaAtom;
-template <> struct MmaAtom<half_t> { using type = SM80_16x8x16_F32F16F16F32_TN; };
-template <> struct MmaAtom<bfloat16_t> { using type = SM80_16x8x16_F32BF16BF16F32_TN; };
+// The tensor-core instruction for storage type T, the type it reads, and how an MN-major
+// operand gets from shared memory to its registers.
+template <typename T> struct MmaFor;
+template <> struct MmaFor<half_t> {
+  using Atom = SM80_16x8x16_F32F16F16F32_TN;
+  using Operand = half_t;
+  using MnMajorLoad = SM75_U16x8_LDSM_T;
+};
+template <> struct MmaFor<bfloat16_t> {
+  using Atom = SM80_16x8x16_F32BF16BF16F32_TN;
+  using Operand = bfloat16_t;
+  using MnMajorLoad = SM75_U16x8_LDSM_T;
+};
+template <> struct MmaFor<float> {
+  using Atom = SM80_16x8x8_F32TF32TF32F32_TN;
+  using Operand = tfloat32_t;  // float bits, rounded in registers (round_to_tf32)
+  using MnMajorLoad = UniversalCopy<tfloat32_t>;
+};
 
-// T: fp16 / bf16; BM: GEMM rows per CTA; KMajor: operands contiguous along the reduction.
+// T: half_t / bfloat16_t / float; BM: GEMM rows per CTA; KMajor: operands contiguous
+// along the reduction.
 template <typename T_, int BM_, bool KMajor_> struct Config {
   using T = T_;
+  using Operand = typename MmaFor<T>::Operand;
   static constexpr int BM = BM_;
   static constexpr bool KMajor = KMajor_;
-  // 128-byte lines (64 elements) swizzled for conflict-free ldmatrix and 16-byte stores.
+  static_assert(KMajor || BM == kBN, "MN-major lines hold BM (A) or kBN (B) elements alike");
+  static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte cp.async vector
+  static constexpr int BK = 8 * kVec;                // reduction elements per k-tile (128-byte K-major lines)
+  // Threads copy lines of kLineElems elements, kVecsPerLine threads to a line.
+  static constexpr int kLineElems = KMajor ? BK : BM;
+  static constexpr int kVecsPerLine = kLineElems / kVec;
+  static constexpr int kLineStep = kThreads / kVecsPerLine;  // lines per pass of all threads
+  static constexpr int kLinesA = (KMajor ? BM : BK) / kLineStep;  // lines of A (of B) each thread copies
+  static constexpr int kLinesB = (KMajor ? kBN : BK) / kLineStep;
+  CUTE_HOST_DEVICE static int vector_of(int tid) { return tid % kVecsPerLine; }
+  CUTE_HOST_DEVICE static int line_of(int tid) { return tid / kVecsPerLine; }
+  // 128-byte atoms (8 vectors x 8 lines) swizzled for conflict-free ldmatrix and 16-byte stores.
+  static constexpr int kVecBits = kVec == 8 ? 3 : 2;  // log2(kVec): the swizzle moves whole vectors
   using SmemAtom = std::conditional_t<
-      KMajor, decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, Shape<_8, _8>>, Stride<_8, Stride<_1, _64>>>{})),
-      decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{}))>;
-  using SmemA = decltype(tile_to_shape(SmemAtom{}, make_shape(Int<BM>{}, Int<kBK>{}, Int<kStages>{})));
-  using SmemB = decltype(tile_to_shape(SmemAtom{}, make_shape(Int<kBN>{}, Int<kBK>{}, Int<kStages>{})));
-  // 2 x 2 warps; the 32 x 32 x 16 permutation lets ldmatrix.x4 feed B too.
-  using Mma = decltype(make_tiled_mma(typename MmaAtom<T>::type{}, Layout<Shape<_2, _2>>{}, Tile<_32, _32, _16>{}));
-  using LoadS2R = Copy_Atom<std::conditional_t<KMajor, SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T>, T>;
-  // Lines of A and B each thread copies (threads: 16 lines x 8 vectors).
-  static constexpr int kLinesA = (KMajor ? BM : kBK) / 16;
-  static constexpr int kLinesB = (KMajor ? kBN : kBK) / 16;
+      KMajor,
+      decltype(composition(Swizzle<3, kVecBits, 3>{},
+                           Layout<Shape<_8, Shape<Int<kVec>, _8>>, Stride<Int<kVec>, Stride<_1, Int<8 * kVec>>>>{})),
+      decltype(composition(Swizzle<3, kVecBits, 3>{}, Layout<Shape<Int<8 * kVec>, _8>, Stride<_1, Int<8 * kVec>>>{}))>;
+  using SmemA = decltype(tile_to_shape(SmemAtom{}, make_shape(Int<BM>{}, Int<BK>{}, Int<kStages>{})));
+  using SmemB = decltype(tile_to_shape(SmemAtom{}, make_shape(Int<kBN>{}, Int<BK>{}, Int<kStages>{})));
+  // 2 x 2 warps; the 32 x 32 x (2 kVec) permutation lets ldmatrix.x4 feed B too.
+  using Mma = decltype(make_tiled_mma(typename MmaFor<T>::Atom{}, Layout<Shape<_2, _2>>{},
+                                      Tile<_32, _32, Int<2 * kVec>>{}));
+  using LoadS2R =
+      Copy_Atom<std::conditional_t<KMajor, SM75_U32x4_LDSM_N, typename MmaFor<T>::MnMajorLoad>, Operand>;
   static constexpr int kPipeBytes = int(sizeof(T)) * (cosize_v<SmemA> + cosize_v<SmemB>);
+  static_assert(kLinesA * kLineStep == (KMajor ? BM : BK) && kLinesB * kLineStep == (KMajor ? kBN : BK),
+                "the threads' copies cover the tiles");
   static_assert(int(sizeof(float)) * BM * kLdC <= kPipeBytes, "the epilogue tile reuses the pipeline's memory");
 };
 
@@ -68,8 +101,8 @@ template <typename Cfg> struct Operands {
   T* b;
   CUTE_DEVICE explicit Operands(char* smem)
       : a(reinterpret_cast<T*>(smem)), b(reinterpret_cast<T*>(smem) + cosize_v<typename Cfg::SmemA>) {}
-  // Where vector `vec` of line `line` of `stage` goes (8 contiguous elements: the swizzle
-  // moves 16-byte chunks only).
+  // Where vector `vec` of line `line` of `stage` goes (kVec contiguous elements: the
+  // swizzle moves 16-byte chunks only).
   CUTE_DEVICE T* a_vector(int line, int vec, int stage) const {
     return vector(make_tensor(make_smem_ptr(a), typename Cfg::SmemA{}), line, vec, stage);
   }
@@ -79,18 +112,19 @@ template <typename Cfg> struct Operands {
 
  private:
   template <typename Tile> CUTE_DEVICE static T* vector(Tile&& tile, int line, int vec, int stage) {
-    return Cfg::KMajor ? &tile(line, vec * kVec, stage) : &tile(vec * kVec, line, stage);
+    return Cfg::KMajor ? &tile(line, vec * Cfg::kVec, stage) : &tile(vec * Cfg::kVec, line, stage);
   }
 };
 
 inline bool aligned16(const void* ptr) { return ptr != nullptr && reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
 inline bool fits_int32(int64_t elements) { return elements < (int64_t(1) << 31); }  // the kernels' offsets
 
-// Whether a kernel can gather 16-byte vectors of channels from activation a: unit channel
-// stride, the other strides and the channels multiples of kVec, 16-byte aligned, and
-// 32-bit offsets enough.
-inline bool gathers_vectors(const Act& a) {
-  return a.sc == 1 && a.c % kVec == 0 && a.sw % kVec == 0 && a.sh % kVec == 0 && a.sn % kVec == 0 &&
+// Whether a kernel can gather 16-byte vectors of channels (T elements) from activation a:
+// unit channel stride, the other strides and the channels multiples of a vector, 16-byte
+// aligned, and 32-bit offsets enough.
+template <typename T> bool gathers_vectors(const Act& a) {
+  constexpr int vec = 16 / int(sizeof(T));
+  return a.sc == 1 && a.c % vec == 0 && a.sw % vec == 0 && a.sh % vec == 0 && a.sn % vec == 0 &&
          aligned16(a.ptr) && fits_int32(a.n * a.sn);
 }
 
@@ -101,19 +135,30 @@ template <typename T> CUTE_DEVICE void copy_vector(const T* src, T* dst, bool ok
 }
 
 // B from a packed weight [rows][R * S][depth] (depth contiguous): this thread's vectors of
-// rows n0 + line0 + 16 i at filter tap `tap`, reduction elements from `first` (the thread's
-// vector; zero past `depth` or `rows`). K-major configs only.
+// rows n0 + line + kLineStep i at filter tap `tap`, reduction elements from `first` (the
+// thread's vector; zero past `depth` or `rows`). K-major configs only.
 template <typename Cfg>
 CUTE_DEVICE void load_weight_tile(const Operands<Cfg>& ops, const typename Cfg::T* w, int rows, int taps, int depth,
                                   int n0, int tap, int first, int stage) {
   static_assert(Cfg::KMajor, "weight rows are gathered along the reduction");
-  const int vec = threadIdx.x % 8, line0 = threadIdx.x / 8;
+  const int vec = Cfg::vector_of(threadIdx.x), line0 = Cfg::line_of(threadIdx.x);
   const typename Cfg::T* at_tap = w + tap * depth + first;
   CUTE_UNROLL
   for (int i = 0; i < Cfg::kLinesB; ++i) {
-    const int row = n0 + line0 + 16 * i;
+    const int line = line0 + Cfg::kLineStep * i, row = n0 + line;
     const bool ok = first < depth && row < rows;
-    copy_vector(ok ? at_tap + int64_t(row) * (taps * depth) : w, ops.b_vector(line0 + 16 * i, vec, stage), ok);
+    copy_vector(ok ? at_tap + int64_t(row) * (taps * depth) : w, ops.b_vector(line, vec, stage), ok);
+  }
+}
+
+// Round float bits loaded as tf32 to nearest (cvt.rna; NaN stays NaN): the tensor cores
+// would otherwise drop the low 13 bits, a truncation biased towards zero.
+template <typename Fragment> CUTE_DEVICE void round_to_tf32(Fragment&& fragment) {
+  CUTE_UNROLL
+  for (int i = 0; i < size(fragment); ++i) {
+    uint32_t bits;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(__uint_as_float(fragment(i).raw())));
+    fragment(i) = tfloat32_t::bitcast(bits);
   }
 }
 
@@ -122,8 +167,9 @@ CUTE_DEVICE void load_weight_tile(const Operands<Cfg>& ops, const typename Cfg::
 // them once landed. Returns with the pipeline drained and every thread past it.
 template <typename Cfg, typename Acc, typename LoadTile, typename PrepareTile>
 CUTE_DEVICE void mainloop(const Operands<Cfg>& ops, int k_tiles, Acc& acc, LoadTile load_tile, PrepareTile prepare_tile) {
-  Tensor sA = make_tensor(make_smem_ptr(ops.a), typename Cfg::SmemA{});  // (BM, BK, stages)
-  Tensor sB = make_tensor(make_smem_ptr(ops.b), typename Cfg::SmemB{});  // (BN, BK, stages)
+  using Operand = typename Cfg::Operand;
+  Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<Operand*>(ops.a)), typename Cfg::SmemA{});  // (BM, BK, stages)
+  Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<Operand*>(ops.b)), typename Cfg::SmemB{});  // (BN, BK, stages)
   typename Cfg::Mma mma;
   auto thr_mma = mma.get_slice(threadIdx.x);
   Tensor rA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
@@ -157,6 +203,10 @@ CUTE_DEVICE void mainloop(const Operands<Cfg>& ops, int k_tiles, Acc& acc, LoadT
     for (int kb = 0; kb < size<2>(rA); ++kb) {
       copy(s2r_a, sA_view(_, _, kb, stage), rA_view(_, _, kb));
       copy(s2r_b, sB_view(_, _, kb, stage), rB_view(_, _, kb));
+      if constexpr (std::is_same_v<Operand, tfloat32_t>) {
+        round_to_tf32(rA(_, _, kb));
+        round_to_tf32(rB(_, _, kb));
+      }
       gemm(mma, rA(_, _, kb), rB(_, _, kb), acc);
     }
   }

@@ -5,13 +5,13 @@
 // the reduction runs over the N*P*Q output pixels, split over `split` CTAs so layers with
 // few pixels still fill the GPU. Both operands are gathered per pixel as 16-byte vectors of
 // channels (dy's k, x's c at the tap's input pixel: zero outside the image), so they are
-// MN-major and ldmatrix transposes them. Each thread rebuilds relu(bn(x)) on the x vectors
+// MN-major: ldmatrix transposes 16-bit ones, fp32 ones are read element by element. Each thread rebuilds relu(bn(x)) on the x vectors
 // it copied, in shared memory, once they have landed (padding stays 0 after the
 // activation). fp32 partials [split, K, C, R, S] are summed in a fixed order by the caller
 // (deterministic, no atomics), as conv_wgrad's are.
 //
 // Needs: dy and x with unit channel stride, their other strides and channels multiples of
-// 8, 16-byte aligned, of the conv dtype; fewer than 2^31 elements per tensor. The launcher
+// a 16-byte vector (8 fp16 / bf16, 4 fp32 elements), 16-byte aligned, of the conv dtype; fewer than 2^31 elements per tensor. The launcher
 // answers cudaErrorNotSupported otherwise.
 #pragma once
 #include "sm80_gemm.cuh"
@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(ConvWgradParams p) {
   const int r = tap / S, s = tap % S;
   const int begin = split * int(p.rows_per_split);
   const int end = min(pixels, begin + int(p.rows_per_split));
-  const int k_tiles = end > begin ? (end - begin + kBK - 1) / kBK : 0;
+  const int k_tiles = end > begin ? (end - begin + Cfg::BK - 1) / Cfg::BK : 0;
   const bool has_bn = p.bn.mean != nullptr;
   const T* dy = static_cast<const T*>(p.dy.ptr);
   const T* x = static_cast<const T*>(p.x.ptr);
@@ -49,10 +49,10 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(ConvWgradParams p) {
   }
   __syncthreads();
 
-  // This thread's copies: pixels tid / 8 + 16 i of each k-tile, the 16-byte vector tid % 8
-  // of their 64 output channels (dy) and 64 input channels (x).
-  const int vec = tid % 8, line0 = tid / 8;
-  const int k = k0 + vec * kVec, c = c0 + vec * kVec;
+  // This thread's copies: pixels line_of(tid) + kLineStep i of each k-tile, the 16-byte
+  // vector vector_of(tid) of their 64 output channels (dy) and 64 input channels (x).
+  const int vec = Cfg::vector_of(tid), line0 = Cfg::line_of(tid);
+  const int k = k0 + vec * Cfg::kVec, c = c0 + vec * Cfg::kVec;
   // Where the x vector of pixel l sits for this tap (-1: outside the image or past the split).
   auto x_offset = [&](int l) {
     if (l >= end || c >= C) return -1;
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(ConvWgradParams p) {
   auto load_tile = [&](int kt, int stage) {
     CUTE_UNROLL
     for (int i = 0; i < Cfg::kLinesA; ++i) {
-      const int line = line0 + 16 * i, l = begin + kt * kBK + line;
+      const int line = line0 + Cfg::kLineStep * i, l = begin + kt * Cfg::BK + line;
       const bool dy_ok = l < end && k < K;
       const int n = l / (P * Q), pq = l % (P * Q);
       copy_vector(dy_ok ? dy + n * int(p.dy.sn) + (pq / Q) * int(p.dy.sh) + (pq % Q) * int(p.dy.sw) + k : dy,
@@ -73,23 +73,23 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(ConvWgradParams p) {
       copy_vector(at >= 0 ? x + at : x, ops.b_vector(line, vec, stage), at >= 0);
     }
   };
-  float mean[kVec], scale[kVec], beta[kVec];
+  float mean[Cfg::kVec], scale[Cfg::kVec], beta[Cfg::kVec];
   CUTE_UNROLL
-  for (int j = 0; j < kVec; ++j) {
+  for (int j = 0; j < Cfg::kVec; ++j) {
     const bool ok = has_bn && c + j < C;
-    mean[j] = ok ? bn_table[0][vec * kVec + j] : 0.f;
-    scale[j] = ok ? bn_table[1][vec * kVec + j] : 0.f;
-    beta[j] = ok ? bn_table[2][vec * kVec + j] : 0.f;
+    mean[j] = ok ? bn_table[0][vec * Cfg::kVec + j] : 0.f;
+    scale[j] = ok ? bn_table[1][vec * Cfg::kVec + j] : 0.f;
+    beta[j] = ok ? bn_table[2][vec * Cfg::kVec + j] : 0.f;
   }
   // relu(bn(.)) of the x vectors this thread copied; the zero-filled ones stay 0.
   auto activate_tile = [&](int kt, int stage) {
     CUTE_UNROLL
     for (int i = 0; i < Cfg::kLinesB; ++i) {
-      const int line = line0 + 16 * i;
-      if (x_offset(begin + kt * kBK + line) < 0) continue;
+      const int line = line0 + Cfg::kLineStep * i;
+      if (x_offset(begin + kt * Cfg::BK + line) < 0) continue;
       T* v = ops.b_vector(line, vec, stage);
       CUTE_UNROLL
-      for (int j = 0; j < kVec; ++j) {
+      for (int j = 0; j < Cfg::kVec; ++j) {
         const float a = (float(v[j]) - mean[j]) * scale[j] + beta[j];
         v[j] = T(a <= 0.f ? 0.f : a);  // keeps NaN, as F.relu
       }
@@ -109,12 +109,12 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(ConvWgradParams p) {
 }
 
 // Whether wgrad_kernel<T> can run p (see the top of this file).
-inline bool wgrad_supported(const ConvWgradParams& p) {
-  return gathers_vectors(p.dy) && gathers_vectors(p.x) && fits_int32(p.x.n * p.dy.h * p.dy.w);
+template <typename T> bool wgrad_supported(const ConvWgradParams& p) {
+  return gathers_vectors<T>(p.dy) && gathers_vectors<T>(p.x) && fits_int32(p.x.n * p.dy.h * p.dy.w);
 }
 
 template <typename T> cudaError_t launch_wgrad(const ConvWgradParams& p, cudaStream_t stream) {
-  if (!wgrad_supported(p)) return cudaErrorNotSupported;
+  if (!wgrad_supported<T>(p)) return cudaErrorNotSupported;
   const int bytes = ChannelTile<T>::kPipeBytes;
   cudaError_t err = cudaFuncSetAttribute(wgrad_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;

@@ -75,7 +75,7 @@ CASES = [Case(backend, precision, shape, prologue, residual)
 # until a GPU run has verified them: its cases again with the flag, x and dy channels_last
 # (their layout).
 VARIANTS = {"sm80": cuda.SM80_FLAG}
-CASES += [replace(c, variant="sm80") for c in CASES if c.backend == "cuda" and c.precision in ("fp16", "bf16")]
+CASES += [replace(c, variant="sm80") for c in CASES if c.backend == "cuda" and c.precision in ("fp16", "bf16", "tf32")]
 
 
 def case_id(case: Case) -> str:
@@ -176,8 +176,9 @@ def test_ops_conform_to_float64(case, poisoned, request, monkeypatch):
     with poisoned:
         got = run_ops(case, case.backend, t, conv_dtype)
     if case.variant:  # each ran wherever its layout needs are met (x's channels, dy's, both)
-        expected = {"conv_fwd_sm80": case.shape[0] % 8 == 0, "conv_dgrad_sm80": case.shape[1] % 8 == 0,
-                    "conv_wgrad_sm80": case.shape[0] % 8 == 0 and case.shape[1] % 8 == 0}
+        vector = 16 // conv_dtype.itemsize  # channels per 16-byte vector
+        expected = {"conv_fwd_sm80": case.shape[0] % vector == 0, "conv_dgrad_sm80": case.shape[1] % vector == 0,
+                    "conv_wgrad_sm80": case.shape[0] % vector == 0 and case.shape[1] % vector == 0}
         assert launches == {name: int(ran) for name, ran in expected.items()}, launches
     same_precision = run_ops(case, "reference", t, conv_dtype)
     truth = run_ops(case, "reference", {n: v.double() if v is not None and v.is_floating_point() else v

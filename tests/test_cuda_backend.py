@@ -69,14 +69,16 @@ def test_wgrad_split_heuristic():
 
 
 def test_sm80_kernels_only_where_asked_for_and_their_layout_holds(monkeypatch):
-    """The CuTe kernels run only with their flag, for fp16 / bf16 convs, on gathered
-    operands in channels_last with channels a multiple of 8 (checked before any device query)."""
+    """The CuTe kernels run only with their flag, for fp16 / bf16 / fp32 (tf32) convs, on
+    gathered operands in channels_last with channels a multiple of a 16-byte vector (8
+    elements, 4 in fp32), all checked before any device query."""
     x = torch.randn(2, 16, 5, 5, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     monkeypatch.delenv(cuda.SM80_FLAG, raising=False)
     assert not cuda.sm80_kernel_runs(torch.bfloat16, (x,))
     monkeypatch.setenv(cuda.SM80_FLAG, "1")
-    assert not cuda.sm80_kernel_runs(torch.float32, (x.float(),))  # tf32: the WMMA kernels
+    assert not cuda.sm80_kernel_runs(torch.float64, (x.double(),))  # no float64 kernel
     assert not cuda.sm80_kernel_runs(torch.bfloat16, (x.contiguous(),))  # NCHW: channel stride 25
-    assert not cuda.sm80_kernel_runs(torch.bfloat16, (x[:, :12],))  # 12 channels
+    assert not cuda.sm80_kernel_runs(torch.bfloat16, (x[:, :12],))  # 12 channels: not whole vectors of 8
+    assert not cuda.sm80_kernel_runs(torch.float32, (x.float()[:, :6],))  # 6 channels: not whole vectors of 4
     assert not cuda.sm80_kernel_runs(torch.float16, (x,))  # x of another dtype than the conv
 

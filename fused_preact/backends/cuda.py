@@ -7,9 +7,9 @@ data pointers, sizes and element strides, and passes the CURRENT stream on every
 The kernels are opt-in (FUSED_PREACT_ENABLE_CUDA_BACKEND=1) while they are slower than
 the triton backend, because "auto" tries cuda first; README's backend table says what was
 verified where. The tensor-core conv kernels (csrc/fprop_sm80.cuh, dgrad_sm80.cuh,
-wgrad_sm80.cuh: CuTe, cp.async, ldmatrix, mma.sync; fp16 / bf16, channels_last) run only
-with FUSED_PREACT_CUDA_SM80=1 until a GPU run has verified them (they were built and their
-SASS checked without one); the WMMA kernels run otherwise.
+wgrad_sm80.cuh: CuTe, cp.async, ldmatrix, mma.sync; fp16, bf16, fp32 as tf32;
+channels_last) run only with FUSED_PREACT_CUDA_SM80=1 until a GPU run has verified them
+(they were built and their SASS checked without one); the WMMA kernels run otherwise.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from .base import Backend, cdiv, conv_output_hw, wgrad_splits
 
 ENABLE_FLAG = "FUSED_PREACT_ENABLE_CUDA_BACKEND"
 SM80_FLAG = "FUSED_PREACT_CUDA_SM80"
+SM80_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float32 as tf32, as the WMMA kernels
 
 
 def load_extension():
@@ -136,16 +137,18 @@ def conv_geometry(p, weight_shape, stride, padding):
 def sm80_kernel_runs(conv_dtype: torch.dtype, gathered: tuple[torch.Tensor, ...],
                      *tensors: torch.Tensor) -> bool:
     """Whether an op runs on its sm_80 tensor-core kernel (csrc/*_sm80.cuh): asked for
-    (SM80_FLAG), an fp16 / bf16 conv, every `gathered` tensor (what its main loop reads in
-    16-byte vectors of channels: x forward, dy for dgrad, both for wgrad) of the conv dtype
-    with unit channel stride, its other strides and channels multiples of 8, 16-byte
-    aligned, an sm_80-or-newer device, and every tensor under 2^31 elements (32-bit offsets)."""
-    if os.environ.get(SM80_FLAG) != "1" or conv_dtype not in (torch.float16, torch.bfloat16):
+    (SM80_FLAG), every `gathered` tensor (what its main loop reads in 16-byte vectors of
+    channels: x forward, dy for dgrad, both for wgrad) of the conv dtype with unit channel
+    stride, its other strides and channels multiples of a vector (8 fp16 / bf16 elements,
+    4 fp32 ones, which run as tf32), 16-byte aligned, an sm_80-or-newer device, and every
+    tensor under 2^31 elements (32-bit offsets)."""
+    if os.environ.get(SM80_FLAG) != "1" or conv_dtype not in SM80_DTYPES:
         return False
+    vector = 16 // conv_dtype.itemsize
 
     def vectors_of_channels(t: torch.Tensor) -> bool:
         sn, sc, sh, sw = t.stride()
-        return (t.dtype == conv_dtype and sc == 1 and all(v % 8 == 0 for v in (t.shape[1], sn, sh, sw))
+        return (t.dtype == conv_dtype and sc == 1 and all(v % vector == 0 for v in (t.shape[1], sn, sh, sw))
                 and t.data_ptr() % 16 == 0)
     return (all(vectors_of_channels(t) for t in gathered)
             and torch.cuda.get_device_capability(gathered[0].device) >= (8, 0)
