@@ -30,10 +30,9 @@ os.environ["FUSED_PREACT_TRITON_AUTOTUNE"] = "0"  # the benchmark's one launch c
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
 
 from . import cases as C  # noqa: E402
+from . import stand_in_driver  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # name -> (dtype of the activations between blocks, of the weights, of the convs). amp-bf16:
@@ -47,22 +46,6 @@ KERNELS = [("conv_fwd", "bn_relu_conv_fwd_kernel"), ("conv_dgrad", "bn_relu_conv
            ("conv_wgrad", "bn_relu_conv_wgrad_kernel"), ("stats", "batch_stats_kernel"),
            ("stats", "bn_finalize_kernel"), ("bn_backward", "bn_backward_apply_kernel")]
 CONV_KERNELS = {"bn_relu_conv_fwd_kernel", "bn_relu_conv_dgrad_kernel", "bn_relu_conv_wgrad_kernel"}
-
-
-class StandInDriver:
-    """What Triton's JIT asks of the active driver before compiling: target, device, stream."""
-
-    def __init__(self, arch: int):
-        self.target = GPUTarget("cuda", arch, 32)
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
 
 
 class Recorder:
@@ -124,10 +107,8 @@ def record_launches(case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype
 
 def compile_launch(kernel, grid, args, kwargs):
     """The CompiledKernel Triton's JIT makes for this launch (its warmup: compile, no launch)."""
-    from fused_preact.backends.triton.common import FixedConfig
-    if isinstance(kernel, FixedConfig):  # the benchmark's one config: its warps and stages
-        return kernel.kernel.warmup(*args, grid=grid, **kwargs, **kernel.launch_options)
-    return kernel.warmup(*args, grid=grid, **kwargs)
+    # The benchmark's one config (FUSED_PREACT_TRITON_AUTOTUNE=0): its warps and stages.
+    return kernel.jit.warmup(*args, grid=grid, **kwargs, **kernel.options)
 
 
 def ptxas_report(ptx: str, arch: int) -> tuple[str, str]:
@@ -159,7 +140,7 @@ def main_loop(sass: str) -> list[str]:
 
 
 def analyse(arch: int, case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype, torch.dtype]) -> list[dict]:
-    driver.set_active(StandInDriver(arch))
+    stand_in_driver.install(arch)
     rows = []
     for name, grid, args, kwargs, kernel in record_launches(case, precision):
         compiled = compile_launch(kernel, grid, args, kwargs)

@@ -6,7 +6,6 @@ elements); arithmetic is float32 whatever the storage dtype.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -45,39 +44,6 @@ def next_pow2(n: int) -> int:
 def pow2_block(n: int, lo: int = 16, hi: int = 64) -> int:
     """A power-of-two tile width in [lo, hi] covering n if possible (tl.dot needs >= 16)."""
     return max(lo, min(hi, next_pow2(n)))
-
-
-def warp_configs() -> list[triton.Config]:
-    """Autotune space: warps and pipeline depth (tile shapes are fixed by the launcher).
-    The interpreter takes exactly one config; FUSED_PREACT_TRITON_AUTOTUNE=0 (the GPU test
-    runs) keeps only the first, which skips the compile-and-time of the others."""
-    if interpreter_on():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 4)]
-    return configs if os.environ.get("FUSED_PREACT_TRITON_AUTOTUNE", "1") != "0" else configs[:1]
-
-
-def autotune_warps(key: list[str], restore: tuple[str, ...] = ()):
-    """Decorator: triton.autotune over warp_configs(), keyed on the argument names `key`;
-    `restore` names the arguments a launch updates in place (running statistics), put back
-    after each timed trial so that only the real launch counts. With one config there is
-    nothing to choose, so no autotuner (its bookkeeping is host time on every launch): the
-    kernel launches with that config's warps and stages."""
-    configs = warp_configs()
-    if len(configs) > 1:
-        return triton.autotune(configs=configs, key=key, restore_value=list(restore))
-    return lambda kernel: FixedConfig(kernel, configs[0])
-
-
-class FixedConfig:
-    """A kernel launched as kernel[grid](...) with one fixed triton.Config."""
-
-    def __init__(self, kernel, config: triton.Config):
-        self.kernel = kernel
-        self.launch_options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-
-    def __getitem__(self, grid):
-        return functools.partial(self.kernel[grid], **self.launch_options)
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

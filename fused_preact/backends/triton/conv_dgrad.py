@@ -16,8 +16,9 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv
-from .common import (autotune_warps, bn_scale_shift, dot_dtype, dot_precision, nhwc_strides, pow2_block, relu_passes,
+from .common import (bn_scale_shift, dot_dtype, dot_precision, nhwc_strides, pow2_block, relu_passes,
                      rows_per_tile)
+from .launch import autotune_warps
 from .merge import merge_block, sum_if_last, ticket_counters
 
 

@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv, conv_output_hw, stats_dtype
-from .common import (autotune_warps, bn_scale_shift, dot_dtype, dot_precision, nhwc_strides, pow2_block, relu, rows_per_tile,
+from .common import (bn_scale_shift, dot_dtype, dot_precision, nhwc_strides, pow2_block, relu, rows_per_tile,
                      stats_tiles, write_tile_stats)
+from .launch import autotune_warps
 from .merge import merge_block, merge_if_last, ticket_counters
 from .stats import running_args
 

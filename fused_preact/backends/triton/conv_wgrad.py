@@ -14,8 +14,9 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv, wgrad_splits
-from .common import (autotune_warps, bn_scale_shift, dot_dtype, dot_precision, interpreter_on, nhwc_strides, pow2_block,
+from .common import (bn_scale_shift, dot_dtype, dot_precision, interpreter_on, nhwc_strides, pow2_block,
                      relu)
+from .launch import autotune_warps
 from .merge import last_ticket, reset_ticket, ticket_counters
 
 

@@ -16,9 +16,11 @@ import triton.language as tl
 
 from ..base import cdiv, stats_dtype
 from .common import next_pow2, nhwc_strides, rows_per_tile, stats_tiles, write_tile_stats
+from .launch import launcher
 from .merge import merge_block, merge_if_last, merge_tiles, store_batch_stats, ticket_counters
 
 
+@launcher
 @triton.jit
 def batch_stats_kernel(x_ptr, sxn, sxh, sxw, sxc, part_ptr, M, HW, W, C,
                        counter_ptr, mean_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum,
@@ -40,6 +42,7 @@ def batch_stats_kernel(x_ptr, sxn, sxh, sxw, sxc, part_ptr, M, HW, W, C,
                   UPDATE_RUNNING, COUNT_BATCH, CUMULATIVE, BC, BT)
 
 
+@launcher
 @triton.jit
 def bn_finalize_kernel(part_ptr, T, C, mean_ptr, var_ptr,
                        rmean_ptr, rvar_ptr, nbt_ptr, momentum,

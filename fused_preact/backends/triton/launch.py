@@ -1,0 +1,129 @@
+"""Launching a compiled Triton kernel with less host work than kernel[grid](...).
+
+kernel[grid](...) (JITFunction.run) binds and specialises every argument on every call:
+with triton 3.6, about 5 us plus 0.2 us per argument on the 2-core machine the host-time
+tool runs on, 15-25 us for our conv kernels (up to 44 arguments): more than everything
+else one launch of ours costs. What it decides depends only on the arguments' types, the
+values of the integer, boolean and constexpr ones, whether each tensor is 16-byte aligned,
+the launch options and the current device. So the first launch of each such *signature*
+goes through Triton (which compiles or finds the kernel, and autotunes where configured),
+and the CompiledKernel Triton chose for it is kept; later launches with the same signature
+call it directly with CompiledKernel[grid](*args), Triton's own launcher of a compiled
+kernel (on the current stream, so CUDA graphs capture it as before).
+
+The signature is a superset of Triton's specialisation key (exact integer values where
+Triton only asks "divisible by 16?"), so a kept kernel is never launched with arguments it
+was not compiled for; it only means one entry per layer shape. Every launch goes through
+kernel[grid] in the interpreter (nothing is compiled there), with a Triton whose compiled
+kernels cannot be launched that way, or with FUSED_PREACT_TRITON_DIRECT_LAUNCH=0.
+"""
+from __future__ import annotations
+
+import operator
+import os
+from typing import Callable
+
+import torch
+import triton
+from triton.runtime import driver
+
+from .common import interpreter_on
+
+# Read at import; benchmarks.host_cost flips it to time both paths in one run.
+DIRECT = os.environ.get("FUSED_PREACT_TRITON_DIRECT_LAUNCH", "1") != "0" and not interpreter_on()
+MAX_KEPT = 1024  # signatures kept per kernel (a new shape every step must not grow it without end)
+
+
+def warp_configs() -> list[triton.Config]:
+    """Autotune space: warps and pipeline depth (tile shapes are fixed by the launcher).
+    The interpreter takes exactly one config; FUSED_PREACT_TRITON_AUTOTUNE=0 (the GPU test
+    runs) keeps only the first, which skips the compile-and-time of the others."""
+    if interpreter_on():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 4)]
+    return configs if os.environ.get("FUSED_PREACT_TRITON_AUTOTUNE", "1") != "0" else configs[:1]
+
+
+def autotune_warps(key: list[str], restore: tuple[str, ...] = ()):
+    """Decorator: a KernelLauncher of triton.autotune over warp_configs(), keyed on the
+    argument names `key`; `restore` names the arguments a launch updates in place (running
+    statistics), put back after each timed trial so that only the real launch counts. With
+    one config there is nothing to choose, so no autotuner (its bookkeeping is host time on
+    every launch): the kernel launches with that config's warps and stages."""
+    configs = warp_configs()
+    if len(configs) > 1:
+        return lambda kernel: KernelLauncher(triton.autotune(configs=configs, key=key,
+                                                             restore_value=list(restore))(kernel))
+    return lambda kernel: KernelLauncher(kernel, dict(num_warps=configs[0].num_warps,
+                                                      num_stages=configs[0].num_stages))
+
+
+def launcher(kernel) -> "KernelLauncher":
+    """Decorator: a KernelLauncher of a kernel launched with Triton's default options."""
+    return KernelLauncher(kernel, {})
+
+
+def picker(keys):
+    """f(container) -> the tuple of its items at `keys` (operator.itemgetter: C speed, but
+    a bare item for a single key)."""
+    if len(keys) == 1:
+        return lambda container, key=keys[0]: (container[key],)
+    return operator.itemgetter(*keys) if keys else lambda container: ()
+
+
+class KernelLauncher:
+    """kernel[grid](*args, **kwargs) for a JITFunction launched with fixed `options`
+    (num_warps, num_stages), or for a triton.autotune Autotuner (options None: the config
+    it chose), launching the kept CompiledKernel directly where the signature was seen."""
+
+    def __init__(self, kernel, options: dict | None = None):
+        self.kernel = kernel
+        self.options = options or {}
+        self.jit = kernel if options is not None else kernel.fn  # the JITFunction
+        self.arg_names = tuple(self.jit.arg_names)
+        self.kept: dict[tuple, object] = {}  # signature -> CompiledKernel
+        self.rest_by_count: dict[int, Callable] = {}  # positional count -> picks the other parameters from kwargs
+        self.layouts: dict[tuple, tuple[Callable, Callable]] = {}  # argument types -> picks tensors, the others
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(tuple(grid), args, kwargs)
+
+    def launch(self, grid: tuple, args: tuple, kwargs: dict) -> None:
+        values = self.parameter_values(args, kwargs) if DIRECT else None
+        key = self.signature(values) if values is not None else None
+        compiled = self.kept.get(key) if key is not None else None
+        if compiled is not None:
+            compiled[grid + (1,) * (3 - len(grid))](*values)
+            return
+        self.kernel[grid](*args, **kwargs, **self.options)  # compiles, autotunes, launches
+        if key is None:
+            return
+        options = self.options if self.jit is self.kernel else self.kernel.best_config.all_kwargs()
+        compiled = self.jit.warmup(*args, grid=grid, **kwargs, **options)  # Triton's cached choice
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled  # async compile mode
+        if hasattr(compiled, "__getitem__"):
+            if len(self.kept) >= MAX_KEPT:
+                self.kept.clear()
+            self.kept[key] = compiled
+
+    def parameter_values(self, args: tuple, kwargs: dict) -> tuple | None:
+        """Every parameter's value in order (constexprs too: what a CompiledKernel's launcher
+        takes); None where one is left to its default."""
+        rest = self.rest_by_count.get(len(args))
+        if rest is None:
+            rest = self.rest_by_count[len(args)] = picker(self.arg_names[len(args):])
+        try:
+            return args + rest(kwargs)
+        except KeyError:
+            return None
+
+    def signature(self, values: tuple) -> tuple:
+        """What Triton's specialisation of these values can depend on, and more."""
+        types = tuple(map(type, values))  # True == 1, but Triton types them i1 and i32
+        layout = self.layouts.get(types)
+        if layout is None:
+            tensors = [i for i, t in enumerate(types) if issubclass(t, torch.Tensor)]
+            others = [i for i, t in enumerate(types) if not issubclass(t, torch.Tensor)]
+            layout = self.layouts[types] = (picker(tensors), picker(others))
+        return (driver.active.get_current_device(), types, layout[1](values),
+                *[(t.dtype, t.data_ptr() % 16 == 0) for t in layout[0](values)])

@@ -1,0 +1,114 @@
+"""The Triton kernels' direct launch (fused_preact/backends/triton/launch.py) hands Triton's
+launcher exactly what kernel[grid](...) would: the same compiled kernel, grid and arguments,
+for every kernel of the triton backend, through changes of alignment and shape.
+
+Checked without a GPU: a subprocess (compiled kernels, not the interpreter) makes the
+stand-in driver of benchmarks/stand_in_driver.py active, so Triton compiles for sm_90 and
+each launch is recorded instead of made; it runs the same sequence of launches through
+kernel[grid] and through the direct path and writes both records for this test to compare.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def describe(value):
+    """A launch argument as comparable data: tensors by what a kernel's launch depends on
+    (outputs are allocated afresh by each run), everything else by type and value."""
+    import torch
+    if isinstance(value, torch.Tensor):
+        return ["tensor", str(value.dtype), list(value.shape), list(value.stride()), value.data_ptr() % 16 == 0]
+    return [type(value).__name__, repr(value)]
+
+
+def launch_sequence(torch, x_by_case: dict) -> None:
+    """One launch of every triton-backend kernel for each input x (a unit's forward,
+    backward and statistics; with and without the identity gradient)."""
+    from fused_preact.backends.triton import bn_backward, conv_dgrad, conv_fwd, conv_wgrad, stats
+    for x in x_by_case.values():
+        n, c = x.shape[:2]
+        w = torch.randn(24, c, 3, 3)
+        v = torch.rand(c) + 0.5
+        running = (torch.zeros(24), torch.ones(24), torch.zeros((), dtype=torch.long), 0.1)
+        y, *_ = conv_fwd.bn_relu_conv(x, v, v, v, v, w, None, [1, 1], [1, 1], 1e-5, True, *running, torch.float32)
+        conv_fwd.bn_relu_conv(x, v, v, None, None, w, y, [1, 1], [1, 1], 1e-5, False, None, None, None, 0.1,
+                              torch.float32)
+        dy = torch.randn_like(y)
+        g, sums = conv_dgrad.bn_relu_conv_dgrad(dy, w, x, v, v, v, v, [1, 1], [1, 1], 1e-5, torch.float32)
+        conv_wgrad.bn_relu_conv_wgrad(dy, x, v, v, v, v, list(w.shape), [1, 1], [1, 1], 1e-5, torch.float32,
+                                      torch.float32)
+        stats.batch_stats(x, v.clone(), v.clone(), None, 0.1)
+        stats.bn_finalize(torch.rand(4, 3, c), v.clone(), v.clone(), torch.zeros((), dtype=torch.long), None)
+        for dx_other in (None, torch.randn_like(x)):
+            bn_backward.bn_backward_apply(g, x, v, v, v, sums, n * 49, 1e-5, True, dx_other)
+
+
+def record(out: Path, autotune: str) -> None:
+    """Run in the subprocess: both paths over the same inputs, records written to `out`.
+    autotune "1": the conv kernels are triton.autotune'd (the stand-in's timer makes it
+    choose the last config), "0": one fixed config."""
+    os.environ["FUSED_PREACT_TRITON_AUTOTUNE"] = autotune
+    import torch
+    from benchmarks import stand_in_driver
+    launches: list = []
+    stand_in_driver.install(90, launches)
+    import triton
+    from fused_preact.backends.triton import launch
+    triton_runs = []  # kernel[grid] launches that went through JITFunction.run
+    real_run = triton.runtime.jit.JITFunction.run
+
+    def counted_run(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            triton_runs.append(self.__name__)
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    triton.runtime.jit.JITFunction.run = counted_run
+
+    torch.manual_seed(0)
+    base = torch.randn(3 * 16 * 7 * 7 + 1)
+    aligned = base[:3 * 16 * 7 * 7].view(3, 7, 7, 16).permute(0, 3, 1, 2)  # channels_last
+    x_by_case = {"aligned": aligned,
+                 "unaligned": base[1:].view(3, 7, 7, 16).permute(0, 3, 1, 2),  # 4 bytes past a 16-byte boundary
+                 "aligned again": aligned.clone(memory_format=torch.channels_last),
+                 "another batch": torch.randn(2, 16, 7, 7).contiguous(memory_format=torch.channels_last)}
+    result = {}
+    launch.DIRECT = False
+    launch_sequence(torch, x_by_case)  # compiles, and autotunes: trial launches not compared
+    for path, direct in (("kernel[grid]", False), ("direct", True), ("direct, kept", True)):
+        launch.DIRECT = direct
+        launches.clear()
+        triton_runs.clear()
+        launch_sequence(torch, x_by_case)
+        result[path] = {"launches": [[r.name, r.kernel_hash, list(r.grid), [describe(a) for a in r.args]]
+                                     for r in launches], "triton_runs": len(triton_runs)}
+    result["launches_per_case"] = len(launches) // len(x_by_case)
+    out.write_text(json.dumps(result))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("autotune", ["0", "1"])
+def test_direct_launch_hands_over_what_kernel_grid_would(autotune, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    env["PYTHONPATH"] = str(ROOT)
+    out = tmp_path / "launches.json"
+    subprocess.run([sys.executable, __file__, str(out), autotune], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    result = json.loads(out.read_text())
+    through_triton, direct, kept = (result[p]["launches"] for p in ("kernel[grid]", "direct", "direct, kept"))
+    per_case = result["launches_per_case"]
+    assert per_case == 8 and len(through_triton) == 4 * per_case
+    assert direct == through_triton  # first sight of each signature: Triton launches, the kernel is kept
+    assert kept == through_triton  # from the kept kernels: the same kernels, grids and arguments
+    assert result["direct, kept"]["triton_runs"] == 0 and result["kernel[grid]"]["triton_runs"] == 4 * per_case
+    # The test means something: Triton compiled other kernels for the unaligned input.
+    hashes = [[launch[1] for launch in through_triton[i * per_case:(i + 1) * per_case]] for i in range(4)]
+    assert hashes[0] == hashes[2] and hashes[0] != hashes[1]
+
+
+if __name__ == "__main__":
+    record(Path(sys.argv[1]), sys.argv[2])
