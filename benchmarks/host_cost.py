@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
@@ -27,6 +25,7 @@ import torch  # noqa: E402
 import fused_preact as fp  # noqa: E402
 from fused_preact import ops  # noqa: E402
 
+from .host_timing import time_us  # noqa: E402
 from .run import metadata  # noqa: E402
 
 # (module, kernel) of every Triton launch of the triton backend.
@@ -56,20 +55,6 @@ def stub_launches(launches=None) -> None:
         module = importlib.import_module(f"fused_preact.backends.triton.{module_name}")
         assert hasattr(module, kernel), f"{module_name}.{kernel} is gone: update KERNELS"
         setattr(module, kernel, NoLaunch(kernel, launches))
-
-
-def time_us(fn, repeats: int, calls: int) -> dict:
-    """Per-call microseconds over `repeats` timings of `calls` calls: min and median (the
-    min is the least disturbed by other work on a shared machine)."""
-    for _ in range(calls):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return {"min_us": min(samples), "median_us": statistics.median(samples)}
 
 
 class Bare(torch.autograd.Function):
