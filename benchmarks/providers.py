@@ -13,6 +13,8 @@ compile-fused-triton  torch.compile (default mode) of the fused blocks / of the 
 <provider>-graph    eager-cl-amp and fused-triton with each timed step (block fwd, fwd+bwd, a
                     model's training step) captured whole in one CUDA graph and replayed: the
                     same GPU work without the host work (GPU)
+fused-triton-jit-launch  fused-triton with every Triton launch through kernel[grid] (the direct
+                    launch of kept compiled kernels off): what that launch saves, same run (GPU)
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class Provider:
     autocast: bool                 # run under autocast to the case dtype
     compile_mode: str | None = None
     cuda_graph: bool = False       # each timed step captured in a CUDA graph and replayed
+    direct_launch: bool = True     # False: every Triton launch through kernel[grid]
 
     def autocast_context(self, device: str, dtype: torch.dtype):
         if self.autocast and dtype != torch.float32:
@@ -42,11 +45,26 @@ class Provider:
             return torch.autocast(device, dtype=dtype, cache_enabled=not self.cuda_graph)
         return contextlib.nullcontext()
 
+    def launch_context(self):
+        """Around a whole timed step (forward and backward): the Triton launch path asked for."""
+        return contextlib.nullcontext() if self.direct_launch else kernel_grid_launches()
+
     def block_input(self, x32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """x32 as a block inside a network receives it: under autocast, the previous
         block's output is already in the autocast dtype (conv output + residual)."""
         x = x32.to(dtype) if self.autocast else x32
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def kernel_grid_launches():
+    """Every Triton launch through kernel[grid] inside (fused_preact/backends/triton/launch.py)."""
+    from fused_preact.backends.triton import launch
+    previous, launch.DIRECT = launch.DIRECT, False
+    try:
+        yield
+    finally:
+        launch.DIRECT = previous
 
 
 def providers(device: str, max_autotune: bool) -> list[Provider]:
@@ -63,7 +81,8 @@ def providers(device: str, max_autotune: bool) -> list[Provider]:
     if device == "cuda":
         out += [Provider("compile-fused-triton", "triton", True, True, "default"),
                 Provider("eager-cl-amp-graph", None, True, True, cuda_graph=True),
-                Provider("fused-triton-graph", "triton", True, True, cuda_graph=True)]
+                Provider("fused-triton-graph", "triton", True, True, cuda_graph=True),
+                Provider("fused-triton-jit-launch", "triton", True, True, direct_launch=False)]
     return out
 
 

@@ -25,6 +25,8 @@ LEGEND = {
                             "triton backend",
     "eager-cl-amp-graph": "eager-cl-amp with each timed step captured in one CUDA graph and replayed (no host work)",
     "fused-triton-graph": "fused-triton with each timed step captured in one CUDA graph and replayed (no host work)",
+    "fused-triton-jit-launch": "fused-triton with every Triton launch through kernel[grid] (no direct launch of the "
+                               "kept compiled kernels)",
     "floor": "max(minimum bytes / copy rate, FLOPs / bf16 matmul rate)",
 }
 

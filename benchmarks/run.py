@@ -270,10 +270,11 @@ def run_block_case(case, dtype_name, provs, device, ceil, rows, measure):
 
                 def call():
                     x = xs[next(counter) % n_inputs]
-                    with autocast:
-                        out = module(x)
-                    if mode == "fwdbwd":
-                        out.backward(torch.ones_like(out))
+                    with prov.launch_context():
+                        with autocast:
+                            out = module(x)
+                        if mode == "fwdbwd":
+                            out.backward(torch.ones_like(out))
                     return out
                 step = call
                 if prov.cuda_graph:
@@ -321,9 +322,10 @@ def training_step(model, prov, batch, dtype, device):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
+        with prov.launch_context():
+            with autocast:
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
         opt.step()
     return step
 

@@ -67,6 +67,19 @@ def test_graph_providers_exist_on_gpus_only():
         assert not torch.is_autocast_cache_enabled()
 
 
+def test_jit_launch_provider_sends_its_steps_through_kernel_grid(monkeypatch):
+    """fused-triton-jit-launch times the same blocks with the direct launch off, for the
+    whole step (its backward too), and leaves it as it was after."""
+    from fused_preact.backends.triton import launch
+    monkeypatch.setattr(launch, "DIRECT", True)
+    on_gpu = {p.name: p for p in providers.providers("cuda", False)}
+    with on_gpu["fused-triton"].launch_context():
+        assert launch.DIRECT
+    with on_gpu["fused-triton-jit-launch"].launch_context():
+        assert not launch.DIRECT
+    assert launch.DIRECT
+
+
 def test_report_host_share_table():
     block = {"case": "c", "dtype": "bf16", "mode": "fwdbwd", "unit": "", "note": ""}
     model = dict(block, case="m", mode="train_step")
