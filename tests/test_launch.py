@@ -6,6 +6,7 @@ Checked without a GPU: a subprocess (compiled kernels, not the interpreter) make
 stand-in driver of benchmarks/stand_in_driver.py active, so Triton compiles for sm_90 and
 each launch is recorded instead of made; it runs the same sequence of launches through
 kernel[grid] and through the direct path and writes both records for this test to compare.
+In process, a stand-in kernel checks when the direct path must not be taken.
 """
 import json
 import os
@@ -88,6 +89,58 @@ def record(out: Path, autotune: str) -> None:
                                      for r in launches], "triton_runs": len(triton_runs)}
     result["launches_per_case"] = len(launches) // len(x_by_case)
     out.write_text(json.dumps(result))
+
+
+class FakeKernel:
+    """Stands for a JITFunction (its launches and warmup recorded) in the in-process tests."""
+    arg_names = ["x_ptr", "n", "FLAG"]
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(("kernel[grid]", grid, args, kwargs))
+
+    def warmup(self, *args, grid, **kwargs):
+        calls = self.calls
+
+        class Compiled:
+            def __getitem__(self, grid):
+                return lambda *values: calls.append(("direct", grid, values))
+        return Compiled()
+
+
+def test_direct_launch_only_for_a_signature_seen_and_complete(monkeypatch):
+    """In process, with a stand-in kernel: the kept kernel is launched with every parameter
+    in order and a 3-d grid; an alignment change, True for 1, a launch option among the
+    keywords, a parameter left to its default, or the switch off go through kernel[grid]."""
+    import torch
+
+    from fused_preact.backends.triton import launch
+
+    class Device:
+        active = type("Active", (), {"get_current_device": staticmethod(lambda: 0)})()
+    monkeypatch.setattr(launch, "driver", Device)
+    monkeypatch.setattr(launch, "DIRECT", True)
+    kernel = FakeKernel()
+    launcher = launch.KernelLauncher(kernel, {"num_warps": 4})
+    base = torch.zeros(8)
+    aligned, unaligned = base[:4], base[1:5]
+
+    def paths(*calls):
+        kernel.calls.clear()
+        for args, kwargs in calls:
+            launcher[(2,)](*args, **kwargs)
+        return [c[0] for c in kernel.calls]
+    assert paths(((aligned, 5), {"FLAG": True}), ((aligned, 5), {"FLAG": True})) == ["kernel[grid]", "direct"]
+    assert kernel.calls[-1] == ("direct", (2, 1, 1), (aligned, 5, True))
+    assert paths(((unaligned, 5), {"FLAG": True}), ((unaligned, 5), {"FLAG": True})) == ["kernel[grid]", "direct"]
+    assert paths(((aligned, 5), {"FLAG": 1})) == ["kernel[grid]"]  # True == 1, but not to Triton
+    assert kernel.calls[0][3] == {"FLAG": 1, "num_warps": 4}
+    assert paths(*[((aligned, 5), {"FLAG": True, "num_stages": 2})] * 2) == ["kernel[grid]"] * 2
+    assert paths(((aligned,), {"FLAG": True}), ((aligned,), {"FLAG": True})) == ["kernel[grid]"] * 2
+    monkeypatch.setattr(launch, "DIRECT", False)
+    assert paths(((aligned, 5), {"FLAG": True})) == ["kernel[grid]"]
 
 
 @pytest.mark.slow

@@ -108,7 +108,10 @@ class KernelLauncher:
 
     def parameter_values(self, args: tuple, kwargs: dict) -> tuple | None:
         """Every parameter's value in order (constexprs too: what a CompiledKernel's launcher
-        takes); None where one is left to its default."""
+        takes); None where one is left to its default or a keyword is not a parameter (a
+        launch option: Triton's path decides what it changes)."""
+        if len(args) + len(kwargs) != len(self.arg_names):
+            return None
         rest = self.rest_by_count.get(len(args))
         if rest is None:
             rest = self.rest_by_count[len(args)] = picker(self.arg_names[len(args):])
