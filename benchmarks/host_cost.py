@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import fused_preact as fp  # noqa: E402
 from fused_preact import ops  # noqa: E402
 
-from .host_timing import time_us  # noqa: E402
+from .host_timing import time_us, tiny_blocks  # noqa: E402
 from .run import metadata  # noqa: E402
 
 # (module, kernel) of every Triton launch of the triton backend.
@@ -120,16 +120,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)  # host work is one thread; a second only adds jitter here
     torch.manual_seed(0)
     results = {}
-    for kind, block_cls in (("basic", fp.PreActBlock), ("bottleneck", fp.PreActBottleneck)):
-        # The tiny-overhead shape of benchmarks/cases.py (16 channels, 2x16x8x8).
-        block = block_cls(16, 16 if kind == "basic" else 4, 1, backend="triton")
-        block = block.to(memory_format=torch.channels_last)
-        x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-
-        def fwdbwd():
-            out = block(x)
-            out.backward(torch.ones_like(out))
-
+    for kind, block, x, fwdbwd in tiny_blocks():
         def fwd():
             block(x)
         results[kind] = {"fwd": time_us(fwd, args.repeats, args.calls),

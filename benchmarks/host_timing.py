@@ -1,5 +1,5 @@
-"""Host time of a call, per call, for the tools that time host work (benchmarks.host_cost,
-benchmarks.launch_cost)."""
+"""What the tools that time host work (benchmarks.host_cost, benchmarks.launch_cost) share:
+the blocks they time and the timing of a call."""
 from __future__ import annotations
 
 import statistics
@@ -18,3 +18,21 @@ def time_us(fn, repeats: int, calls: int) -> dict:
             fn()
         samples.append((time.perf_counter() - start) / calls * 1e6)
     return {"min_us": min(samples), "median_us": statistics.median(samples)}
+
+
+def tiny_blocks():
+    """The tiny-overhead case of benchmarks/cases.py (16 channels, 2x16x8x8) as a basic and
+    a bottleneck block on the triton backend: (kind, block, x, fwdbwd) for each, fwdbwd
+    one forward and backward of the block."""
+    import torch
+
+    import fused_preact as fp
+    for kind, block_cls in (("basic", fp.PreActBlock), ("bottleneck", fp.PreActBottleneck)):
+        block = block_cls(16, 16 if kind == "basic" else 4, 1, backend="triton")
+        block = block.to(memory_format=torch.channels_last)
+        x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+
+        def fwdbwd(block=block, x=x):
+            out = block(x)
+            out.backward(torch.ones_like(out))
+        yield kind, block, x, fwdbwd

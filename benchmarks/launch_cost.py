@@ -26,7 +26,7 @@ os.environ.setdefault("FUSED_PREACT_TRITON_AUTOTUNE", "0")  # the benchmark's on
 import torch  # noqa: E402
 
 from . import stand_in_driver  # noqa: E402
-from .host_timing import time_us  # noqa: E402
+from .host_timing import time_us, tiny_blocks  # noqa: E402
 from .run import metadata  # noqa: E402
 
 PATHS = {"kernel[grid]": False, "direct": True}  # launch.DIRECT
@@ -49,15 +49,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)  # host work is one thread; a second only adds jitter here
     torch.manual_seed(0)
     results = {}
-    for kind, block_cls in (("basic", fp.PreActBlock), ("bottleneck", fp.PreActBottleneck)):
-        # The tiny-overhead shape of benchmarks/cases.py (16 channels, 2x16x8x8), as host_cost.
-        block = block_cls(16, 16 if kind == "basic" else 4, 1, backend="triton")
-        block = block.to(memory_format=torch.channels_last)
-        x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-
-        def fwdbwd():
-            out = block(x)
-            out.backward(torch.ones_like(out))
+    for kind, _, _, fwdbwd in tiny_blocks():  # the blocks host_cost times
         launches.clear()
         fwdbwd()  # compiles every kernel of the step
         counted = len(launches)
