@@ -1,9 +1,9 @@
 """Launching a compiled Triton kernel with less host work than kernel[grid](...).
 
-kernel[grid](...) (JITFunction.run) binds and specialises every argument on every call:
-with triton 3.6, about 5 us plus 0.2 us per argument on the 2-core machine the host-time
-tool runs on, 15-25 us for our conv kernels (up to 44 arguments): more than everything
-else one launch of ours costs. What it decides depends only on the arguments' types, the
+kernel[grid](...) (JITFunction.run) binds and specialises every argument on every call
+(our conv kernels have up to 61 parameters, constexprs included): more host time than
+anything else one launch of ours costs (python -m benchmarks.launch_cost measures both
+paths without a GPU; benchmarks/results/ has what it measured). What it decides depends only on the arguments' types, the
 values of the integer, boolean and constexpr ones, whether each tensor is 16-byte aligned,
 the launch options and the current device. So the first launch of each such *signature*
 goes through Triton (which compiles or finds the kernel, and autotunes where configured),
@@ -29,7 +29,8 @@ from triton.runtime import driver
 
 from .common import interpreter_on
 
-# Read at import; benchmarks.host_cost flips it to time both paths in one run.
+# Read at import; benchmarks.launch_cost and the fused-triton-jit-launch provider flip it to
+# time both paths in one run.
 DIRECT = os.environ.get("FUSED_PREACT_TRITON_DIRECT_LAUNCH", "1") != "0" and not interpreter_on()
 MAX_KEPT = 1024  # signatures kept per kernel (a new shape every step must not grow it without end)
 
