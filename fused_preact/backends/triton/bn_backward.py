@@ -17,7 +17,7 @@ from .common import next_pow2, nhwc_strides
 from .launch import launcher
 
 
-@launcher
+@launcher()
 @triton.jit
 def bn_backward_apply_kernel(
     g_ptr, sgn, sgh, sgw, sgc, x_ptr, sxn, sxh, sxw, sxc, dx_ptr, son, soh, sow, soc,

@@ -59,9 +59,10 @@ def autotune_warps(key: list[str], restore: tuple[str, ...] = ()):
                                                       num_stages=configs[0].num_stages))
 
 
-def launcher(kernel) -> "KernelLauncher":
-    """Decorator: a KernelLauncher of a kernel launched with Triton's default options."""
-    return KernelLauncher(kernel, {})
+def launcher(**options):
+    """Decorator: a KernelLauncher of a kernel launched with these launch options (num_warps,
+    ...; Triton's defaults for the others)."""
+    return lambda kernel: KernelLauncher(kernel, options)
 
 
 def picker(keys):

@@ -20,7 +20,7 @@ from .launch import launcher
 from .merge import merge_block, merge_if_last, merge_tiles, store_batch_stats, ticket_counters
 
 
-@launcher
+@launcher()
 @triton.jit
 def batch_stats_kernel(x_ptr, sxn, sxh, sxw, sxc, part_ptr, M, HW, W, C,
                        counter_ptr, mean_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum,
@@ -42,7 +42,9 @@ def batch_stats_kernel(x_ptr, sxn, sxh, sxw, sxc, part_ptr, M, HW, W, C,
                   UPDATE_RUNNING, COUNT_BATCH, CUMULATIVE, BC, BT)
 
 
-@launcher
+# Few programs (one per channel block) walk the tiles: wide steps of 8192 values and 8
+# warps keep that walk short.
+@launcher(num_warps=8)
 @triton.jit
 def bn_finalize_kernel(part_ptr, T, C, mean_ptr, var_ptr,
                        rmean_ptr, rvar_ptr, nbt_ptr, momentum,
@@ -91,12 +93,10 @@ def bn_finalize(partials, running_mean, running_var, num_batches_tracked, moment
     var = torch.empty_like(mean)
     # momentum=None reads the batch count that program 0 writes: then one program does all channels.
     bc = next_pow2(c) if momentum is None else min(128, next_pow2(c))
-    # Few programs (one per channel block) walk the tiles: wide steps of 8192 values and 8
-    # warps keep that walk short.
-    bt = min(max(8192 // bc, 16), next_pow2(t))
+    bt = min(max(8192 // bc, 16), next_pow2(t))  # wide steps (see the kernel's launch options)
     bn_finalize_kernel[(cdiv(c, bc),)](
         partials.contiguous(), t, c, mean, var,
         **running_args(mean, running_mean, running_var, num_batches_tracked, momentum),
-        BT=bt, BC=bc, num_warps=8,
+        BT=bt, BC=bc,
     )
     return mean, var
