@@ -54,6 +54,9 @@ def worker(rank, init_file, sync_bn, result_file):
         opt.step()
         record.append((out.detach(), x.grad))
     torch.save({"steps": record, "state": model.state_dict()}, f"{result_file}.{rank}")
+    # Both ranks done before either tears gloo down (a rank left alone mid-teardown can abort:
+    # seen once in CI, a SIGABRT of rank 0 with no Python error).
+    dist.barrier()
     dist.destroy_process_group()
 
 
