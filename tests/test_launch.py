@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,13 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def describe(value):
     """A launch argument as comparable data: tensors by what a kernel's launch depends on
     (outputs are allocated afresh by each run), everything else by type and value."""
-    import torch
     if isinstance(value, torch.Tensor):
         return ["tensor", str(value.dtype), list(value.shape), list(value.stride()), value.data_ptr() % 16 == 0]
     return [type(value).__name__, repr(value)]
 
 
-def launch_sequence(torch, x_by_case: dict) -> None:
+def launch_sequence(x_by_case: dict) -> None:
     """One launch of every triton-backend kernel for each input x (a unit's forward,
     backward and statistics; with and without the identity gradient)."""
     from fused_preact.backends.triton import bn_backward, conv_dgrad, conv_fwd, conv_wgrad, stats
@@ -55,7 +55,6 @@ def record(out: Path, autotune: str) -> None:
     autotune "1": the conv kernels are triton.autotune'd (the stand-in's timer makes it
     choose the last config), "0": one fixed config."""
     os.environ["FUSED_PREACT_TRITON_AUTOTUNE"] = autotune
-    import torch
     from benchmarks import stand_in_driver
     launches: list = []
     stand_in_driver.install(90, launches)
@@ -79,12 +78,12 @@ def record(out: Path, autotune: str) -> None:
                  "another batch": torch.randn(2, 16, 7, 7).contiguous(memory_format=torch.channels_last)}
     result = {}
     launch.DIRECT = False
-    launch_sequence(torch, x_by_case)  # compiles, and autotunes: trial launches not compared
+    launch_sequence(x_by_case)  # compiles, and autotunes: trial launches not compared
     for path, direct in (("kernel[grid]", False), ("direct", True), ("direct, kept", True)):
         launch.DIRECT = direct
         launches.clear()
         triton_runs.clear()
-        launch_sequence(torch, x_by_case)
+        launch_sequence(x_by_case)
         result[path] = {"launches": [[r.name, r.kernel_hash, list(r.grid), [describe(a) for a in r.args]]
                                      for r in launches], "triton_runs": len(triton_runs)}
     result["launches_per_case"] = len(launches) // len(x_by_case)
@@ -114,8 +113,6 @@ def test_direct_launch_only_for_a_signature_seen_and_complete(monkeypatch):
     """In process, with a stand-in kernel: the kept kernel is launched with every parameter
     in order and a 3-d grid; an alignment change, True for 1, a launch option among the
     keywords, a parameter left to its default, or the switch off go through kernel[grid]."""
-    import torch
-
     from fused_preact.backends.triton import launch
 
     class Device:
