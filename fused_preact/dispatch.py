@@ -82,14 +82,20 @@ def select(op: str, tensors: Sequence[torch.Tensor | None], backend: str = "auto
            conv_dtype: torch.dtype | None = None) -> Backend:
     """The backend that runs `op` on `tensors` (conv_dtype: the dtype its convolution computes
     in, None for ops without one); raises BackendNotSupported with all reasons."""
-    name = requested_backend(backend)
-    key = (op, name, conv_dtype, torch.backends.cudnn.allow_tf32,
-           tuple(os.environ.get(flag) for flag in _env_flags()),
-           tuple(None if t is None else (t.device, t.dtype) for t in tensors))
+    state = selection_state(backend)
+    key = (op, state, conv_dtype, tuple(None if t is None else (t.device, t.dtype) for t in tensors))
     chosen = _chosen.get(key)
     if chosen is None:
-        chosen = _chosen[key] = _walk_reasons(op, tensors, name, conv_dtype)
+        chosen = _chosen[key] = _walk_reasons(op, tensors, state[0], conv_dtype)
     return chosen
+
+
+def selection_state(backend: str = "auto") -> tuple:
+    """Everything a choice depends on besides the op, conv_dtype and the tensors' devices
+    and dtypes: the backend asked for (requested_backend, first), tf32, the backends'
+    environment flags."""
+    return (requested_backend(backend), torch.backends.cudnn.allow_tf32,
+            tuple(os.environ.get(flag) for flag in _env_flags()))
 
 
 def _env_flags() -> tuple[str, ...]:

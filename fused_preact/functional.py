@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from . import distributed, ops
 from .backends.base import conv_output_hw
+from .block_autograd import Tape
 
 
 class BNStats(NamedTuple):
@@ -116,14 +117,15 @@ def running_update(bn: nn.BatchNorm2d, synced: bool) -> tuple:
 
 
 def bn_stats(bn: nn.BatchNorm2d, x: Tensor, moments: Optional[tuple[Tensor, Tensor]], backend: str,
-             sync_group: int = 0, images: Optional[int] = None) -> BNStats:
+             sync_group: int = 0, images: Optional[int] = None, tape: Optional[Tape] = None) -> BNStats:
     """Statistics for `bn` applied to x; in training also updates its running statistics.
 
     moments: the local (mean, biased var) of x already produced by the conv that wrote x,
     which updated bn's running statistics as running_update says, else None (then one
     standalone statistics pass reads x). sync_group: an active fused_preact.distributed
     handle to synchronise the statistics over (0: local); images: the batch over all its
-    ranks (distributed.agree), None where unknown.
+    ranks (distributed.agree), None where unknown. tape: the block's block_autograd.Tape
+    (nothing records autograd there, and the tape must see x itself, not a detached copy).
     """
     if not needs_batch_stats(bn):
         return BNStats(bn.running_mean, bn.running_var, False)
@@ -135,8 +137,9 @@ def bn_stats(bn: nn.BatchNorm2d, x: Tensor, moments: Optional[tuple[Tensor, Tens
             f"fused_preact: expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
             + (f" ({images} images over all ranks)" if sync_group and images is not None else ""))
     if moments is None:
-        moments = ops.batch_stats(x.detach(), *running_update(bn, bool(sync_group)), backend)
-    mean, var = (m.detach() for m in moments)
+        moments = ops.batch_stats(x if tape is not None else x.detach(), *running_update(bn, bool(sync_group)),
+                                  backend)
+    mean, var = moments  # no gradient: batch_stats has none, a unit's statistics outputs are non-differentiable
     if sync_group:
         partials = distributed.gather_partials(mean, var, x.numel() // x.shape[1], sync_group)
         # The merge of all ranks' statistics updates the running statistics (and counts the batch).
@@ -161,14 +164,16 @@ class UnitResult(NamedTuple):
 
 def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv: nn.Conv2d,
          residual: Optional[Tensor], consumer: Optional[Consumer], backend: str,
-         carry_input: bool = False) -> UnitResult:
+         carry_input: bool = False, tape: Optional[Tape] = None) -> UnitResult:
     """conv(relu(bn(x))) [+ residual] with `stats` (None: plain conv of x, no BN, no ReLU).
 
     moments: where `consumer` needs batch statistics, their local (mean, biased var) for
     bn_stats (None when they could not be produced in the same pass). carry_input: also
     return x through the unit's autograd node, for x's other consumer (a block's identity
     path) to use instead of x, so that consumer's gradient is added to dx inside the unit's
-    backward kernel (OpEntry.call_carrying_input); else carried is None.
+    backward kernel (OpEntry.call_carrying_input); else carried is None. tape: the block's
+    block_autograd.Tape, which records the unit instead of an autograd node of its own (x
+    is then carried as it is: the tape joins the gradients).
     """
     dtype = compute_dtype(x, conv)
     if stats is None:
@@ -188,7 +193,9 @@ def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv
     weight = conv.weight if conv.weight.dtype in (dtype, torch.float32) else conv.weight.to(dtype)
     args = (x, mean, var, bn_weight, bn_bias, weight, fused_residual, list(conv.stride), list(conv.padding),
             float(eps), batch, want, *running, backend, sync_group, dtype)
-    if carry_input:
+    if tape is not None:
+        (y, y_mean, y_var), carried = tape.run_unit(args), x if carry_input else None
+    elif carry_input:
         y, y_mean, y_var, carried = ops.bn_relu_conv.call_carrying_input(*args)
     else:
         (y, y_mean, y_var), carried = ops.bn_relu_conv(*args), None

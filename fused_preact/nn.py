@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed
+from . import block_autograd, dispatch, distributed
 from . import functional as Fp
-from .dispatch import check_backend_name
+from .block_autograd import Tape, tensor_signature
 
 SHORTCUT_SOURCES = ("preact", "input")
 
@@ -66,7 +66,7 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                               padding_mode, **factory)
         Fp.check_conv(self.conv, "conv")
-        check_backend_name(backend)
+        dispatch.check_backend_name(backend)
         self.backend = backend
         self.set_sync_bn(sync_bn, process_group)
 
@@ -76,7 +76,7 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
         """Wrap existing modules (shared, not copied: optimizers keep their parameters)."""
         Fp.check_bn(bn, "bn")
         Fp.check_conv(conv, "conv")
-        check_backend_name(backend)
+        dispatch.check_backend_name(backend)
         unit = cls.__new__(cls)
         nn.Module.__init__(unit)
         unit.bn, unit.conv, unit.backend = bn, conv, backend
@@ -110,7 +110,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         self.set_sync_bn(sync_bn, process_group)
         if shortcut not in SHORTCUT_SOURCES:
             raise ValueError(f"fused_preact: shortcut must be one of {SHORTCUT_SOURCES}, got {shortcut!r}")
-        check_backend_name(backend)
+        dispatch.check_backend_name(backend)
         self.shortcut_source = shortcut
         self.backend = backend
         for bn_name, conv_name in self.unit_names:
@@ -140,34 +140,79 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         standalone statistics pass between blocks: x_moments are bn1's, from the conv that
         wrote x (see Fp.bn_stats); the last conv computes those of `consumer`, the next
         block's first BatchNorm (None: nobody reads them)."""
-        units = self.units()
-        self.check_input(x, units)
-        sync, images = self.synchronise(x)
-        if x.shape[0] == 0 and not sync:  # an empty local batch under sync BN still joins the exchanges
-            return self.empty_batch_forward(x), None
+        units, projection = self.units(), self.projection()
+        params = self.autograd_params(units, projection)
+        convs = [conv for _, conv in units] + ([projection] if projection is not None else [])
+        one_node = isinstance(x, Tensor) and block_autograd.applies(
+            x, params, [conv.weight for conv in convs], Fp.compute_dtype(x, convs[0]))
+        # A plan (block_autograd) skips the checks below: its key fixes their outcome.
+        key = self.plan_key(x, x_moments, consumer, units, convs) if one_node and not self.sync_bn else None
+        program = block_autograd.PLANS.get(key)
+        if program is None:
+            self.check_input(x, units)
+            sync, images = self.synchronise(x)
+            if x.shape[0] == 0 and not sync:  # an empty local batch under sync BN still joins the exchanges
+                return self.empty_batch_forward(x), None
+        else:
+            sync, images = 0, None
         backend = self.backend or "auto"
+
+        def forward_units(x: Tensor, tape: Optional[Tape]):
+            return self.forward_units(x, x_moments, consumer, sync, images, backend, tape)
+        if not one_node:
+            return forward_units(x, None)
+        buffers = [t for bn in [bn for bn, _ in units] + ([consumer.bn] if consumer is not None else [])
+                   for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+        inputs = block_autograd.BlockInputs(x, x_moments, params, buffers)
+        return block_autograd.run_block(forward_units, key if not sync else None, program, inputs)
+
+    def forward_units(self, x: Tensor, x_moments, consumer: Optional[Fp.Consumer], sync: int,
+                      images: Optional[int], backend: str, tape: Optional[Tape]):
+        """forward_with_stats after its checks: the units one after another, each with its
+        own autograd node, or recorded on the block's tape (block_autograd) if given."""
+        units = self.units()
         bn1 = units[0][0]
-        stats = Fp.bn_stats(bn1, x, x_moments, backend, sync, images)
+        stats = Fp.bn_stats(bn1, x, x_moments, backend, sync, images, tape)
         projection = self.projection()
         h, moments, shortcut = x, x_moments, None
         for i, (bn, conv) in enumerate(units):
             last = i == len(units) - 1
             if i > 0:
-                stats = Fp.bn_stats(bn, h, moments, backend, sync, images)
+                stats = Fp.bn_stats(bn, h, moments, backend, sync, images, tape)
             next_consumer = consumer if last else Fp.Consumer(units[i + 1][0], bool(sync))
             # The shortcut reads x as the first unit's autograd node returns it, so its
             # gradient (the identity's, or the projection's dx) joins that unit's dx kernel.
             h, moments, carried = Fp.unit(h, stats, bn, conv, shortcut if last else None, next_consumer, backend,
-                                          carry_input=i == 0)
+                                          carry_input=i == 0, tape=tape)
             if i == 0:
-                shortcut = carried if projection is None else self.project(carried, stats, backend)
+                shortcut = carried if projection is None else self.project(carried, stats, backend, tape)
         return h, moments
 
-    def project(self, x: Tensor, stats: Fp.BNStats, backend: str) -> Tensor:
+    @staticmethod
+    def autograd_params(units, projection: Optional[nn.Conv2d]) -> list[Tensor]:
+        """The parameters the units read (BN affine, conv weights, projection), in a fixed
+        order (units: self.units(), projection: self.projection())."""
+        tensors = [t for bn, conv in units for t in (bn.weight, bn.bias, conv.weight)]
+        return [t for t in tensors + [projection.weight if projection is not None else None] if t is not None]
+
+    def plan_key(self, x: Tensor, x_moments, consumer: Optional[Fp.Consumer], units, convs) -> tuple:
+        """Everything the forward glue decides from, for block_autograd's plans: the block's
+        structure, x's signature, whether statistics come in (and their dtype), every
+        module setting and tensor signature the units read, the consumer's, autocast and
+        the backend asked for (dispatch.selection_state)."""
+        device_type = x.device.type
+        bns = [bn for bn, _ in units] + ([consumer.bn] if consumer is not None else [])
+        return (type(self), self.shortcut_source, x.shape, x.dtype, x.device,
+                None if x_moments is None else x_moments[0].dtype, consumer is not None and consumer.synced,
+                torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
+                dispatch.selection_state(self.backend or "auto"),
+                *(_bn_signature(bn) for bn in bns), *(_conv_signature(conv) for conv in convs))
+
+    def project(self, x: Tensor, stats: Fp.BNStats, backend: str, tape: Optional[Tape]) -> Tensor:
         """The projection shortcut of x: conv(relu(bn1(x))) ("preact") or conv(x) ("input")."""
         if self.shortcut_source == "preact":
-            return Fp.unit(x, stats, self.first_bn(), self.projection(), None, None, backend).output
-        return Fp.unit(x, None, None, self.projection(), None, None, backend).output
+            return Fp.unit(x, stats, self.first_bn(), self.projection(), None, None, backend, tape=tape).output
+        return Fp.unit(x, None, None, self.projection(), None, None, backend, tape=tape).output
 
     def consumer(self) -> Fp.Consumer:
         """This block's first BatchNorm as the consumer of the previous block's statistics."""
@@ -334,3 +379,15 @@ class TimmPreActBottleneck(TimmPreActBasic):
     """Fused stand-in for timm resnetv2.PreActBottleneck (norm3 / conv3 added)."""
 
     unit_names = (("norm1", "conv1"), ("norm2", "conv2"), ("norm3", "conv3"))
+
+
+def _bn_signature(bn: nn.BatchNorm2d) -> tuple:
+    """A BatchNorm's part of a plan key (nn._PreActUnits.plan_key)."""
+    return (bn.num_features, bn.training, bn.eps, bn.momentum, bn.track_running_stats,
+            *(tensor_signature(t) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                            bn.num_batches_tracked)))
+
+
+def _conv_signature(conv: nn.Conv2d) -> tuple:
+    """A conv's part of a plan key."""
+    return (tuple(conv.stride), tuple(conv.padding), tensor_signature(conv.weight))

@@ -26,8 +26,9 @@ M2 per rank) for bn_finalize, and exchanges the gradient sums before bn_backward
 """
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -121,6 +122,33 @@ def check_running(running_mean, running_var, num_batches_tracked, momentum, chan
         _check_vector(name, v, channels, device)
 
 
+class OpCall(NamedTuple):
+    """One op body's call of its backend implementation, as a Recorder sees it."""
+    op: str
+    backend: str  # the name of the backend that ran it
+    impl: Callable
+    args: dict  # impl's arguments, by name
+    outputs: tuple  # what it returned, as a tuple
+
+
+class Recorder(Protocol):
+    def add(self, call: OpCall) -> None: ...
+
+
+_recorder = threading.local()
+
+
+@contextlib.contextmanager
+def recording(recorder: Recorder):
+    """Hand every op body's backend call in this thread to `recorder` (block_autograd's tape)."""
+    previous = getattr(_recorder, "value", None)
+    _recorder.value = recorder
+    try:
+        yield
+    finally:
+        _recorder.value = previous
+
+
 def _run(op: str, backend: str, computes_in: Optional[torch.dtype], **args):
     """Call `op` on the backend chosen for the tensors among `args` (computes_in: the dtype
     the op's convolution computes in, None for ops without one), passing `args` by name."""
@@ -128,7 +156,12 @@ def _run(op: str, backend: str, computes_in: Optional[torch.dtype], **args):
     chosen = dispatch.select(op, tensors, backend, computes_in)
     if op == "bn_relu_conv":
         _unit_choice.value = (id(args["x"]), id(args["weight"]), chosen.name)
-    return chosen.impls[op](**args)
+    impl = chosen.impls[op]
+    outputs = impl(**args)
+    recorder = getattr(_recorder, "value", None)
+    if recorder is not None:
+        recorder.add(OpCall(op, chosen.name, impl, args, outputs if isinstance(outputs, tuple) else (outputs,)))
+    return outputs
 
 
 # The backend the last bn_relu_conv body ran on in this thread, by the ids of its x and
@@ -195,42 +228,82 @@ def _(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, 
 UNIT_ARGS = 19  # bn_relu_conv's arguments: its backward returns a gradient (or None) for each
 
 
-def _unit_setup_context(ctx, inputs, output):
+class UnitConf(NamedTuple):
+    """What a unit's backward needs besides its saved tensors (x, mean, var, bn_weight,
+    bn_bias, weight)."""
+    stride: list
+    padding: list
+    eps: float
+    batch_stats: bool
+    backend: str  # the backend that ran the forward (it runs the backward too)
+    has_residual: bool
+    sync_group: int
+    conv_dtype: torch.dtype
+
+
+def unit_saved(inputs) -> tuple:
+    """The tensors a unit's backward reads, from bn_relu_conv's arguments: only the pre-BN
+    input and per-channel vectors (relu(bn(x)) is recomputed in the backward)."""
+    return inputs[:6]
+
+
+def unit_conf(inputs, ran_on: str) -> UnitConf:
+    """A unit's UnitConf, from bn_relu_conv's arguments and the backend that ran them (which
+    runs the backward too, whatever use_backend() or FUSED_PREACT_BACKEND say then)."""
     (x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, batch_stats,
      _want_stats, _running_mean, _running_var, _nbt, _momentum, backend, sync_group, conv_dtype) = inputs
-    # Only the pre-BN input and per-channel vectors: relu(bn(x)) is recomputed in backward.
-    ctx.save_for_backward(x, mean, var, bn_weight, bn_bias, weight)
-    # The backend that ran the forward runs the backward, whatever use_backend() or
-    # FUSED_PREACT_BACKEND say when backward() is called.
+    return UnitConf(list(stride), list(padding), eps, batch_stats, ran_on, residual is not None, sync_group,
+                    conv_dtype or weight.dtype)
+
+
+def _backend_that_ran(inputs) -> str:
+    """The backend the unit body that just ran on `inputs` chose."""
+    x, mean, var, bn_weight, bn_bias, weight, residual = inputs[:7]
+    backend, conv_dtype = inputs[16], inputs[18]
     if torch.compiler.is_compiling():
         # Compiled: the ops of the backward graph select at run time, as the forward's did.
-        ran_on = backend
-    else:
-        last = getattr(_unit_choice, "value", None)
-        _unit_choice.value = None
-        if last is not None and last[:2] == (id(x), id(weight)):
-            ran_on = last[2]
-        else:  # the registered op ran (a dispatch mode, fake tensors): the same choice, made again
-            ran_on = dispatch.select("bn_relu_conv", [x, mean, var, bn_weight, bn_bias, weight, residual], backend,
-                                     conv_dtype or weight.dtype).name
-    ctx.conf = (list(stride), list(padding), eps, batch_stats, ran_on, residual is not None, sync_group,
-                conv_dtype or weight.dtype)
+        return backend
+    last = getattr(_unit_choice, "value", None)
+    _unit_choice.value = None
+    if last is not None and last[:2] == (id(x), id(weight)):
+        return last[2]
+    # The registered op ran (a dispatch mode, fake tensors): the same choice, made again.
+    return dispatch.select("bn_relu_conv", [x, mean, var, bn_weight, bn_bias, weight, residual], backend,
+                           conv_dtype or weight.dtype).name
+
+
+def _unit_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*unit_saved(inputs))
+    ctx.conf = unit_conf(inputs, _backend_that_ran(inputs))
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics outputs
 
 
 def _unit_backward(ctx, dy, _dmean, _dvar, dx_other=None):
     """dx_other: the gradient of x from its other consumer (the identity path of a residual
-    block), present where the forward carried x (OpEntry.call_carrying_input); added to dx
-    inside bn_backward_apply, so autograd accumulates nothing."""
-    needs = ctx.needs_input_grad
+    block), present where the forward carried x (OpEntry.call_carrying_input)."""
     if dy is None:  # the output got no gradient (grads are not materialised as zeros)
-        return (dx_other if needs[0] else None,) + (None,) * (UNIT_ARGS - 1)
+        return (dx_other if ctx.needs_input_grad[0] else None,) + (None,) * (UNIT_ARGS - 1)
+    dx, dgamma, dbeta, dweight, dresidual = unit_gradients(ctx.saved_tensors, ctx.conf, ctx.needs_input_grad,
+                                                           dy, dx_other)
+    return (dx, None, None, dgamma, dbeta, dweight, dresidual) + (None,) * (UNIT_ARGS - 7)
+
+
+def check_no_double_backward() -> None:
     if torch.is_grad_enabled():  # backward(create_graph=True): the kernels have no derivative
         raise RuntimeError("fused_preact: double backward (create_graph=True, e.g. a gradient penalty) is not "
                            "supported by the fused units; use the eager blocks for that part of the model")
-    x, mean, var, bn_weight, bn_bias, weight = ctx.saved_tensors
-    stride, padding, eps, batch_stats, backend, has_residual, sync_group, conv_dtype = ctx.conf
+
+
+def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Sequence[bool], dy: Tensor,
+                   dx_other: Optional[Tensor]) -> tuple:
+    """(dx, dgamma, dbeta, dweight, dresidual) of one unit given its output's gradient dy;
+    None for each that `needs` (bn_relu_conv's needs_input_grad) does not ask for. dx_other:
+    x's gradient from its other consumers, added to dx inside bn_backward_apply (so nobody
+    accumulates the two with a separate add)."""
+    check_no_double_backward()
+    x, mean, var, bn_weight, bn_bias, weight = saved
+    stride, padding, eps, batch_stats, backend, has_residual, sync_group, conv_dtype = conf
     dx = dgamma = dbeta = dweight = None
     dy = dy.contiguous(memory_format=torch.channels_last)  # float32 where y added a float32 shortcut
     run = _backward_runner(backend, (dy, x, mean, var, bn_weight, bn_bias, weight, dx_other))
@@ -256,7 +329,7 @@ def _unit_backward(ctx, dy, _dmean, _dvar, dx_other=None):
             if needs[4]:
                 dbeta = sums[0].to(bn_bias.dtype)
     dresidual = dy if (has_residual and needs[6]) else None
-    return (dx, None, None, dgamma, dbeta, dweight, dresidual) + (None,) * (UNIT_ARGS - 7)
+    return dx, dgamma, dbeta, dweight, dresidual
 
 
 bn_relu_conv.register_autograd(_unit_backward, _unit_setup_context)

@@ -1,0 +1,263 @@
+"""One autograd node per block (plain eager training), and the block's forward planned once
+per layer and input signature.
+
+Every unit called through the registered op gets an autograd node of its own: a basic
+block makes two, each a custom Function call forward and a node for the engine to run
+backward, and the identity gradient must be carried through the first node to join inside
+its BN-backward kernel. In plain eager training a block instead runs its forward glue
+(nn._PreActUnits.forward_units, the same code either way) inside one
+torch.autograd.Function, BlockFunction. There grad mode is off, so every op runs its body
+(checks, backend choice, kernels) with no node of its own, and a Tape records each body's
+call of its backend implementation (ops.recording) and what each unit's node would have
+saved. BlockFunction's backward runs the recorded units' backward (ops.unit_gradients, the
+formula the per-unit node runs too) last unit first, passing each unit's input gradient to
+the unit that produced that input and the shortcut's gradient to the first unit's
+BN-backward kernel (dx_other).
+
+What the tape recorded is a Program: the implementation calls with every tensor they read
+or wrote as a slot (the block's input, the incoming statistics, the modules' parameters and
+buffers, earlier calls' outputs). Given a key that fixes everything the glue decided from
+(shapes, dtypes and devices, module settings, autocast, the backend asked for:
+nn._PreActUnits.plan_key), the next call with the same key replays the Program on that
+call's tensors: the same implementation calls with the same arguments, without the glue,
+its checks and its backend choice (they would decide the same). Half of a small block's
+host time was that glue.
+
+Where something traces or intercepts (torch.compile, dispatch modes, tensor subclasses) the
+blocks keep one registered op per unit. So do the blocks whose glue would cast a tensor
+(the unit glue's casts and unfused residual adds have autograd nodes of their own, which
+inside a Function's forward nothing would record): `applies` says when the tape runs.
+Synchronised BatchNorm records no Program (its glue exchanges statistics between ranks,
+which a replay of implementation calls would skip).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .entry import PLAIN_TENSOR_TYPES, intercepted
+
+
+def applies(x: Tensor, params: Sequence[Tensor], conv_weights: Sequence[Tensor], conv_dtype: torch.dtype) -> bool:
+    """Whether a block's forward runs under one BlockFunction: autograd records (grad mode on,
+    x or a parameter requires grad), nothing intercepts, every tensor is a plain one, and
+    the unit glue casts nothing (x is a dtype the kernels read, or add as the identity, and
+    every conv weight is the conv dtype or the float32 master copy under autocast)."""
+    if not torch.is_grad_enabled() or intercepted():
+        return False
+    if type(x) not in PLAIN_TENSOR_TYPES or any(type(p) not in PLAIN_TENSOR_TYPES for p in params):
+        return False
+    if not (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    allowed = ops.residual_dtypes(conv_dtype)
+    return x.dtype in allowed and all(w.dtype in (conv_dtype, torch.float32) for w in conv_weights)
+
+
+class BlockInputs(NamedTuple):
+    """The tensors a block's forward reads: slots 0.. of its Program, in this order."""
+    x: Tensor
+    x_moments: Optional[tuple[Tensor, Tensor]]  # the incoming statistics of x (see nn), or None
+    params: Sequence[Tensor]   # the parameters the units read: BlockFunction's differentiable inputs
+    buffers: Sequence[Optional[Tensor]]  # the BatchNorm buffers they read or update
+
+    def values(self) -> list[Optional[Tensor]]:
+        return [self.x, *(self.x_moments or (None, None)), *self.params, *self.buffers]
+
+
+SAVED_PER_UNIT = 6  # ops.unit_saved: x, mean, var, bn_weight, bn_bias, weight
+
+
+class UnitRecord(NamedTuple):
+    """One unit of a Program: the slots of what its backward reads (ops.unit_saved), its
+    configuration, the slots of the values it read (x, residual) and wrote, and its
+    parameters' positions among the block's (None: none)."""
+    saved: tuple[Optional[int], ...]
+    conf: ops.UnitConf
+    input: int
+    residual: Optional[int]
+    output: int
+    params: tuple[Optional[int], Optional[int], Optional[int]]  # bn_weight, bn_bias, weight
+
+
+class Call(NamedTuple):
+    """An implementation call of a Program: each argument a slot or a constant."""
+    impl: Callable
+    args: tuple[tuple[str, Optional[int], object], ...]  # (name, slot or None, constant)
+
+
+class Program:
+    """A block's forward as implementation calls on slots, and its units for the backward."""
+
+    def __init__(self):
+        self.calls: list[Call] = []
+        self.units: list[UnitRecord] = []
+        self.output = 0  # the slot of the block's output
+        self.moments: tuple[int, ...] = ()  # the slots of the consumer's statistics, if computed
+
+    def replay(self, values: list[Optional[Tensor]]) -> None:
+        """Run the calls on `values` (the inputs' slots filled), appending their outputs."""
+        for impl, args in self.calls:
+            outputs = impl(**{name: constant if slot is None else values[slot] for name, slot, constant in args})
+            values.extend(outputs if isinstance(outputs, tuple) else (outputs,))
+
+    def saved(self, values: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
+        """What the backward reads, unit after unit (ops.unit_saved each)."""
+        return [None if slot is None else values[slot] for unit in self.units for slot in unit.saved]
+
+    def backward(self, saved: Sequence[Optional[Tensor]], output_grad: Tensor, x_needs_grad: bool,
+                 param_needs_grad: Sequence[bool]) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
+        """(x's gradient, each parameter's) given the gradient of the block's output, from
+        ctx.saved_tensors (self.saved's list, unpacked)."""
+        # Which values need a gradient: x as autograd says; a unit's output where its input,
+        # its residual or one of its parameters does.
+        value_needs = {0: x_needs_grad}
+        for unit in self.units:
+            value_needs[unit.output] = (value_needs[unit.input]
+                                        or (unit.residual is not None and value_needs[unit.residual])
+                                        or any(p is not None and param_needs_grad[p] for p in unit.params))
+        value_grads: dict[int, Tensor] = {self.output: output_grad}
+        param_grads: list[Optional[Tensor]] = [None] * len(param_needs_grad)
+        for index in reversed(range(len(self.units))):
+            unit = self.units[index]
+            dy = value_grads.pop(unit.output, None)
+            if dy is None:
+                continue
+            gamma, beta, weight = (p is not None and param_needs_grad[p] for p in unit.params)
+            residual_needs = unit.residual is not None and value_needs[unit.residual]
+            needs = (value_needs[unit.input], False, False, gamma, beta, weight, residual_needs)
+            # The gradient later units gave this unit's input joins its dx in the kernel.
+            dx_other = value_grads.pop(unit.input, None)
+            dx, dgamma, dbeta, dweight, dresidual = ops.unit_gradients(
+                saved[index * SAVED_PER_UNIT:(index + 1) * SAVED_PER_UNIT], unit.conf, needs, dy, dx_other)
+            _accumulate(value_grads, unit.input, dx)
+            if unit.residual is not None:
+                _accumulate(value_grads, unit.residual, dresidual)
+            for position, grad in zip(unit.params, (dgamma, dbeta, dweight)):
+                if grad is not None:
+                    _accumulate(param_grads, position, grad)
+        return value_grads.get(0), param_grads
+
+
+def _accumulate(grads, key: int, grad: Optional[Tensor]) -> None:
+    """grads[key] += grad (a list or a dict; a missing or None entry is taken as zero)."""
+    if grad is None:
+        return
+    current = grads[key] if isinstance(grads, list) else grads.get(key)
+    grads[key] = grad if current is None else current + grad
+
+
+class Tape:
+    """Records a Program while a block's forward glue runs (the ops.Recorder of its op bodies)."""
+
+    def __init__(self, inputs: BlockInputs):
+        self.values = inputs.values()
+        self.slot_of = {id(t): slot for slot, t in enumerate(self.values) if t is not None}
+        self.param_of = {id(p): i for i, p in enumerate(inputs.params)}
+        self.program = Program()
+        self.replayable = True  # every tensor a call read has a slot
+        self.last_backend = ""  # the backend of the latest call
+
+    def add(self, call: ops.OpCall) -> None:
+        args = []
+        for name, value in call.args.items():
+            slot = self.slot_of.get(id(value)) if isinstance(value, Tensor) else None
+            if slot is None and isinstance(value, Tensor):
+                self.replayable = False
+            args.append((name, slot, None if slot is not None else value))
+        self.program.calls.append(Call(call.impl, tuple(args)))
+        self.last_backend = call.backend
+        for output in call.outputs:
+            self.slot_of[id(output)] = len(self.values)
+            self.values.append(output)
+
+    def run_unit(self, args: tuple) -> tuple[Tensor, Tensor, Tensor]:
+        """bn_relu_conv's body on `args` (its arguments, positional), its unit recorded."""
+        outputs = ops.bn_relu_conv.body(*args)  # recorded: BlockFunction's forward runs under ops.recording
+        x, _mean, _var, bn_weight, bn_bias, weight, residual = args[:7]
+        self.program.units.append(UnitRecord(
+            tuple(None if t is None else self.slot_of[id(t)] for t in ops.unit_saved(args)),
+            ops.unit_conf(args, self.last_backend), self.slot_of[id(x)],
+            None if residual is None else self.slot_of[id(residual)], self.slot_of[id(outputs[0])],
+            tuple(None if p is None else self.param_of[id(p)] for p in (bn_weight, bn_bias, weight))))
+        return outputs
+
+    def finish(self, output: Tensor, moments: Optional[tuple[Tensor, Tensor]]) -> Program:
+        self.program.output = self.slot_of[id(output)]
+        self.program.moments = () if moments is None else tuple(self.slot_of[id(m)] for m in moments)
+        return self.program
+
+
+class Plans:
+    """Programs by key (nn._PreActUnits.plan_key), at most `size` of them (emptied when full:
+    a model has a few block signatures, and a key that keeps changing gains nothing)."""
+
+    def __init__(self, size: int = 512):
+        self.size, self.programs = size, {}
+
+    def get(self, key) -> Optional[Program]:
+        return None if key is None else self.programs.get(key)
+
+    def put(self, key, program: Program) -> None:
+        if key is None:
+            return
+        if len(self.programs) >= self.size:
+            self.programs.clear()
+        self.programs[key] = program
+
+
+PLANS = Plans()
+
+
+class BlockFunction(torch.autograd.Function):
+    """A block's forward as one autograd node (see the module docstring).
+
+    forward(ctx, forward_units, key, program, x_moments, buffers, x, *params): program
+    None runs forward_units(x, tape) (the block's glue, returning (output, moments),
+    moments the consumer's (mean, var) or None), records it and keeps the Program in PLANS
+    under `key` (None: keeps none); else replays `program`. Returns (output, *moments).
+    """
+
+    @staticmethod
+    def forward(ctx, forward_units: Callable, key, program: Optional[Program], x_moments, buffers, x: Tensor,
+                *params: Tensor):
+        inputs = BlockInputs(x, x_moments, params, buffers)
+        if program is None:
+            tape = Tape(inputs)
+            with ops.recording(tape):
+                output, moments = forward_units(x, tape)
+            program, values = tape.finish(output, moments), tape.values
+            if tape.replayable:
+                PLANS.put(key, program)
+        else:
+            values = inputs.values()
+            program.replay(values)
+        moments = tuple(values[m] for m in program.moments)
+        ctx.save_for_backward(*program.saved(values))
+        ctx.program = program
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*moments)
+        return (values[program.output], *moments)
+
+    @staticmethod
+    def backward(ctx, output_grad: Optional[Tensor], *_moment_grads):
+        needs = ctx.needs_input_grad  # forward_units, key, program, x_moments, buffers, x, *params
+        if output_grad is None:
+            return (None,) * len(needs)
+        ops.check_no_double_backward()
+        dx, param_grads = ctx.program.backward(ctx.saved_tensors, output_grad, needs[5], needs[6:])
+        return (None,) * 5 + (dx if needs[5] else None, *param_grads)
+
+
+def run_block(forward_units: Callable, key, program: Optional[Program], inputs: BlockInputs):
+    """The block's (output, moments) through one BlockFunction (see its docstring)."""
+    output, *moments = BlockFunction.apply(forward_units, key, program, inputs.x_moments, tuple(inputs.buffers),
+                                           inputs.x, *inputs.params)
+    return output, (tuple(moments) if moments else None)
+
+
+def tensor_signature(t: Optional[Tensor]):
+    """What a plan key holds of a module tensor: its dtype, shape and device (None: none)."""
+    return None if t is None else (t.dtype, t.shape, t.device)

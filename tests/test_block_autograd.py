@@ -1,0 +1,194 @@
+"""One autograd node per block, and its plans (fused_preact.block_autograd).
+
+The per-unit path (one registered op and autograd node per unit, what torch.compile and
+dispatch modes see) is the reference here: a block through one node, recorded or
+replayed, must give bitwise the same outputs, gradients and running statistics, since
+it calls the same implementations in the same order. And a plan must never be replayed
+where something it was recorded from has changed.
+"""
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_preact as fp
+from fused_preact import block_autograd, ops
+from fused_preact.testing import randomize_bn
+from helpers import use_backend_or_skip
+
+# (kind, in_planes, planes, stride, shortcut): identity, projections from relu(bn1(x)) and
+# from x, a bottleneck with a strided projection; odd channel counts.
+BLOCKS = [("basic", 5, 5, 1, "preact"), ("basic", 5, 7, 2, "preact"), ("basic", 6, 5, 1, "input"),
+          ("bottleneck", 6, 3, 2, "preact")]
+
+
+class PassThrough(TorchDispatchMode):
+    """A dispatch mode that changes nothing but makes the blocks take the per-unit path."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def make_block(kind, in_planes, planes, stride, shortcut, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    cls = fp.PreActBlock if kind == "basic" else fp.PreActBottleneck
+    block = cls(in_planes, planes, stride, shortcut=shortcut).to(dtype)
+    randomize_bn(block, seed)
+    return block
+
+
+def step(block, x, per_unit=False):
+    """One training step: (output, x.grad, parameter grads, buffers), all copied."""
+    x = x.clone().requires_grad_(True)
+    for p in block.parameters():
+        p.grad = None
+    if per_unit:
+        with PassThrough():
+            out = block(x)
+    else:
+        out = block(x)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (out * weights).sum().backward()
+    grads = [torch.full((1,), float("nan")) if p.grad is None else p.grad.clone() for p in block.parameters()]
+    return [out.detach().clone(), x.grad.clone()] + grads + [b.clone() for b in block.buffers()]
+
+
+def assert_bitwise(ours, reference, what):
+    assert len(ours) == len(reference)
+    for i, (a, b) in enumerate(zip(ours, reference)):
+        same = a.dtype == b.dtype and (torch.equal(a, b) or bool(torch.isnan(a).all() and torch.isnan(b).all()))
+        assert same, f"{what}: tensor {i} differs"
+
+
+@pytest.fixture(autouse=True)
+def no_plans():
+    block_autograd.PLANS.programs.clear()
+    yield
+    block_autograd.PLANS.programs.clear()
+
+
+def test_a_block_is_one_autograd_node():
+    block = make_block("basic", 5, 7, 2, "preact")
+    x = torch.randn(2, 5, 6, 6, requires_grad=True)
+    out = block(x)
+    assert type(out.grad_fn).__name__ == "BlockFunctionBackward"
+    # Its inputs are x and the parameters themselves: no other node between them and it.
+    leaves = {id(f.variable) for f, _ in out.grad_fn.next_functions if f is not None}
+    assert leaves == {id(x)} | {id(p) for p in block.parameters()}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("config", BLOCKS, ids=lambda c: "-".join(map(str, c)))
+def test_recorded_and_replayed_steps_equal_the_per_unit_path(config, dtype, backend, monkeypatch):
+    x = torch.randn(3, config[1], 7, 7, dtype=dtype) * 2 + 0.5
+    use_backend_or_skip(backend, monkeypatch, x, conv_dtype=dtype)
+    ours, reference = make_block(*config, dtype=dtype), make_block(*config, dtype=dtype)
+    with fp.use_backend(backend):
+        for i in range(3):  # records, then replays (its running statistics change meanwhile)
+            x = torch.randn_like(x) * 2 + 0.5
+            assert_bitwise(step(ours, x), step(reference, x, per_unit=True), f"step {i}")
+    assert len(block_autograd.PLANS.programs) == 1
+
+
+def test_a_replay_runs_no_glue(monkeypatch):
+    """The second call replays: neither the unit checks nor the backend choice run."""
+    block = make_block("basic", 5, 7, 2, "preact")
+    x = torch.randn(2, 5, 6, 6)
+    first = step(block, x)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the glue ran on a replay")
+    monkeypatch.setattr(ops, "check_unit_args", must_not_run)
+    monkeypatch.setattr(fp.dispatch, "select", must_not_run)
+    block.load_state_dict(make_block("basic", 5, 7, 2, "preact").state_dict())  # the same start again
+    assert_bitwise(step(block, x), first, "replay")
+
+
+def test_blocks_sharing_a_plan_use_their_own_tensors():
+    """Two blocks of one configuration share one plan; each replays on its own weights."""
+    blocks = [make_block("basic", 5, 5, 1, "preact", seed=s) for s in (1, 2)]
+    references = [copy.deepcopy(b) for b in blocks]
+    x = torch.randn(2, 5, 6, 6)
+    for _ in range(2):
+        for block, reference in zip(blocks, references):
+            assert_bitwise(step(block, x), step(reference, x, per_unit=True), "shared plan")
+    assert len(block_autograd.PLANS.programs) == 1
+
+
+def _momentum(block, _x):
+    block.bn1.momentum = 0.5
+
+
+def _momentum_none(block, _x):
+    block.bn2.momentum = None  # a cumulative average: reads num_batches_tracked
+
+
+def _eval_bn2(block, _x):
+    block.bn2.eval()  # bn2 normalises with its running statistics, block still training
+
+
+def _eps(block, _x):
+    block.bn1.eps = 1e-2
+
+
+def _stride(block, _x):
+    block.conv1.stride = (1, 1)  # the conv's stride, set by hand: so the shortcut's must be too
+    block.shortcut[0].stride = (1, 1)
+
+
+def _no_running_stats(block, _x):
+    block.bn2.track_running_stats = False
+    block.bn2.running_mean = block.bn2.running_var = block.bn2.num_batches_tracked = None
+
+
+def _frozen_conv(block, _x):
+    block.conv2.weight.requires_grad_(False)
+
+
+def _double(block, _x):
+    block.double()
+
+
+CHANGES = [_momentum, _momentum_none, _eval_bn2, _eps, _stride, _no_running_stats, _frozen_conv, _double]
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.strip("_"))
+def test_a_plan_is_not_replayed_after_the_block_changed(change):
+    """Record, change the block, step again: equal to a block changed before any plan."""
+    block = make_block("basic", 5, 7, 2, "preact")
+    reference = copy.deepcopy(block)
+    x = torch.randn(3, 5, 7, 7)
+    step(block, x)
+    step(reference, x, per_unit=True)
+    change(block, x), change(reference, x)
+    x = x.to(block.conv1.weight.dtype)
+    for i in range(2):
+        result = step(block, x)
+        expected = step(reference, x, per_unit=True)
+        assert_bitwise(result, expected, f"step {i} after {change.__name__}")
+
+
+def test_a_plan_is_not_replayed_for_another_input_shape_or_backend(monkeypatch):
+    block = make_block("basic", 5, 7, 2, "preact")
+    reference = copy.deepcopy(block)
+    use_backend_or_skip("triton", monkeypatch, torch.empty(0))
+    for backend, shape in [("reference", (3, 5, 7, 7)), ("reference", (2, 5, 9, 8)), ("triton", (2, 5, 9, 8)),
+                           ("reference", (3, 5, 7, 7))]:
+        x = torch.randn(shape)
+        with fp.use_backend(backend):
+            assert_bitwise(step(block, x), step(reference, x, per_unit=True), f"{backend} {shape}")
+    assert len(block_autograd.PLANS.programs) == 3
+
+
+def test_a_chain_hands_statistics_forward_on_replay():
+    """Blocks in a converted nn.Sequential take their input statistics from the block before:
+    the statistics (and the next BatchNorm's running update) are slots of the plans too."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[make_block("basic", 6, 6, 1, "preact", seed=s) for s in range(3)])
+    model = fp.convert(model)
+    reference = copy.deepcopy(model)
+    for _ in range(3):
+        x = torch.randn(2, 6, 5, 5)
+        assert_bitwise(step(model, x), step(reference, x, per_unit=True), "chain")
