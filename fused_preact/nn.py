@@ -18,6 +18,18 @@ from . import functional as Fp
 from .block_autograd import Tape, tensor_signature
 
 SHORTCUT_SOURCES = ("preact", "input")
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def module_attr(module: nn.Module, name: str):
+    """module.<name>, faster for a parameter, buffer or submodule: nn.Module.__getattr__
+    takes about a microsecond a lookup (a block's forward makes about twenty), and looks in
+    the same three dicts after the ordinary attributes, which never share a name with them
+    (a parametrized tensor is a property, in none of the dicts)."""
+    for found in (module._parameters, module._buffers, module._modules):
+        if name in found:
+            return found[name]
+    return getattr(module, name)
 
 
 class _SyncBNOption:
@@ -119,10 +131,10 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         self._check_projection()
 
     def units(self) -> list[tuple[nn.BatchNorm2d, nn.Conv2d]]:
-        return [(getattr(self, b), getattr(self, c)) for b, c in self.unit_names]
+        return [(module_attr(self, b), module_attr(self, c)) for b, c in self.unit_names]
 
     def first_bn(self) -> nn.BatchNorm2d:
-        return getattr(self, self.unit_names[0][0])
+        return module_attr(self, self.unit_names[0][0])
 
     def projection(self) -> Optional[nn.Conv2d]:
         """The 1x1 projection conv of the shortcut, or None for the identity."""
@@ -141,12 +153,18 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         wrote x (see Fp.bn_stats); the last conv computes those of `consumer`, the next
         block's first BatchNorm (None: nobody reads them)."""
         units, projection = self.units(), self.projection()
-        params = self.autograd_params(units, projection)
         convs = [conv for _, conv in units] + ([projection] if projection is not None else [])
-        one_node = isinstance(x, Tensor) and block_autograd.applies(
-            x, params, [conv.weight for conv in convs], Fp.compute_dtype(x, convs[0]))
+        bns = [bn for bn, _ in units] + ([consumer.bn] if consumer is not None else [])
+        weights = [module_attr(conv, "weight") for conv in convs]
+        bn_tensors = [[module_attr(bn, name) for name in BN_TENSORS] for bn in bns]
+        unit_params = [(gamma, beta, weight) for (gamma, beta, *_), weight in zip(bn_tensors[:len(units)], weights)]
+        params = [t for t in [*(t for ts in unit_params for t in ts), *weights[len(units):]] if t is not None]
+        buffers = [t for tensors in bn_tensors for t in tensors[2:]]
+        one_node = isinstance(x, Tensor) and block_autograd.applies(x, params, weights, Fp.compute_dtype(x, convs[0]))
         # A plan (block_autograd) skips the checks below: its key fixes their outcome.
-        key = self.plan_key(x, x_moments, consumer, units, convs) if one_node and not self.sync_bn else None
+        key = None
+        if one_node and not self.sync_bn:
+            key = self.plan_key(x, x_moments, consumer, bns, convs, [*weights, *(t for ts in bn_tensors for t in ts)])
         program = block_autograd.PLANS.get(key)
         if program is None:
             self.check_input(x, units)
@@ -161,8 +179,6 @@ class _PreActUnits(_SyncBNOption, nn.Module):
             return self.forward_units(x, x_moments, consumer, sync, images, backend, tape)
         if not one_node:
             return forward_units(x, None)
-        buffers = [t for bn in [bn for bn, _ in units] + ([consumer.bn] if consumer is not None else [])
-                   for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
         inputs = block_autograd.BlockInputs(x, x_moments, params, buffers)
         return block_autograd.run_block(forward_units, key if not sync else None, program, inputs)
 
@@ -188,25 +204,19 @@ class _PreActUnits(_SyncBNOption, nn.Module):
                 shortcut = carried if projection is None else self.project(carried, stats, backend, tape)
         return h, moments
 
-    @staticmethod
-    def autograd_params(units, projection: Optional[nn.Conv2d]) -> list[Tensor]:
-        """The parameters the units read (BN affine, conv weights, projection), in a fixed
-        order (units: self.units(), projection: self.projection())."""
-        tensors = [t for bn, conv in units for t in (bn.weight, bn.bias, conv.weight)]
-        return [t for t in tensors + [projection.weight if projection is not None else None] if t is not None]
-
-    def plan_key(self, x: Tensor, x_moments, consumer: Optional[Fp.Consumer], units, convs) -> tuple:
+    def plan_key(self, x: Tensor, x_moments, consumer: Optional[Fp.Consumer], bns, convs, tensors) -> tuple:
         """Everything the forward glue decides from, for block_autograd's plans: the block's
-        structure, x's signature, whether statistics come in (and their dtype), every
-        module setting and tensor signature the units read, the consumer's, autocast and
-        the backend asked for (dispatch.selection_state)."""
+        structure, x's signature, whether statistics come in (and their dtype), the settings
+        of every BatchNorm (bns: the units' and the consumer's) and conv it reads, the
+        signatures of their tensors, autocast and the backend asked for."""
         device_type = x.device.type
-        bns = [bn for bn, _ in units] + ([consumer.bn] if consumer is not None else [])
         return (type(self), self.shortcut_source, x.shape, x.dtype, x.device,
                 None if x_moments is None else x_moments[0].dtype, consumer is not None and consumer.synced,
                 torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
                 dispatch.selection_state(self.backend or "auto"),
-                *(_bn_signature(bn) for bn in bns), *(_conv_signature(conv) for conv in convs))
+                *((bn.num_features, bn.training, bn.eps, bn.momentum, bn.track_running_stats) for bn in bns),
+                *((tuple(conv.stride), tuple(conv.padding)) for conv in convs),
+                *(tensor_signature(t) for t in tensors))
 
     def project(self, x: Tensor, stats: Fp.BNStats, backend: str, tape: Optional[Tape]) -> Tensor:
         """The projection shortcut of x: conv(relu(bn1(x))) ("preact") or conv(x) ("input")."""
@@ -380,14 +390,3 @@ class TimmPreActBottleneck(TimmPreActBasic):
 
     unit_names = (("norm1", "conv1"), ("norm2", "conv2"), ("norm3", "conv3"))
 
-
-def _bn_signature(bn: nn.BatchNorm2d) -> tuple:
-    """A BatchNorm's part of a plan key (nn._PreActUnits.plan_key)."""
-    return (bn.num_features, bn.training, bn.eps, bn.momentum, bn.track_running_stats,
-            *(tensor_signature(t) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                            bn.num_batches_tracked)))
-
-
-def _conv_signature(conv: nn.Conv2d) -> tuple:
-    """A conv's part of a plan key."""
-    return (tuple(conv.stride), tuple(conv.padding), tensor_signature(conv.weight))
