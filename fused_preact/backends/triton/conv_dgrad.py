@@ -11,6 +11,9 @@ block adds the tiles up in a fixed order (merge.py: no second launch, no atomics
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -104,32 +107,51 @@ def bn_relu_conv_dgrad_kernel(
         sum_if_last(part_ptr, tl.num_programs(0), C, counter_ptr, tl.program_id(1), sums_ptr, 2, BN, BT)
 
 
+class DgradGrid(NamedTuple):
+    """A data-gradient launch's shape-derived values (see dgrad_grid)."""
+    hp: int  # the largest stride phase's rows and columns
+    wp: int
+    bm: int
+    bn: int
+    bk: int
+    tiles_per_phase: int
+    tiles: int
+    blocks: int
+    bt: int
+
+
+@functools.lru_cache(maxsize=4096)
+def dgrad_grid(n: int, c: int, h: int, w: int, k: int, stride_h: int, stride_w: int) -> DgradGrid:
+    """Tiles and grid of a data-gradient launch, computed once per layer shape."""
+    hp, wp = cdiv(h, stride_h), cdiv(w, stride_w)
+    bm, bn = rows_per_tile(n * hp * wp), pow2_block(c, hi=128)
+    tiles_per_phase = cdiv(n * hp * wp, bm)
+    tiles = tiles_per_phase * stride_h * stride_w
+    return DgradGrid(hp, wp, bm, bn, pow2_block(k), tiles_per_phase, tiles, cdiv(c, bn), merge_block(tiles, bn))
+
+
 def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, conv_dtype):
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     _, _, p, q = dy.shape
-    hp, wp = cdiv(h, stride[0]), cdiv(w, stride[1])  # largest phase
-    bm, bn, bk = rows_per_tile(n * hp * wp), pow2_block(c, hi=128), pow2_block(k)
-    tiles_per_phase = cdiv(n * hp * wp, bm)
-    tiles = tiles_per_phase * stride[0] * stride[1]
+    hp, wp, bm, bn, bk, tiles_per_phase, tiles, blocks, bt = dgrad_grid(n, c, h, w, k, *stride)
     g = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     has_prologue = mean is not None
-    part = torch.empty((tiles if has_prologue else 0, 2, c), device=x.device, dtype=torch.float32)
-    sums = torch.empty((2, c if has_prologue else 0), device=x.device, dtype=torch.float32)
-    blocks = cdiv(c, bn)
     dummy = g
+    part = torch.empty((tiles, 2, c), device=x.device, dtype=torch.float32) if has_prologue else dummy
+    sums = torch.empty((2, c if has_prologue else 0), device=x.device, dtype=torch.float32)
     bn_relu_conv_dgrad_kernel[(tiles, blocks)](
         dy, *nhwc_strides(dy),
         weight, *weight.stride(),
         x, *nhwc_strides(x),
         mean if has_prologue else dummy, var if has_prologue else dummy,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,
-        g, *nhwc_strides(g), part if has_prologue else dummy,
+        g, *nhwc_strides(g), part,
         ticket_counters(x.device, blocks) if has_prologue else dummy, sums if has_prologue else dummy,
         n, h, w, c, p, q, k, hp, wp, tiles_per_phase,
         R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
         HAS_BETA=has_prologue and bn_bias is not None, DOT=dot_dtype(conv_dtype),
-        PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BK=bk, BT=merge_block(tiles, bn),
+        PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BK=bk, BT=bt,
     )
     return g, sums

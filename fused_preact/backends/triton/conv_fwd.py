@@ -10,6 +10,9 @@ updates its running statistics (merge.py): no finalize launch.
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -105,22 +108,43 @@ def bn_relu_conv_fwd_kernel(
                       UPDATE_RUNNING, COUNT_BATCH, CUMULATIVE, BN, BT)
 
 
+class ForwardGrid(NamedTuple):
+    """A forward launch's shape-derived values (see forward_grid)."""
+    p: int
+    q: int
+    m: int
+    bm: int
+    bn: int
+    bk: int
+    tiles: int
+    blocks: int
+    bt: int
+
+
+@functools.lru_cache(maxsize=4096)
+def forward_grid(n: int, c: int, h: int, w: int, k: int, r: int, s: int, stride_h: int, stride_w: int,
+                 pad_h: int, pad_w: int) -> ForwardGrid:
+    """Output size, tiles and grid of a forward launch: computed once per layer shape (a
+    block's host time is a few microseconds per launch, and this was one of them)."""
+    p, q = conv_output_hw((h, w), (r, s), (stride_h, stride_w), (pad_h, pad_w))
+    m = n * p * q
+    bn = pow2_block(k, hi=128)
+    tiles = stats_tiles(m)
+    return ForwardGrid(p, q, m, rows_per_tile(m), bn, pow2_block(c), tiles, cdiv(k, bn), merge_block(tiles, bn))
+
+
 def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats,
                  running_mean, running_var, num_batches_tracked, momentum, conv_dtype):
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
-    p, q = conv_output_hw((h, w), (r, s), stride, padding)
-    m = n * p * q
+    p, q, m, bm, bn, bk, tiles, blocks, bt = forward_grid(n, c, h, w, k, r, s, *stride, *padding)
     y_dtype = conv_dtype if residual is None else residual.dtype  # float32 for a float32 shortcut
     y = torch.empty((n, k, p, q), device=x.device, dtype=y_dtype, memory_format=torch.channels_last)
-    bm, bn, bk = rows_per_tile(m), pow2_block(k, hi=128), pow2_block(c)
-    tiles = stats_tiles(m)
-    part = torch.empty((tiles if want_stats else 0, 3, k), device=x.device, dtype=stats_dtype(y_dtype))
-    y_mean = torch.empty(k if want_stats else 0, device=x.device, dtype=part.dtype)
-    y_var = torch.empty_like(y_mean)
-    blocks = cdiv(k, bn)
-    has_prologue = mean is not None
     dummy = y  # never read: the matching constexpr flag is off
+    part = torch.empty((tiles, 3, k), device=x.device, dtype=stats_dtype(y_dtype)) if want_stats else dummy
+    y_mean = torch.empty(k if want_stats else 0, device=x.device, dtype=stats_dtype(y_dtype))
+    y_var = torch.empty_like(y_mean)
+    has_prologue = mean is not None
     res = residual if residual is not None else dummy
     grid = (tiles, blocks)
     bn_relu_conv_fwd_kernel[grid](
@@ -130,7 +154,7 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
         weight, *weight.stride(),
         y, *nhwc_strides(y),
         res, *nhwc_strides(res),
-        part if want_stats else dummy,
+        part,
         ticket_counters(x.device, blocks + 1) if want_stats else dummy,
         y_mean if want_stats else dummy, y_var if want_stats else dummy,
         m, h, w, c, p, q, k, stride[0], stride[1], padding[0], padding[1],
@@ -139,6 +163,6 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
         HAS_GAMMA=has_prologue and bn_weight is not None, HAS_BETA=has_prologue and bn_bias is not None,
         HAS_RESIDUAL=residual is not None, WANT_STATS=want_stats, DOT=dot_dtype(conv_dtype),
         PRECISION=dot_precision(conv_dtype),
-        BM=bm, BN=bn, BK=bk, ONE_C_BLOCK=c <= bk, BT=merge_block(tiles, bn),
+        BM=bm, BN=bn, BK=bk, ONE_C_BLOCK=c <= bk, BT=bt,
     )
     return y, y_mean, y_var

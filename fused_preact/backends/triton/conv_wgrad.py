@@ -9,6 +9,9 @@ in its dtype (merge.py: deterministic, no second launch, no atomics on floats).
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -107,31 +110,49 @@ def split_count(rows: int, output_tiles: int) -> int:
     return wgrad_splits(rows, output_tiles)
 
 
+ROWS_PER_STEP = 64  # BL: output pixels per step of the reduction
+
+
+class WgradGrid(NamedTuple):
+    """A weight-gradient launch's shape-derived values (see wgrad_grid)."""
+    rows: int
+    bm: int
+    bn: int
+    output_tiles: int  # (K, C) tiles x taps: one ticket counter each
+    split: int
+    rows_per_split: int
+
+
+@functools.lru_cache(maxsize=4096)
+def wgrad_grid(rows: int, k: int, c: int, taps: int) -> WgradGrid:
+    """Tiles and split-K of a weight-gradient launch, computed once per layer shape."""
+    bm, bn = pow2_block(k), pow2_block(c)
+    output_tiles = cdiv(k, bm) * cdiv(c, bn) * taps
+    split = split_count(rows, output_tiles)
+    rows_per_split = cdiv(cdiv(rows, split), ROWS_PER_STEP) * ROWS_PER_STEP
+    return WgradGrid(rows, bm, bn, output_tiles, cdiv(rows, rows_per_split), rows_per_split)
+
+
 def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, weight_dtype,
                        conv_dtype):
     n, c, h, w = x.shape
     k, _, r, s = weight_shape
     _, _, p, q = dy.shape
-    rows = n * p * q
-    bm, bn, bl = pow2_block(k), pow2_block(c), 64
-    grid_kc = cdiv(k, bm) * cdiv(c, bn)
-    split = split_count(rows, grid_kc * r * s)
-    rows_per_split = cdiv(cdiv(rows, split), bl) * bl
-    split = cdiv(rows, rows_per_split)
+    rows, bm, bn, output_tiles, split, rows_per_split = wgrad_grid(n * p * q, k, c, r * s)
     dw = torch.empty((k, c, r, s), device=x.device, dtype=weight_dtype)
     if dw.numel() >= 2 ** 31:
         raise ValueError(f"fused_preact.triton: a weight of {dw.numel()} elements is too large (< 2^31)")
-    part = torch.empty((split if split > 1 else 0, k, c, r, s), device=x.device, dtype=torch.float32)
     has_prologue = mean is not None
     dummy = dw
+    part = torch.empty((split, k, c, r, s), device=x.device, dtype=torch.float32) if split > 1 else dummy
     bn_relu_conv_wgrad_kernel[(cdiv(k, bm), cdiv(c, bn), r * s * split)](
         dy, *nhwc_strides(dy), x, *nhwc_strides(x),
         mean if has_prologue else dummy, var if has_prologue else dummy,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,
-        part if split > 1 else dummy, ticket_counters(x.device, grid_kc * r * s) if split > 1 else dummy, dw,
+        part, ticket_counters(x.device, output_tiles) if split > 1 else dummy, dw,
         rows, h, w, c, p, q, k, rows_per_split, stride[0], stride[1], padding[0], padding[1],
         R=r, S=s, SPLIT=split, HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
         HAS_BETA=has_prologue and bn_bias is not None, DOT=dot_dtype(conv_dtype),
-        PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BL=bl,
+        PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BL=ROWS_PER_STEP,
     )
     return dw
