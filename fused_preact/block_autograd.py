@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .entry import PLAIN_TENSOR_TYPES, intercepted
+from .entry import PLAIN_TENSOR_TYPES, intercepted, registered_op_needed
 
 
 def applies(x: Tensor, params: Sequence[Tensor], conv_weights: Sequence[Tensor], conv_dtype: torch.dtype) -> bool:
@@ -118,6 +118,9 @@ class Program:
             value_needs[unit.output] = (value_needs[unit.input]
                                         or (unit.residual is not None and value_needs[unit.residual])
                                         or any(p is not None and param_needs_grad[p] for p in unit.params))
+        # The forward's tensors were plain ones (applies): only the incoming gradient, or a
+        # mode entered since, can make the ops go through their registered versions.
+        registered = registered_op_needed((output_grad,))
         value_grads: dict[int, Tensor] = {self.output: output_grad}
         param_grads: list[Optional[Tensor]] = [None] * len(param_needs_grad)
         for index in reversed(range(len(self.units))):
@@ -131,7 +134,7 @@ class Program:
             # The gradient later units gave this unit's input joins its dx in the kernel.
             dx_other = value_grads.pop(unit.input, None)
             dx, dgamma, dbeta, dweight, dresidual = ops.unit_gradients(
-                saved[index * SAVED_PER_UNIT:(index + 1) * SAVED_PER_UNIT], unit.conf, needs, dy, dx_other)
+                saved[index * SAVED_PER_UNIT:(index + 1) * SAVED_PER_UNIT], unit.conf, needs, dy, dx_other, registered)
             _accumulate(value_grads, unit.input, dx)
             if unit.residual is not None:
                 _accumulate(value_grads, unit.residual, dresidual)

@@ -50,8 +50,11 @@ ENV_VAR = "FUSED_PREACT_BACKEND"
 
 
 def check_backend_name(name: str | None, where: str = "backend") -> None:
-    if name is not None and name not in BACKEND_NAMES + ("auto",):
-        raise ValueError(f"fused_preact: {where} must be one of {BACKEND_NAMES + ('auto',)} or None, got {name!r}")
+    if name is not None and name not in REQUESTABLE:
+        raise ValueError(f"fused_preact: {where} must be one of {REQUESTABLE} or None, got {name!r}")
+
+
+REQUESTABLE = BACKEND_NAMES + ("auto",)
 
 
 def requested_backend(explicit: str = "auto") -> str:

@@ -284,8 +284,10 @@ def _unit_backward(ctx, dy, _dmean, _dvar, dx_other=None):
     block), present where the forward carried x (OpEntry.call_carrying_input)."""
     if dy is None:  # the output got no gradient (grads are not materialised as zeros)
         return (dx_other if ctx.needs_input_grad[0] else None,) + (None,) * (UNIT_ARGS - 1)
-    dx, dgamma, dbeta, dweight, dresidual = unit_gradients(ctx.saved_tensors, ctx.conf, ctx.needs_input_grad,
-                                                           dy, dx_other)
+    saved = ctx.saved_tensors
+    registered = registered_op_needed((dy, dx_other, *saved))
+    dx, dgamma, dbeta, dweight, dresidual = unit_gradients(saved, ctx.conf, ctx.needs_input_grad, dy, dx_other,
+                                                           registered)
     return (dx, None, None, dgamma, dbeta, dweight, dresidual) + (None,) * (UNIT_ARGS - 7)
 
 
@@ -296,17 +298,18 @@ def check_no_double_backward() -> None:
 
 
 def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Sequence[bool], dy: Tensor,
-                   dx_other: Optional[Tensor]) -> tuple:
+                   dx_other: Optional[Tensor], registered: bool) -> tuple:
     """(dx, dgamma, dbeta, dweight, dresidual) of one unit given its output's gradient dy;
     None for each that `needs` (bn_relu_conv's needs_input_grad) does not ask for. dx_other:
     x's gradient from its other consumers, added to dx inside bn_backward_apply (so nobody
-    accumulates the two with a separate add)."""
+    accumulates the two with a separate add). registered: entry.registered_op_needed for
+    these tensors (how the ops are called: see _backward_runner)."""
     check_no_double_backward()
     x, mean, var, bn_weight, bn_bias, weight = saved
     stride, padding, eps, batch_stats, backend, has_residual, sync_group, conv_dtype = conf
     dx = dgamma = dbeta = dweight = None
     dy = dy.contiguous(memory_format=torch.channels_last)  # float32 where y added a float32 shortcut
-    run = _backward_runner(backend, (dy, x, mean, var, bn_weight, bn_bias, weight, dx_other))
+    run = _backward_runner(backend, registered)
     if needs[5]:
         dweight = run(bn_relu_conv_wgrad, dy=dy, x=x, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias,
                       weight_shape=list(weight.shape), stride=stride, padding=padding, eps=eps,
@@ -335,13 +338,13 @@ def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Seq
 bn_relu_conv.register_autograd(_unit_backward, _unit_setup_context)
 
 
-def _backward_runner(backend: str, tensors: Sequence[Optional[Tensor]]):
+def _backward_runner(backend: str, registered: bool):
     """How the unit's backward calls its ops on `backend` (the one that ran the forward):
     in plain eager mode its implementations directly, since the forward validated every
     argument and chose the backend (going through the op entry and selecting again for
     each of the three ops was a sixth of a block's host time); the registered ops wherever
-    something traces or intercepts, or a tensor is a subclass."""
-    if registered_op_needed(tensors):
+    something traces or intercepts, or a tensor is a subclass (registered)."""
+    if registered:
         return lambda entry, **args: entry(**args, backend=backend)
     impls = dispatch.get_backend(backend).impls
     return lambda entry, **args: impls[entry.__name__](**args)
