@@ -277,3 +277,20 @@ def test_dgrad_when_the_image_is_smaller_than_the_stride(hw, kernel, pad):
     ref_g, ref_sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, "reference")
     assert_close(g, ref_g, torch.float32, "g", atol=1e-5, rtol=1e-4)
     assert_close(sums, ref_sums, torch.float32, "sums", atol=1e-5, rtol=1e-4)
+
+
+def test_outgrown_ticket_counters_stay_allocated():
+    """A CUDA graph captured before the counters grew still launches kernels on the old
+    ones: they must never be freed (and their memory given to another tensor)."""
+    import gc
+    import weakref
+
+    from fused_preact.backends.triton.merge import ticket_counters
+    device = torch.device(DEVICE)
+    old = ticket_counters(device, 1)
+    outgrown = weakref.ref(old)
+    grown = ticket_counters(device, old.numel() + 1)
+    assert grown.numel() > old.numel() and ticket_counters(device, 1) is grown
+    del old
+    gc.collect()
+    assert outgrown() is not None

@@ -26,6 +26,9 @@ import triton.language as tl
 
 # (device, stream id) -> int32 counters, zero between launches.
 _counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+# Counters outgrown by a larger launch, kept: a CUDA graph captured earlier still launches
+# kernels on them, which must not count tickets in memory that was freed and given out again.
+_outgrown: list[torch.Tensor] = []
 
 
 def ticket_counters(device: torch.device, count: int) -> torch.Tensor:
@@ -35,6 +38,8 @@ def ticket_counters(device: torch.device, count: int) -> torch.Tensor:
     key = (device, stream)
     counters = _counters.get(key)
     if counters is None or counters.numel() < count:
+        if counters is not None:
+            _outgrown.append(counters)
         counters = torch.zeros(max(count, 256), dtype=torch.int32, device=device)
         _counters[key] = counters
     return counters
