@@ -1,7 +1,7 @@
 """Host time of a fused block on the triton path, measurable without a GPU.
 
     python -m benchmarks.host_cost --out host_out      # writes host_out/host_cost.json
-    python -m benchmarks.host_cost --out host_out --breakdown   # also the layers of one unit
+    python -m benchmarks.host_cost --out host_out --breakdown   # also the layers of a block
 
 On a GPU the small blocks are host-bound: the wall time per step is the Python, dispatch
 and launch work, not the kernels (see the tiny-overhead case). Here every Triton launch
@@ -23,7 +23,6 @@ os.environ.setdefault("FUSED_PREACT_TRITON_AUTOTUNE", "0")
 import torch  # noqa: E402
 
 import fused_preact as fp  # noqa: E402
-from fused_preact import ops  # noqa: E402
 
 from .host_timing import time_us, tiny_blocks  # noqa: E402
 from .run import metadata  # noqa: E402
@@ -58,53 +57,50 @@ def stub_launches(launches=None) -> None:
 
 
 class Bare(torch.autograd.Function):
-    """An autograd node with a forward unit's arguments that computes nothing: PyTorch's
-    own cost of one custom-Function call and of one backward node."""
+    """An autograd node with a block's inputs that computes nothing: PyTorch's own cost of
+    one custom-Function call and of its backward node (a gradient for each input)."""
 
     @staticmethod
-    def forward(ctx, x, *rest):
-        y = torch.empty_like(x)
-        stats = (x.new_empty(0), x.new_empty(0))
-        ctx.mark_non_differentiable(*stats)
-        return (y, *stats)
+    def forward(ctx, x, *params):
+        return torch.empty_like(x)
 
     @staticmethod
-    def backward(ctx, dy, *_):
-        return (dy,) + (None,) * (ops.UNIT_ARGS - 1)
+    def backward(ctx, dy):
+        return (dy,) + (None,) * len(ctx.needs_input_grad[1:])
 
 
 def breakdown(repeats: int, calls: int) -> dict:
-    """Per-call microseconds of the layers of one forward unit (first unit of the basic
-    block, launches stubbed), inside out: what each layer adds is its time minus the one
-    below. And PyTorch's floor: bare custom-Function calls and their backward."""
-    from fused_preact import dispatch, functional
+    """Per-call microseconds of the layers of a basic block's training forward (launches
+    stubbed), inside out: what each layer adds is its time minus the ones below. And
+    PyTorch's floor: a bare custom-Function call with the block's inputs, and its backward."""
+    from fused_preact import block_autograd, dispatch, functional
     block = fp.PreActBlock(16, 16, 1, backend="triton").to(memory_format=torch.channels_last)
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     stats = functional.bn_stats(block.bn1, x.detach(), None, "triton")
-    consumer = functional.Consumer(block.bn2, False)
     running = functional.running_update(block.bn2, False)
-    args = (x, stats.mean, stats.var, block.bn1.weight, block.bn1.bias, block.conv1.weight, None, [1, 1], [1, 1],
-            block.bn1.eps, True, True, *running, "triton", 0, torch.float32)
     triton = dispatch.get_backend("triton")
-    impl_args = dict(zip(("x", "mean", "var", "bn_weight", "bn_bias", "weight", "residual", "stride", "padding",
-                          "eps"), args[:10]), want_stats=True, running_mean=running[0], running_var=running[1],
+    unit_args = dict(x=x, mean=stats.mean, var=stats.var, bn_weight=block.bn1.weight, bn_bias=block.bn1.bias,
+                     weight=block.conv1.weight, residual=None, stride=[1, 1], padding=[1, 1], eps=block.bn1.eps,
+                     want_stats=True, running_mean=running[0], running_var=running[1],
                      num_batches_tracked=running[2], momentum=running[3], conv_dtype=torch.float32)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    units = block.units()
+    convs = [conv for _, conv in units]
+    bns = [bn for bn, _ in units]
+    tensors = [conv.weight for conv in convs] + [getattr(bn, name) for bn in bns for name in fp.nn.BN_TENSORS]
+    params = list(block.parameters())
+    block(x)  # records the plan the next calls replay
+    assert block_autograd.PLANS.get(block.plan_key(x, None, None, bns, convs, tensors)) is not None
 
     def bare_fwdbwd():
-        y = Bare.apply(Bare.apply(*args)[0], *args[1:])[0]
-        y.backward(torch.ones_like(y))
+        Bare.apply(x, *params).backward(torch.ones_like(x))
     layers = {
-        "backend impl (launch arguments, allocation)": lambda: triton.impls["bn_relu_conv"](**impl_args),
-        "dispatch.select": lambda: dispatch.select("bn_relu_conv", tensors, "triton", torch.float32),
-        "ops.check_unit_args": lambda: ops.check_unit_args(*args[:9], torch.float32),
-        "op body (checks, select, impl)": lambda: ops.bn_relu_conv.body(*args),
-        "op entry, autograd node (body, Function.apply, setup_context)": lambda: ops.bn_relu_conv(*args),
-        "functional.unit (module glue, op entry)": lambda: functional.unit(x, stats, block.bn1, block.conv1, None,
-                                                                            consumer, "triton"),
-        "block forward (2 units, statistics pass, nn glue)": lambda: block(x),
-        "floor: bare Function.apply, unit's arguments": lambda: Bare.apply(*args),
-        "floor: 2 bare Function.apply + backward": bare_fwdbwd,
+        "backend impl of one forward unit (launch arguments, allocation)":
+            lambda: triton.impls["bn_relu_conv"](**unit_args),
+        "plan key (module settings, tensor signatures, backend state)":
+            lambda: block_autograd.PLANS.get(block.plan_key(x, None, None, bns, convs, tensors)),
+        "block forward, plan replayed (3 launches, 1 autograd node)": lambda: block(x),
+        "floor: bare Function.apply with the block's inputs": lambda: Bare.apply(x, *params),
+        "floor: bare Function.apply + backward (7 gradients)": bare_fwdbwd,
     }
     return {name: time_us(fn, repeats, calls) for name, fn in layers.items()}
 
@@ -114,7 +110,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--calls", type=int, default=50)
-    parser.add_argument("--breakdown", action="store_true", help="also time the layers of one forward unit")
+    parser.add_argument("--breakdown", action="store_true", help="also time the layers of a block's forward")
     args = parser.parse_args(argv)
     stub_launches()
     torch.set_num_threads(1)  # host work is one thread; a second only adds jitter here
@@ -128,8 +124,8 @@ def main(argv=None) -> None:
         print(kind, {mode: f"{r['min_us']:.0f} us (median {r['median_us']:.0f})" for mode, r in results[kind].items()})
     written = {"meta": metadata("cpu"), "results": results}
     if args.breakdown:
-        written["unit_layers"] = breakdown(args.repeats, args.calls * 4)
-        for name, r in written["unit_layers"].items():
+        written["block_layers"] = breakdown(args.repeats, args.calls * 4)
+        for name, r in written["block_layers"].items():
             print(f"{r['min_us']:7.1f} us  {name}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
