@@ -7,7 +7,7 @@ fused ops instead of the submodules' own forward.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,35 @@ def module_attr(module: nn.Module, name: str):
         if name in found:
             return found[name]
     return getattr(module, name)
+
+
+class BlockTensors(NamedTuple):
+    """The module tensors a block's units read, as block_autograd takes them."""
+    params: list[Tensor]  # per unit its BN's weight and bias and its conv's weight, then the projection's
+    weights: list[Tensor]  # the conv weights (the units', then the projection's)
+    buffers: list[Optional[Tensor]]  # running_mean, running_var, num_batches_tracked of every BatchNorm
+    signed: list[Optional[Tensor]]  # all of them, in a fixed order (for the plan key)
+
+
+def block_tensors(bns, convs, units: int) -> Optional[BlockTensors]:
+    """The registered parameters and buffers of the units' BatchNorms and convs (bns: the
+    units' and the consumer's, convs: the units' and the projection), or None where one is
+    not registered (a parametrized weight is a property that computes a new tensor on
+    every read: autograd must see that computation, so the block keeps its per-unit path)."""
+    def registered(module, names):
+        params, buffers = module._parameters, module._buffers
+        return [params[n] if n in params else buffers[n] if n in buffers else MISSING for n in names]
+    weights = [w for conv in convs for w in registered(conv, ("weight",))]
+    bn_tensors = [registered(bn, BN_TENSORS) for bn in bns]
+    signed = [*weights, *(t for ts in bn_tensors for t in ts)]
+    if any(t is MISSING for t in signed):
+        return None
+    params = [t for (gamma, beta, *_), weight in zip(bn_tensors[:units], weights) for t in (gamma, beta, weight)]
+    params = [t for t in params + weights[units:] if t is not None]
+    return BlockTensors(params, weights, [t for ts in bn_tensors for t in ts[2:]], signed)
+
+
+MISSING = object()  # block_tensors: a name that is no registered parameter or buffer
 
 
 class _SyncBNOption:
@@ -155,16 +184,11 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         units, projection = self.units(), self.projection()
         convs = [conv for _, conv in units] + ([projection] if projection is not None else [])
         bns = [bn for bn, _ in units] + ([consumer.bn] if consumer is not None else [])
-        weights = [module_attr(conv, "weight") for conv in convs]
-        bn_tensors = [[module_attr(bn, name) for name in BN_TENSORS] for bn in bns]
-        unit_params = [(gamma, beta, weight) for (gamma, beta, *_), weight in zip(bn_tensors[:len(units)], weights)]
-        params = [t for t in [*(t for ts in unit_params for t in ts), *weights[len(units):]] if t is not None]
-        buffers = [t for tensors in bn_tensors for t in tensors[2:]]
-        one_node = isinstance(x, Tensor) and block_autograd.applies(x, params, weights, Fp.compute_dtype(x, convs[0]))
+        tensors = block_tensors(bns, convs, len(units))
+        one_node = tensors is not None and isinstance(x, Tensor) and block_autograd.applies(
+            x, tensors.params, tensors.weights, Fp.compute_dtype(x, convs[0]))
         # A plan (block_autograd) skips the checks below: its key fixes their outcome.
-        key = None
-        if one_node and not self.sync_bn:
-            key = self.plan_key(x, x_moments, consumer, bns, convs, [*weights, *(t for ts in bn_tensors for t in ts)])
+        key = self.plan_key(x, x_moments, consumer, bns, convs, tensors.signed) if one_node and not self.sync_bn else None
         program = block_autograd.PLANS.get(key)
         if program is None:
             self.check_input(x, units)
@@ -179,7 +203,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
             return self.forward_units(x, x_moments, consumer, sync, images, backend, tape)
         if not one_node:
             return forward_units(x, None)
-        inputs = block_autograd.BlockInputs(x, x_moments, params, buffers)
+        inputs = block_autograd.BlockInputs(x, x_moments, tensors.params, tensors.buffers)
         return block_autograd.run_block(forward_units, key if not sync else None, program, inputs)
 
     def forward_units(self, x: Tensor, x_moments, consumer: Optional[Fp.Consumer], sync: int,

@@ -192,3 +192,23 @@ def test_a_chain_hands_statistics_forward_on_replay():
     for _ in range(3):
         x = torch.randn(2, 6, 5, 5)
         assert_bitwise(step(model, x), step(reference, x, per_unit=True), "chain")
+
+
+def test_a_parametrized_weight_keeps_the_per_unit_path():
+    """A parametrized conv weight is computed anew on every read (autograd must record that
+    computation): such a block is not one node and records no plan, and trains like eager."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from fused_preact.testing import PreActBlock as EagerBlock
+    eager = EagerBlock(5, 7, 2).double()
+    randomize_bn(eager)
+    block = fp.PreActBlock(5, 7, 2).double()
+    block.load_state_dict(eager.state_dict())
+    weight_norm(block.conv1), weight_norm(eager.conv1)
+    for _ in range(2):
+        x = torch.randn(3, 5, 7, 7, dtype=torch.float64)
+        ours, theirs = step(block, x), step(eager, x)
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"tensor {i}")
+    assert not block_autograd.PLANS.programs
+    assert block.conv1.parametrizations.weight.original1.grad is not None
