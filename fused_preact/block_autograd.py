@@ -23,6 +23,7 @@ call's tensors: the same implementation calls with the same arguments, without t
 its checks and its backend choice (they would decide the same). Half of a small block's
 host time was that glue.
 
+Without autograd recording (inference) the same Tape and plans run without the node.
 Where something traces or intercepts (torch.compile, dispatch modes, tensor subclasses) the
 blocks keep one registered op per unit. So do the blocks whose glue would cast a tensor
 (the unit glue's casts and unfused residual adds have autograd nodes of their own, which
@@ -42,18 +43,22 @@ from .entry import PLAIN_TENSOR_TYPES, intercepted, registered_op_needed
 
 
 def applies(x: Tensor, params: Sequence[Tensor], conv_weights: Sequence[Tensor], conv_dtype: torch.dtype) -> bool:
-    """Whether a block's forward runs under one BlockFunction: autograd records (grad mode on,
-    x or a parameter requires grad), nothing intercepts, every tensor is a plain one, and
-    the unit glue casts nothing (x is a dtype the kernels read, or add as the identity, and
-    every conv weight is the conv dtype or the float32 master copy under autocast)."""
-    if not torch.is_grad_enabled() or intercepted():
+    """Whether a block's forward runs on a Tape (recorded, or replayed from a plan):
+    nothing intercepts, every tensor is a plain one, and the unit glue casts nothing (x is
+    a dtype the kernels read, or add as the identity, and every conv weight is the conv
+    dtype or the float32 master copy under autocast). Then it is one BlockFunction where
+    autograd records (records_autograd), no node at all where it does not (inference)."""
+    if intercepted():
         return False
     if type(x) not in PLAIN_TENSOR_TYPES or any(type(p) not in PLAIN_TENSOR_TYPES for p in params):
         return False
-    if not (x.requires_grad or any(p.requires_grad for p in params)):
-        return False
     allowed = ops.residual_dtypes(conv_dtype)
     return x.dtype in allowed and all(w.dtype in (conv_dtype, torch.float32) for w in conv_weights)
+
+
+def records_autograd(x: Tensor, params: Sequence[Tensor]) -> bool:
+    """Grad mode is on and x or a parameter requires grad."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
 class BlockInputs(NamedTuple):
@@ -214,29 +219,35 @@ class Plans:
 PLANS = Plans()
 
 
+def execute(forward_units: Callable, key, program: Optional[Program], inputs: BlockInputs):
+    """The block's forward: program None runs forward_units(x, tape) (the block's glue,
+    returning (output, moments), moments the consumer's (mean, var) or None), records it and
+    keeps the Program in PLANS under `key` (None: keeps none); else replays `program`.
+    Returns (the Program that ran, the values of its slots)."""
+    if program is None:
+        tape = Tape(inputs)
+        with ops.recording(tape):
+            output, moments = forward_units(inputs.x, tape)
+        program = tape.finish(output, moments)
+        if tape.replayable:
+            PLANS.put(key, program)
+        return program, tape.values
+    values = inputs.values()
+    program.replay(values)
+    return program, values
+
+
 class BlockFunction(torch.autograd.Function):
     """A block's forward as one autograd node (see the module docstring).
 
-    forward(ctx, forward_units, key, program, x_moments, buffers, x, *params): program
-    None runs forward_units(x, tape) (the block's glue, returning (output, moments),
-    moments the consumer's (mean, var) or None), records it and keeps the Program in PLANS
-    under `key` (None: keeps none); else replays `program`. Returns (output, *moments).
+    forward(ctx, forward_units, key, program, x_moments, buffers, x, *params): `execute`
+    with those arguments. Returns (output, *moments).
     """
 
     @staticmethod
     def forward(ctx, forward_units: Callable, key, program: Optional[Program], x_moments, buffers, x: Tensor,
                 *params: Tensor):
-        inputs = BlockInputs(x, x_moments, params, buffers)
-        if program is None:
-            tape = Tape(inputs)
-            with ops.recording(tape):
-                output, moments = forward_units(x, tape)
-            program, values = tape.finish(output, moments), tape.values
-            if tape.replayable:
-                PLANS.put(key, program)
-        else:
-            values = inputs.values()
-            program.replay(values)
+        program, values = execute(forward_units, key, program, BlockInputs(x, x_moments, params, buffers))
         moments = tuple(values[m] for m in program.moments)
         ctx.save_for_backward(*program.saved(values))
         ctx.program = program
@@ -255,9 +266,14 @@ class BlockFunction(torch.autograd.Function):
 
 
 def run_block(forward_units: Callable, key, program: Optional[Program], inputs: BlockInputs):
-    """The block's (output, moments) through one BlockFunction (see its docstring)."""
-    output, *moments = BlockFunction.apply(forward_units, key, program, inputs.x_moments, tuple(inputs.buffers),
-                                           inputs.x, *inputs.params)
+    """The block's (output, moments): through one BlockFunction where autograd records,
+    else `execute` alone (inference: no node)."""
+    if records_autograd(inputs.x, inputs.params):
+        output, *moments = BlockFunction.apply(forward_units, key, program, inputs.x_moments,
+                                               tuple(inputs.buffers), inputs.x, *inputs.params)
+    else:
+        program, values = execute(forward_units, key, program, inputs)
+        output, moments = values[program.output], [values[m] for m in program.moments]
     return output, (tuple(moments) if moments else None)
 
 

@@ -185,10 +185,10 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         convs = [conv for _, conv in units] + ([projection] if projection is not None else [])
         bns = [bn for bn, _ in units] + ([consumer.bn] if consumer is not None else [])
         tensors = block_tensors(bns, convs, len(units))
-        one_node = tensors is not None and isinstance(x, Tensor) and block_autograd.applies(
+        taped = tensors is not None and isinstance(x, Tensor) and block_autograd.applies(
             x, tensors.params, tensors.weights, Fp.compute_dtype(x, convs[0]))
         # A plan (block_autograd) skips the checks below: its key fixes their outcome.
-        key = self.plan_key(x, x_moments, consumer, bns, convs, tensors.signed) if one_node and not self.sync_bn else None
+        key = self.plan_key(x, x_moments, consumer, bns, convs, tensors.signed) if taped and not self.sync_bn else None
         program = block_autograd.PLANS.get(key)
         if program is None:
             self.check_input(x, units)
@@ -201,7 +201,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
 
         def forward_units(x: Tensor, tape: Optional[Tape]):
             return self.forward_units(x, x_moments, consumer, sync, images, backend, tape)
-        if not one_node:
+        if not taped:
             return forward_units(x, None)
         inputs = block_autograd.BlockInputs(x, x_moments, tensors.params, tensors.buffers)
         return block_autograd.run_block(forward_units, key if not sync else None, program, inputs)

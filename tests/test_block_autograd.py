@@ -212,3 +212,32 @@ def test_a_parametrized_weight_keeps_the_per_unit_path():
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"tensor {i}")
     assert not block_autograd.PLANS.programs
     assert block.conv1.parametrizations.weight.original1.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["no_grad-eval", "no_grad-train", "frozen-train"])
+def test_inference_replays_a_plan_without_a_node(mode, monkeypatch):
+    """Where autograd records nothing (torch.no_grad, or nothing requires grad) the block
+    records and replays its plan without an autograd node: the same outputs and running
+    statistics as the per-unit path, and no glue on a replay."""
+    import contextlib
+    block = make_block("bottleneck", 6, 3, 2, "preact").train(mode.endswith("train"))
+    if mode.startswith("frozen"):
+        block.requires_grad_(False)
+    reference = copy.deepcopy(block)
+    inputs = [torch.randn(2, 6, 7, 7) for _ in range(3)]
+
+    def forward(model, x, per_unit):
+        with torch.no_grad() if mode.startswith("no_grad") else contextlib.nullcontext():
+            with PassThrough() if per_unit else contextlib.nullcontext():
+                out = model(x)
+        assert out.grad_fn is None
+        return [out] + [b.clone() for b in model.buffers()]
+    expected = [forward(reference, x, True) for x in inputs]
+    got = [forward(block, inputs[0], False)]
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the glue ran on a replay")
+    monkeypatch.setattr(ops, "check_unit_args", must_not_run)
+    got += [forward(block, x, False) for x in inputs[1:]]
+    for i, (ours, theirs) in enumerate(zip(got, expected)):
+        assert_bitwise(ours, theirs, f"call {i}")
