@@ -8,8 +8,9 @@ and launch work, not the kernels (see the tiny-overhead case). Here every Triton
 is replaced by a no-op, so what is timed is everything our code does around the kernels
 (op entry, backend choice, allocation, the autograd glue), on the CPU under the Triton
 interpreter. What it leaves out is Triton's own launcher and the CUDA cost of each torch
-call, so it is a floor of the GPU host time, for comparing commits. The outputs are
-garbage (no kernel writes them): this times, it checks nothing.
+call, so it is a floor of the GPU host time, for comparing commits. Modes: a training
+forward (x requires grad), forward+backward, and an eval-mode forward under torch.no_grad.
+The outputs are garbage (no kernel writes them): this times, it checks nothing.
 """
 from __future__ import annotations
 
@@ -119,8 +120,14 @@ def main(argv=None) -> None:
     for kind, block, x, fwdbwd in tiny_blocks():
         def fwd():
             block(x)
+
+        def inference():  # eval mode under torch.no_grad, as a validation pass runs
+            with torch.no_grad():
+                block(x)
         results[kind] = {"fwd": time_us(fwd, args.repeats, args.calls),
                          "fwdbwd": time_us(fwdbwd, args.repeats, args.calls)}
+        block.eval()
+        results[kind]["fwd-eval-nograd"] = time_us(inference, args.repeats, args.calls)
         print(kind, {mode: f"{r['min_us']:.0f} us (median {r['median_us']:.0f})" for mode, r in results[kind].items()})
     written = {"meta": metadata("cpu"), "results": results}
     if args.breakdown:

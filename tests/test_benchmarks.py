@@ -182,7 +182,7 @@ def test_host_cost_runs_with_every_triton_launch_stubbed(tmp_path):
     assert written["meta"]["device_type"] == "cpu"
     assert len(written["block_layers"]) == 5 and all(t["min_us"] > 0 for t in written["block_layers"].values())
     assert {(kind, mode) for kind, r in written["results"].items() for mode in r} == {
-        (kind, mode) for kind in ("basic", "bottleneck") for mode in ("fwd", "fwdbwd")}
+        (kind, mode) for kind in ("basic", "bottleneck") for mode in ("fwd", "fwdbwd", "fwd-eval-nograd")}
     assert all(0 < t["min_us"] <= t["median_us"] for r in written["results"].values() for t in r.values())
 
 
