@@ -1,5 +1,5 @@
 """One autograd node per block (plain eager training), and the block's forward planned once
-per layer and input signature.
+per layer and input signature (training and inference).
 
 Every unit called through the registered op gets an autograd node of its own: a basic
 block makes two, each a custom Function call forward and a node for the engine to run
@@ -20,14 +20,16 @@ buffers, earlier calls' outputs). Given a key that fixes everything the glue dec
 (shapes, dtypes and devices, module settings, autocast, the backend asked for:
 nn._PreActUnits.plan_key), the next call with the same key replays the Program on that
 call's tensors: the same implementation calls with the same arguments, without the glue,
-its checks and its backend choice (they would decide the same). Half of a small block's
-host time was that glue.
+its checks and its backend choice (they would decide the same); about half of a small
+block's forward host time was that glue (benchmarks.host_cost). A Program holds slots,
+not tensors: PLANS keeps it by key, for every block with that key.
 
 Without autograd recording (inference) the same Tape and plans run without the node.
 Where something traces or intercepts (torch.compile, dispatch modes, tensor subclasses) the
 blocks keep one registered op per unit. So do the blocks whose glue would cast a tensor
 (the unit glue's casts and unfused residual adds have autograd nodes of their own, which
-inside a Function's forward nothing would record): `applies` says when the tape runs.
+inside a Function's forward nothing would record), `applies`, and those with a weight that
+is no registered parameter (a parametrization computes it on every read: nn.block_tensors).
 Synchronised BatchNorm records no Program (its glue exchanges statistics between ranks,
 which a replay of implementation calls would skip).
 """
