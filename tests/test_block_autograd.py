@@ -241,3 +241,29 @@ def test_inference_replays_a_plan_without_a_node(mode, monkeypatch):
     got += [forward(block, x, False) for x in inputs[1:]]
     for i, (ours, theirs) in enumerate(zip(got, expected)):
         assert_bitwise(ours, theirs, f"call {i}")
+
+
+def test_random_changes_between_steps_never_replay_a_stale_plan():
+    """Twenty steps, each after a random change of the block or its input (any of the single
+    changes above, batch and image size, train / eval), against the per-unit path."""
+    import random
+    rng = random.Random(0)
+    block = make_block("basic", 5, 7, 2, "preact")
+    reference = copy.deepcopy(block)
+    changes = [lambda b: setattr(b.bn1, "momentum", rng.choice([0.1, 0.5, None])),
+               lambda b: b.bn2.train(not b.bn2.training),
+               lambda b: setattr(b.bn1, "eps", rng.choice([1e-5, 1e-2])),
+               lambda b: b.conv2.weight.requires_grad_(not b.conv2.weight.requires_grad),
+               lambda b: b.train(not b.training)]
+    shape = [3, 5, 7, 7]
+    for i in range(20):
+        change = rng.randrange(len(changes) + 1)
+        if change == len(changes):
+            shape = [rng.choice([2, 3]), 5, rng.choice([6, 7]), 7]
+        else:
+            state = rng.getstate()
+            changes[change](block)
+            rng.setstate(state)  # the same random choice for the reference
+            changes[change](reference)
+        x = torch.randn(shape)
+        assert_bitwise(step(block, x), step(reference, x, per_unit=True), f"step {i}")
