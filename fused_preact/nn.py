@@ -187,7 +187,8 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         tensors = block_tensors(bns, convs, len(units))
         taped = tensors is not None and isinstance(x, Tensor) and block_autograd.applies(
             x, tensors.params, tensors.weights, Fp.compute_dtype(x, convs[0]))
-        # A plan (block_autograd) skips the checks below: its key fixes their outcome.
+        # A plan (block_autograd) skips the checks below: its key fixes their outcome. None
+        # under sync_bn: its glue exchanges statistics between ranks, which a replay would skip.
         key = self.plan_key(x, x_moments, consumer, bns, convs, tensors.signed) if taped and not self.sync_bn else None
         program = block_autograd.PLANS.get(key)
         if program is None:
@@ -204,7 +205,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         if not taped:
             return forward_units(x, None)
         inputs = block_autograd.BlockInputs(x, x_moments, tensors.params, tensors.buffers)
-        return block_autograd.run_block(forward_units, key if not sync else None, program, inputs)
+        return block_autograd.run_block(forward_units, key, program, inputs)
 
     def forward_units(self, x: Tensor, x_moments, consumer: Optional[Fp.Consumer], sync: int,
                       images: Optional[int], backend: str, tape: Optional[Tape]):
@@ -220,8 +221,9 @@ class _PreActUnits(_SyncBNOption, nn.Module):
             if i > 0:
                 stats = Fp.bn_stats(bn, h, moments, backend, sync, images, tape)
             next_consumer = consumer if last else Fp.Consumer(units[i + 1][0], bool(sync))
-            # The shortcut reads x as the first unit's autograd node returns it, so its
-            # gradient (the identity's, or the projection's dx) joins that unit's dx kernel.
+            # The shortcut reads x as the first unit's autograd node returns it (under a tape,
+            # x itself), so its gradient (the identity's, or the projection's dx) joins that
+            # unit's dx kernel.
             h, moments, carried = Fp.unit(h, stats, bn, conv, shortcut if last else None, next_consumer, backend,
                                           carry_input=i == 0, tape=tape)
             if i == 0:
@@ -413,4 +415,3 @@ class TimmPreActBottleneck(TimmPreActBasic):
     """Fused stand-in for timm resnetv2.PreActBottleneck (norm3 / conv3 added)."""
 
     unit_names = (("norm1", "conv1"), ("norm2", "conv2"), ("norm3", "conv3"))
-

@@ -124,7 +124,6 @@ def check_running(running_mean, running_var, num_batches_tracked, momentum, chan
 
 class OpCall(NamedTuple):
     """One op body's call of its backend implementation, as a Recorder sees it."""
-    op: str
     backend: str  # the name of the backend that ran it
     impl: Callable
     args: dict  # impl's arguments, by name
@@ -160,7 +159,7 @@ def _run(op: str, backend: str, computes_in: Optional[torch.dtype], **args):
     outputs = impl(**args)
     recorder = getattr(_recorder, "value", None)
     if recorder is not None:
-        recorder.add(OpCall(op, chosen.name, impl, args, outputs if isinstance(outputs, tuple) else (outputs,)))
+        recorder.add(OpCall(chosen.name, impl, args, outputs if isinstance(outputs, tuple) else (outputs,)))
     return outputs
 
 
