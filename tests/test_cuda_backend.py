@@ -26,6 +26,21 @@ def test_act_describes_any_layout(layout):
     assert flat[1 * a.sn + 2 * a.sc + 3 * a.sh + 4 * a.sw] == t[1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("dims", [(2, 3, 1, 0), (2, 3, 0, 1), (1, 2, 3, 0), (0, 2, 3, 1)])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                    (torch.float32, torch.bfloat16)], ids=["bf16", "fp32", "fp32-as-bf16"])
+def test_packed_weight_holds_the_permuted_weight_in_memory_order(dims, dtypes):
+    """The kernels read a weight by its pointer alone: its memory must be the permuted layout,
+    also when no cast is needed (a permuted view there wrote wrong convs, seen on an H100)."""
+    weight_dtype, conv_dtype = dtypes
+    w = torch.randn(8, 5, 3, 3).to(weight_dtype)
+    packed = cuda.packed_weight(w, dims, conv_dtype)
+    assert packed.dtype == conv_dtype and packed.is_contiguous()
+    assert packed.data_ptr() != w.data_ptr()
+    flat = torch.as_strided(packed, (packed.numel(),), (1,))  # what a pointer-only kernel reads
+    assert torch.equal(flat, w.permute(*dims).to(conv_dtype).reshape(-1))
+
+
 @needs_ext
 def test_dtype_codes_and_errors():
     assert cuda.dtype_code(ext, torch.bfloat16) == ext.DType.bf16

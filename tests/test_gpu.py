@@ -112,7 +112,9 @@ def test_launch_budget_backward_basic_block_identity(amp):
     """Backward: 2 dgrad, 2 wgrad, 2 BN-backward passes, nothing else (the identity gradient
     is added in the first unit's BN-backward pass; no weight-gradient cast under autocast)."""
     block = fp.PreActBlock(64, 64, backend="triton").cuda()
-    x = torch.randn(128, 64, 32, 32, device="cuda", requires_grad=True)
+    # channels_last, as the kernels write dx: a leaf of another layout gets its gradient
+    # copied into that layout by autograd (one more kernel, PyTorch's, eager's too).
+    x = torch.randn(128, 64, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_()
 
     def forward():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
@@ -191,12 +193,12 @@ def test_triton_declines_exact_float32_convolutions_by_default(monkeypatch):
     with pytest.raises(fp.BackendNotSupported, match="exact float32 convolutions"):
         fp.PreActBlock(16, 32, 2, backend="triton").cuda()(x)
     w = torch.randn(32, 16, 1, 1, device="cuda")
-    assert fp.dispatch.select("bn_relu_conv", [x, w]).name == "reference"
-    assert fp.dispatch.select("bn_relu_conv", [x, w.bfloat16()]).name == "triton"
+    assert fp.dispatch.select("bn_relu_conv", [x, w], conv_dtype=torch.float32).name == "reference"
+    assert fp.dispatch.select("bn_relu_conv", [x, w.bfloat16()], conv_dtype=torch.bfloat16).name == "triton"
     with torch.autocast("cuda", dtype=torch.bfloat16):
         fp.PreActBlock(16, 32, 2, backend="triton").cuda()(x)  # bf16 convolutions still run on triton
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert fp.dispatch.select("bn_relu_conv", [x, w]).name == "triton"
+    assert fp.dispatch.select("bn_relu_conv", [x, w], conv_dtype=torch.float32).name == "triton"
     fp.PreActBlock(16, 32, 2, backend="triton").cuda()(x)
 
 

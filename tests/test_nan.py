@@ -24,7 +24,7 @@ def test_non_finite_input_propagates_like_eager(backend, kind, bad, monkeypatch)
     use_backend_or_skip(backend, monkeypatch, x.to(DEVICE))
     device = DEVICE
     results = []
-    for model in (eager, ours.to(device)):
+    for model in (eager.to(device), ours.to(device)):
         xi = x.clone().to(device).requires_grad_(True)
         out = model(xi)
         out.backward(torch.ones_like(out))

@@ -155,9 +155,12 @@ def sm80_kernel_runs(conv_dtype: torch.dtype, gathered: tuple[torch.Tensor, ...]
             and max(t.numel() for t in (*gathered, *tensors)) < 2**31)
 
 
-def aligned_16(t: torch.Tensor) -> torch.Tensor:
-    """t, or a copy of it (same strides) starting on a 16-byte boundary (the kernels' 16-byte loads)."""
-    return t if t.data_ptr() % 16 == 0 else t.clone()
+def packed_weight(weight: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new contiguous tensor of `dtype` holding weight.permute(*dims), the layout a kernel
+    reads. Always a copy: `.to(dtype, memory_format=...)` returns the permuted VIEW itself
+    when the weight already has `dtype` (its strides then describe the old layout)."""
+    view = weight.detach().permute(*dims)
+    return torch.empty(view.shape, device=weight.device, dtype=dtype).copy_(view)
 
 
 # --------------------------------------------------------------------------- ops
@@ -184,10 +187,10 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
     sm80 = sm80_kernel_runs(conv_dtype, (x,), weight, y)
     p = ext.ConvFwdParams()
     if sm80:  # [K, R, S, C]: the channels_last weight
-        keep = [aligned_16(weight.to(conv_dtype).contiguous(memory_format=torch.channels_last))]
+        keep = [packed_weight(weight, (0, 2, 3, 1), conv_dtype)]
         p.w_krsc = keep[0].data_ptr()
     else:
-        keep = [weight.permute(2, 3, 1, 0).to(conv_dtype, memory_format=torch.contiguous_format)]  # [R, S, C, K]
+        keep = [packed_weight(weight, (2, 3, 1, 0), conv_dtype)]  # [R, S, C, K]
         p.w_rsck = keep[0].data_ptr()
     p.x, p.y = act(ext, x), act(ext, y)
     if residual is not None:
@@ -260,10 +263,10 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     sm80 = x.dtype == conv_dtype and sm80_kernel_runs(conv_dtype, (dy,), x, weight)
     p = ext.ConvDgradParams()
     if sm80:
-        keep = [aligned_16(weight.permute(1, 2, 3, 0).to(conv_dtype, memory_format=torch.contiguous_format))]
+        keep = [packed_weight(weight, (1, 2, 3, 0), conv_dtype)]
         p.w_crsk = keep[0].data_ptr()  # [C, R, S, K]
     else:
-        keep = [weight.permute(2, 3, 0, 1).to(conv_dtype, memory_format=torch.contiguous_format)]  # [R, S, K, C]
+        keep = [packed_weight(weight, (2, 3, 0, 1), conv_dtype)]  # [R, S, K, C]
         p.w_rskc = keep[0].data_ptr()
     p.dy, p.x, p.g = act(ext, dy), act(ext, x), act(ext, g)
     conv_geometry(p, weight.shape, stride, padding)
