@@ -58,12 +58,16 @@ class Case:
     variant: str = ""  # another kernel of the backend, chosen by its environment variable (VARIANTS)
 
 
-# Known failures, as data: (predicate on the case, what was measured). Marked xfail(strict).
-KNOWN_FAILURES = [
-    (lambda c: (c.backend, c.precision, DEVICE) == ("triton", "fp32", "cuda") and c.prologue
-     and c.shape[2] == 1 and c.shape[3] == 2 and c.shape[0] >= 64,
-     "triton exact fp32 wgrad of a 1x1 stride-2 unit with BN prologue: relative error 0.16-0.26 on an H100"),
-]
+# Known failures on GPUs, as data: case -> what was measured. Marked xfail(strict).
+# Triton's exact float32 weight gradient (declined on GPUs unless FUSED_PREACT_TRITON_FP32=1)
+# failed on these cases in two H100 runs (triton 3.6, 2026-11-24), the same cases both times,
+# while 1024x1024k1s2 passed; the same shapes with other data, run alone, were right and
+# bitwise repeatable (benchmarks/results/2026-11-24-h100-391174d/wgrad_repeat.txt). Cause unknown.
+KNOWN_GPU_FAILURES = {
+    "triton-fp32-128x256k1s2p0-15px-n3-bn": "triton exact fp32 wgrad: relative error 0.16-0.26 (2026-11-22)",
+    "triton-fp32-128x256k1s2p0-15px-n3-bn-res": "triton exact fp32 wgrad: relative error 0.16-0.26 (2026-11-22)",
+    "triton-fp32-64x64k3s1p1-56px-n64-bn": "triton exact fp32 wgrad: relative error 0.49 (2026-11-24)",
+}
 
 CASES = [Case(backend, precision, shape, prologue, residual)
          for backend in dispatch.BACKEND_NAMES if backend != "reference"
@@ -167,9 +171,8 @@ def test_ops_conform_to_float64(case, poisoned, request, monkeypatch):
         reasons = backend.not_supported_reasons(op, tensors, conv_dtype)
         if reasons:
             pytest.skip("; ".join(reasons))
-    for predicate, why in KNOWN_FAILURES:
-        if predicate(case):
-            request.applymarker(pytest.mark.xfail(strict=True, reason=why))
+    if DEVICE == "cuda" and case_id(case) in KNOWN_GPU_FAILURES:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_GPU_FAILURES[case_id(case)]))
     if case.variant:
         monkeypatch.setenv(VARIANTS[case.variant], "1")
         launches = count_sm80_launches(monkeypatch)
