@@ -294,3 +294,22 @@ def test_outgrown_ticket_counters_stay_allocated():
     del old
     gc.collect()
     assert outgrown() is not None
+
+
+def test_a_failing_interpreter_is_a_reason_not_a_crash(monkeypatch):
+    """Where the Triton interpreter cannot run a loop with a runtime bound (triton <= 3.6 with
+    numpy >= 2.4), the backend declines CPU tensors naming what failed."""
+    from fused_preact.backends.triton import backend, common
+
+    class FailingLaunch:
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch
+    monkeypatch.setattr(common, "loop_bound_probe", FailingLaunch())
+    backend.interpreter_reason.cache_clear()
+    try:
+        why = backend.interpreter_reason()
+    finally:
+        backend.interpreter_reason.cache_clear()
+    assert "0-dimensional" in why and "triton-lang/triton#9171" in why

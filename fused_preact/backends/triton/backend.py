@@ -6,6 +6,7 @@ this backend's reasons say so.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -26,8 +27,29 @@ def fp32_gpu_reason(conv_dtype: torch.dtype | None, device_type: str) -> str | N
     if torch.backends.cudnn.allow_tf32 or os.environ.get(FP32_GPU_FLAG) == "1":
         return None
     return ("exact float32 convolutions (torch.backends.cudnn.allow_tf32=False) on the GPU are declined: "
-            "they failed verification on an H100 (wrong weight gradient of a 1x1 stride-2 unit); allow tf32, "
+            "they failed verification on an H100 (wrong weight gradients at some layer shapes); allow tf32, "
             f"use autocast to bf16/fp16 or the reference backend, or set {FP32_GPU_FLAG}=1 to run them anyway")
+
+
+@functools.cache
+def interpreter_reason() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels, found once by running a loop
+    with a runtime bound in it (every conv kernel has one): the interpreter of triton 3.6 and
+    older fails there with numpy >= 2.4 (upstream triton-lang/triton#9171)."""
+    from .common import loop_bound_probe
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        loop_bound_probe[(1,)](out, 3)
+    except Exception as e:  # the interpreter wraps what failed in its own error type
+        return (f"the Triton interpreter of triton {triton_version()} fails on the kernels' loops here "
+                f"({type(e).__name__}: {e}; numpy >= 2.4 with triton <= 3.6, upstream triton-lang/triton#9171): "
+                "install a newer triton or numpy<2.4")
+    return None if out.item() == 3 else f"the Triton interpreter counted a 3-step loop as {out.item()}"
+
+
+def triton_version() -> str:
+    import triton
+    return triton.__version__
 
 
 class TritonBackend(Backend):
@@ -51,7 +73,7 @@ class TritonBackend(Backend):
         if device.type == "cuda":
             return "cuda tensors need TRITON_INTERPRET unset when triton is first used" if self.interpreted else None
         if device.type == "cpu":
-            return None if self.interpreted else (
+            return interpreter_reason() if self.interpreted else (
                 "cpu tensors need TRITON_INTERPRET=1 (the Triton interpreter), set before triton is first used")
         return f"tensors on {device.type} are not supported"
 

@@ -19,6 +19,15 @@ from ..base import cdiv
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@triton.jit
+def loop_bound_probe(out_ptr, steps):
+    """Counts `steps` iterations of a loop with a runtime bound (backend.interpreter_reason)."""
+    count = 0
+    for _ in range(0, steps):
+        count += 1
+    tl.store(out_ptr, count)
+
+
 def interpreter_on() -> bool:
     """Whether the kernels run in the Triton interpreter (on the CPU)."""
     return INTERPRETED
