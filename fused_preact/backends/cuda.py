@@ -8,8 +8,9 @@ The kernels are opt-in (FUSED_PREACT_ENABLE_CUDA_BACKEND=1) while they are slowe
 the triton backend, because "auto" tries cuda first; README's backend table says what was
 verified where. The tensor-core conv kernels (csrc/fprop_sm80.cuh, dgrad_sm80.cuh,
 wgrad_sm80.cuh: CuTe, cp.async, ldmatrix, mma.sync; fp16, bf16, fp32 as tf32;
-channels_last) run only with FUSED_PREACT_CUDA_SM80=1 until a GPU run has verified them
-(they were built and their SASS checked without one); the WMMA kernels run otherwise.
+channels_last) run only with FUSED_PREACT_CUDA_SM80=1: verified on an H100 (conformance
+against float64, compute-sanitizer), faster than the WMMA kernels that run otherwise, and
+still several times cuDNN's time (README).
 """
 from __future__ import annotations
 
