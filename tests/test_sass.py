@@ -26,7 +26,6 @@ def sass_rows(arch: int, tmp_path) -> list[dict]:
 # this tool at the headline shapes (bf16, 4 warps, 3 stages); strict: one that goes away fails
 # too, so the list stays true. The GPU machines run triton 3.6.
 KNOWN = {
-    ("3.9", 90, "bn_relu_conv_fwd_kernel", "spills"): "20 bytes at 255 registers (BN scale/shift held across the loop)",
     ("3.9", 80, "bn_relu_conv_fwd_kernel", "spills"): "56 bytes at 255 registers",
     ("3.6", 80, "bn_relu_conv_fwd_kernel", "spills"): "180 bytes at 255 registers",
     ("3.6", 80, "bn_relu_conv_dgrad_kernel", "spills"): "328 bytes at 255 registers",

@@ -114,7 +114,13 @@ def write_tile_stats(part_ptr, tile, values, rowmask, rc, cmask, C):
     mean = tl.sum(tl.where(rows, values, 0.0), axis=0) / tl.maximum(count, 1.0)  # a tile past the rows: 0
     centred = tl.where(rows, values - mean[None, :], 0.0)
     m2 = tl.sum(centred * centred, axis=0)
-    base = part_ptr + tile.to(tl.int64) * 3 * C + rc
-    tl.store(base, tl.zeros_like(mean) + count, mask=cmask)
+    store_stats(part_ptr, tile, tl.zeros_like(mean) + count, mean, m2, rc, cmask, C)
+
+
+@triton.jit
+def store_stats(part_ptr, slot, count, mean, m2, rc, cmask, C):
+    """(count, mean, M2) per channel rc into partials[slot, 0:3, rc]."""
+    base = part_ptr + slot.to(tl.int64) * 3 * C + rc
+    tl.store(base, count, mask=cmask)
     tl.store(base + C, mean, mask=cmask)
     tl.store(base + 2 * C, m2, mask=cmask)

@@ -22,7 +22,7 @@ from ..base import cdiv
 from .common import (bn_scale_shift, dot_dtype, dot_precision, nhwc_strides, pow2_block, relu_passes,
                      rows_per_tile)
 from .launch import autotune_warps
-from .merge import merge_block, sum_if_last, ticket_counters
+from .merge import block_counters, merge_block, merge_group, sum_if_last, ticket_counters
 
 
 @autotune_warps(key=["HP", "WP", "C", "K", "R", "S"])
@@ -33,7 +33,8 @@ def bn_relu_conv_dgrad_kernel(
     x_ptr, sxn, sxh, sxw, sxc,                 # saved pre-BN input [N, H, W, C]
     mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
     g_ptr, sgn, sgh, sgw, sgc,                 # result [N, H, W, C] by strides
-    part_ptr, counter_ptr, sums_ptr,           # per-tile sums [tiles, 2, C] fp32, tickets, sums [2, C]
+    part_ptr, counter_ptr, G, sums_ptr,        # per-tile sums [tiles + groups, 2, C] fp32, tickets, tiles
+                                               # per merge group, sums [2, C]
     N, H, W, C, P, Q, K, HP, WP, tiles_per_phase,
     R: tl.constexpr, S: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
@@ -104,7 +105,7 @@ def bn_relu_conv_dgrad_kernel(
         base = part_ptr + pid.to(tl.int64) * 2 * C + rc
         tl.store(base, tl.sum(gs, axis=0), mask=c_ok)
         tl.store(base + C, tl.sum(gs * xc * invstd[None, :], axis=0), mask=c_ok)
-        sum_if_last(part_ptr, tl.num_programs(0), C, counter_ptr, tl.program_id(1), sums_ptr, 2, BN, BT)
+        sum_if_last(part_ptr, pid, tl.num_programs(0), C, counter_ptr, tl.program_id(1), G, sums_ptr, 2, BN, BT)
 
 
 class DgradGrid(NamedTuple):
@@ -118,6 +119,7 @@ class DgradGrid(NamedTuple):
     tiles: int
     blocks: int
     bt: int
+    group: int  # tiles per group of the two-level merge of the BN sums
 
 
 @functools.lru_cache(maxsize=4096)
@@ -127,18 +129,20 @@ def dgrad_grid(n: int, c: int, h: int, w: int, k: int, stride_h: int, stride_w: 
     bm, bn = rows_per_tile(n * hp * wp), pow2_block(c, hi=128)
     tiles_per_phase = cdiv(n * hp * wp, bm)
     tiles = tiles_per_phase * stride_h * stride_w
-    return DgradGrid(hp, wp, bm, bn, pow2_block(k), tiles_per_phase, tiles, cdiv(c, bn), merge_block(tiles, bn))
+    bt = merge_block(tiles, bn)
+    return DgradGrid(hp, wp, bm, bn, pow2_block(k), tiles_per_phase, tiles, cdiv(c, bn), bt, merge_group(tiles, bt))
 
 
 def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, conv_dtype):
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     _, _, p, q = dy.shape
-    hp, wp, bm, bn, bk, tiles_per_phase, tiles, blocks, bt = dgrad_grid(n, c, h, w, k, *stride)
+    hp, wp, bm, bn, bk, tiles_per_phase, tiles, blocks, bt, group = dgrad_grid(n, c, h, w, k, *stride)
     g = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     has_prologue = mean is not None
     dummy = g
-    part = torch.empty((tiles, 2, c), device=x.device, dtype=torch.float32) if has_prologue else dummy
+    part = (torch.empty((tiles + cdiv(tiles, group), 2, c), device=x.device, dtype=torch.float32)
+            if has_prologue else dummy)
     sums = torch.empty((2, c if has_prologue else 0), device=x.device, dtype=torch.float32)
     bn_relu_conv_dgrad_kernel[(tiles, blocks)](
         dy, *nhwc_strides(dy),
@@ -147,7 +151,8 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
         mean if has_prologue else dummy, var if has_prologue else dummy,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,
         g, *nhwc_strides(g), part,
-        ticket_counters(x.device, blocks) if has_prologue else dummy, sums if has_prologue else dummy,
+        ticket_counters(x.device, blocks * block_counters(tiles, group)) if has_prologue else dummy, group,
+        sums if has_prologue else dummy,
         n, h, w, c, p, q, k, hp, wp, tiles_per_phase,
         R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,

@@ -21,7 +21,7 @@ from ..base import cdiv, conv_output_hw, stats_dtype
 from .common import (bn_scale_shift, dot_dtype, dot_precision, nhwc_strides, pow2_block, relu, rows_per_tile,
                      stats_tiles, write_tile_stats)
 from .launch import autotune_warps
-from .merge import merge_block, merge_if_last, ticket_counters
+from .merge import block_counters, merge_block, merge_group, merge_if_last, ticket_counters
 from .stats import running_args
 
 
@@ -33,8 +33,8 @@ def bn_relu_conv_fwd_kernel(
     w_ptr, swk, swc, swr, sws,                 # weight [K, C, R, S] by strides (small, L2-resident)
     y_ptr, syn, syh, syw, syc,                 # output [N, P, Q, K] by strides
     res_ptr, srn, srh, srw, src,               # residual, same shape as y
-    part_ptr,                                  # partial statistics [tiles, 3, K] fp32
-    counter_ptr, ymean_ptr, yvar_ptr,          # merge tickets; batch statistics of y [K]
+    part_ptr,                                  # partial statistics [tiles + groups, 3, K] fp32
+    counter_ptr, G, ymean_ptr, yvar_ptr,       # merge tickets, tiles per merge group; batch statistics of y [K]
     M, H, W, C, P, Q, K,
     stride_h, stride_w, pad_h, pad_w,
     rmean_ptr, rvar_ptr, nbt_ptr, momentum,    # running statistics of the next BatchNorm
@@ -103,7 +103,7 @@ def bn_relu_conv_fwd_kernel(
     if WANT_STATS:
         # Statistics of the stored (rounded) values, as the next nn.BatchNorm2d would see them.
         write_tile_stats(part_ptr, pid_m, y.to(tl.float32), row_ok, rn, col_ok, K)
-        merge_if_last(part_ptr, tl.num_programs(0), K, counter_ptr, pid_n, tl.num_programs(1),
+        merge_if_last(part_ptr, pid_m, tl.num_programs(0), K, counter_ptr, pid_n, tl.num_programs(1), G,
                       ymean_ptr, yvar_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum,
                       UPDATE_RUNNING, COUNT_BATCH, CUMULATIVE, BN, BT)
 
@@ -119,6 +119,7 @@ class ForwardGrid(NamedTuple):
     tiles: int
     blocks: int
     bt: int
+    group: int  # tiles per group of the two-level statistics merge
 
 
 @functools.lru_cache(maxsize=4096)
@@ -130,18 +131,20 @@ def forward_grid(n: int, c: int, h: int, w: int, k: int, r: int, s: int, stride_
     m = n * p * q
     bn = pow2_block(k, hi=128)
     tiles = stats_tiles(m)
-    return ForwardGrid(p, q, m, rows_per_tile(m), bn, pow2_block(c), tiles, cdiv(k, bn), merge_block(tiles, bn))
+    bt = merge_block(tiles, bn)
+    return ForwardGrid(p, q, m, rows_per_tile(m), bn, pow2_block(c), tiles, cdiv(k, bn), bt, merge_group(tiles, bt))
 
 
 def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats,
                  running_mean, running_var, num_batches_tracked, momentum, conv_dtype):
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
-    p, q, m, bm, bn, bk, tiles, blocks, bt = forward_grid(n, c, h, w, k, r, s, *stride, *padding)
+    p, q, m, bm, bn, bk, tiles, blocks, bt, group = forward_grid(n, c, h, w, k, r, s, *stride, *padding)
     y_dtype = conv_dtype if residual is None else residual.dtype  # float32 for a float32 shortcut
     y = torch.empty((n, k, p, q), device=x.device, dtype=y_dtype, memory_format=torch.channels_last)
     dummy = y  # never read: the matching constexpr flag is off
-    part = torch.empty((tiles, 3, k), device=x.device, dtype=stats_dtype(y_dtype)) if want_stats else dummy
+    part = (torch.empty((tiles + cdiv(tiles, group), 3, k), device=x.device, dtype=stats_dtype(y_dtype))
+            if want_stats else dummy)
     y_mean = torch.empty(k if want_stats else 0, device=x.device, dtype=stats_dtype(y_dtype))
     y_var = torch.empty_like(y_mean)
     has_prologue = mean is not None
@@ -155,7 +158,7 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
         y, *nhwc_strides(y),
         res, *nhwc_strides(res),
         part,
-        ticket_counters(x.device, blocks + 1) if want_stats else dummy,
+        ticket_counters(x.device, blocks * block_counters(tiles, group) + 1) if want_stats else dummy, group,
         y_mean if want_stats else dummy, y_var if want_stats else dummy,
         m, h, w, c, p, q, k, stride[0], stride[1], padding[0], padding[1],
         **running_args(y_mean if want_stats else y, running_mean, running_var, num_batches_tracked, momentum),

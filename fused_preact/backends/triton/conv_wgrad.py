@@ -20,7 +20,7 @@ from ..base import cdiv, wgrad_splits
 from .common import (bn_scale_shift, dot_dtype, dot_precision, interpreter_on, nhwc_strides, pow2_block,
                      relu)
 from .launch import autotune_warps
-from .merge import last_ticket, reset_ticket, ticket_counters
+from .merge import block_counters, group_ticket, last_ticket, merge_group, reset_ticket, ticket_counters
 
 
 @autotune_warps(key=["L", "K", "C", "R", "S", "SPLIT"])
@@ -29,11 +29,11 @@ def bn_relu_conv_wgrad_kernel(
     dy_ptr, sdn, sdh, sdw, sdc,                # output gradient [N, P, Q, K] by strides
     x_ptr, sxn, sxh, sxw, sxc,                 # saved pre-BN input [N, H, W, C]
     mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
-    part_ptr, counter_ptr,                     # fp32 [SPLIT, K, C, R, S] (SPLIT > 1), tickets
+    part_ptr, counter_ptr,                     # fp32 [SPLIT + groups, K, C, R, S] (SPLIT > 1), tickets
     dw_ptr,                                    # the gradient [K, C, R, S], contiguous
     L, H, W, C, P, Q, K, rows_per_split,
     stride_h, stride_w, pad_h, pad_w,
-    R: tl.constexpr, S: tl.constexpr, SPLIT: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, SPLIT: tl.constexpr, G: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr,
 ):
@@ -76,30 +76,47 @@ def bn_relu_conv_wgrad_kernel(
     else:
         weight_numel = K * C * R * S
         tl.store(part_ptr + split.to(tl.int64) * weight_numel + offs, acc, mask=out_ok)
-        sum_splits_if_last(part_ptr, dw_ptr, counter_ptr, K, C, tap, R, S, SPLIT, BM, BN)
+        sum_splits_if_last(part_ptr, dw_ptr, counter_ptr, K, C, tap, split, R, S, SPLIT, G, BM, BN)
 
 
 @triton.jit
-def sum_splits_if_last(part_ptr, dw_ptr, counter_ptr, K, C, tap, R: tl.constexpr, S: tl.constexpr,
-                       SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """Called by each of the SPLIT programs of a weight tile after storing its partial: the
-    last one sums them in split order and writes the gradient tile. Inlined: on sm_90 that
-    kept the main loop's instructions (734 per iteration vs 761 not inlined, triton 3.6)."""
+def sum_splits_if_last(part_ptr, dw_ptr, counter_ptr, K, C, tap, split, R: tl.constexpr, S: tl.constexpr,
+                       SPLIT: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Called by each of the SPLIT programs of a weight tile after storing its partial
+    ([SPLIT + groups, K, C, R, S]): the last of each group of G splits sums the group into
+    partial SPLIT + group, the last of those sums the groups in order and writes the
+    gradient tile (merge.py's two levels). Inlined: on sm_90 that kept the main loop's
+    instructions (734 per iteration vs 761 not inlined, triton 3.6)."""
+    groups = (SPLIT + G - 1) // G
     tile = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * R * S + tap
-    if last_ticket(counter_ptr, tile, SPLIT):
+    counters = counter_ptr + tile * (groups + 1)
+    completed, group, first, size = group_ticket(counters, split, SPLIT, G)
+    if completed:
         rk = tl.program_id(0) * BM + tl.arange(0, BM)
         rc = tl.program_id(1) * BN + tl.arange(0, BN)
         out_ok = (rk < K)[:, None] & (rc < C)[None, :]
         # int32 offsets within one weight (the launcher checks it has < 2^31 elements): the
         # 64-bit addresses are formed per load, not held for the whole loop.
         offs = (rk[:, None] * C + rc[None, :]) * (R * S) + tap  # in [K, C, R, S]
-        total = tl.zeros((BM, BN), dtype=tl.float32)
-        split_base = part_ptr
-        for _ in range(SPLIT):  # split order, whichever program came last
-            total += tl.load(split_base + offs, mask=out_ok, other=0.0, cache_modifier=".cg")
-            split_base += K * C * R * S
-        tl.store(dw_ptr + offs, total.to(dw_ptr.dtype.element_ty), mask=out_ok)
-        reset_ticket(counter_ptr, tile)
+        weight_numel = K * C * R * S
+        total = sum_splits(part_ptr + first.to(tl.int64) * weight_numel, offs, out_ok, size, weight_numel, BM, BN)
+        tl.store(part_ptr + (SPLIT + group).to(tl.int64) * weight_numel + offs, total, mask=out_ok)
+        reset_ticket(counters, group)
+        if last_ticket(counters, groups, groups):
+            groups_ptr = part_ptr + tl.full((), SPLIT, tl.int64) * weight_numel
+            total = sum_splits(groups_ptr, offs, out_ok, groups, weight_numel, BM, BN)
+            tl.store(dw_ptr + offs, total.to(dw_ptr.dtype.element_ty), mask=out_ok)
+            reset_ticket(counters, groups)
+
+
+@triton.jit
+def sum_splits(base_ptr, offs, out_ok, count, weight_numel, BM: tl.constexpr, BN: tl.constexpr):
+    """The sum of `count` consecutive partial weight tiles from base_ptr, in split order."""
+    total = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in range(count):
+        total += tl.load(base_ptr + offs, mask=out_ok, other=0.0, cache_modifier=".cg")
+        base_ptr += weight_numel
+    return total
 
 
 def split_count(rows: int, output_tiles: int) -> int:
@@ -118,9 +135,10 @@ class WgradGrid(NamedTuple):
     rows: int
     bm: int
     bn: int
-    output_tiles: int  # (K, C) tiles x taps: one ticket counter each
+    output_tiles: int  # (K, C) tiles x taps: block_counters(split, group) ticket counters each
     split: int
     rows_per_split: int
+    group: int  # splits per group of the two-level sum
 
 
 @functools.lru_cache(maxsize=4096)
@@ -130,7 +148,8 @@ def wgrad_grid(rows: int, k: int, c: int, taps: int) -> WgradGrid:
     output_tiles = cdiv(k, bm) * cdiv(c, bn) * taps
     split = split_count(rows, output_tiles)
     rows_per_split = cdiv(cdiv(rows, split), ROWS_PER_STEP) * ROWS_PER_STEP
-    return WgradGrid(rows, bm, bn, output_tiles, cdiv(rows, rows_per_split), rows_per_split)
+    split = cdiv(rows, rows_per_split)
+    return WgradGrid(rows, bm, bn, output_tiles, split, rows_per_split, merge_group(split, 1))
 
 
 def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, weight_dtype,
@@ -138,20 +157,21 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
     n, c, h, w = x.shape
     k, _, r, s = weight_shape
     _, _, p, q = dy.shape
-    rows, bm, bn, output_tiles, split, rows_per_split = wgrad_grid(n * p * q, k, c, r * s)
+    rows, bm, bn, output_tiles, split, rows_per_split, group = wgrad_grid(n * p * q, k, c, r * s)
     dw = torch.empty((k, c, r, s), device=x.device, dtype=weight_dtype)
     if dw.numel() >= 2 ** 31:
         raise ValueError(f"fused_preact.triton: a weight of {dw.numel()} elements is too large (< 2^31)")
     has_prologue = mean is not None
     dummy = dw
-    part = torch.empty((split, k, c, r, s), device=x.device, dtype=torch.float32) if split > 1 else dummy
+    part = (torch.empty((split + cdiv(split, group), k, c, r, s), device=x.device, dtype=torch.float32)
+            if split > 1 else dummy)
     bn_relu_conv_wgrad_kernel[(cdiv(k, bm), cdiv(c, bn), r * s * split)](
         dy, *nhwc_strides(dy), x, *nhwc_strides(x),
         mean if has_prologue else dummy, var if has_prologue else dummy,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,
-        part, ticket_counters(x.device, output_tiles) if split > 1 else dummy, dw,
+        part, ticket_counters(x.device, output_tiles * block_counters(split, group)) if split > 1 else dummy, dw,
         rows, h, w, c, p, q, k, rows_per_split, stride[0], stride[1], padding[0], padding[1],
-        R=r, S=s, SPLIT=split, HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
+        R=r, S=s, SPLIT=split, G=group, HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
         HAS_BETA=has_prologue and bn_bias is not None, DOT=dot_dtype(conv_dtype),
         PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BL=ROWS_PER_STEP,
     )

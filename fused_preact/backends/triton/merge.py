@@ -5,9 +5,15 @@ Each program stores its partial result (a tile's (count, mean, M2) per channel, 
 BN-gradient sums, a split of a weight gradient), then takes a ticket from an int32 counter
 of its output block (`last_ticket`: an atomic add with acquire/release ordering, after a
 barrier so the whole program's stores come first). The program that draws the last ticket
-sees every partial of its block: it reduces them in index order 0..T-1 (the same order
-whichever program finishes last, so results are bitwise equal run after run; no float
-atomics) and puts its counter back to 0 for the next launch (no memset launch).
+sees every partial of its block. Two levels, so no single program walks all T partials
+(one walking thousands of them in sequence was most of a kernel's time on an H100): the
+partials form groups of G consecutive ones (`merge_group`, about sqrt(T)); the last
+program of each group reduces its group in index order into one more partial after the T
+(slot T + group), and the last of those programs reduces the group results in group order.
+The order is the same whichever program finishes last, so results are bitwise equal run
+after run (no float atomics). Each program that drew a last ticket puts its counter back to
+0 for the next launch (no memset launch). A block's counters: one per group, then one for
+the groups (`block_counters`).
 
 Statistics (merge_if_last): the merge writes mean and biased variance and updates the
 running statistics like nn.BatchNorm2d. Where the batch is counted (num_batches_tracked),
@@ -23,6 +29,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..base import cdiv
+from .common import interpreter_on, store_stats
 
 # (device, stream id) -> int32 counters, zero between launches.
 _counters: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -43,6 +52,24 @@ def ticket_counters(device: torch.device, count: int) -> torch.Tensor:
         counters = torch.zeros(max(count, 256), dtype=torch.int32, device=device)
         _counters[key] = counters
     return counters
+
+
+def merge_group(partials: int, step: int) -> int:
+    """Partials per group of the two-level reduction: a multiple of `step` (the partials
+    reduced per loop step) with group * group >= partials, so each level walks about
+    sqrt(partials) of them. In the interpreter 1 or 2, so small test shapes take both
+    levels, with a partial last group."""
+    if interpreter_on():
+        return 1 if partials <= 2 else 2
+    group = step
+    while group * group < partials:
+        group *= 2
+    return group
+
+
+def block_counters(partials: int, group: int) -> int:
+    """Ticket counters per output block: one per group, one for the groups."""
+    return cdiv(partials, group) + 1
 
 
 def merge_block(tiles: int, channels: int) -> int:
@@ -67,16 +94,27 @@ def reset_ticket(counter_ptr, index):
 
 
 @triton.jit
-def merge_tiles(part_ptr, T, C, rc, c_ok, BT: tl.constexpr):
-    """(count, mean, M2) per channel rc of the [T, 3, C] partials, tiles merged in order
-    (a block of BT tiles at a time, then folded into the totals with Chan's formula)."""
+def group_ticket(counters_ptr, partial, T, G):
+    """Level 1: (whether this program's partial completed its group, the group, its first
+    partial, its size), for partial `partial` of T in groups of G."""
+    group = partial // G
+    first = group * G
+    size = tl.minimum(G, T - first)
+    return last_ticket(counters_ptr, group, size), group, first, size
+
+
+@triton.jit
+def merge_tiles(part_ptr, first, T, C, rc, c_ok, BT: tl.constexpr):
+    """(count, mean, M2) per channel rc of partials first..first+T-1 of a [*, 3, C] tensor,
+    merged in order (a block of BT tiles at a time, folded into the totals with Chan's
+    formula)."""
     total = tl.zeros(rc.shape, dtype=tl.float32)
     mean = tl.zeros(rc.shape, dtype=tl.float32)
     m2 = tl.zeros(rc.shape, dtype=tl.float32)
     for t0 in range(0, T, BT):
         rt = t0 + tl.arange(0, BT)
         ok = (rt < T)[:, None] & c_ok[None, :]
-        offs = rt.to(tl.int64)[:, None] * 3 * C + rc[None, :]
+        offs = (first + rt).to(tl.int64)[:, None] * 3 * C + rc[None, :]
         # .cg: read from L2, where the other programs' stores are (not a stale L1 line).
         cnt = tl.load(part_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
         mu = tl.load(part_ptr + offs + C, mask=ok, other=0.0, cache_modifier=".cg")
@@ -113,45 +151,70 @@ def store_batch_stats(total, mean, m2, rc, c_ok, mean_ptr, var_ptr, rmean_ptr, r
 
 
 @triton.jit(noinline=True)
-def merge_if_last(part_ptr, T, C, counter_ptr, block, blocks,
+def merge_if_last(part_ptr, tile, T, C, counter_ptr, block, blocks, G,
                   mean_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum,
                   UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr,
                   BC: tl.constexpr, BT: tl.constexpr):
-    """Called by every program after storing its tile of channel block `block` (BC channels,
-    `blocks` blocks, T tiles each): the last one of the block merges them (see the module).
-    Not inlined: its registers are not added to those of the conv main loop before it."""
-    if last_ticket(counter_ptr, block, T):
+    """Called by every program after storing tile `tile` of channel block `block` (BC
+    channels, `blocks` blocks, T tiles each, [T + groups, 3, C] partials): the last of its
+    group merges the group, the last group merger the groups (see the module). Not inlined:
+    its registers are not added to those of the conv main loop before it."""
+    groups = (T + G - 1) // G
+    counters = counter_ptr + block * (groups + 1)
+    completed, group, first, size = group_ticket(counters, tile, T, G)
+    if completed:
         rc = block * BC + tl.arange(0, BC)
         c_ok = rc < C
-        total, mean, m2 = merge_tiles(part_ptr, T, C, rc, c_ok, BT)
-        batches = 0
-        if COUNT_BATCH:
-            batches = tl.load(nbt_ptr, cache_modifier=".cg") + 1  # counted first, as nn.BatchNorm2d
-        store_batch_stats(total, mean, m2, rc, c_ok, mean_ptr, var_ptr, rmean_ptr, rvar_ptr, batches, momentum,
-                          UPDATE_RUNNING, CUMULATIVE)
-        reset_ticket(counter_ptr, block)
-        if COUNT_BATCH:
-            if last_ticket(counter_ptr, blocks, blocks):  # every block has read the old count
-                tl.store(nbt_ptr, batches)
-                reset_ticket(counter_ptr, blocks)
+        total, mean, m2 = merge_tiles(part_ptr, first, size, C, rc, c_ok, BT)
+        store_stats(part_ptr, T + group, total, mean, m2, rc, c_ok, C)
+        reset_ticket(counters, group)
+        if last_ticket(counters, groups, groups):
+            total, mean, m2 = merge_tiles(part_ptr, T, groups, C, rc, c_ok, BT)
+            batches = 0
+            if COUNT_BATCH:
+                batches = tl.load(nbt_ptr, cache_modifier=".cg") + 1  # counted first, as nn.BatchNorm2d
+            store_batch_stats(total, mean, m2, rc, c_ok, mean_ptr, var_ptr, rmean_ptr, rvar_ptr, batches, momentum,
+                              UPDATE_RUNNING, CUMULATIVE)
+            reset_ticket(counters, groups)
+            if COUNT_BATCH:
+                batch_counter = blocks * (groups + 1)  # after every block's counters
+                if last_ticket(counter_ptr, batch_counter, blocks):  # every block has read the old count
+                    tl.store(nbt_ptr, batches)
+                    reset_ticket(counter_ptr, batch_counter)
+
+
+@triton.jit
+def sum_tiles(part_ptr, first, T, row, C, rc, c_ok, ROWS: tl.constexpr, BT: tl.constexpr):
+    """Sum over partials first..first+T-1 of row `row` of a [*, ROWS, C] tensor, in order
+    (blocks of BT tiles, each summed in one fixed tree)."""
+    total = tl.zeros(rc.shape, dtype=tl.float32)
+    for t0 in range(0, T, BT):
+        rt = t0 + tl.arange(0, BT)
+        offs = ((first + rt).to(tl.int64)[:, None] * ROWS + row) * C + rc[None, :]
+        tile = tl.load(part_ptr + offs, mask=(rt < T)[:, None] & c_ok[None, :], other=0.0, cache_modifier=".cg")
+        total += tl.sum(tile, axis=0)
+    return total
 
 
 @triton.jit(noinline=True)
-def sum_if_last(part_ptr, T, C, counter_ptr, block, out_ptr, ROWS: tl.constexpr, BC: tl.constexpr,
+def sum_if_last(part_ptr, tile, T, C, counter_ptr, block, G, out_ptr, ROWS: tl.constexpr, BC: tl.constexpr,
                 BT: tl.constexpr):
-    """Called by every program after storing its [ROWS, BC] slice of the [T, ROWS, C]
-    partials (channel block `block`, T programs each): the last one writes out[ROWS, C],
-    the sum over the T tiles in order (blocks of BT tiles, each summed in one fixed tree)."""
-    if last_ticket(counter_ptr, block, T):
+    """Called by every program after storing its [ROWS, BC] slice of the [T + groups, ROWS, C]
+    partials (tile `tile` of channel block `block`, T tiles each): the last of its group
+    sums the group into partial T + group, the last of those writes out[ROWS, C], the sum of
+    the groups in order."""
+    groups = (T + G - 1) // G
+    counters = counter_ptr + block * (groups + 1)
+    completed, group, first, size = group_ticket(counters, tile, T, G)
+    if completed:
         rc = block * BC + tl.arange(0, BC)
         c_ok = rc < C
         for row in tl.static_range(ROWS):
-            total = tl.zeros((BC,), dtype=tl.float32)
-            for t0 in range(0, T, BT):
-                rt = t0 + tl.arange(0, BT)
-                offs = (rt.to(tl.int64)[:, None] * ROWS + row) * C + rc[None, :]
-                tile = tl.load(part_ptr + offs, mask=(rt < T)[:, None] & c_ok[None, :], other=0.0,
-                               cache_modifier=".cg")
-                total += tl.sum(tile, axis=0)
-            tl.store(out_ptr + row * C + rc, total, mask=c_ok)
-        reset_ticket(counter_ptr, block)
+            total = sum_tiles(part_ptr, first, size, row, C, rc, c_ok, ROWS, BT)
+            tl.store(part_ptr + ((T + group).to(tl.int64) * ROWS + row) * C + rc, total, mask=c_ok)
+        reset_ticket(counters, group)
+        if last_ticket(counters, groups, groups):
+            for row in tl.static_range(ROWS):
+                total = sum_tiles(part_ptr, T, groups, row, C, rc, c_ok, ROWS, BT)
+                tl.store(out_ptr + row * C + rc, total, mask=c_ok)
+            reset_ticket(counters, groups)

@@ -17,13 +17,14 @@ import triton.language as tl
 from ..base import cdiv, stats_dtype
 from .common import next_pow2, nhwc_strides, rows_per_tile, stats_tiles, write_tile_stats
 from .launch import launcher
-from .merge import merge_block, merge_if_last, merge_tiles, store_batch_stats, ticket_counters
+from .merge import (block_counters, merge_block, merge_group, merge_if_last, merge_tiles, store_batch_stats,
+                    ticket_counters)
 
 
 @launcher()
 @triton.jit
 def batch_stats_kernel(x_ptr, sxn, sxh, sxw, sxc, part_ptr, M, HW, W, C,
-                       counter_ptr, mean_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum,
+                       counter_ptr, G, mean_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum,
                        UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr,
                        BM: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -37,7 +38,7 @@ def batch_stats_kernel(x_ptr, sxn, sxh, sxw, sxc, part_ptr, M, HW, W, C,
     offs = (n * sxn + h * sxh + w * sxw)[:, None] + rc[None, :] * sxc
     x = tl.load(x_ptr + offs, mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     write_tile_stats(part_ptr, pid_m, x, row_ok, rc, c_ok, C)
-    merge_if_last(part_ptr, tl.num_programs(0), C, counter_ptr, tl.program_id(1), tl.num_programs(1),
+    merge_if_last(part_ptr, pid_m, tl.num_programs(0), C, counter_ptr, tl.program_id(1), tl.num_programs(1), G,
                   mean_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum,
                   UPDATE_RUNNING, COUNT_BATCH, CUMULATIVE, BC, BT)
 
@@ -52,7 +53,7 @@ def bn_finalize_kernel(part_ptr, T, C, mean_ptr, var_ptr,
                        BT: tl.constexpr, BC: tl.constexpr):
     rc = tl.program_id(0) * BC + tl.arange(0, BC)
     c_ok = rc < C
-    total, mean, m2 = merge_tiles(part_ptr, T, C, rc, c_ok, BT)
+    total, mean, m2 = merge_tiles(part_ptr, 0, T, C, rc, c_ok, BT)
     batches = 0
     if COUNT_BATCH:
         batches = tl.load(nbt_ptr) + 1  # this batch counted, as nn.BatchNorm2d does first
@@ -77,13 +78,16 @@ def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum):
     m = n * h * w
     bm, bc = rows_per_tile(m), min(64, next_pow2(c))
     tiles, blocks = stats_tiles(m), cdiv(c, bc)
-    part = torch.empty((tiles, 3, c), device=x.device, dtype=stats_dtype(x.dtype))
+    bt = merge_block(tiles, bc)
+    group = merge_group(tiles, bt)
+    part = torch.empty((tiles + cdiv(tiles, group), 3, c), device=x.device, dtype=stats_dtype(x.dtype))
     mean = torch.empty(c, device=x.device, dtype=part.dtype)
     var = torch.empty_like(mean)
     batch_stats_kernel[(tiles, blocks)](
-        x, *nhwc_strides(x), part, m, h * w, w, c, ticket_counters(x.device, blocks + 1), mean, var,
+        x, *nhwc_strides(x), part, m, h * w, w, c,
+        ticket_counters(x.device, blocks * block_counters(tiles, group) + 1), group, mean, var,
         **running_args(mean, running_mean, running_var, num_batches_tracked, momentum),
-        BM=bm, BC=bc, BT=merge_block(tiles, bc))
+        BM=bm, BC=bc, BT=bt)
     return mean, var
 
 
