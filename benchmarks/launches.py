@@ -12,7 +12,10 @@ not run: this is about how many, not what they compute); torch kernels are the a
 the profiler records outside our launches' allocations: every op but allocations, views
 and no-op conversions, counted once where one calls another (to -> _to_copy -> copy_).
 Targets (issue "Speed, part 1"), identity block: <= 2 Triton launches forward, <= 8
-forward+backward, no torch kernel beside them.
+forward+backward, no torch kernel beside them. The model is converted to channels_last, as
+for eager AMP training (and README advises): with PyTorch's default weight layout the
+triton backend copies each 3x3 conv weight before its forward and its dgrad kernel
+(`kernel_weight`: one small copy each, cheaper on a GPU than the kernels' scattered loads).
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ def count(blocks: int, backward: bool, amp: bool, launches: Counter, projection:
     blocks, followed by a projection block (16 -> 32 channels, stride 2) if `projection`."""
     torch.manual_seed(0)
     layers = [testing.PreActBlock(16, 16) for _ in range(blocks)] + ([testing.PreActBlock(16, 32, 2)] if projection else [])
-    model = fp.convert(nn.Sequential(*layers), backend="triton")
+    model = fp.convert(nn.Sequential(*layers), backend="triton").to(memory_format=torch.channels_last)
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
         out = model(x)  # warm-up

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch, distributed
-from .backends.base import conv_output_hw, stats_dtype
+from .backends.base import conv_output_hw, stats_dtype, weight_memory_format
 from .entry import declare, registered_op_needed
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -312,7 +312,8 @@ def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Seq
     if needs[5]:
         dweight = run(bn_relu_conv_wgrad, dy=dy, x=x, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias,
                       weight_shape=list(weight.shape), stride=stride, padding=padding, eps=eps,
-                      weight_dtype=weight.dtype, conv_dtype=conv_dtype)
+                      weight_dtype=weight.dtype, conv_dtype=conv_dtype,
+                      weight_channels_last=weight_is_channels_last(weight))
     if needs[0] or needs[3] or needs[4]:
         g, sums = run(bn_relu_conv_dgrad, dy=dy, weight=weight, x=x, mean=mean, var=var, bn_weight=bn_weight,
                       bn_bias=bn_bias, stride=stride, padding=padding, eps=eps, conv_dtype=conv_dtype)
@@ -416,24 +417,33 @@ def _(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, backen
             x.new_empty((2, channels), dtype=stats_dtype(x.dtype)))
 
 
+def weight_is_channels_last(weight: Tensor) -> bool:
+    """Whether a conv weight is laid out channels_last (and not also plainly contiguous, as a
+    1x1 weight is): its gradient is then written so, or autograd copies it into that layout."""
+    return not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+
+
 @declare("bn_relu_conv_wgrad")
 def bn_relu_conv_wgrad(dy: Tensor, x: Tensor, mean: Optional[Tensor], var: Optional[Tensor],
                        bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                        weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                        eps: float, backend: str, weight_dtype: Optional[torch.dtype] = None,
-                       conv_dtype: Optional[torch.dtype] = None) -> Tensor:
+                       conv_dtype: Optional[torch.dtype] = None, weight_channels_last: bool = False) -> Tensor:
     """dW = wgrad(relu(bn(x)), dy), the activation recomputed from x, computed in conv_dtype
-    (None: dy's) and written in weight_dtype (the parameter's; None: dy's)."""
+    (None: dy's) and written in weight_dtype (the parameter's; None: dy's), contiguous or,
+    with weight_channels_last, channels_last (the parameter's layout)."""
     conv_dtype = conv_dtype or dy.dtype
     return _run("bn_relu_conv_wgrad", backend, conv_dtype, dy=dy, x=x, mean=mean, var=var, bn_weight=bn_weight,
                 bn_bias=bn_bias, weight_shape=list(weight_shape), stride=list(stride), padding=list(padding), eps=eps,
-                weight_dtype=weight_dtype or dy.dtype, conv_dtype=conv_dtype)
+                weight_dtype=weight_dtype or dy.dtype, conv_dtype=conv_dtype,
+                weight_channels_last=weight_channels_last)
 
 
 @bn_relu_conv_wgrad.op.register_fake
 def _(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, backend, weight_dtype=None,
-      conv_dtype=None):
-    return x.new_empty(weight_shape, dtype=weight_dtype or dy.dtype)
+      conv_dtype=None, weight_channels_last=False):
+    return x.new_empty(weight_shape, dtype=weight_dtype or dy.dtype).contiguous(
+        memory_format=weight_memory_format(weight_channels_last))
 
 
 @declare("bn_backward_apply")

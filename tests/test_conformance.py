@@ -126,6 +126,9 @@ def run_ops(case: Case, backend: str, t: dict, conv_dtype: torch.dtype) -> dict:
     out = dict(y=y, stats=torch.stack([y_mean, y_var]), g=g,
                dw=ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf, backend, w.dtype,
                                          conv_dtype),
+               # written in a channels_last parameter's layout (autograd would copy it otherwise)
+               dw_channels_last=ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf, backend,
+                                                       w.dtype, conv_dtype, weight_channels_last=True),
                x_stats=torch.stack(x_stats), y_running=torch.stack(y_running[:2]),
                x_running=torch.stack(x_running[:2]), batches=torch.stack([y_running[2], x_running[2]]).double())
     if case.prologue:
@@ -180,9 +183,11 @@ def test_ops_conform_to_float64(case, poisoned, request, monkeypatch):
         got = run_ops(case, case.backend, t, conv_dtype)
     if case.variant:  # each ran wherever its layout needs are met (x's channels, dy's, both)
         vector = 16 // conv_dtype.itemsize  # channels per 16-byte vector
-        expected = {"conv_fwd_sm80": case.shape[0] % vector == 0, "conv_dgrad_sm80": case.shape[1] % vector == 0,
-                    "conv_wgrad_sm80": case.shape[0] % vector == 0 and case.shape[1] % vector == 0}
-        assert launches == {name: int(ran) for name, ran in expected.items()}, launches
+        c_fits, k_fits = case.shape[0] % vector == 0, case.shape[1] % vector == 0
+        expected = {"conv_fwd_sm80": int(c_fits), "conv_dgrad_sm80": int(k_fits),
+                    "conv_wgrad_sm80": 2 * int(c_fits and k_fits)}
+        assert launches == expected, launches  # wgrad twice: dw and dw_channels_last
+    assert got["dw_channels_last"].is_contiguous(memory_format=torch.channels_last)
     same_precision = run_ops(case, "reference", t, conv_dtype)
     truth = run_ops(case, "reference", {n: v.double() if v is not None and v.is_floating_point() else v
                                         for n, v in t.items()}, torch.float64)

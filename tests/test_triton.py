@@ -313,3 +313,45 @@ def test_a_failing_interpreter_is_a_reason_not_a_crash(monkeypatch):
     finally:
         backend.interpreter_reason.cache_clear()
     assert "0-dimensional" in why and "triton-lang/triton#9171" in why
+
+
+def test_kernel_weight_puts_input_channels_adjacent():
+    """The conv kernels get a weight with channel stride 1: PyTorch's default 3x3 layout is
+    copied (same values), a channels_last or 1x1 weight is passed as it is."""
+    from fused_preact.backends.triton.common import kernel_weight
+    w = torch.randn(8, 5, 3, 3)
+    packed = kernel_weight(w)
+    assert packed.stride(1) == 1 and torch.equal(packed, w) and packed.data_ptr() != w.data_ptr()
+    w_cl = w.contiguous(memory_format=torch.channels_last)
+    assert kernel_weight(w_cl) is w_cl
+    w_1x1 = torch.randn(8, 5, 1, 1)
+    assert kernel_weight(w_1x1) is w_1x1
+
+
+def test_default_layout_weights_train_bitwise_like_channels_last_ones(monkeypatch):
+    """A block whose conv weights keep PyTorch's default layout computes exactly what the same
+    block converted to channels_last does, and its forward and dgrad kernels are handed
+    weights with channel stride 1 (kernel_weight's copy)."""
+    from fused_preact.backends.triton import conv_dgrad, conv_fwd
+    weight_shapes = {(32, 16, 3, 3), (32, 32, 3, 3), (32, 16, 1, 1)}
+    handed = []
+    for kernel in (conv_fwd.bn_relu_conv_fwd_kernel, conv_dgrad.bn_relu_conv_dgrad_kernel):
+        def spy(grid, args, kwargs, launch=kernel.launch):
+            handed.extend(a.stride(1) for a in args if torch.is_tensor(a) and tuple(a.shape) in weight_shapes)
+            return launch(grid, args, kwargs)
+        monkeypatch.setattr(kernel, "launch", spy)
+    torch.manual_seed(0)
+    default = fp.PreActBlock(16, 32, 2, backend="triton").to(DEVICE)
+    randomize_bn(default)
+    converted = copy.deepcopy(default).to(memory_format=torch.channels_last)
+    assert default.conv1.weight.stride(1) != 1 and converted.conv1.weight.stride(1) == 1
+    x = torch.randn(2, 16, 9, 9, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    results = []
+    for block in (default, converted):
+        xi = x.clone().requires_grad_(True)
+        out = block(xi)
+        out.square().sum().backward()
+        results.append([out, xi.grad] + [p.grad for p in block.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert len(handed) == 2 * 2 * 3 and set(handed) == {1}  # 3 convs forward and dgrad, both blocks

@@ -69,6 +69,11 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def weight_memory_format(channels_last: bool) -> torch.memory_format:
+    """The memory format a weight gradient is written in: the parameter's (ops.weight_is_channels_last)."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def conv_output_hw(in_hw: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[int],
                    padding: Sequence[int]) -> tuple[int, int]:
     """(P, Q) of a convolution, as nn.Conv2d computes it (dilation 1)."""

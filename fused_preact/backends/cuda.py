@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from .base import Backend, cdiv, conv_output_hw, wgrad_splits
+from .base import Backend, cdiv, conv_output_hw, weight_memory_format, wgrad_splits
 
 ENABLE_FLAG = "FUSED_PREACT_ENABLE_CUDA_BACKEND"
 SM80_FLAG = "FUSED_PREACT_CUDA_SM80"
@@ -284,7 +284,7 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
 
 
 def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, weight_dtype,
-                       conv_dtype):
+                       conv_dtype, weight_channels_last=False):
     ext, _ = load_extension()
     for name, t in (("dy", dy), ("x", x)):
         require_cuda(name, t)
@@ -308,7 +308,7 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
             ext.conv_wgrad_sm80(p, dtype_code(ext, conv_dtype), stream_of(x))
         else:
             ext.conv_wgrad(p, dtype_code(ext, x.dtype), dtype_code(ext, dy.dtype), stream_of(x))
-    return partials.sum(dim=0).to(weight_dtype)
+    return partials.sum(dim=0).to(weight_dtype).contiguous(memory_format=weight_memory_format(weight_channels_last))
 
 
 def bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats, dx_other):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Backend, stats_dtype
+from .base import Backend, stats_dtype, weight_memory_format
 
 
 def conv_layout(t: torch.Tensor) -> torch.memory_format:
@@ -109,9 +109,10 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
 
 
 def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, weight_dtype,
-                       conv_dtype):
+                       conv_dtype, weight_channels_last=False):
     a = activation(x, mean, var, bn_weight, bn_bias, eps, conv_dtype)
-    return torch.nn.grad.conv2d_weight(a, weight_shape, dy.to(conv_dtype), stride, padding).to(weight_dtype).contiguous()
+    dw = torch.nn.grad.conv2d_weight(a, weight_shape, dy.to(conv_dtype), stride, padding)
+    return dw.to(weight_dtype).contiguous(memory_format=weight_memory_format(weight_channels_last))
 
 
 def bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats, dx_other):

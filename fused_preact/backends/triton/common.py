@@ -43,6 +43,17 @@ def stats_tiles(rows: int) -> int:
     return cdiv(rows, rows_per_tile(rows))
 
 
+def kernel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The conv weight with its input channels adjacent in memory (channel stride 1, what
+    model.to(memory_format=torch.channels_last) gives), as the forward and dgrad kernels read
+    it fast: their weight tiles then load as 16-byte vectors. PyTorch's default [K, C, R, S]
+    layout puts R*S elements between channels (scattered 2-byte loads; on an H100 at the
+    headline 3x3 conv our forward took 0.370 ms and dgrad 0.841 ms per call with it, against
+    0.233 and 0.230 ms in channels_last blocks): that is copied first, one small kernel.
+    A 1x1 weight has channel stride 1 in either layout."""
+    return weight if weight.stride(1) == 1 else weight.contiguous(memory_format=torch.channels_last)
+
+
 # Host-side grid arithmetic in plain Python: triton.next_power_of_2 is a constexpr function
 # in recent triton, whose calls from host code cost microseconds each.
 def next_pow2(n: int) -> int:

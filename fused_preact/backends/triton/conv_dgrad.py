@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv
-from .common import (bn_scale_shift, dot_dtype, dot_precision, nhwc_strides, pow2_block, relu_passes,
-                     rows_per_tile)
+from .common import (bn_scale_shift, dot_dtype, dot_precision, kernel_weight, nhwc_strides, pow2_block,
+                     relu_passes, rows_per_tile)
 from .launch import autotune_warps
 from .merge import block_counters, merge_block, merge_group, sum_if_last, ticket_counters
 
@@ -137,6 +137,7 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     _, _, p, q = dy.shape
+    weight = kernel_weight(weight)
     hp, wp, bm, bn, bk, tiles_per_phase, tiles, blocks, bt, group = dgrad_grid(n, c, h, w, k, *stride)
     g = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     has_prologue = mean is not None

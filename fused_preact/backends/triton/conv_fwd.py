@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv, conv_output_hw, stats_dtype
-from .common import (bn_scale_shift, dot_dtype, dot_precision, nhwc_strides, pow2_block, relu, rows_per_tile,
-                     stats_tiles, write_tile_stats)
+from .common import (bn_scale_shift, dot_dtype, dot_precision, kernel_weight, nhwc_strides, pow2_block, relu,
+                     rows_per_tile, stats_tiles, write_tile_stats)
 from .launch import autotune_warps
 from .merge import block_counters, merge_block, merge_group, merge_if_last, ticket_counters
 from .stats import running_args
@@ -139,6 +139,7 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
                  running_mean, running_var, num_batches_tracked, momentum, conv_dtype):
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
+    weight = kernel_weight(weight)
     p, q, m, bm, bn, bk, tiles, blocks, bt, group = forward_grid(n, c, h, w, k, r, s, *stride, *padding)
     y_dtype = conv_dtype if residual is None else residual.dtype  # float32 for a float32 shortcut
     y = torch.empty((n, k, p, q), device=x.device, dtype=y_dtype, memory_format=torch.channels_last)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..base import cdiv, wgrad_splits
+from ..base import cdiv, weight_memory_format, wgrad_splits
 from .common import (bn_scale_shift, dot_dtype, dot_precision, interpreter_on, nhwc_strides, pow2_block,
                      relu)
 from .launch import autotune_warps
@@ -30,7 +30,7 @@ def bn_relu_conv_wgrad_kernel(
     x_ptr, sxn, sxh, sxw, sxc,                 # saved pre-BN input [N, H, W, C]
     mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
     part_ptr, counter_ptr,                     # fp32 [SPLIT + groups, K, C, R, S] (SPLIT > 1), tickets
-    dw_ptr,                                    # the gradient [K, C, R, S], contiguous
+    dw_ptr, swk, swc, swr, sws,                # the gradient [K, C, R, S] by strides (the parameter's layout)
     L, H, W, C, P, Q, K, rows_per_split,
     stride_h, stride_w, pad_h, pad_w,
     R: tl.constexpr, S: tl.constexpr, SPLIT: tl.constexpr, G: tl.constexpr,
@@ -69,19 +69,21 @@ def bn_relu_conv_wgrad_kernel(
             a = relu((a - mean[None, :]) * scale[None, :] + beta[None, :])
             a = tl.where(ok, a, 0.0)
         acc += tl.dot(dyt.to(DOT), a.to(DOT), input_precision=PRECISION)  # dy: float32 behind a shortcut
-    offs = ((rk.to(tl.int64)[:, None] * C + rc[None, :]) * R + r) * S + s  # in [K, C, R, S]
     out_ok = k_ok[:, None] & c_ok[None, :]
     if SPLIT == 1:
-        tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=out_ok)
+        dw_offs = rk.to(tl.int64)[:, None] * swk + rc[None, :] * swc + r * swr + s * sws
+        tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=out_ok)
     else:
+        offs = ((rk.to(tl.int64)[:, None] * C + rc[None, :]) * R + r) * S + s  # in the [K, C, R, S] partials
         weight_numel = K * C * R * S
         tl.store(part_ptr + split.to(tl.int64) * weight_numel + offs, acc, mask=out_ok)
-        sum_splits_if_last(part_ptr, dw_ptr, counter_ptr, K, C, tap, split, R, S, SPLIT, G, BM, BN)
+        sum_splits_if_last(part_ptr, dw_ptr, swk, swc, swr, sws, counter_ptr, K, C, tap, split, R, S, SPLIT, G,
+                           BM, BN)
 
 
 @triton.jit
-def sum_splits_if_last(part_ptr, dw_ptr, counter_ptr, K, C, tap, split, R: tl.constexpr, S: tl.constexpr,
-                       SPLIT: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def sum_splits_if_last(part_ptr, dw_ptr, swk, swc, swr, sws, counter_ptr, K, C, tap, split, R: tl.constexpr,
+                       S: tl.constexpr, SPLIT: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """Called by each of the SPLIT programs of a weight tile after storing its partial
     ([SPLIT + groups, K, C, R, S]): the last of each group of G splits sums the group into
     partial SPLIT + group, the last of those sums the groups in order and writes the
@@ -97,7 +99,7 @@ def sum_splits_if_last(part_ptr, dw_ptr, counter_ptr, K, C, tap, split, R: tl.co
         out_ok = (rk < K)[:, None] & (rc < C)[None, :]
         # int32 offsets within one weight (the launcher checks it has < 2^31 elements): the
         # 64-bit addresses are formed per load, not held for the whole loop.
-        offs = (rk[:, None] * C + rc[None, :]) * (R * S) + tap  # in [K, C, R, S]
+        offs = (rk[:, None] * C + rc[None, :]) * (R * S) + tap  # in the [K, C, R, S] partials
         weight_numel = K * C * R * S
         total = sum_splits(part_ptr + first.to(tl.int64) * weight_numel, offs, out_ok, size, weight_numel, BM, BN)
         tl.store(part_ptr + (SPLIT + group).to(tl.int64) * weight_numel + offs, total, mask=out_ok)
@@ -105,7 +107,8 @@ def sum_splits_if_last(part_ptr, dw_ptr, counter_ptr, K, C, tap, split, R: tl.co
         if last_ticket(counters, groups, groups):
             groups_ptr = part_ptr + tl.full((), SPLIT, tl.int64) * weight_numel
             total = sum_splits(groups_ptr, offs, out_ok, groups, weight_numel, BM, BN)
-            tl.store(dw_ptr + offs, total.to(dw_ptr.dtype.element_ty), mask=out_ok)
+            dw_offs = rk[:, None] * swk + rc[None, :] * swc + (tap // S) * swr + (tap % S) * sws
+            tl.store(dw_ptr + dw_offs, total.to(dw_ptr.dtype.element_ty), mask=out_ok)
             reset_ticket(counters, groups)
 
 
@@ -153,12 +156,13 @@ def wgrad_grid(rows: int, k: int, c: int, taps: int) -> WgradGrid:
 
 
 def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, weight_dtype,
-                       conv_dtype):
+                       conv_dtype, weight_channels_last=False):
     n, c, h, w = x.shape
     k, _, r, s = weight_shape
     _, _, p, q = dy.shape
     rows, bm, bn, output_tiles, split, rows_per_split, group = wgrad_grid(n * p * q, k, c, r * s)
-    dw = torch.empty((k, c, r, s), device=x.device, dtype=weight_dtype)
+    dw = torch.empty((k, c, r, s), device=x.device, dtype=weight_dtype,
+                     memory_format=weight_memory_format(weight_channels_last))
     if dw.numel() >= 2 ** 31:
         raise ValueError(f"fused_preact.triton: a weight of {dw.numel()} elements is too large (< 2^31)")
     has_prologue = mean is not None
@@ -169,7 +173,8 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
         dy, *nhwc_strides(dy), x, *nhwc_strides(x),
         mean if has_prologue else dummy, var if has_prologue else dummy,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,
-        part, ticket_counters(x.device, output_tiles * block_counters(split, group)) if split > 1 else dummy, dw,
+        part, ticket_counters(x.device, output_tiles * block_counters(split, group)) if split > 1 else dummy,
+        dw, *dw.stride(),
         rows, h, w, c, p, q, k, rows_per_split, stride[0], stride[1], padding[0], padding[1],
         R=r, S=s, SPLIT=split, G=group, HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
         HAS_BETA=has_prologue and bn_bias is not None, DOT=dot_dtype(conv_dtype),
