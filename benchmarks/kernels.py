@@ -30,15 +30,15 @@ from .run import DTYPES, metadata, timer, write_results
 DEFAULT_CASES = "r18-s1-id,in-r50-56,in-r50-28,in-r50-14"
 
 
-def measure_conv(conv, batch, dtype, device, measure) -> dict[tuple[str, str], float]:
-    """{(mode, provider): ms} for one conv."""
+def measure_conv(conv, batch, dtype, device, measure, weight_layout="channels_last") -> dict[tuple[str, str], float]:
+    """{(mode, provider): ms} for one conv, its weight in `weight_layout` (channels_last, as in
+    the block benchmarks, or PyTorch's default, which our triton ops copy to channels_last first)."""
     from fused_preact.backends.triton import conv_dgrad, conv_fwd, conv_wgrad
     c_in, c_out, k, stride, pad, hw = conv
     cl = torch.channels_last
     x = torch.randn(batch, c_in, hw, hw, device=device).to(dtype).contiguous(memory_format=cl)
-    # channels_last weights, as in the block benchmarks (another layout costs our kernels a copy first)
     w = (torch.randn(c_out, c_in, k, k, device=device) * (2 / (c_in * k * k)) ** 0.5).to(dtype).contiguous(
-        memory_format=cl)
+        memory_format=cl if weight_layout == "channels_last" else torch.contiguous_format)
     mean, var = x.float().mean((0, 2, 3)), x.float().var((0, 2, 3), unbiased=False)
     gamma, beta = torch.rand(c_in, device=device) + 0.5, torch.randn(c_in, device=device)
     act = torch.relu((x.float() - mean[:, None, None]) * torch.rsqrt(var + 1e-5)[:, None, None]
@@ -103,6 +103,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", default=DEFAULT_CASES, help="comma list of block cases (benchmarks/cases.py)")
     parser.add_argument("--dtypes", default="bf16,fp16")
+    parser.add_argument("--weights", choices=["channels_last", "default"], default="channels_last",
+                        help="conv weight layout, for every provider (the note column says which)")
     args = parser.parse_args(argv)
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise SystemExit("benchmarks.kernels on a CPU needs TRITON_INTERPRET=1 (set before torch is imported)")
@@ -119,8 +121,8 @@ def main(argv=None) -> None:
         for dtype_name in args.dtypes.split(","):
             for conv in case.convs():
                 c_in, c_out, k, stride, pad, hw = conv
-                note = f"{c_in}->{c_out} k{k} s{stride} {hw}x{hw} N={case.batch}"
-                times = measure_conv(conv, case.batch, DTYPES[dtype_name], args.device, measure)
+                note = f"{c_in}->{c_out} k{k} s{stride} {hw}x{hw} N={case.batch} {args.weights} weights"
+                times = measure_conv(conv, case.batch, DTYPES[dtype_name], args.device, measure, args.weights)
                 for (mode, provider), ms in times.items():
                     rows.append([name, provider, dtype_name, mode, "time_ms", float(ms), "ms", note])
                 vendor = "cudnn" if args.device == "cuda" else "aten"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call of about 7 minutes on an H100 (the 33a9f5f run:
-# build 36 s, tests 227 s, sanitizer 18 s, profile 26 s, headline block + PreActResNet-18
-# step 77 s; the ResNet-164 step, which a budget of 100 s still started, took another 164 s):
+# Everything that needs a GPU, in two calls of a 10-minute limit on an H100 (STEPS="tests",
+# then the rest; the 2026-11-24 runs: build 60 s, tests 380 s with 15 workers, sanitizer 30 s,
+# profile 30 s, headline + tiny-overhead blocks in bf16 55 s, benchmarks.kernels 60 s; on
+# 2026-11-22 the PreActResNet-18 step 77 s and ResNet-164 164 s more):
 # build the extension in place, run the whole test suite on the GPU (the Triton tests
 # run compiled; tests/test_gpu.py checks the cuda backend too), compute-sanitizer on a
 # small run of each cuda kernel, then the benchmark suite and its report. No network needed.
@@ -13,8 +14,10 @@
 # comma lists for benchmarks.run --cases / --dtypes (default: all); BENCH_ARGS: more of its options
 # (e.g. --max-autotune, --no-models). PROFILE_CASES (default
 # "r18-s1-id tiny-overhead"): blocks for benchmarks.profile --host. KERNEL_CASES: block cases for
-# benchmarks.kernels (default: the headline and the ImageNet ResNet-50 stages), into OUT/kernels. TESTS (default "tests"): test paths
-# for the tests step, TESTS_K a pytest -k expression to select within them; TESTS_TIMEOUT_S (330): their limit.
+# benchmarks.kernels (default: the headline and the ImageNet ResNet-50 stages), into OUT/kernels;
+# KERNEL_ARGS: more of its options (e.g. --weights default --dtypes bf16). TESTS (default "tests"): test paths
+# for the tests step, TESTS_K a pytest -k expression to select within them; TESTS_TIMEOUT_S (420): their limit
+# (the whole suite took 380 s with 15 workers on an H100 machine at 5eeb180, 8 workers did not finish in 330 s).
 set -uo pipefail
 out=${1:?usage: gpu_all.sh OUT_FOLDER}
 mkdir -p "$out"
@@ -39,14 +42,15 @@ python -m fused_preact.info | tee "$out/info.txt"
 if wanted tests; then
 step tests
 # Parallel workers where pytest-xdist is installed: the Triton compilation is CPU-bound.
-workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+workers=$(python -c "import xdist" 2>/dev/null && echo "-n 15" || echo "")
 # A session limit that still prints the report (pytest-timeout >= 2.3), else a hard one.
 if python -m pytest --help 2>/dev/null | grep -q -- --session-timeout; then
-  timeout_flag="--timeout 240 --session-timeout ${TESTS_TIMEOUT_S:-330}"
+  timeout_flag="--timeout 240 --session-timeout ${TESTS_TIMEOUT_S:-420}"
 else
   timeout_flag=""
 fi
-timeout "$(( ${TESTS_TIMEOUT_S:-330} + 60 ))" python -m pytest -q -p no:cacheprovider $workers $timeout_flag --durations 15 -rfE ${TESTS_K:+-k "$TESTS_K"} ${TESTS:-tests} > "$out/tests.txt" 2>&1
+# SIGINT at the hard limit: pytest still prints its summary of failures (a plain kill printed none).
+timeout -s INT "$(( ${TESTS_TIMEOUT_S:-420} + 30 ))" python -m pytest -q -p no:cacheprovider $workers $timeout_flag --durations 15 -rfE ${TESTS_K:+-k "$TESTS_K"} ${TESTS:-tests} > "$out/tests.txt" 2>&1
 tail -40 "$out/tests.txt"
 fi
 
@@ -72,7 +76,7 @@ fi
 
 if wanted kernels; then
 step "conv kernels vs cuDNN (benchmarks.kernels)"
-timeout 240 python -m benchmarks.kernels --out "$out/kernels" ${KERNEL_CASES:+--cases "$KERNEL_CASES"} 2>&1 | tail -30
+timeout 240 python -m benchmarks.kernels --out "$out/kernels" ${KERNEL_CASES:+--cases "$KERNEL_CASES"} ${KERNEL_ARGS:-} 2>&1 | tail -30
 fi
 
 if wanted bench; then
