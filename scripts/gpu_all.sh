@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in two calls of a 10-minute limit on an H100 (STEPS="tests",
 # then the rest; the 2026-11-24 runs: build 60 s, tests 380 s with 15 workers, sanitizer 30 s,
-# profile 30 s, headline + tiny-overhead blocks in bf16 55 s, benchmarks.kernels 60 s; on
+# profile 30 s, headline + tiny-overhead blocks in bf16 65 s, benchmarks.kernels 60 s; on
 # 2026-11-22 the PreActResNet-18 step 77 s and ResNet-164 164 s more):
 # build the extension in place, run the whole test suite on the GPU (the Triton tests
 # run compiled; tests/test_gpu.py checks the cuda backend too), compute-sanitizer on a
