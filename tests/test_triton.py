@@ -262,6 +262,23 @@ def test_host_grid_arithmetic_matches_math():
             assert cdiv(n, d) == math.ceil(n / d), (n, d)
 
 
+def test_merge_groups_on_a_gpu_split_the_walk_evenly(monkeypatch):
+    """The group size compiled kernels use (the interpreter uses 1 or 2): a multiple of the
+    merge step, and no level walks more than about twice sqrt(partials) of them."""
+    import math
+    fp.dispatch.get_backend("triton")  # the kernel modules load through their backend
+    from fused_preact.backends.triton import merge
+    monkeypatch.setattr(merge, "interpreter_on", lambda: False)
+    for partials in range(1, 5000, 7):
+        for step in (1, 2, 16, 32):
+            group = merge.merge_group(partials, step)
+            groups = math.ceil(partials / group)
+            assert group % step == 0 and group * group >= partials, (partials, step, group)
+            assert group <= max(step, 2 * math.isqrt(partials) + 2), (partials, step, group)
+            assert merge.block_counters(partials, group) == groups + 1
+    assert merge.merge_group(2048, 32) == 64 and merge.merge_group(64, 1) == 8  # the headline's
+
+
 @pytest.mark.parametrize("hw,kernel,pad", [((1, 3), 1, 0), ((3, 1), 3, 1), ((1, 1), 1, 0)])
 def test_dgrad_when_the_image_is_smaller_than_the_stride(hw, kernel, pad):
     """H or W < stride leaves phases without pixels: no division by zero, same answer."""
