@@ -236,3 +236,44 @@ print("ok")
     env = dict(os.environ, FUSED_PREACT_TRITON_AUTOTUNE="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_two_level_merges_are_bitwise_repeatable_and_right_at_real_size():
+    """At a real size the in-kernel merges run both levels with programs truly concurrent
+    (hundreds of tiles per channel block, groups of tens): three runs bitwise equal, and the
+    merged statistics and sums against float64."""
+    from fused_preact.backends.triton.common import stats_tiles
+    from fused_preact.backends.triton.merge import merge_block, merge_group
+    torch.manual_seed(0)
+    n, c, k, hw = 64, 64, 64, 32
+    tiles = stats_tiles(n * hw * hw)
+    assert tiles > merge_group(tiles, merge_block(tiles, c))  # more than one group
+    x = (torch.randn(n, c, hw, hw, device="cuda") * 2 + 3).bfloat16().contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(k, c, 3, 3, device="cuda") * 0.05).bfloat16().contiguous(memory_format=torch.channels_last)
+    mean, var = x.float().mean((0, 2, 3)), x.float().var((0, 2, 3), unbiased=False)
+    gamma, beta = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
+    dy = torch.randn(n, k, hw, hw, device="cuda").bfloat16().contiguous(memory_format=torch.channels_last)
+    conf = ([1, 1], [1, 1], 1e-5)
+
+    def run():
+        stats = fp.ops.batch_stats(x, None, None, None, None, "triton")
+        y, y_mean, y_var = fp.ops.bn_relu_conv(x, mean, var, gamma, beta, w, None, *conf[:2], 1e-5, True, True,
+                                               None, None, None, None, "triton")
+        g, sums = fp.ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, "triton")
+        dw = fp.ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf, "triton", torch.float32)
+        return [*stats, y, y_mean, y_var, g, sums, dw]
+    first = run()
+    for again in (run(), run()):
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    x_mean, x_var, y, y_mean, y_var, g, sums, dw = first
+    xd = x.double()
+    assert rel_err(x_mean, xd.mean((0, 2, 3))) < 1e-5 and rel_err(x_var, xd.var((0, 2, 3), unbiased=False)) < 1e-5
+    yd = y.double()  # the statistics are those of the stored y
+    assert rel_err(y_mean, yd.mean((0, 2, 3))) < 1e-5 and rel_err(y_var, yd.var((0, 2, 3), unbiased=False)) < 1e-5
+    gd = g.double()
+    xhat = (xd - mean.double()[:, None, None]) / (var.double()[:, None, None] + 1e-5).sqrt()
+    ref_sums = torch.stack([gd.sum((0, 2, 3)), (gd * xhat).sum((0, 2, 3))])
+    assert rel_err(sums, ref_sums) < 1e-5
+    act = torch.relu(xhat * gamma.double()[:, None, None] + beta.double()[:, None, None]).bfloat16().double()
+    ref_dw = torch.nn.grad.conv2d_weight(act, list(w.shape), dy.double(), 1, 1)
+    assert rel_err(dw, ref_dw) < 1e-2  # bf16 operands (the activation rounded as the kernel rounds it)
