@@ -66,8 +66,9 @@ def test_finalize_merges_many_tiles_and_channel_blocks(tiles, channels, poisoned
 
 def assert_counters_reset():
     """Every merge ticket is back at zero after a launch (no memset launch before the next)."""
-    from fused_preact.backends.triton.merge import _counters
-    assert _counters and all(int(c.abs().sum()) == 0 for c in _counters.values())
+    from fused_preact.backends.triton.merge import _kept
+    counters = [buffer for buffer in _kept.values() if buffer.dtype == torch.int32]
+    assert counters and all(int(c.abs().sum()) == 0 for c in counters)
 
 
 @pytest.mark.parametrize("channels", [24, 200])  # 200: two channel blocks of the conv
@@ -296,21 +297,23 @@ def test_dgrad_when_the_image_is_smaller_than_the_stride(hw, kernel, pad):
     assert_close(sums, ref_sums, torch.float32, "sums", atol=1e-5, rtol=1e-4)
 
 
-def test_outgrown_ticket_counters_stay_allocated():
-    """A CUDA graph captured before the counters grew still launches kernels on the old
-    ones: they must never be freed (and their memory given to another tensor)."""
+def test_outgrown_merge_buffers_stay_allocated():
+    """A CUDA graph captured before the kept counters and partials grew still launches
+    kernels on the old ones: they must never be freed (and their memory given to another
+    tensor)."""
     import gc
     import weakref
 
-    from fused_preact.backends.triton.merge import ticket_counters
+    from fused_preact.backends.triton.merge import merge_buffers
     device = torch.device(DEVICE)
-    old = ticket_counters(device, 1)
-    outgrown = weakref.ref(old)
-    grown = ticket_counters(device, old.numel() + 1)
-    assert grown.numel() > old.numel() and ticket_counters(device, 1) is grown
+    old = merge_buffers(device, 1, 1, torch.float32)
+    outgrown = [weakref.ref(t) for t in old]
+    grown = merge_buffers(device, old[0].numel() + 1, old[1].numel() + 1, torch.float32)
+    assert all(new.numel() > before.numel() for new, before in zip(grown, old))
+    assert all(kept is new for kept, new in zip(merge_buffers(device, 1, 1, torch.float32), grown))
     del old
     gc.collect()
-    assert outgrown() is not None
+    assert all(ref() is not None for ref in outgrown)
 
 
 def test_a_failing_interpreter_is_a_reason_not_a_crash(monkeypatch):

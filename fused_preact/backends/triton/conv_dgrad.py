@@ -22,7 +22,7 @@ from ..base import cdiv
 from .common import (bn_scale_shift, dot_dtype, dot_precision, kernel_weight, nhwc_strides, pow2_block,
                      relu_passes, rows_per_tile)
 from .launch import autotune_warps
-from .merge import block_counters, merge_block, merge_group, sum_if_last, ticket_counters
+from .merge import block_counters, merge_block, merge_buffers, merge_group, sum_if_last
 
 
 @autotune_warps(key=["HP", "WP", "C", "K", "R", "S"])
@@ -120,6 +120,8 @@ class DgradGrid(NamedTuple):
     blocks: int
     bt: int
     group: int  # tiles per group of the two-level merge of the BN sums
+    counter_count: int  # ticket counters of a launch with a BN prologue (merge_buffers)
+    partial_numel: int  # elements of its per-tile sums, [tiles + groups, 2, C]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -130,7 +132,9 @@ def dgrad_grid(n: int, c: int, h: int, w: int, k: int, stride_h: int, stride_w: 
     tiles_per_phase = cdiv(n * hp * wp, bm)
     tiles = tiles_per_phase * stride_h * stride_w
     bt = merge_block(tiles, bn)
-    return DgradGrid(hp, wp, bm, bn, pow2_block(k), tiles_per_phase, tiles, cdiv(c, bn), bt, merge_group(tiles, bt))
+    group, blocks = merge_group(tiles, bt), cdiv(c, bn)
+    return DgradGrid(hp, wp, bm, bn, pow2_block(k), tiles_per_phase, tiles, blocks, bt, group,
+                     blocks * block_counters(tiles, group), (tiles + cdiv(tiles, group)) * 2 * c)
 
 
 def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, conv_dtype):
@@ -138,12 +142,13 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     k, _, r, s = weight.shape
     _, _, p, q = dy.shape
     weight = kernel_weight(weight)
-    hp, wp, bm, bn, bk, tiles_per_phase, tiles, blocks, bt, group = dgrad_grid(n, c, h, w, k, *stride)
+    grid = dgrad_grid(n, c, h, w, k, *stride)
+    hp, wp, bm, bn, bk, tiles_per_phase, tiles, blocks, bt, group = grid[:10]
     g = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     has_prologue = mean is not None
     dummy = g
-    part = (torch.empty((tiles + cdiv(tiles, group), 2, c), device=x.device, dtype=torch.float32)
-            if has_prologue else dummy)
+    counters, part = (merge_buffers(x.device, grid.counter_count, grid.partial_numel, torch.float32)
+                      if has_prologue else (dummy, dummy))
     sums = torch.empty((2, c if has_prologue else 0), device=x.device, dtype=torch.float32)
     bn_relu_conv_dgrad_kernel[(tiles, blocks)](
         dy, *nhwc_strides(dy),
@@ -151,8 +156,7 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
         x, *nhwc_strides(x),
         mean if has_prologue else dummy, var if has_prologue else dummy,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,
-        g, *nhwc_strides(g), part,
-        ticket_counters(x.device, blocks * block_counters(tiles, group)) if has_prologue else dummy, group,
+        g, *nhwc_strides(g), part, counters, group,
         sums if has_prologue else dummy,
         n, h, w, c, p, q, k, hp, wp, tiles_per_phase,
         R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],

@@ -21,7 +21,7 @@ from ..base import cdiv, conv_output_hw, stats_dtype
 from .common import (bn_scale_shift, dot_dtype, dot_precision, kernel_weight, nhwc_strides, pow2_block, relu,
                      rows_per_tile, stats_tiles, write_tile_stats)
 from .launch import autotune_warps
-from .merge import block_counters, merge_block, merge_group, merge_if_last, ticket_counters
+from .merge import block_counters, merge_block, merge_group, merge_buffers, merge_if_last
 from .stats import running_args
 
 
@@ -120,6 +120,8 @@ class ForwardGrid(NamedTuple):
     blocks: int
     bt: int
     group: int  # tiles per group of the two-level statistics merge
+    counter_count: int  # ticket counters of a launch with statistics (merge_buffers)
+    partial_numel: int  # elements of its partial statistics, [tiles + groups, 3, K]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -132,7 +134,9 @@ def forward_grid(n: int, c: int, h: int, w: int, k: int, r: int, s: int, stride_
     bn = pow2_block(k, hi=128)
     tiles = stats_tiles(m)
     bt = merge_block(tiles, bn)
-    return ForwardGrid(p, q, m, rows_per_tile(m), bn, pow2_block(c), tiles, cdiv(k, bn), bt, merge_group(tiles, bt))
+    group, blocks = merge_group(tiles, bt), cdiv(k, bn)
+    return ForwardGrid(p, q, m, rows_per_tile(m), bn, pow2_block(c), tiles, blocks, bt, group,
+                       blocks * block_counters(tiles, group) + 1, (tiles + cdiv(tiles, group)) * 3 * k)
 
 
 def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats,
@@ -140,26 +144,25 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     weight = kernel_weight(weight)
-    p, q, m, bm, bn, bk, tiles, blocks, bt, group = forward_grid(n, c, h, w, k, r, s, *stride, *padding)
+    grid = forward_grid(n, c, h, w, k, r, s, *stride, *padding)
+    p, q, m, bm, bn, bk, tiles, blocks, bt, group = grid[:10]
     y_dtype = conv_dtype if residual is None else residual.dtype  # float32 for a float32 shortcut
     y = torch.empty((n, k, p, q), device=x.device, dtype=y_dtype, memory_format=torch.channels_last)
     dummy = y  # never read: the matching constexpr flag is off
-    part = (torch.empty((tiles + cdiv(tiles, group), 3, k), device=x.device, dtype=stats_dtype(y_dtype))
-            if want_stats else dummy)
+    counters, part = (merge_buffers(x.device, grid.counter_count, grid.partial_numel, stats_dtype(y_dtype)) if want_stats
+                      else (dummy, dummy))
     y_mean = torch.empty(k if want_stats else 0, device=x.device, dtype=stats_dtype(y_dtype))
     y_var = torch.empty_like(y_mean)
     has_prologue = mean is not None
     res = residual if residual is not None else dummy
-    grid = (tiles, blocks)
-    bn_relu_conv_fwd_kernel[grid](
+    bn_relu_conv_fwd_kernel[(tiles, blocks)](
         x, *nhwc_strides(x),
         mean if has_prologue else dummy, var if has_prologue else dummy,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,
         weight, *weight.stride(),
         y, *nhwc_strides(y),
         res, *nhwc_strides(res),
-        part,
-        ticket_counters(x.device, blocks * block_counters(tiles, group) + 1) if want_stats else dummy, group,
+        part, counters, group,
         y_mean if want_stats else dummy, y_var if want_stats else dummy,
         m, h, w, c, p, q, k, stride[0], stride[1], padding[0], padding[1],
         **running_args(y_mean if want_stats else y, running_mean, running_var, num_batches_tracked, momentum),

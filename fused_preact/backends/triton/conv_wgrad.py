@@ -20,7 +20,7 @@ from ..base import cdiv, weight_memory_format, wgrad_splits
 from .common import (bn_scale_shift, dot_dtype, dot_precision, interpreter_on, nhwc_strides, pow2_block,
                      relu)
 from .launch import autotune_warps
-from .merge import block_counters, group_ticket, last_ticket, merge_group, reset_ticket, ticket_counters
+from .merge import block_counters, group_ticket, last_ticket, merge_buffers, merge_group, reset_ticket
 
 
 @autotune_warps(key=["L", "K", "C", "R", "S", "SPLIT"])
@@ -142,6 +142,8 @@ class WgradGrid(NamedTuple):
     split: int
     rows_per_split: int
     group: int  # splits per group of the two-level sum
+    counter_count: int  # ticket counters of a launch with SPLIT > 1 (merge_buffers)
+    partial_numel: int  # elements of its partial sums, [split + groups, K, C, R, S]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -152,7 +154,9 @@ def wgrad_grid(rows: int, k: int, c: int, taps: int) -> WgradGrid:
     split = split_count(rows, output_tiles)
     rows_per_split = cdiv(cdiv(rows, split), ROWS_PER_STEP) * ROWS_PER_STEP
     split = cdiv(rows, rows_per_split)
-    return WgradGrid(rows, bm, bn, output_tiles, split, rows_per_split, merge_group(split, 1))
+    group = merge_group(split, 1)
+    return WgradGrid(rows, bm, bn, output_tiles, split, rows_per_split, group,
+                     output_tiles * block_counters(split, group), (split + cdiv(split, group)) * k * c * taps)
 
 
 def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, stride, padding, eps, weight_dtype,
@@ -160,20 +164,21 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
     n, c, h, w = x.shape
     k, _, r, s = weight_shape
     _, _, p, q = dy.shape
-    rows, bm, bn, output_tiles, split, rows_per_split, group = wgrad_grid(n * p * q, k, c, r * s)
+    grid = wgrad_grid(n * p * q, k, c, r * s)
+    rows, bm, bn, output_tiles, split, rows_per_split, group = grid[:7]
     dw = torch.empty((k, c, r, s), device=x.device, dtype=weight_dtype,
                      memory_format=weight_memory_format(weight_channels_last))
     if dw.numel() >= 2 ** 31:
         raise ValueError(f"fused_preact.triton: a weight of {dw.numel()} elements is too large (< 2^31)")
     has_prologue = mean is not None
     dummy = dw
-    part = (torch.empty((split + cdiv(split, group), k, c, r, s), device=x.device, dtype=torch.float32)
-            if split > 1 else dummy)
+    counters, part = (merge_buffers(x.device, grid.counter_count, grid.partial_numel, torch.float32)
+                      if split > 1 else (dummy, dummy))
     bn_relu_conv_wgrad_kernel[(cdiv(k, bm), cdiv(c, bn), r * s * split)](
         dy, *nhwc_strides(dy), x, *nhwc_strides(x),
         mean if has_prologue else dummy, var if has_prologue else dummy,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,
-        part, ticket_counters(x.device, output_tiles * block_counters(split, group)) if split > 1 else dummy,
+        part, counters,
         dw, *dw.stride(),
         rows, h, w, c, p, q, k, rows_per_split, stride[0], stride[1], padding[0], padding[1],
         R=r, S=s, SPLIT=split, G=group, HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,

@@ -21,8 +21,10 @@ a second counter does the same across channel blocks: the last channel block to 
 writes the new count, after every block has read the old one (momentum=None averages with
 1 / count).
 
-The counters are one zeroed int32 buffer per device and stream (kernels on one stream run
-one after another; two streams must not share a counter).
+The counters and the partials live in buffers kept per device and stream (`merge_buffers`):
+kernels on one stream run one after another, so each launch finds the counters at zero and
+writes every partial it reads (two streams must not share them). Allocating the partials on
+every launch was most of the allocations of a block's step, a host cost per launch.
 """
 from __future__ import annotations
 
@@ -33,25 +35,34 @@ import triton.language as tl
 from ..base import cdiv
 from .common import interpreter_on, store_stats
 
-# (device, stream id) -> int32 counters, zero between launches.
-_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
-# Counters outgrown by a larger launch, kept: a CUDA graph captured earlier still launches
-# kernels on them, which must not count tickets in memory that was freed and given out again.
+# (device, stream id, dtype) -> a kept buffer: the int32 ticket counters (zero between
+# launches), and the partials of each float dtype.
+_kept: dict[tuple[torch.device, int, torch.dtype], torch.Tensor] = {}
+# Buffers outgrown by a larger launch, kept: a CUDA graph captured earlier still launches
+# kernels on them, which must not count tickets or store partials in memory that was freed
+# and given out again.
 _outgrown: list[torch.Tensor] = []
 
 
-def ticket_counters(device: torch.device, count: int) -> torch.Tensor:
-    """At least `count` zeroed int32 counters for kernels launched now on `device`'s
-    current stream (allocated once; every kernel leaves them at zero)."""
+def merge_buffers(device: torch.device, counters: int, partials: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(at least `counters` zeroed int32 ticket counters, room for `partials` elements of
+    `dtype`) for a kernel launched now on `device`'s current stream. Each is allocated once
+    and grows when a launch needs more (so the largest partials a stream's launches need
+    stay allocated, a few MB at ResNet sizes); every kernel leaves the counters at zero."""
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (device, stream)
-    counters = _counters.get(key)
-    if counters is None or counters.numel() < count:
-        if counters is not None:
-            _outgrown.append(counters)
-        counters = torch.zeros(max(count, 256), dtype=torch.int32, device=device)
-        _counters[key] = counters
-    return counters
+    return (_kept_buffer((device, stream, torch.int32), counters, torch.zeros),
+            _kept_buffer((device, stream, dtype), partials, torch.empty))
+
+
+def _kept_buffer(key: tuple, numel: int, allocate) -> torch.Tensor:
+    buffer = _kept.get(key)
+    if buffer is None or buffer.numel() < numel:
+        if buffer is not None:
+            _outgrown.append(buffer)
+        buffer = allocate(max(numel, 256), dtype=key[2], device=key[0])
+        _kept[key] = buffer
+    return buffer
 
 
 def merge_group(partials: int, step: int) -> int:

@@ -17,8 +17,8 @@ import triton.language as tl
 from ..base import cdiv, stats_dtype
 from .common import next_pow2, nhwc_strides, rows_per_tile, stats_tiles, write_tile_stats
 from .launch import launcher
-from .merge import (block_counters, merge_block, merge_group, merge_if_last, merge_tiles, store_batch_stats,
-                    ticket_counters)
+from .merge import (block_counters, merge_block, merge_buffers, merge_group, merge_if_last, merge_tiles,
+                    store_batch_stats)
 
 
 @launcher()
@@ -80,12 +80,12 @@ def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum):
     tiles, blocks = stats_tiles(m), cdiv(c, bc)
     bt = merge_block(tiles, bc)
     group = merge_group(tiles, bt)
-    part = torch.empty((tiles + cdiv(tiles, group), 3, c), device=x.device, dtype=stats_dtype(x.dtype))
+    counters, part = merge_buffers(x.device, blocks * block_counters(tiles, group) + 1,
+                                   (tiles + cdiv(tiles, group)) * 3 * c, stats_dtype(x.dtype))
     mean = torch.empty(c, device=x.device, dtype=part.dtype)
     var = torch.empty_like(mean)
     batch_stats_kernel[(tiles, blocks)](
-        x, *nhwc_strides(x), part, m, h * w, w, c,
-        ticket_counters(x.device, blocks * block_counters(tiles, group) + 1), group, mean, var,
+        x, *nhwc_strides(x), part, m, h * w, w, c, counters, group, mean, var,
         **running_args(mean, running_mean, running_var, num_batches_tracked, momentum),
         BM=bm, BC=bc, BT=bt)
     return mean, var
