@@ -186,6 +186,24 @@ def test_host_cost_runs_with_every_triton_launch_stubbed(tmp_path):
     assert all(0 < t["min_us"] <= t["median_us"] for r in written["results"].values() for t in r.values())
 
 
+@pytest.mark.slow
+def test_launch_cost_runs_both_launch_paths(tmp_path):
+    """In its own process, compiled for sm_90 on the stand-in driver (no TRITON_INTERPRET):
+    every block step reaches Triton's launcher on both paths (it once stopped at the
+    backend's interpreter probe, which the stand-in cannot run)."""
+    import json
+    import os
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "benchmarks.launch_cost", "--out", str(tmp_path), "--repeats", "1",
+                    "--calls", "1"], check=True, capture_output=True, cwd=Path(__file__).parent.parent, env=env)
+    written = json.loads((tmp_path / "launch_cost.json").read_text())
+    assert set(written["results"]) == {"basic", "bottleneck"}
+    for result in written["results"].values():
+        assert result["launches_per_step"] > 0
+        assert all(0 < result[path]["min_us"] <= result[path]["median_us"] for path in ("kernel[grid]", "direct"))
+
+
 def test_readme_writes_a_short_section_between_its_markers(tmp_path, monkeypatch):
     """Per folder: the headline case's rows and the model steps, copied from results.md, and
     a link to the full tables; other cases stay out; a second run changes nothing."""
