@@ -242,14 +242,14 @@ def execute(forward_units: Callable, key, program: Optional[Program], inputs: Bl
 class BlockFunction(torch.autograd.Function):
     """A block's forward as one autograd node (see the module docstring).
 
-    forward(ctx, forward_units, key, program, x_moments, buffers, x, *params): `execute`
-    with those arguments. Returns (output, *moments).
+    forward(ctx, run, x, *params): `execute` with the arguments in `run` (a BlockRun, one
+    argument: each argument of a Function call is host work), where run.inputs holds x and
+    params too. Returns (output, *moments).
     """
 
     @staticmethod
-    def forward(ctx, forward_units: Callable, key, program: Optional[Program], x_moments, buffers, x: Tensor,
-                *params: Tensor):
-        program, values = execute(forward_units, key, program, BlockInputs(x, x_moments, params, buffers))
+    def forward(ctx, run: "BlockRun", x: Tensor, *params: Tensor):
+        program, values = execute(*run)
         moments = tuple(values[m] for m in program.moments)
         ctx.save_for_backward(*program.saved(values))
         ctx.program = program
@@ -259,26 +259,29 @@ class BlockFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, output_grad: Optional[Tensor], *_moment_grads):
-        needs = ctx.needs_input_grad  # forward_units, key, program, x_moments, buffers, x, *params
+        needs = ctx.needs_input_grad  # run, x, *params
         if output_grad is None:
             return (None,) * len(needs)
         ops.check_no_double_backward()
-        dx, param_grads = ctx.program.backward(ctx.saved_tensors, output_grad, needs[5], needs[6:])
-        return (None,) * 5 + (dx if needs[5] else None, *param_grads)
+        dx, param_grads = ctx.program.backward(ctx.saved_tensors, output_grad, needs[1], needs[2:])
+        return (None, dx if needs[1] else None, *param_grads)
+
+
+class BlockRun(NamedTuple):
+    """`execute`'s arguments, as BlockFunction takes them."""
+    forward_units: Callable
+    key: object
+    program: Optional[Program]
+    inputs: BlockInputs
 
 
 def run_block(forward_units: Callable, key, program: Optional[Program], inputs: BlockInputs):
     """The block's (output, moments): through one BlockFunction where autograd records,
     else `execute` alone (inference: no node)."""
     if records_autograd(inputs.x, inputs.params):
-        output, *moments = BlockFunction.apply(forward_units, key, program, inputs.x_moments,
-                                               tuple(inputs.buffers), inputs.x, *inputs.params)
+        output, *moments = BlockFunction.apply(BlockRun(forward_units, key, program, inputs), inputs.x,
+                                               *inputs.params)
     else:
         program, values = execute(forward_units, key, program, inputs)
         output, moments = values[program.output], [values[m] for m in program.moments]
     return output, (tuple(moments) if moments else None)
-
-
-def tensor_signature(t: Optional[Tensor]):
-    """What a plan key holds of a module tensor: its dtype, shape and device (None: none)."""
-    return None if t is None else (t.dtype, t.shape, t.device)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import block_autograd, dispatch, distributed
 from . import functional as Fp
-from .block_autograd import Tape, tensor_signature
+from .block_autograd import Tape
 
 SHORTCUT_SOURCES = ("preact", "input")
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -234,7 +234,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         """Everything the forward glue decides from, for block_autograd's plans: the block's
         structure, x's signature, whether statistics come in (and their dtype), the settings
         of every BatchNorm (bns: the units' and the consumer's) and conv it reads, the
-        signatures of their tensors, autocast and the backend asked for."""
+        signatures (dtype, shape, device) of their tensors, autocast and the backend asked for."""
         device_type = x.device.type
         return (type(self), self.shortcut_source, x.shape, x.dtype, x.device,
                 None if x_moments is None else x_moments[0].dtype, consumer is not None and consumer.synced,
@@ -242,7 +242,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
                 dispatch.selection_state(self.backend or "auto"),
                 *((bn.num_features, bn.training, bn.eps, bn.momentum, bn.track_running_stats) for bn in bns),
                 *((tuple(conv.stride), tuple(conv.padding)) for conv in convs),
-                *(tensor_signature(t) for t in tensors))
+                *(None if t is None else (t.dtype, t.shape, t.device) for t in tensors))
 
     def project(self, x: Tensor, stats: Fp.BNStats, backend: str, tape: Optional[Tape]) -> Tensor:
         """The projection shortcut of x: conv(relu(bn1(x))) ("preact") or conv(x) ("input")."""
@@ -284,7 +284,7 @@ class _KuangliuUnits(_PreActUnits):
     """kuangliu/pytorch-cifar layout: bn1, conv1, ..., shortcut = Sequential(Conv2d) or absent."""
 
     def projection(self) -> Optional[nn.Conv2d]:
-        shortcut = getattr(self, "shortcut", None)
+        shortcut = self._modules.get("shortcut")  # getattr raises and catches for an identity block: microseconds
         return shortcut[0] if isinstance(shortcut, nn.Sequential) and len(shortcut) > 0 else None
 
     def _check_projection(self) -> None:
