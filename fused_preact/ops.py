@@ -27,6 +27,7 @@ M2 per rank) for bn_finalize, and exchanges the gradient sums before bn_backward
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
@@ -302,21 +303,21 @@ def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Seq
     None for each that `needs` (bn_relu_conv's needs_input_grad) does not ask for. dx_other:
     x's gradient from its other consumers, added to dx inside bn_backward_apply (so nobody
     accumulates the two with a separate add). registered: entry.registered_op_needed for
-    these tensors (how the ops are called: see _backward_runner)."""
+    these tensors (how the ops are called: see _backward_ops)."""
     check_no_double_backward()
     x, mean, var, bn_weight, bn_bias, weight = saved
     stride, padding, eps, batch_stats, backend, has_residual, sync_group, conv_dtype = conf
     dx = dgamma = dbeta = dweight = None
     dy = dy.contiguous(memory_format=torch.channels_last)  # float32 where y added a float32 shortcut
-    run = _backward_runner(backend, registered)
+    wgrad, dgrad, apply_bn = _backward_ops(backend, registered)
     if needs[5]:
-        dweight = run(bn_relu_conv_wgrad, dy=dy, x=x, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias,
-                      weight_shape=list(weight.shape), stride=stride, padding=padding, eps=eps,
-                      weight_dtype=weight.dtype, conv_dtype=conv_dtype,
-                      weight_channels_last=weight_is_channels_last(weight))
+        dweight = wgrad(dy=dy, x=x, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias,
+                        weight_shape=list(weight.shape), stride=stride, padding=padding, eps=eps,
+                        weight_dtype=weight.dtype, conv_dtype=conv_dtype,
+                        weight_channels_last=weight_is_channels_last(weight))
     if needs[0] or needs[3] or needs[4]:
-        g, sums = run(bn_relu_conv_dgrad, dy=dy, weight=weight, x=x, mean=mean, var=var, bn_weight=bn_weight,
-                      bn_bias=bn_bias, stride=stride, padding=padding, eps=eps, conv_dtype=conv_dtype)
+        g, sums = dgrad(dy=dy, weight=weight, x=x, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias,
+                        stride=stride, padding=padding, eps=eps, conv_dtype=conv_dtype)
         if mean is None:
             dx = g if dx_other is None else g + dx_other
         else:
@@ -325,8 +326,8 @@ def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Seq
                 grad_sums = sums
                 if batch_stats and sync_group:  # the means over all ranks (dgamma, dbeta stay local sums)
                     grad_sums, count = distributed.global_grad_means(sums, count, sync_group), 1
-                dx = run(bn_backward_apply, g=g, x=x, mean=mean, var=var, bn_weight=bn_weight, grad_sums=grad_sums,
-                         count=count, eps=eps, batch_stats=batch_stats, dx_other=dx_other)
+                dx = apply_bn(g=g, x=x, mean=mean, var=var, bn_weight=bn_weight, grad_sums=grad_sums, count=count,
+                              eps=eps, batch_stats=batch_stats, dx_other=dx_other)
             if needs[3]:
                 dgamma = sums[1].to(bn_weight.dtype)
             if needs[4]:
@@ -338,16 +339,18 @@ def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Seq
 bn_relu_conv.register_autograd(_unit_backward, _unit_setup_context)
 
 
-def _backward_runner(backend: str, registered: bool):
-    """How the unit's backward calls its ops on `backend` (the one that ran the forward):
-    in plain eager mode its implementations directly, since the forward validated every
-    argument and chose the backend (going through the op entry and selecting again for
-    each of the three ops was a sixth of a block's host time); the registered ops wherever
-    something traces or intercepts, or a tensor is a subclass (registered)."""
+def _backward_ops(backend: str, registered: bool) -> tuple[Callable, Callable, Callable]:
+    """(wgrad, dgrad, BN-backward), called by keyword, as the unit's backward runs them on
+    `backend` (the one that ran the forward): in plain eager mode its implementations
+    directly, since the forward validated every argument and chose the backend (going
+    through the op entry and selecting again for each of the three ops was a sixth of a
+    block's host time); the registered ops wherever something traces or intercepts, or a
+    tensor is a subclass (registered)."""
     if registered:
-        return lambda entry, **args: entry(**args, backend=backend)
+        return tuple(functools.partial(entry, backend=backend)
+                     for entry in (bn_relu_conv_wgrad, bn_relu_conv_dgrad, bn_backward_apply))
     impls = dispatch.get_backend(backend).impls
-    return lambda entry, **args: impls[entry.__name__](**args)
+    return impls["bn_relu_conv_wgrad"], impls["bn_relu_conv_dgrad"], impls["bn_backward_apply"]
 
 
 # --------------------------------------------------------------------------- statistics
