@@ -34,22 +34,25 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """torch.empty returns NaN-filled float tensors inside the `with` block, and the float
-    buffers the Triton kernels keep between launches (their partials) hold NaN on entry."""
-    real_empty = torch.empty
+    """torch.empty, empty_like and empty_strided return NaN-filled float tensors inside the
+    `with` block, and the partials the Triton kernels keep between launches hold NaN on entry."""
+    allocators = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}
 
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+    def poisoning(allocate):
+        def allocate_nan(*args, **kwargs):
+            t = allocate(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return allocate_nan
 
     class Poison:
         def __enter__(self):
-            monkeypatch.setattr(torch, "empty", empty)
+            for name, allocate in allocators.items():
+                monkeypatch.setattr(torch, name, poisoning(allocate))
             merge = sys.modules.get("fused_preact.backends.triton.merge")  # loaded with the triton backend
-            for buffer in merge._kept.values() if merge is not None else ():
-                if buffer.is_floating_point():
-                    buffer.fill_(float("nan"))
+            for _counters, partials in merge._kept.values() if merge is not None else ():
+                partials.fill_(float("nan"))
 
         def __exit__(self, *exc):
-            monkeypatch.setattr(torch, "empty", real_empty)
+            for name, allocate in allocators.items():
+                monkeypatch.setattr(torch, name, allocate)
     return Poison()

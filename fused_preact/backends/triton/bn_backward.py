@@ -55,7 +55,7 @@ def bn_backward_apply_kernel(
 def bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_stats, dx_other):
     n, c, h, w = x.shape
     m = n * h * w
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    dx = torch.empty_like(x, memory_format=torch.channels_last)
     bm, bc = 64, min(64, next_pow2(c))
     other = (dx_other, *nhwc_strides(dx_other)) if dx_other is not None else (dx, 0, 0, 0, 0)  # unread
     bn_backward_apply_kernel[(cdiv(m, bm), cdiv(c, bc))](

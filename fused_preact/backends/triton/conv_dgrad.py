@@ -144,7 +144,7 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     weight = kernel_weight(weight)
     grid = dgrad_grid(n, c, h, w, k, *stride)
     hp, wp, bm, bn, bk, tiles_per_phase, tiles, blocks, bt, group = grid[:10]
-    g = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    g = torch.empty_like(x, memory_format=torch.channels_last)
     has_prologue = mean is not None
     dummy = g
     counters, part = (merge_buffers(x.device, grid.counter_count, grid.partial_numel, torch.float32)

@@ -122,6 +122,7 @@ class ForwardGrid(NamedTuple):
     group: int  # tiles per group of the two-level statistics merge
     counter_count: int  # ticket counters of a launch with statistics (merge_buffers)
     partial_numel: int  # elements of its partial statistics, [tiles + groups, 3, K]
+    y_strides: tuple[int, int, int, int]  # the output's, channels_last
 
 
 @functools.lru_cache(maxsize=4096)
@@ -136,7 +137,8 @@ def forward_grid(n: int, c: int, h: int, w: int, k: int, r: int, s: int, stride_
     bt = merge_block(tiles, bn)
     group, blocks = merge_group(tiles, bt), cdiv(k, bn)
     return ForwardGrid(p, q, m, rows_per_tile(m), bn, pow2_block(c), tiles, blocks, bt, group,
-                       blocks * block_counters(tiles, group) + 1, (tiles + cdiv(tiles, group)) * 3 * k)
+                       blocks * block_counters(tiles, group) + 1, (tiles + cdiv(tiles, group)) * 3 * k,
+                       (p * q * k, 1, q * k, k))
 
 
 def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, padding, eps, want_stats,
@@ -147,7 +149,7 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
     grid = forward_grid(n, c, h, w, k, r, s, *stride, *padding)
     p, q, m, bm, bn, bk, tiles, blocks, bt, group = grid[:10]
     y_dtype = conv_dtype if residual is None else residual.dtype  # float32 for a float32 shortcut
-    y = torch.empty((n, k, p, q), device=x.device, dtype=y_dtype, memory_format=torch.channels_last)
+    y = torch.empty_strided((n, k, p, q), grid.y_strides, device=x.device, dtype=y_dtype)
     dummy = y  # never read: the matching constexpr flag is off
     counters, part = (merge_buffers(x.device, grid.counter_count, grid.partial_numel, stats_dtype(y_dtype)) if want_stats
                       else (dummy, dummy))

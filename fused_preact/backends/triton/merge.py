@@ -35,9 +35,9 @@ import triton.language as tl
 from ..base import cdiv
 from .common import interpreter_on, store_stats
 
-# (device, stream id, dtype) -> a kept buffer: the int32 ticket counters (zero between
-# launches), and the partials of each float dtype.
-_kept: dict[tuple[torch.device, int, torch.dtype], torch.Tensor] = {}
+# (device, stream id, partials dtype) -> the kept (int32 ticket counters, zero between
+# launches; partials) of the launches with partials of that dtype.
+_kept: dict[tuple[torch.device, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 # Buffers outgrown by a larger launch, kept: a CUDA graph captured earlier still launches
 # kernels on them, which must not count tickets or store partials in memory that was freed
 # and given out again.
@@ -50,19 +50,14 @@ def merge_buffers(device: torch.device, counters: int, partials: int,
     `dtype`) for a kernel launched now on `device`'s current stream. Each is allocated once
     and grows when a launch needs more (so the largest partials a stream's launches need
     stay allocated, a few MB at ResNet sizes); every kernel leaves the counters at zero."""
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    return (_kept_buffer((device, stream, torch.int32), counters, torch.zeros),
-            _kept_buffer((device, stream, dtype), partials, torch.empty))
-
-
-def _kept_buffer(key: tuple, numel: int, allocate) -> torch.Tensor:
-    buffer = _kept.get(key)
-    if buffer is None or buffer.numel() < numel:
-        if buffer is not None:
-            _outgrown.append(buffer)
-        buffer = allocate(max(numel, 256), dtype=key[2], device=key[0])
-        _kept[key] = buffer
-    return buffer
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0, dtype)
+    kept = _kept.get(key)
+    if kept is None or kept[0].numel() < counters or kept[1].numel() < partials:
+        had = (256, 256) if kept is None else (kept[0].numel(), kept[1].numel())
+        _outgrown.extend(kept or ())
+        kept = _kept[key] = (torch.zeros(max(counters, had[0]), dtype=torch.int32, device=device),
+                             torch.empty(max(partials, had[1]), dtype=dtype, device=device))
+    return kept
 
 
 def merge_group(partials: int, step: int) -> int:
