@@ -103,6 +103,7 @@ class Program:
         self.units: list[UnitRecord] = []
         self.output = 0  # the slot of the block's output
         self.moments: tuple[int, ...] = ()  # the slots of the consumer's statistics, if computed
+        self.needs_by_request: dict[tuple[bool, ...], tuple[tuple[bool, ...], ...]] = {}  # see unit_needs
 
     def replay(self, values: list[Optional[Tensor]]) -> None:
         """Run the calls on `values` (the inputs' slots filled), appending their outputs."""
@@ -114,17 +115,31 @@ class Program:
         """What the backward reads, unit after unit (ops.unit_saved each)."""
         return [None if slot is None else values[slot] for unit in self.units for slot in unit.saved]
 
+    def unit_needs(self, x_needs_grad: bool, param_needs_grad: Sequence[bool]) -> tuple[tuple[bool, ...], ...]:
+        """Per unit, the needs_input_grad its backward gets (ops.unit_gradients) when autograd
+        asks for these gradients of the block; kept per request (a model asks the same ones
+        step after step)."""
+        request = (x_needs_grad, *param_needs_grad)
+        needs = self.needs_by_request.get(request)
+        if needs is None:
+            # Which values need a gradient: x as autograd says; a unit's output where its
+            # input, its residual or one of its parameters does.
+            value_needs = {0: x_needs_grad}
+            for unit in self.units:
+                value_needs[unit.output] = (value_needs[unit.input]
+                                            or (unit.residual is not None and value_needs[unit.residual])
+                                            or any(p is not None and param_needs_grad[p] for p in unit.params))
+            needs = self.needs_by_request[request] = tuple(
+                (value_needs[unit.input], False, False, *(p is not None and param_needs_grad[p] for p in unit.params),
+                 unit.residual is not None and value_needs[unit.residual])
+                for unit in self.units)
+        return needs
+
     def backward(self, saved: Sequence[Optional[Tensor]], output_grad: Tensor, x_needs_grad: bool,
                  param_needs_grad: Sequence[bool]) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
         """(x's gradient, each parameter's) given the gradient of the block's output, from
         ctx.saved_tensors (self.saved's list, unpacked)."""
-        # Which values need a gradient: x as autograd says; a unit's output where its input,
-        # its residual or one of its parameters does.
-        value_needs = {0: x_needs_grad}
-        for unit in self.units:
-            value_needs[unit.output] = (value_needs[unit.input]
-                                        or (unit.residual is not None and value_needs[unit.residual])
-                                        or any(p is not None and param_needs_grad[p] for p in unit.params))
+        unit_needs = self.unit_needs(x_needs_grad, param_needs_grad)
         # The forward's tensors were plain ones (applies): only the incoming gradient, or a
         # mode entered since, can make the ops go through their registered versions.
         registered = registered_op_needed((output_grad,))
@@ -135,13 +150,11 @@ class Program:
             dy = value_grads.pop(unit.output, None)
             if dy is None:
                 continue
-            gamma, beta, weight = (p is not None and param_needs_grad[p] for p in unit.params)
-            residual_needs = unit.residual is not None and value_needs[unit.residual]
-            needs = (value_needs[unit.input], False, False, gamma, beta, weight, residual_needs)
             # The gradient later units gave this unit's input joins its dx in the kernel.
             dx_other = value_grads.pop(unit.input, None)
             dx, dgamma, dbeta, dweight, dresidual = ops.unit_gradients(
-                saved[index * SAVED_PER_UNIT:(index + 1) * SAVED_PER_UNIT], unit.conf, needs, dy, dx_other, registered)
+                saved[index * SAVED_PER_UNIT:(index + 1) * SAVED_PER_UNIT], unit.conf, unit_needs[index], dy,
+                dx_other, registered)
             _accumulate(value_grads, unit.input, dx)
             if unit.residual is not None:
                 _accumulate(value_grads, unit.residual, dresidual)
