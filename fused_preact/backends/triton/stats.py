@@ -10,6 +10,9 @@ momentum=None, where every channel reads the batch count it writes): a tiny laun
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -73,21 +76,40 @@ def running_args(mean, running_mean, running_var, num_batches_tracked, momentum)
                 UPDATE_RUNNING=update, COUNT_BATCH=count_batch, CUMULATIVE=update and momentum is None)
 
 
-def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum):
-    n, c, h, w = x.shape
-    m = n * h * w
-    bm, bc = rows_per_tile(m), min(64, next_pow2(c))
+class StatsGrid(NamedTuple):
+    """A statistics pass's shape-derived values (see stats_grid)."""
+    bm: int
+    bc: int
+    tiles: int
+    blocks: int
+    bt: int
+    group: int  # tiles per group of the two-level merge
+    counter_count: int  # ticket counters (merge_buffers)
+    partial_numel: int  # elements of the partial statistics, [tiles + groups, 3, C]
+
+
+@functools.lru_cache(maxsize=4096)
+def stats_grid(m: int, c: int) -> StatsGrid:
+    """Tiles and grid of a statistics pass over m rows of c channels, computed once per shape."""
+    bc = min(64, next_pow2(c))
     tiles, blocks = stats_tiles(m), cdiv(c, bc)
     bt = merge_block(tiles, bc)
     group = merge_group(tiles, bt)
-    counters, part = merge_buffers(x.device, blocks * block_counters(tiles, group) + 1,
-                                   (tiles + cdiv(tiles, group)) * 3 * c, stats_dtype(x.dtype))
+    return StatsGrid(rows_per_tile(m), bc, tiles, blocks, bt, group, blocks * block_counters(tiles, group) + 1,
+                     (tiles + cdiv(tiles, group)) * 3 * c)
+
+
+def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum):
+    n, c, h, w = x.shape
+    m = n * h * w
+    grid = stats_grid(m, c)
+    counters, part = merge_buffers(x.device, grid.counter_count, grid.partial_numel, stats_dtype(x.dtype))
     mean = torch.empty(c, device=x.device, dtype=part.dtype)
     var = torch.empty_like(mean)
-    batch_stats_kernel[(tiles, blocks)](
-        x, *nhwc_strides(x), part, m, h * w, w, c, counters, group, mean, var,
+    batch_stats_kernel[(grid.tiles, grid.blocks)](
+        x, *nhwc_strides(x), part, m, h * w, w, c, counters, grid.group, mean, var,
         **running_args(mean, running_mean, running_var, num_batches_tracked, momentum),
-        BM=bm, BC=bc, BT=bt)
+        BM=grid.bm, BC=grid.bc, BT=grid.bt)
     return mean, var
 
 
