@@ -155,21 +155,15 @@ class Program:
             dx, dgamma, dbeta, dweight, dresidual = ops.unit_gradients(
                 saved[index * SAVED_PER_UNIT:(index + 1) * SAVED_PER_UNIT], unit.conf, unit_needs[index], dy,
                 dx_other, registered)
-            _accumulate(value_grads, unit.input, dx)
-            if unit.residual is not None:
-                _accumulate(value_grads, unit.residual, dresidual)
+            for key, grad in ((unit.input, dx), (unit.residual, dresidual)):
+                if grad is not None:  # += (a missing entry is zero)
+                    current = value_grads.get(key)
+                    value_grads[key] = grad if current is None else current + grad
             for position, grad in zip(unit.params, (dgamma, dbeta, dweight)):
-                if grad is not None:
-                    _accumulate(param_grads, position, grad)
+                if grad is not None:  # a parameter two units read (a shared module) gets the sum
+                    current = param_grads[position]
+                    param_grads[position] = grad if current is None else current + grad
         return value_grads.get(0), param_grads
-
-
-def _accumulate(grads, key: int, grad: Optional[Tensor]) -> None:
-    """grads[key] += grad (a list or a dict; a missing or None entry is taken as zero)."""
-    if grad is None:
-        return
-    current = grads[key] if isinstance(grads, list) else grads.get(key)
-    grads[key] = grad if current is None else current + grad
 
 
 class Tape:
@@ -267,7 +261,8 @@ class BlockFunction(torch.autograd.Function):
         ctx.save_for_backward(*program.saved(values))
         ctx.program = program
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*moments)
+        if moments:
+            ctx.mark_non_differentiable(*moments)
         return (values[program.output], *moments)
 
     @staticmethod

@@ -117,6 +117,27 @@ def test_blocks_sharing_a_plan_use_their_own_tensors():
     assert len(block_autograd.PLANS.programs) == 1
 
 
+def test_a_conv_two_units_share_gets_the_sum_of_their_gradients():
+    """conv2 is conv1 (one Parameter read by both units): the block node's weight gradient
+    is both units' summed, as the per-unit path and eager give, recorded and replayed."""
+    block = make_block("basic", 5, 5, 1, "preact")
+    block.conv2 = block.conv1
+    reference = copy.deepcopy(block)
+    eager = fp.testing.PreActBlock(5, 5, 1)
+    eager.load_state_dict(block.state_dict())
+    eager.conv2 = eager.conv1
+    x = torch.randn(2, 5, 6, 6)
+    for _ in range(2):  # recorded, then replayed
+        ours = step(block, x)
+        assert_bitwise(ours, step(reference, x, per_unit=True), "shared conv")
+    x_eager = x.clone().requires_grad_(True)
+    out = eager(x_eager)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    shared = [p for name, p in block.named_parameters() if name == "conv1.weight"]
+    assert len(shared) == 1 and shared[0].grad is not None
+    torch.testing.assert_close(shared[0].grad, eager.conv1.weight.grad, atol=1e-4, rtol=1e-4)
+
+
 def _momentum(block, _x):
     block.bn1.momentum = 0.5
 
