@@ -151,9 +151,10 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
     y_dtype = conv_dtype if residual is None else residual.dtype  # float32 for a float32 shortcut
     y = torch.empty_strided((n, k, p, q), grid.y_strides, device=x.device, dtype=y_dtype)
     dummy = y  # never read: the matching constexpr flag is off
-    counters, part = (merge_buffers(x.device, grid.counter_count, grid.partial_numel, stats_dtype(y_dtype)) if want_stats
-                      else (dummy, dummy))
-    y_mean = torch.empty(k if want_stats else 0, device=x.device, dtype=stats_dtype(y_dtype))
+    statistics_dtype = stats_dtype(y_dtype)
+    counters, part = (merge_buffers(x.device, grid.counter_count, grid.partial_numel, statistics_dtype)
+                      if want_stats else (dummy, dummy))
+    y_mean = torch.empty(k if want_stats else 0, device=x.device, dtype=statistics_dtype)
     y_var = torch.empty_like(y_mean)
     has_prologue = mean is not None
     res = residual if residual is not None else dummy
