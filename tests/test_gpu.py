@@ -277,3 +277,30 @@ def test_two_level_merges_are_bitwise_repeatable_and_right_at_real_size():
     act = torch.relu(xhat * gamma.double()[:, None, None] + beta.double()[:, None, None]).bfloat16().double()
     ref_dw = torch.nn.grad.conv2d_weight(act, list(w.shape), dy.double(), 1, 1)
     assert rel_err(dw, ref_dw) < 1e-2  # bf16 operands (the activation rounded as the kernel rounds it)
+
+
+def test_blocks_on_two_streams_at_once_keep_their_merges_apart():
+    """The merge counters and partials are kept per stream (merge.merge_buffers): two blocks
+    training at the same time on two streams give bitwise what each gives alone."""
+    import copy
+    torch.manual_seed(0)
+    blocks = [pair("basic", 64, 64, 1)[0] for _ in range(2)]
+    alone_blocks = [copy.deepcopy(b) for b in blocks]
+    xs = [torch.randn(128, 64, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last) for _ in blocks]
+
+    def step(block, x):
+        x = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = block(x)
+        out.float().square().mean().backward()
+        return [out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+    alone = [step(b, x) for b, x in zip(alone_blocks, xs)]
+    streams = [torch.cuda.Stream() for _ in blocks]
+    torch.cuda.synchronize()
+    together = []
+    for stream, block, x in zip(streams, blocks, xs):
+        with torch.cuda.stream(stream):  # queued without waiting: the two streams' kernels overlap
+            together.append(step(block, x))
+    torch.cuda.synchronize()
+    for ours, reference in zip(together, alone):
+        assert all(torch.equal(a, b) for a, b in zip(ours, reference))
