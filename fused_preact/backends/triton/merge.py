@@ -33,11 +33,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 
 from ..base import cdiv
 from .common import interpreter_on, store_stats
 
-# (device, stream id, partials dtype) -> the kept (int32 ticket counters, zero between
+# (device, stream handle, partials dtype) -> the kept (int32 ticket counters, zero between
 # launches; partials) of the launches with partials of that dtype.
 _kept: dict[tuple[torch.device, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 # Buffers outgrown by a larger launch, kept: a CUDA graph captured earlier still launches
@@ -53,7 +54,9 @@ def merge_buffers(device: torch.device, counters: int, partials: int,
     and grows when a launch needs more, so the largest partials a stream's launches need stay
     allocated (24 MiB for an ImageNet ResNet-50 at batch 256, its 1x1 conv weight gradients at
     7x7); every kernel leaves the counters at zero."""
-    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0, dtype)
+    # The stream Triton's launcher will launch on (torch's current one), found as it finds it:
+    # torch.cuda.current_stream() builds a Stream object, microseconds per launch.
+    key = (device, driver.active.get_current_stream(device.index) if device.type == "cuda" else 0, dtype)
     kept = _kept.get(key)
     if kept is None or kept[0].numel() < counters or kept[1].numel() < partials:
         had = (256, 256) if kept is None else (kept[0].numel(), kept[1].numel())
