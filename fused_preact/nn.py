@@ -284,7 +284,7 @@ class _KuangliuUnits(_PreActUnits):
     """kuangliu/pytorch-cifar layout: bn1, conv1, ..., shortcut = Sequential(Conv2d) or absent."""
 
     def projection(self) -> Optional[nn.Conv2d]:
-        shortcut = self._modules.get("shortcut")  # getattr raises and catches for an identity block: microseconds
+        shortcut = self._modules.get("shortcut")  # getattr would raise and catch for an identity block
         return shortcut[0] if isinstance(shortcut, nn.Sequential) and len(shortcut) > 0 else None
 
     def _check_projection(self) -> None:

@@ -337,8 +337,8 @@ def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Seq
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in `dtype`: t itself where it has it already (what t.to(dtype) returns, without the
-    microsecond its argument parsing costs)."""
+    """t in `dtype`: t itself where it has it already (what t.to(dtype) returns, without
+    parsing t.to's overloaded arguments on every call)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 

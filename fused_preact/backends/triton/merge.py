@@ -55,7 +55,7 @@ def merge_buffers(device: torch.device, counters: int, partials: int,
     allocated (24 MiB for an ImageNet ResNet-50 at batch 256, its 1x1 conv weight gradients at
     7x7); every kernel leaves the counters at zero."""
     # The stream Triton's launcher will launch on (torch's current one), found as it finds it:
-    # torch.cuda.current_stream() builds a Stream object, microseconds per launch.
+    # torch.cuda.current_stream() would build a Stream object on every launch.
     key = (device, driver.active.get_current_stream(device.index) if device.type == "cuda" else 0, dtype)
     kept = _kept.get(key)
     if kept is None or kept[0].numel() < counters or kept[1].numel() < partials:
