@@ -35,8 +35,8 @@ KERNELS = [("conv_fwd", "bn_relu_conv_fwd_kernel"), ("conv_dgrad", "bn_relu_conv
 
 
 class NoLaunch:
-    """Stands for kernel[grid](...): launches nothing, and counts the launch in `launches`
-    (a Counter by kernel name) if given."""
+    """Stands for the kernel inside a KernelLauncher (its kernel[grid](...)): launches
+    nothing, and counts the launch in `launches` (a Counter by kernel name) if given."""
 
     def __init__(self, name: str, launches=None):
         self.name, self.launches = name, launches
@@ -48,13 +48,16 @@ class NoLaunch:
 
 
 def stub_launches(launches=None) -> None:
-    """Replace every Triton kernel of the triton backend, for good (run in its own process)."""
+    """Replace every Triton kernel of the triton backend inside its KernelLauncher, for good
+    (run in its own process): the launcher's own work, and the replay of bound calls that
+    launch through it (replay.py), stay timed. In the interpreter nothing is compiled, so
+    every launch reaches the stub."""
     import importlib
     fp.dispatch.get_backend("triton")  # loads the kernel modules
     for module_name, kernel in KERNELS:
         module = importlib.import_module(f"fused_preact.backends.triton.{module_name}")
         assert hasattr(module, kernel), f"{module_name}.{kernel} is gone: update KERNELS"
-        setattr(module, kernel, NoLaunch(kernel, launches))
+        getattr(module, kernel).kernel = NoLaunch(kernel, launches)
 
 
 class Bare(torch.autograd.Function):
