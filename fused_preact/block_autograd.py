@@ -21,8 +21,12 @@ buffers, earlier calls' outputs). Given a key that fixes everything the glue dec
 nn._PreActUnits.plan_key), the next call with the same key replays the Program on that
 call's tensors: the same implementation calls with the same arguments, without the glue,
 its checks and its backend choice (they would decide the same); about half of a small
-block's forward host time was that glue (benchmarks.host_cost). A Program holds slots,
-not tensors: PLANS keeps it by key, for every block with that key.
+block's forward host time was that glue (benchmarks.host_cost). Each call is recorded as
+what its backend bound (Backend.bind): the triton backend's replays allocate and launch
+without the wrapper that derived the launch from the arguments (backends/triton/replay.py),
+since the key fixes all but the tensors; the backward's calls are bound the same way on
+their first run, per request of gradients (Binding). A Program holds slots, not tensors:
+PLANS keeps it by key, for every block with that key.
 
 Without autograd recording (inference) the same Tape and plans run without the node.
 Where something traces or intercepts (torch.compile, dispatch modes, tensor subclasses) the
@@ -40,7 +44,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import ops
+from . import dispatch, ops
 from .entry import PLAIN_TENSOR_TYPES, intercepted, registered_op_needed
 
 
@@ -91,8 +95,32 @@ class UnitRecord(NamedTuple):
 
 class Call(NamedTuple):
     """An implementation call of a Program: each argument a slot or a constant."""
-    impl: Callable
+    impl: Callable  # the implementation, or what its backend bound of this call
     args: tuple[tuple[str, Optional[int], object], ...]  # (name, slot or None, constant)
+
+
+class Binding:
+    """One backward implementation of a Program's unit, called by keyword: on its first call
+    the backend binds it (Backend.bind), and the later calls replay what that returned. The
+    arguments those calls get differ only in their tensors: the Program's key fixes every
+    other one, for a given request of gradients (see Program.backward)."""
+
+    def __init__(self, backend: str, op: str):
+        self.backend = dispatch.get_backend(backend)
+        self.op = op
+        self.replay: Optional[Callable] = None
+
+    def __call__(self, **args):
+        if self.replay is not None:
+            return self.replay(**args)
+        outputs, self.replay = self.backend.bind(self.backend.impls[self.op], args)
+        return outputs
+
+
+class RequestPlan(NamedTuple):
+    """What a Program's backward does for one request of gradients, per unit."""
+    needs: tuple[tuple[bool, ...], ...]  # the needs_input_grad its backward gets (ops.unit_gradients)
+    backward_ops: tuple[tuple[Binding, Binding, Binding], ...]  # its wgrad, dgrad and BN-backward
 
 
 class Program:
@@ -103,7 +131,7 @@ class Program:
         self.units: list[UnitRecord] = []
         self.output = 0  # the slot of the block's output
         self.moments: tuple[int, ...] = ()  # the slots of the consumer's statistics, if computed
-        self.needs_by_request: dict[tuple[bool, ...], tuple[tuple[bool, ...], ...]] = {}  # see unit_needs
+        self.requests: dict[tuple[bool, ...], RequestPlan] = {}  # see request_plan
 
     def replay(self, values: list[Optional[Tensor]]) -> None:
         """Run the calls on `values` (the inputs' slots filled), appending their outputs."""
@@ -115,13 +143,13 @@ class Program:
         """What the backward reads, unit after unit (ops.unit_saved each)."""
         return [None if slot is None else values[slot] for unit in self.units for slot in unit.saved]
 
-    def unit_needs(self, x_needs_grad: bool, param_needs_grad: Sequence[bool]) -> tuple[tuple[bool, ...], ...]:
-        """Per unit, the needs_input_grad its backward gets (ops.unit_gradients) when autograd
-        asks for these gradients of the block; kept per request (a model asks the same ones
-        step after step)."""
-        request = (x_needs_grad, *param_needs_grad)
-        needs = self.needs_by_request.get(request)
-        if needs is None:
+    def request_plan(self, x_needs_grad: bool, param_needs_grad: Sequence[bool]) -> RequestPlan:
+        """The backward's plan when autograd asks for these gradients of the block; kept per
+        request (a model asks the same ones step after step) and TF32 setting (which the
+        backward's launches read, as the forward's do: the key has it)."""
+        request = (torch.backends.cudnn.allow_tf32, x_needs_grad, *param_needs_grad)
+        plan = self.requests.get(request)
+        if plan is None:
             # Which values need a gradient: x as autograd says; a unit's output where its
             # input, its residual or one of its parameters does.
             value_needs = {0: x_needs_grad}
@@ -129,19 +157,22 @@ class Program:
                 value_needs[unit.output] = (value_needs[unit.input]
                                             or (unit.residual is not None and value_needs[unit.residual])
                                             or any(p is not None and param_needs_grad[p] for p in unit.params))
-            needs = self.needs_by_request[request] = tuple(
-                (value_needs[unit.input], False, False, *(p is not None and param_needs_grad[p] for p in unit.params),
-                 unit.residual is not None and value_needs[unit.residual])
-                for unit in self.units)
-        return needs
+            needs = tuple((value_needs[unit.input], False, False, *(p is not None and param_needs_grad[p]
+                                                                   for p in unit.params),
+                           unit.residual is not None and value_needs[unit.residual])
+                          for unit in self.units)
+            backward_ops = tuple(tuple(Binding(unit.conf.backend, op) for op in ops.BACKWARD_OPS)
+                                 for unit in self.units)
+            plan = self.requests[request] = RequestPlan(needs, backward_ops)
+        return plan
 
     def backward(self, saved: Sequence[Optional[Tensor]], output_grad: Tensor, x_needs_grad: bool,
                  param_needs_grad: Sequence[bool]) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
         """(x's gradient, each parameter's) given the gradient of the block's output, from
         ctx.saved_tensors (self.saved's list, unpacked)."""
-        unit_needs = self.unit_needs(x_needs_grad, param_needs_grad)
+        plan = self.request_plan(x_needs_grad, param_needs_grad)
         # The forward's tensors were plain ones (applies): only the incoming gradient, or a
-        # mode entered since, can make the ops go through their registered versions.
+        # mode entered since, can make the ops go through their registered versions (unbound).
         registered = registered_op_needed((output_grad,))
         value_grads: dict[int, Tensor] = {self.output: output_grad}
         param_grads: list[Optional[Tensor]] = [None] * len(param_needs_grad)
@@ -152,9 +183,10 @@ class Program:
                 continue
             # The gradient later units gave this unit's input joins its dx in the kernel.
             dx_other = value_grads.pop(unit.input, None)
+            backward_ops = ops.backward_ops(unit.conf.backend, True) if registered else plan.backward_ops[index]
             dx, dgamma, dbeta, dweight, dresidual = ops.unit_gradients(
-                saved[index * SAVED_PER_UNIT:(index + 1) * SAVED_PER_UNIT], unit.conf, unit_needs[index], dy,
-                dx_other, registered)
+                saved[index * SAVED_PER_UNIT:(index + 1) * SAVED_PER_UNIT], unit.conf, plan.needs[index], dy,
+                dx_other, backward_ops)
             for key, grad in ((unit.input, dx), (unit.residual, dresidual)):
                 if grad is not None:  # += (a missing entry is zero)
                     current = value_grads.get(key)

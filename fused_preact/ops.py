@@ -126,7 +126,7 @@ def check_running(running_mean, running_var, num_batches_tracked, momentum, chan
 class OpCall(NamedTuple):
     """One op body's call of its backend implementation, as a Recorder sees it."""
     backend: str  # the name of the backend that ran it
-    impl: Callable
+    impl: Callable  # what replays the call: the implementation, or what the backend bound (Backend.bind)
     args: dict  # impl's arguments, by name
     outputs: tuple  # what it returned, as a tuple
 
@@ -157,10 +157,11 @@ def _run(op: str, backend: str, computes_in: Optional[torch.dtype], **args):
     if op == "bn_relu_conv":
         _unit_choice.value = (id(args["x"]), id(args["weight"]), chosen.name)
     impl = chosen.impls[op]
-    outputs = impl(**args)
     recorder = getattr(_recorder, "value", None)
-    if recorder is not None:
-        recorder.add(OpCall(chosen.name, impl, args, outputs if isinstance(outputs, tuple) else (outputs,)))
+    if recorder is None:
+        return impl(**args)
+    outputs, replay = chosen.bind(impl, args)
+    recorder.add(OpCall(chosen.name, replay, args, outputs if isinstance(outputs, tuple) else (outputs,)))
     return outputs
 
 
@@ -287,7 +288,7 @@ def _unit_backward(ctx, dy, _dmean, _dvar, dx_other=None):
     saved = ctx.saved_tensors
     registered = registered_op_needed((dy, dx_other, *saved))
     dx, dgamma, dbeta, dweight, dresidual = unit_gradients(saved, ctx.conf, ctx.needs_input_grad, dy, dx_other,
-                                                           registered)
+                                                           backward_ops(ctx.conf.backend, registered))
     return (dx, None, None, dgamma, dbeta, dweight, dresidual) + (None,) * (UNIT_ARGS - 7)
 
 
@@ -298,18 +299,18 @@ def check_no_double_backward() -> None:
 
 
 def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Sequence[bool], dy: Tensor,
-                   dx_other: Optional[Tensor], registered: bool) -> tuple:
+                   dx_other: Optional[Tensor], impls: tuple[Callable, Callable, Callable]) -> tuple:
     """(dx, dgamma, dbeta, dweight, dresidual) of one unit given its output's gradient dy;
     None for each that `needs` (bn_relu_conv's needs_input_grad) does not ask for. dx_other:
     x's gradient from its other consumers, added to dx inside bn_backward_apply (so nobody
-    accumulates the two with a separate add). registered: entry.registered_op_needed for
-    these tensors (how the ops are called: see _backward_ops)."""
+    accumulates the two with a separate add). impls: the wgrad, dgrad and BN-backward to call
+    by keyword (backward_ops, or a block Program's bindings of them)."""
     check_no_double_backward()
     x, mean, var, bn_weight, bn_bias, weight = saved
     stride, padding, eps, batch_stats, backend, has_residual, sync_group, conv_dtype = conf
     dx = dgamma = dbeta = dweight = None
     dy = dy.contiguous(memory_format=torch.channels_last)  # float32 where y added a float32 shortcut
-    wgrad, dgrad, apply_bn = _backward_ops(backend, registered)
+    wgrad, dgrad, apply_bn = impls
     if needs[5]:
         dweight = wgrad(dy=dy, x=x, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias,
                         weight_shape=list(weight.shape), stride=stride, padding=padding, eps=eps,
@@ -345,7 +346,10 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 bn_relu_conv.register_autograd(_unit_backward, _unit_setup_context)
 
 
-def _backward_ops(backend: str, registered: bool) -> tuple[Callable, Callable, Callable]:
+BACKWARD_OPS = ("bn_relu_conv_wgrad", "bn_relu_conv_dgrad", "bn_backward_apply")  # unit_gradients' ops
+
+
+def backward_ops(backend: str, registered: bool) -> tuple[Callable, Callable, Callable]:
     """(wgrad, dgrad, BN-backward), called by keyword, as the unit's backward runs them on
     `backend` (the one that ran the forward): in plain eager mode its implementations
     directly, since the forward validated every argument and chose the backend (going
@@ -356,7 +360,7 @@ def _backward_ops(backend: str, registered: bool) -> tuple[Callable, Callable, C
         return tuple(functools.partial(entry, backend=backend)
                      for entry in (bn_relu_conv_wgrad, bn_relu_conv_dgrad, bn_backward_apply))
     impls = dispatch.get_backend(backend).impls
-    return impls["bn_relu_conv_wgrad"], impls["bn_relu_conv_dgrad"], impls["bn_backward_apply"]
+    return tuple(impls[op] for op in BACKWARD_OPS)
 
 
 # --------------------------------------------------------------------------- statistics

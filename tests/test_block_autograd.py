@@ -6,6 +6,7 @@ replayed, must give bitwise the same outputs, gradients and running statistics, 
 it calls the same implementations in the same order. And a plan must never be replayed
 where something it was recorded from has changed.
 """
+import contextlib
 import copy
 
 import pytest
@@ -288,3 +289,53 @@ def test_random_changes_between_steps_never_replay_a_stale_plan():
             changes[change](reference)
         x = torch.randn(shape)
         assert_bitwise(step(block, x), step(reference, x, per_unit=True), f"step {i}")
+
+
+def aligned_or_not(t: torch.Tensor, aligned: bool) -> torch.Tensor:
+    """t's values and strides at a 16-byte aligned address, or 4 bytes past one."""
+    flat = torch.empty(t.untyped_storage().nbytes() // t.element_size() + 1, dtype=t.dtype)
+    start = 0 if aligned else 1
+    view = flat[start:start + t.numel()].as_strided(t.shape, t.stride())
+    view.copy_(t)
+    assert (view.data_ptr() % 16 == 0) == aligned
+    return view
+
+
+def test_bound_replays_check_layouts_and_alignment(monkeypatch):
+    """The triton backend replays a plan's calls without their wrappers (replay.py), the
+    backward's from their first run on: the plan's key fixes every argument but the tensors,
+    whose strides and 16-byte alignment each bound call checks, running the wrapper where they
+    differ. Steps whose input is channels_last or not, aligned or not, whose incoming gradient
+    is channels_last or not, and a model converted to channels_last in between: bitwise the
+    per-unit path (wrappers only), and every call of a channels_last model bound."""
+    from fused_preact.backends.triton.replay import BoundCall
+    use_backend_or_skip("triton", monkeypatch, torch.empty(0))
+    for kind, in_planes, planes in (("basic", 5, 5), ("bottleneck", 6, 3)):
+        block_autograd.PLANS.programs.clear()
+        ours = make_block(kind, in_planes, planes, 1, "preact").to(memory_format=torch.channels_last)
+        reference = copy.deepcopy(ours)
+        torch.manual_seed(1)
+        for i, (x_layout, aligned, grad_layout) in enumerate([
+                ("cl", True, "cl"), ("cl", True, "cl"), ("cl", False, "cl"), ("nchw", True, "nchw"),
+                ("cl", True, "nchw"), ("cl", True, "cl")]):
+            x = torch.randn(3, in_planes, 6, 5) * 2 + 0.5
+            x = aligned_or_not(x.contiguous(memory_format=torch.channels_last if x_layout == "cl" else
+                                            torch.contiguous_format), aligned)
+            grad_format = torch.channels_last if grad_layout == "cl" else torch.contiguous_format
+            results = []
+            for model, per_unit in ((ours, False), (reference, True)):
+                inputs = x.detach().clone().as_strided(x.shape, x.stride()) if aligned else x.detach()
+                inputs.requires_grad_(True)
+                with fp.use_backend("triton"), PassThrough() if per_unit else contextlib.nullcontext():
+                    out = model(inputs)
+                out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(i)).contiguous(
+                    memory_format=grad_format))
+                results.append([out.detach(), inputs.grad] + [p.grad.clone() for p in model.parameters()]
+                               + [b.clone() for b in model.buffers()])
+            assert_bitwise(results[0], results[1], f"{kind} step {i}: x {x_layout}, aligned {aligned}, "
+                                                   f"gradient {grad_layout}")
+        program, = block_autograd.PLANS.programs.values()
+        bindings = [b for plan in program.requests.values() for unit in plan.backward_ops for b in unit]
+        assert all(isinstance(call.impl, BoundCall) for call in program.calls)
+        assert all(isinstance(b.replay, BoundCall) for b in bindings if b.replay is not None)
+        assert sum(b.replay is not None for b in bindings) == 3 * len(program.units)

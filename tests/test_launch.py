@@ -90,6 +90,53 @@ def record(out: Path, autotune: str) -> None:
     out.write_text(json.dumps(result))
 
 
+def record_block_steps(out: Path) -> None:
+    """Run in the subprocess: training steps of a basic and a bottleneck block (CPU tensors
+    standing for CUDA ones, as in benchmarks.launch_cost), their plans replayed from bound
+    calls (replay.py) or through the wrappers, with inputs and gradients aligned to 16 bytes
+    or not, the kept kernels launched directly or not; the launches of each step written to
+    `out`."""
+    from benchmarks import stand_in_driver
+    launches: list = []
+    stand_in_driver.install(90, launches)
+    import fused_preact as fp
+    from fused_preact import block_autograd
+    from fused_preact.backends.base import Backend
+    from fused_preact.backends.triton import backend as triton_backend
+    from fused_preact.backends.triton import launch
+    from fused_preact.backends.triton.replay import BoundCall
+    fp.dispatch.get_backend("triton").interpreted = True  # CPU tensors stand for CUDA ones
+    triton_backend.interpreter_reason = lambda: None
+
+    def at(t, aligned):  # t's values and strides, 16-byte aligned or 4 bytes past
+        flat = torch.empty(t.numel() + 1)
+        view = flat[0 if aligned else 1:][:t.numel()].as_strided(t.shape, t.stride())
+        return view.copy_(t)
+    result = {}
+    for path in ("bound", "wrappers"):
+        if path == "wrappers":
+            triton_backend.TritonBackend.bind = Backend.bind
+        block_autograd.PLANS.programs.clear()
+        torch.manual_seed(0)
+        blocks = [fp.PreActBlock(16, 16, 1, backend="triton"), fp.PreActBottleneck(16, 4, 1, backend="triton")]
+        steps = []
+        for aligned, direct in ((True, True), (True, True), (False, True), (True, True), (True, False)):
+            launch.DIRECT = direct  # False: kept kernels are launched through kernel[grid]
+            for block in blocks:
+                block.to(memory_format=torch.channels_last)
+                x = at(torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last), aligned)
+                launches.clear()
+                y = block(x.requires_grad_(True))
+                y.backward(at(torch.randn_like(y), aligned))
+                steps.append([[r.name, r.kernel_hash, list(r.grid), [describe(a) for a in r.args]] for r in launches])
+        programs = list(block_autograd.PLANS.programs.values())
+        replays = [c.impl for p in programs for c in p.calls] + [
+            b.replay for p in programs for plan in p.requests.values() for unit in plan.backward_ops for b in unit]
+        result[path] = {"steps": steps, "bound_calls": sum(isinstance(r, BoundCall) and all(
+            launch.compiled is not None for launch in r.launches) for r in replays)}
+    out.write_text(json.dumps(result))
+
+
 class FakeKernel:
     """Stands for a JITFunction (its launches and warmup recorded) in the in-process tests."""
     arg_names = ["x_ptr", "n", "FLAG"]
@@ -160,5 +207,30 @@ def test_direct_launch_hands_over_what_kernel_grid_would(autotune, tmp_path):
     assert hashes[0] == hashes[2] and hashes[0] != hashes[1]
 
 
+@pytest.mark.slow
+def test_bound_replays_launch_what_their_wrappers_would(tmp_path):
+    """A block's plan replayed from bound calls hands Triton's launcher the same compiled
+    kernels, grids and arguments as replaying it through the wrappers, step after step, with
+    the direct launch on or off; an input or gradient off a 16-byte boundary is launched as
+    its wrapper would (another specialisation), not with the kept kernel."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    env["PYTHONPATH"] = str(ROOT)
+    out = tmp_path / "steps.json"
+    subprocess.run([sys.executable, __file__, str(out), "block"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    result = json.loads(out.read_text())
+    # Each block's first step records (and autotunes: trial launches); the replays follow.
+    bound, wrappers = result["bound"]["steps"][2:], result["wrappers"]["steps"][2:]
+    assert [len(step) for step in bound] == [9, 13] * 4
+    assert bound == wrappers
+    # Forward: the statistics pass and the convs; backward: wgrad, dgrad and BN-backward per unit.
+    assert result["bound"]["bound_calls"] == (3 + 2 * 3) + (4 + 3 * 3) and result["wrappers"]["bound_calls"] == 0
+    # The test means something: the unaligned steps were specialised otherwise.
+    assert [launch[1] for launch in bound[2]] != [launch[1] for launch in bound[0]]
+
+
 if __name__ == "__main__":
-    record(Path(sys.argv[1]), sys.argv[2])
+    if sys.argv[2] == "block":
+        record_block_steps(Path(sys.argv[1]))
+    else:
+        record(Path(sys.argv[1]), sys.argv[2])

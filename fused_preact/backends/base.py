@@ -26,6 +26,12 @@ class Backend:
     def __init__(self, impls: dict[str, Callable]):
         self.impls = impls
 
+    def bind(self, impl: Callable, args: dict) -> tuple[object, Callable]:
+        """(impl(**args), a callable that does what impl does for the calls of a block's plan
+        that replays this one: block_autograd). Here impl itself; a backend may return one
+        that skips work whose outcome these arguments fix (the triton backend's replay.py)."""
+        return impl(**args), impl
+
     def availability_reason(self) -> str | None:
         """Why this backend cannot run at all here (not built, not installed), else None."""
         return None

@@ -62,6 +62,10 @@ class TritonBackend(Backend):
         self.interpreted = interpreted
         self.import_error = import_error
 
+    def bind(self, impl, args):
+        from .replay import bind
+        return bind(impl, args)
+
     def availability_reason(self):
         if not TRITON_INSTALLED:
             return "triton is not installed (pip install triton)"

@@ -19,9 +19,11 @@ kernels cannot be launched that way, or with FUSED_PREACT_TRITON_DIRECT_LAUNCH=0
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
-from typing import Callable
+import threading
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import triton
@@ -33,6 +35,29 @@ from .common import interpreter_on
 # time both paths in one run.
 DIRECT = os.environ.get("FUSED_PREACT_TRITON_DIRECT_LAUNCH", "1") != "0" and not interpreter_on()
 MAX_KEPT = 1024  # signatures kept per kernel (a new shape every step must not grow it without end)
+
+
+class Launched(NamedTuple):
+    """One launch as `capturing` saw it."""
+    launcher: "KernelLauncher"
+    grid: tuple
+    values: tuple | None  # every parameter's value in order (None: one was left to its default)
+    compiled: object  # the CompiledKernel launched (or kept for this signature), None if none
+
+
+_captured = threading.local()
+
+
+@contextlib.contextmanager
+def capturing() -> Iterator[list[Launched]]:
+    """Collect the launches this thread makes inside the block (replay.bind watches a wrapper
+    call with it)."""
+    previous = getattr(_captured, "launches", None)
+    _captured.launches = launches = []
+    try:
+        yield launches
+    finally:
+        _captured.launches = previous
 
 
 def warp_configs() -> list[triton.Config]:
@@ -91,22 +116,41 @@ class KernelLauncher:
         return lambda *args, **kwargs: self.launch(tuple(grid), args, kwargs)
 
     def launch(self, grid: tuple, args: tuple, kwargs: dict) -> None:
-        values = self.parameter_values(args, kwargs) if DIRECT else None
-        key = self.signature(values) if values is not None else None
+        captured = getattr(_captured, "launches", None)
+        values = self.parameter_values(args, kwargs) if DIRECT or captured is not None else None
+        key = self.signature(values) if DIRECT and values is not None else None
         compiled = self.kept.get(key) if key is not None else None
         if compiled is not None:
             compiled[grid + (1,) * (3 - len(grid))](*values)
-            return
-        self.kernel[grid](*args, **kwargs, **self.options)  # compiles, autotunes, launches
+        else:
+            compiled = self.launch_through_triton(grid, args, kwargs, key)
+        if captured is not None:
+            captured.append(Launched(self, grid, values, compiled))
+
+    def launch_through_triton(self, grid: tuple, args: tuple, kwargs: dict, key: tuple | None):
+        """kernel[grid](...), which compiles, autotunes and launches; returns the
+        CompiledKernel Triton chose, kept under `key` (None: nothing kept, returns None)."""
+        self.kernel[grid](*args, **kwargs, **self.options)
         if key is None:
-            return
+            return None
         options = self.options if self.jit is self.kernel else self.kernel.best_config.all_kwargs()
         compiled = self.jit.warmup(*args, grid=grid, **kwargs, **options)  # Triton's cached choice
         compiled = compiled.result() if hasattr(compiled, "result") else compiled  # async compile mode
-        if hasattr(compiled, "__getitem__"):
-            if len(self.kept) >= MAX_KEPT:
-                self.kept.clear()
-            self.kept[key] = compiled
+        if not hasattr(compiled, "__getitem__"):
+            return None
+        if len(self.kept) >= MAX_KEPT:
+            self.kept.clear()
+        self.kept[key] = compiled
+        return compiled
+
+    def launch_values(self, grid: tuple, values: tuple, compiled) -> None:
+        """Launch with every parameter's value in order: `compiled` (the CompiledKernel kept
+        for these values' signature) directly where the direct launch is on, else through
+        kernel[grid]."""
+        if compiled is not None and DIRECT:
+            compiled[grid + (1,) * (3 - len(grid))](*values)
+        else:
+            self.kernel[grid](*values, **self.options)
 
     def parameter_values(self, args: tuple, kwargs: dict) -> tuple | None:
         """Every parameter's value in order (constexprs too: what a CompiledKernel's launcher

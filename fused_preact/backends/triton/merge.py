@@ -66,6 +66,17 @@ def merge_buffers(device: torch.device, counters: int, partials: int,
     return kept
 
 
+def kept_for(tensor: torch.Tensor):
+    """Where `tensor` is one of the kept buffers: (merge_buffers' arguments that return its
+    pair again, for the stream current then: at least as many counters and partials as it
+    has now; 0 for the counters, 1 for the partials); else None."""
+    for (device, _stream, dtype), kept in _kept.items():
+        for index, buffer in enumerate(kept):
+            if buffer is tensor:
+                return (device, kept[0].numel(), kept[1].numel(), dtype), index
+    return None
+
+
 def merge_group(partials: int, step: int) -> int:
     """Partials per group of the two-level reduction: a multiple of `step` (the partials
     reduced per loop step) with group * group >= partials, so each level walks about
