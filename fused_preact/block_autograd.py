@@ -101,19 +101,25 @@ class Call(NamedTuple):
 
 class Binding:
     """One backward implementation of a Program's unit, called by keyword: on its first call
-    the backend binds it (Backend.bind), and the later calls replay what that returned. The
-    arguments those calls get differ only in their tensors: the Program's key fixes every
-    other one, for a given request of gradients (see Program.backward)."""
+    the backend binds it (Backend.bind), and the later calls replay what that returned, if
+    anything but the implementation (which is then looked up on every call, as the unbound
+    backward does). The arguments those calls get differ only in their tensors: the
+    Program's key fixes every other one, for a given request of gradients (Program.backward)."""
 
     def __init__(self, backend: str, op: str):
         self.backend = dispatch.get_backend(backend)
         self.op = op
-        self.replay: Optional[Callable] = None
+        self.tried = False
+        self.replay: Optional[Callable] = None  # what the backend bound, if it bound the call
 
     def __call__(self, **args):
         if self.replay is not None:
             return self.replay(**args)
-        outputs, self.replay = self.backend.bind(self.backend.impls[self.op], args)
+        impl = self.backend.impls[self.op]
+        if self.tried:
+            return impl(**args)
+        outputs, replay = self.backend.bind(impl, args)
+        self.tried, self.replay = True, None if replay is impl else replay
         return outputs
 
 

@@ -204,16 +204,22 @@ def test_a_plan_is_not_replayed_for_another_input_shape_or_backend(monkeypatch):
     assert len(block_autograd.PLANS.programs) == 3
 
 
-def test_a_chain_hands_statistics_forward_on_replay():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_a_chain_hands_statistics_forward_on_replay(memory_format):
     """Blocks in a converted nn.Sequential take their input statistics from the block before:
-    the statistics (and the next BatchNorm's running update) are slots of the plans too."""
+    the statistics (and the next BatchNorm's running update) are slots of the plans too. In
+    channels_last every call of the triton backend replays bound (replay.py)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[make_block("basic", 6, 6, 1, "preact", seed=s) for s in range(3)])
-    model = fp.convert(model)
+    model = fp.convert(model).to(memory_format=memory_format)
     reference = copy.deepcopy(model)
     for _ in range(3):
-        x = torch.randn(2, 6, 5, 5)
+        x = torch.randn(2, 6, 5, 5).contiguous(memory_format=memory_format)
         assert_bitwise(step(model, x), step(reference, x, per_unit=True), "chain")
+    if memory_format == torch.channels_last and fp.dispatch.select("bn_relu_conv", [x]).name == "triton":
+        from fused_preact.backends.triton.replay import BoundCall
+        calls = [call.impl for program in block_autograd.PLANS.programs.values() for call in program.calls]
+        assert calls and all(isinstance(impl, BoundCall) for impl in calls)
 
 
 def test_a_parametrized_weight_keeps_the_per_unit_path():
