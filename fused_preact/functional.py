@@ -80,7 +80,22 @@ def check_shape(shape: tuple[int, ...], bn: Optional[nn.BatchNorm2d], conv: nn.C
                          f"{tuple(conv.kernel_size)} with padding {tuple(conv.padding)}")
     if bn is not None and needs_batch_stats(bn) and not bn.eps > 0:
         raise ValueError(f"fused_preact: batch_norm eps must be positive during training, but got {bn.eps}")
+    if bn is not None:
+        check_bn_vectors(bn, what)
     return (shape[0], conv.out_channels, *out_hw)
+
+
+def check_bn_vectors(bn: nn.BatchNorm2d, what: str) -> None:
+    """The BatchNorm's per-channel tensors as the kernels read them: num_features values
+    each, one after another (a strided view, say a parameter sliced out of another tensor
+    with a step, is read wrongly, and running statistics written wrongly)."""
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        v = getattr(bn, name)
+        if v is not None and (tuple(v.shape) != (bn.num_features,) or (v.numel() > 1 and v.stride(0) != 1)):
+            raise ValueError(
+                f"fused_preact: the BatchNorm reading {what} has {name} of shape {tuple(v.shape)} "
+                f"and strides {v.stride()}; the fused units read {bn.num_features} contiguous values "
+                f"(pass {name} as a contiguous tensor, e.g. .contiguous())")
 
 
 def check_residual(residual, shape: tuple[int, ...], device: torch.device) -> None:

@@ -37,7 +37,7 @@ class BlockTensors(NamedTuple):
     params: list[Tensor]  # per unit its BN's weight and bias and its conv's weight, then the projection's
     weights: list[Tensor]  # the conv weights (the units', then the projection's)
     buffers: list[Optional[Tensor]]  # running_mean, running_var, num_batches_tracked of every BatchNorm
-    signed: list[Optional[Tensor]]  # all of them, the conv weights first (for the plan key)
+    signed: list[Optional[Tensor]]  # all of them, in a fixed order (for the plan key)
 
 
 def block_tensors(bns, convs, units: int) -> Optional[BlockTensors]:
@@ -234,8 +234,9 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         """Everything the forward glue decides from, for block_autograd's plans: the block's
         structure, x's signature, whether statistics come in (and their dtype), the settings
         of every BatchNorm (bns: the units' and the consumer's) and conv it reads, the
-        signatures (dtype, shape, device) of their tensors and the conv weights' strides (the
-        layout a weight gradient is written in), autocast and the backend asked for."""
+        signatures (dtype, shape, strides, device) of their tensors (a bound replay checks
+        only the strides of what it launches with, and the backward writes each weight
+        gradient in its parameter's layout), autocast and the backend asked for."""
         device_type = x.device.type
         return (type(self), self.shortcut_source, x.shape, x.dtype, x.device,
                 None if x_moments is None else x_moments[0].dtype, consumer is not None and consumer.synced,
@@ -243,8 +244,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
                 dispatch.selection_state(self.backend or "auto"),
                 *((bn.num_features, bn.training, bn.eps, bn.momentum, bn.track_running_stats) for bn in bns),
                 *((tuple(conv.stride), tuple(conv.padding)) for conv in convs),
-                *(None if t is None else (t.dtype, t.shape, t.device) for t in tensors),
-                *(weight.stride() for weight in tensors[:len(convs)]))
+                *(None if t is None else (t.dtype, t.shape, t.stride(), t.device) for t in tensors))
 
     def project(self, x: Tensor, stats: Fp.BNStats, backend: str, tape: Optional[Tape]) -> Tensor:
         """The projection shortcut of x: conv(relu(bn1(x))) ("preact") or conv(x) ("input")."""

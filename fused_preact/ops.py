@@ -52,6 +52,8 @@ def _check_vector(name: str, v: Optional[Tensor], channels: int, device: torch.d
         return
     if v.dim() != 1 or v.shape[0] != channels:
         raise ValueError(f"fused_preact: {name} must have shape ({channels},), got {tuple(v.shape)}")
+    if channels > 1 and v.stride(0) != 1:  # the kernels read (and update) the values one after another
+        raise ValueError(f"fused_preact: {name} must be contiguous, got stride {v.stride(0)} (pass .contiguous())")
     if v.device != device:
         raise ValueError(f"fused_preact: {name} is on {v.device} but x is on {device}")
     if not v.is_floating_point():

@@ -193,3 +193,40 @@ def test_finalize_names_a_running_statistics_mismatch():
     partials = partials_of(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\)"):
         ops.bn_finalize(partials, torch.zeros(4), torch.ones(4), None, 0.1, "reference")
+
+
+def _strided(vector: torch.Tensor) -> torch.Tensor:
+    """vector's values in a view with stride 2."""
+    wide = torch.zeros(2 * vector.numel(), dtype=vector.dtype)
+    wide[::2] = vector
+    return wide[::2]
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("after_a_step", [False, True], ids=["first call", "after a step"])
+def test_a_strided_batchnorm_vector_is_named_before_anything_changes(name, after_a_step):
+    """The kernels read (and update) per-channel vectors contiguously: a strided view, say a
+    parameter sliced out of a wider tensor, would be read wrongly. It raises, naming the
+    tensor, before any running statistic changes; also where the block replays a plan
+    recorded with a contiguous one (the plan's key has every tensor's strides)."""
+    block = fp.PreActBlock(4, 4)
+    x = torch.randn(2, 4, 5, 5)
+    if after_a_step:
+        block(x)
+    old = getattr(block.bn2, name)
+    strided = _strided(old.detach())
+    setattr(block.bn2, name, nn.Parameter(strided) if isinstance(old, nn.Parameter) else strided)
+    before = module_state(block)
+    with pytest.raises(ValueError, match=f"BatchNorm reading the input of bn2 has {name} of shape \\(4,\\) "
+                                         r"and strides \(2,\)"):
+        block(x)
+    for key, value in before.items():
+        assert torch.equal(value, block.state_dict()[key]), f"{key} changed"
+
+
+def test_the_unit_op_names_a_strided_vector():
+    x, weight = torch.randn(2, 4, 5, 5), torch.randn(4, 4, 3, 3)
+    mean, var = torch.zeros(4), torch.ones(4)
+    with pytest.raises(ValueError, match="bn_weight must be contiguous, got stride 2"):
+        ops.bn_relu_conv(x, mean, var, _strided(torch.ones(4)), None, weight, None, [1, 1], [1, 1], 1e-5, False,
+                         False, None, None, None, 0.1, "reference")
