@@ -17,16 +17,17 @@ BN-backward kernel (dx_other).
 What the tape recorded is a Program: the implementation calls with every tensor they read
 or wrote as a slot (the block's input, the incoming statistics, the modules' parameters and
 buffers, earlier calls' outputs). Given a key that fixes everything the glue decided from
-(shapes, dtypes and devices, module settings, autocast, the backend asked for:
-nn._PreActUnits.plan_key), the next call with the same key replays the Program on that
-call's tensors: the same implementation calls with the same arguments, without the glue,
-its checks and its backend choice (they would decide the same); about half of a small
-block's forward host time was that glue (benchmarks.host_cost). Each call is recorded as
-what its backend bound (Backend.bind): the triton backend's replays allocate and launch
-without the wrapper that derived the launch from the arguments (backends/triton/replay.py),
-since the key fixes all but the tensors; the backward's calls are bound the same way on
-their first run, per request of gradients (Binding). A Program holds slots, not tensors:
-PLANS keeps it by key, for every block with that key.
+(module settings, autocast, the backend asked for, and the layout of every tensor the
+Program gets: dtypes, shapes, strides, devices, 16-byte alignment; nn._PreActUnits.plan_key),
+the next call with the same key replays the Program on that call's tensors: the same
+implementation calls with the same arguments, without the glue, its checks and its backend
+choice (they would decide the same); about half of a small block's forward host time was
+that glue (benchmarks.host_cost). Each call is recorded as what its backend bound
+(Backend.bind): the triton backend's replays allocate and launch without the wrapper that
+derived the launch from the arguments (backends/triton/replay.py), since the key fixes all
+but the tensors; the backward's calls are bound the same way on their first run, per
+request of gradients and layout of the incoming gradient (Binding). A Program holds slots,
+not tensors: PLANS keeps it by key, for every block with that key.
 
 Without autograd recording (inference) the same Tape and plans run without the node.
 Where something traces or intercepts (torch.compile, dispatch modes, tensor subclasses) the
@@ -76,6 +77,12 @@ class BlockInputs(NamedTuple):
 
     def values(self) -> list[Optional[Tensor]]:
         return [self.x, *(self.x_moments or (None, None)), *self.params, *self.buffers]
+
+
+def layout(t: Tensor) -> tuple:
+    """What the keys of plans hold of a tensor they get: dtype, shape, strides, device and
+    whether it starts at a 16-byte aligned address (Triton specialises launches on it)."""
+    return t.dtype, t.shape, t.stride(), t.device, t.data_ptr() % 16 == 0
 
 
 SAVED_PER_UNIT = 6  # ops.unit_saved: x, mean, var, bn_weight, bn_bias, weight
@@ -137,7 +144,7 @@ class Program:
         self.units: list[UnitRecord] = []
         self.output = 0  # the slot of the block's output
         self.moments: tuple[int, ...] = ()  # the slots of the consumer's statistics, if computed
-        self.requests: dict[tuple[bool, ...], RequestPlan] = {}  # see request_plan
+        self.requests: dict[tuple, RequestPlan] = {}  # see request_plan
 
     def replay(self, values: list[Optional[Tensor]]) -> None:
         """Run the calls on `values` (the inputs' slots filled), appending their outputs."""
@@ -149,11 +156,12 @@ class Program:
         """What the backward reads, unit after unit (ops.unit_saved each)."""
         return [None if slot is None else values[slot] for unit in self.units for slot in unit.saved]
 
-    def request_plan(self, x_needs_grad: bool, param_needs_grad: Sequence[bool]) -> RequestPlan:
-        """The backward's plan when autograd asks for these gradients of the block; kept per
-        request (a model asks the same ones step after step) and TF32 setting (which the
-        backward's launches read, as the forward's do: the key has it)."""
-        request = (torch.backends.cudnn.allow_tf32, x_needs_grad, *param_needs_grad)
+    def request_plan(self, output_grad: Tensor, x_needs_grad: bool, param_needs_grad: Sequence[bool]) -> RequestPlan:
+        """The backward's plan when autograd asks for these gradients of the block, given
+        output_grad; kept per request (a model asks the same ones step after step), TF32
+        setting (which the backward's launches read, as the forward's do: the key has it)
+        and output_grad's layout (the one tensor the backward gets from outside the plan)."""
+        request = (torch.backends.cudnn.allow_tf32, layout(output_grad), x_needs_grad, *param_needs_grad)
         plan = self.requests.get(request)
         if plan is None:
             # Which values need a gradient: x as autograd says; a unit's output where its
@@ -176,7 +184,7 @@ class Program:
                  param_needs_grad: Sequence[bool]) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
         """(x's gradient, each parameter's) given the gradient of the block's output, from
         ctx.saved_tensors (self.saved's list, unpacked)."""
-        plan = self.request_plan(x_needs_grad, param_needs_grad)
+        plan = self.request_plan(output_grad, x_needs_grad, param_needs_grad)
         # The forward's tensors were plain ones (applies): only the incoming gradient, or a
         # mode entered since, can make the ops go through their registered versions (unbound).
         registered = registered_op_needed((output_grad,))

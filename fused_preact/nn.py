@@ -232,19 +232,20 @@ class _PreActUnits(_SyncBNOption, nn.Module):
 
     def plan_key(self, x: Tensor, x_moments, consumer: Optional[Fp.Consumer], bns, convs, tensors) -> tuple:
         """Everything the forward glue decides from, for block_autograd's plans: the block's
-        structure, x's signature, whether statistics come in (and their dtype), the settings
-        of every BatchNorm (bns: the units' and the consumer's) and conv it reads, the
-        signatures (dtype, shape, strides, device) of their tensors (a bound replay checks
-        only the strides of what it launches with, and the backward writes each weight
-        gradient in its parameter's layout), autocast and the backend asked for."""
+        structure, the settings of every BatchNorm (bns: the units' and the consumer's) and
+        conv it reads, autocast, the backend asked for, and the layout of every tensor the
+        plan gets: x's, the incoming statistics' (None: none come in) and their tensors'
+        (dtype, shape, strides, device, 16-byte alignment: a bound replay launches with the
+        layout it was bound with, replay.py)."""
         device_type = x.device.type
-        return (type(self), self.shortcut_source, x.shape, x.dtype, x.device,
-                None if x_moments is None else x_moments[0].dtype, consumer is not None and consumer.synced,
+        layout = block_autograd.layout
+        return (type(self), self.shortcut_source, layout(x),
+                None if x_moments is None else tuple(map(layout, x_moments)), consumer is not None and consumer.synced,
                 torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
                 dispatch.selection_state(self.backend or "auto"),
                 *((bn.num_features, bn.training, bn.eps, bn.momentum, bn.track_running_stats) for bn in bns),
                 *((tuple(conv.stride), tuple(conv.padding)) for conv in convs),
-                *(None if t is None else (t.dtype, t.shape, t.stride(), t.device) for t in tensors))
+                *(None if t is None else layout(t) for t in tensors))
 
     def project(self, x: Tensor, stats: Fp.BNStats, backend: str, tape: Optional[Tape]) -> Tensor:
         """The projection shortcut of x: conv(relu(bn1(x))) ("preact") or conv(x) ("input")."""

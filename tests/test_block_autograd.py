@@ -307,13 +307,13 @@ def aligned_or_not(t: torch.Tensor, aligned: bool) -> torch.Tensor:
     return view
 
 
-def test_bound_replays_check_layouts_and_alignment(monkeypatch):
+def test_bound_replays_see_the_layouts_they_were_bound_with(monkeypatch):
     """The triton backend replays a plan's calls without their wrappers (replay.py), the
-    backward's from their first run on: the plan's key fixes every argument but the tensors,
-    whose strides and 16-byte alignment each bound call checks, running the wrapper where they
-    differ. Steps whose input is channels_last or not, aligned or not, whose incoming gradient
-    is channels_last or not, and a model converted to channels_last in between: bitwise the
-    per-unit path (wrappers only), and every call of a channels_last model bound."""
+    backward's from their first run on, with the launch arguments of the call it bound: the
+    plan's keys must hold the layout (strides, 16-byte alignment) of every tensor a plan gets.
+    Steps whose input is channels_last or not, aligned or not, whose incoming gradient is
+    channels_last or not: bitwise the per-unit path (wrappers only), and every call of the
+    channels_last plans bound."""
     from fused_preact.backends.triton.replay import BoundCall
     use_backend_or_skip("triton", monkeypatch, torch.empty(0))
     for kind, in_planes, planes in (("basic", 5, 5), ("bottleneck", 6, 3)):
@@ -340,8 +340,12 @@ def test_bound_replays_check_layouts_and_alignment(monkeypatch):
                                + [b.clone() for b in model.buffers()])
             assert_bitwise(results[0], results[1], f"{kind} step {i}: x {x_layout}, aligned {aligned}, "
                                                    f"gradient {grad_layout}")
-        program, = block_autograd.PLANS.programs.values()
-        bindings = [b for plan in program.requests.values() for unit in plan.backward_ops for b in unit]
-        assert all(isinstance(call.impl, BoundCall) for call in program.calls)
-        assert all(isinstance(b.replay, BoundCall) for b in bindings if b.replay is not None)
-        assert sum(b.replay is not None for b in bindings) == 3 * len(program.units)
+        programs = list(block_autograd.PLANS.programs.values())
+        assert len(programs) == 3  # channels_last aligned and not, NCHW
+        for program in programs:
+            assert all(isinstance(call.impl, BoundCall) for call in program.calls)
+            bindings = [b for plan in program.requests.values() for unit in plan.backward_ops for b in unit]
+            assert all(isinstance(b.replay, BoundCall) for b in bindings if b.replay is not None)
+        first = programs[0]  # channels_last, aligned: its backward ran for both gradient layouts
+        bound = [b for plan in first.requests.values() for unit in plan.backward_ops for b in unit]
+        assert len(first.requests) == 2 and sum(b.replay is not None for b in bound) == 2 * 3 * len(first.units)

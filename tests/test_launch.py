@@ -211,8 +211,8 @@ def test_direct_launch_hands_over_what_kernel_grid_would(autotune, tmp_path):
 def test_bound_replays_launch_what_their_wrappers_would(tmp_path):
     """A block's plan replayed from bound calls hands Triton's launcher the same compiled
     kernels, grids and arguments as replaying it through the wrappers, step after step, with
-    the direct launch on or off; an input or gradient off a 16-byte boundary is launched as
-    its wrapper would (another specialisation), not with the kept kernel."""
+    the direct launch on or off; an input and gradient off a 16-byte boundary are launched
+    as their wrappers would (another specialisation), not with the aligned ones' kernels."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     env["PYTHONPATH"] = str(ROOT)
     out = tmp_path / "steps.json"
@@ -223,8 +223,10 @@ def test_bound_replays_launch_what_their_wrappers_would(tmp_path):
     bound, wrappers = result["bound"]["steps"][2:], result["wrappers"]["steps"][2:]
     assert [len(step) for step in bound] == [9, 13] * 4
     assert bound == wrappers
-    # Forward: the statistics pass and the convs; backward: wgrad, dgrad and BN-backward per unit.
-    assert result["bound"]["bound_calls"] == (3 + 2 * 3) + (4 + 3 * 3) and result["wrappers"]["bound_calls"] == 0
+    # Per block a plan for aligned and one for unaligned tensors (the key has the alignment),
+    # each bound: the statistics pass and the convs forward, wgrad, dgrad and BN-backward per unit.
+    assert result["bound"]["bound_calls"] == 2 * ((3 + 2 * 3) + (4 + 3 * 3))
+    assert result["wrappers"]["bound_calls"] == 0
     # The test means something: the unaligned steps were specialised otherwise.
     assert [launch[1] for launch in bound[2]] != [launch[1] for launch in bound[0]]
 

@@ -4,21 +4,23 @@ replay a block's calls step after step).
 
 A wrapper (conv_fwd.bn_relu_conv, ...) derives what its launches take from its arguments:
 tiles and grids from the shapes, strides, constexpr flags from which arguments are given,
-dtypes; Triton then specialises the launch on the same things (launch.KernelLauncher's
-signature). A block's Program replays each call with the same shapes, dtypes, devices and
-constants (its key fixes them), so all of that comes out the same every time: only the
-tensors differ. `bind` watches one call (the launches it makes, launch.capturing) and keeps
-each launch's arguments with the tensors taken out; the BoundCall it returns allocates
-fresh outputs laid out as the wrapper's were and launches with the new tensors put in,
-the kept CompiledKernel directly (no signature to build).
+dtypes; Triton then specialises the launch on the same things and on each tensor's 16-byte
+alignment (launch.KernelLauncher's signature). A plan replays each call with the same
+constants and with tensors laid out as before: its keys hold the layout (dtype, shape,
+strides, device, alignment) of every tensor it gets from outside, and every other tensor it
+passes is allocated the same way every time (PyTorch's allocators align to 64 bytes or
+more). So all of that comes out the same every time: only the tensors differ. `bind`
+watches one call (the launches it makes, launch.capturing) and keeps each launch's
+arguments with the tensors taken out; the BoundCall it returns allocates fresh outputs laid
+out as the wrapper's were and launches with the new tensors put in, the kept
+CompiledKernel directly (no signature to build). Called with tensors laid out otherwise it
+would launch wrongly: it is for a caller that guarantees the layout, as the plans do.
 
-It binds only what it can show to be the same. Every tensor a launch takes must be one of
-the call's tensor arguments, one of its outputs (fresh tensors, not views), or a kept
-merge buffer (merge.merge_buffers, taken again for the current stream); anything else (a
-weight the wrapper copied into the kernels' layout, say) leaves the call to its wrapper.
-What the key does not fix is checked on every call: the strides of the tensor arguments
-the launches read and whether each is 16-byte aligned (Triton specialises on alignment);
-a difference, or another current device, runs the wrapper instead.
+It binds only what it can show to be the same: every tensor a launch takes must be one of
+the call's tensor arguments, one of its outputs (fresh tensors, not views), or a kept merge
+buffer (merge.merge_buffers, taken again for the current stream); anything else (a weight
+the wrapper copied into the kernels' layout, say) leaves the call to its wrapper. A
+compiled kernel is launched only on the device it was chosen on (else the wrapper runs).
 """
 from __future__ import annotations
 
@@ -44,20 +46,15 @@ class BoundCall:
     """impl(**args) for arguments laid out as those it was bound with (see the module)."""
 
     def __init__(self, impl: Callable, outputs: list, tuple_result: bool, launches: list[BoundLaunch],
-                 checks: list, buffers: Optional[tuple], device: Optional[int]):
+                 buffers: Optional[tuple], device: Optional[int]):
         self.impl = impl
         self.outputs = outputs  # (size, stride, dtype, device) of each output
         self.tuple_result = tuple_result
         self.launches = launches
-        self.checks = checks  # (argument name, its strides or None for a vector, 16-byte aligned)
         self.buffers = buffers  # (device, counters, partials, dtype) of merge_buffers, or None
         self.device = device  # the current device the compiled kernels were chosen on
 
     def __call__(self, **args):
-        for name, stride, aligned in self.checks:
-            tensor = args[name]
-            if (tensor.data_ptr() % 16 == 0) is not aligned or (stride is not None and tensor.stride() != stride):
-                return self.impl(**args)
         if self.device is not None and driver.active.get_current_device() != self.device:
             return self.impl(**args)
         outputs = [torch.empty_strided(size, stride, dtype=dtype, device=device)
@@ -89,7 +86,7 @@ def _bound_call(impl: Callable, args: dict, result, launched: list[launch.Launch
         if id(output) in source_of:
             return None  # an argument returned, or an output twice
         source_of[id(output)] = (OUTPUT, index)
-    buffers, checks, launches, devices = None, {}, [], set()
+    buffers, launches, devices = None, [], set()
     for launcher, grid, values, compiled in launched:
         if values is None:
             return None
@@ -103,13 +100,10 @@ def _bound_call(impl: Callable, args: dict, result, launched: list[launch.Launch
                 if kept is None or (buffers is not None and buffers != kept[0]):
                     return None  # a tensor the wrapper made besides its outputs
                 buffers, source = kept[0], (BUFFER, kept[1])
-            elif source[0] == ARG:
-                checks[source[1]] = (value.stride() if value.dim() > 1 else None, value.data_ptr() % 16 == 0)
             template[position] = None
             tensors.append((position, *source))
         if compiled is not None:
             devices.add(driver.active.get_current_device())
         launches.append(BoundLaunch(launcher, grid, template, tuple(tensors), compiled))
     return BoundCall(impl, [(t.shape, t.stride(), t.dtype, t.device) for t in outputs], isinstance(result, tuple),
-                     launches, [(name, *check) for name, check in checks.items()], buffers,
-                     devices.pop() if devices else None)
+                     launches, buffers, devices.pop() if devices else None)
