@@ -70,7 +70,7 @@ def kept_for(tensor: torch.Tensor):
     """Where `tensor` is one of the kept buffers: (merge_buffers' arguments that return its
     pair again, for the stream current then: at least as many counters and partials as it
     has now; 0 for the counters, 1 for the partials); else None."""
-    for (device, _stream, dtype), kept in _kept.items():
+    for (device, _stream, dtype), kept in list(_kept.items()):  # a copy: another thread may add a stream
         for index, buffer in enumerate(kept):
             if buffer is tensor:
                 return (device, kept[0].numel(), kept[1].numel(), dtype), index

@@ -35,6 +35,8 @@ ARG, OUTPUT, BUFFER = range(3)  # where a launch's tensor comes from
 
 
 class BoundLaunch(NamedTuple):
+    """One launch of a bound call: its arguments with the tensors taken out, and where each
+    comes from."""
     launcher: launch.KernelLauncher
     grid: tuple
     template: list  # every parameter's value, None where a tensor goes
