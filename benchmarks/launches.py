@@ -58,14 +58,20 @@ def torch_kernels(events) -> Counter:
 
 def count(blocks: int, backward: bool, amp: bool, launches: Counter, projection: bool = False) -> tuple[Counter, Counter]:
     """(Triton launches, torch kernels) of one training step of `blocks` chained identity
-    blocks, followed by a projection block (16 -> 32 channels, stride 2) if `projection`."""
+    blocks, followed by a projection block (16 -> 32 channels, stride 2) if `projection`: a
+    step as in training, the blocks' plans recorded and replayed before it."""
     torch.manual_seed(0)
     layers = [testing.PreActBlock(16, 16) for _ in range(blocks)] + ([testing.PreActBlock(16, 32, 2)] if projection else [])
     model = fp.convert(nn.Sequential(*layers), backend="triton").to(memory_format=torch.channels_last)
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
-        out = model(x)  # warm-up
-    grad = torch.ones_like(out)
+    for _ in range(2):  # warm-up: the plans recorded, and then replayed once (bound, replay.py)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
+            out = model(x)
+        grad = torch.ones_like(out)
+        if backward:
+            out.backward(grad)
+    model.zero_grad(set_to_none=True)  # as a training step starts: no gradient to accumulate into
+    x.grad = None
     launches.clear()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
