@@ -304,3 +304,45 @@ def test_blocks_on_two_streams_at_once_keep_their_merges_apart():
     torch.cuda.synchronize()
     for ours, reference in zip(together, alone):
         assert all(torch.equal(a, b) for a, b in zip(ours, reference))
+
+
+def test_bound_replays_equal_the_wrappers_step_after_step(monkeypatch):
+    """A block's plan replayed from bound calls (backends/triton/replay.py: the kept compiled
+    kernels launched with the launch arguments of the first call) gives bitwise what replaying
+    it through the wrappers gives, over training steps with channels_last and NCHW inputs and
+    an input 4 bytes off a 16-byte boundary (plans of their own), forward and backward."""
+    import copy
+
+    from fused_preact import block_autograd
+    from fused_preact.backends.base import Backend
+    from fused_preact.backends.triton.backend import TritonBackend
+    torch.manual_seed(0)
+    bound_block = pair("basic", 64, 64, 1)[0]
+    wrapper_block = copy.deepcopy(bound_block)
+    inputs = []
+    for layout in ("cl", "cl", "unaligned", "nchw", "cl"):
+        x = torch.randn(32, 64, 16, 16, device="cuda")
+        if layout == "unaligned":
+            x = torch.empty(x.numel() + 1, device="cuda")[1:].view(32, 16, 16, 64).permute(0, 3, 1, 2).copy_(x)
+        inputs.append(x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x)
+
+    def steps(block):
+        results = []
+        for x in inputs:
+            x = x.detach().requires_grad_(True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = block(x)
+            out.float().square().mean().backward()
+            results.append([out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+                           + [b.clone() for b in block.buffers()])
+        return results
+    block_autograd.PLANS.programs.clear()
+    bound = steps(bound_block)
+    assert any(type(call.impl).__name__ == "BoundCall" for p in block_autograd.PLANS.programs.values()
+               for call in p.calls)
+    block_autograd.PLANS.programs.clear()
+    monkeypatch.setattr(TritonBackend, "bind", Backend.bind)
+    through_wrappers = steps(wrapper_block)
+    block_autograd.PLANS.programs.clear()
+    for i, (ours, reference) in enumerate(zip(bound, through_wrappers)):
+        assert all(torch.equal(a, b) for a, b in zip(ours, reference)), f"step {i}"
