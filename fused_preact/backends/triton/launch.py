@@ -16,6 +16,8 @@ Triton only asks "divisible by 16?"), so a kept kernel is never launched with ar
 was not compiled for; it only means one entry per layer shape. Every launch goes through
 kernel[grid] in the interpreter (nothing is compiled there), with a Triton whose compiled
 kernels cannot be launched that way, or with FUSED_PREACT_TRITON_DIRECT_LAUNCH=0.
+Inside `capturing()` each launch is also handed back with its values and compiled kernel
+(replay.py keeps them to launch again without the wrapper that made them).
 """
 from __future__ import annotations
 
@@ -50,8 +52,8 @@ _captured = threading.local()
 
 @contextlib.contextmanager
 def capturing() -> Iterator[list[Launched]]:
-    """Collect the launches this thread makes inside the block (replay.bind watches a wrapper
-    call with it)."""
+    """Collect the launches this thread makes inside the `with` statement (replay.bind
+    watches a wrapper call with it)."""
     previous = getattr(_captured, "launches", None)
     _captured.launches = launches = []
     try:
