@@ -204,19 +204,22 @@ def test_a_plan_is_not_replayed_for_another_input_shape_or_backend(monkeypatch):
     assert len(block_autograd.PLANS.programs) == 3
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
-def test_a_chain_hands_statistics_forward_on_replay(memory_format):
+def test_a_chain_hands_statistics_forward_on_replay(memory_format, backend, monkeypatch):
     """Blocks in a converted nn.Sequential take their input statistics from the block before:
-    the statistics (and the next BatchNorm's running update) are slots of the plans too. In
-    channels_last every call of the triton backend replays bound (replay.py)."""
+    the statistics (and the next BatchNorm's running update) are slots of the plans too. On
+    the triton backend every call replays bound (replay.py), default-layout weights too."""
+    use_backend_or_skip(backend, monkeypatch, torch.empty(0))
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[make_block("basic", 6, 6, 1, "preact", seed=s) for s in range(3)])
     model = fp.convert(model).to(memory_format=memory_format)
     reference = copy.deepcopy(model)
-    for _ in range(3):
-        x = torch.randn(2, 6, 5, 5).contiguous(memory_format=memory_format)
-        assert_bitwise(step(model, x), step(reference, x, per_unit=True), "chain")
-    if memory_format == torch.channels_last and fp.dispatch.select("bn_relu_conv", [x]).name == "triton":
+    with fp.use_backend(backend):
+        for _ in range(3):
+            x = torch.randn(2, 6, 5, 5).contiguous(memory_format=memory_format)
+            assert_bitwise(step(model, x), step(reference, x, per_unit=True), "chain")
+    if backend == "triton":
         from fused_preact.backends.triton.replay import BoundCall
         calls = [call.impl for program in block_autograd.PLANS.programs.values() for call in program.calls]
         assert calls and all(isinstance(impl, BoundCall) for impl in calls)
@@ -312,13 +315,14 @@ def test_bound_replays_see_the_layouts_they_were_bound_with(monkeypatch):
     backward's from their first run on, with the launch arguments of the call it bound: the
     plan's keys must hold the layout (strides, 16-byte alignment) of every tensor a plan gets.
     Steps whose input is channels_last or not, aligned or not, whose incoming gradient is
-    channels_last or not: bitwise the per-unit path (wrappers only), and every call of the
-    channels_last plans bound."""
+    channels_last or not: bitwise the per-unit path (wrappers only), and every call bound,
+    also with default-layout 3x3 weights (copied into the kernels' layout on every call)."""
     from fused_preact.backends.triton.replay import BoundCall
     use_backend_or_skip("triton", monkeypatch, torch.empty(0))
-    for kind, in_planes, planes in (("basic", 5, 5), ("bottleneck", 6, 3)):
+    cl, default = torch.channels_last, torch.contiguous_format
+    for kind, in_planes, planes, weights in (("basic", 5, 5, cl), ("bottleneck", 6, 3, cl), ("basic", 5, 5, default)):
         block_autograd.PLANS.programs.clear()
-        ours = make_block(kind, in_planes, planes, 1, "preact").to(memory_format=torch.channels_last)
+        ours = make_block(kind, in_planes, planes, 1, "preact").to(memory_format=weights)
         reference = copy.deepcopy(ours)
         torch.manual_seed(1)
         for i, (x_layout, aligned, grad_layout) in enumerate([

@@ -91,11 +91,11 @@ def record(out: Path, autotune: str) -> None:
 
 
 def record_block_steps(out: Path) -> None:
-    """Run in the subprocess: training steps of a basic and a bottleneck block (CPU tensors
-    standing for CUDA ones, as in benchmarks.launch_cost), their plans replayed from bound
-    calls (replay.py) or through the wrappers, with inputs and gradients aligned to 16 bytes
-    or not, the kept kernels launched directly or not; the launches of each step written to
-    `out`."""
+    """Run in the subprocess: training steps of a basic and a bottleneck block in channels_last
+    and a basic block with default-layout weights (CPU tensors standing for CUDA ones, as in
+    benchmarks.launch_cost), their plans replayed from bound calls (replay.py) or through the
+    wrappers, with inputs and gradients aligned to 16 bytes or not, the kept kernels launched
+    directly or not; the launches of each step written to `out`."""
     from benchmarks import stand_in_driver
     launches: list = []
     stand_in_driver.install(90, launches)
@@ -118,12 +118,13 @@ def record_block_steps(out: Path) -> None:
             triton_backend.TritonBackend.bind = Backend.bind
         block_autograd.PLANS.programs.clear()
         torch.manual_seed(0)
-        blocks = [fp.PreActBlock(16, 16, 1, backend="triton"), fp.PreActBottleneck(16, 4, 1, backend="triton")]
+        blocks = [fp.PreActBlock(16, 16, 1, backend="triton").to(memory_format=torch.channels_last),
+                  fp.PreActBottleneck(16, 4, 1, backend="triton").to(memory_format=torch.channels_last),
+                  fp.PreActBlock(16, 16, 1, backend="triton")]  # default-layout weights: copied per call
         steps = []
         for aligned, direct in ((True, True), (True, True), (False, True), (True, True), (True, False)):
             launch.DIRECT = direct  # False: kept kernels are launched through kernel[grid]
             for block in blocks:
-                block.to(memory_format=torch.channels_last)
                 x = at(torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last), aligned)
                 launches.clear()
                 y = block(x.requires_grad_(True))
@@ -220,15 +221,15 @@ def test_bound_replays_launch_what_their_wrappers_would(tmp_path):
                    capture_output=True)
     result = json.loads(out.read_text())
     # Each block's first step records (and autotunes: trial launches); the replays follow.
-    bound, wrappers = result["bound"]["steps"][2:], result["wrappers"]["steps"][2:]
-    assert [len(step) for step in bound] == [9, 13] * 4
+    bound, wrappers = result["bound"]["steps"][3:], result["wrappers"]["steps"][3:]
+    assert [len(step) for step in bound] == [9, 13, 9] * 4
     assert bound == wrappers
     # Per block a plan for aligned and one for unaligned tensors (the key has the alignment),
     # each bound: the statistics pass and the convs forward, wgrad, dgrad and BN-backward per unit.
-    assert result["bound"]["bound_calls"] == 2 * ((3 + 2 * 3) + (4 + 3 * 3))
+    assert result["bound"]["bound_calls"] == 2 * ((3 + 2 * 3) + (4 + 3 * 3) + (3 + 2 * 3))
     assert result["wrappers"]["bound_calls"] == 0
     # The test means something: the unaligned steps were specialised otherwise.
-    assert [launch[1] for launch in bound[2]] != [launch[1] for launch in bound[0]]
+    assert [launch[1] for launch in bound[3]] != [launch[1] for launch in bound[0]]
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import triton.language as tl
 from ..base import cdiv
 from .common import (bn_scale_shift, dot_dtype, dot_precision, kernel_weight, nhwc_strides, pow2_block,
                      relu_passes, rows_per_tile)
-from .launch import autotune_warps
+from .launch import autotune_warps, derived
 from .merge import block_counters, merge_block, merge_buffers, merge_group, sum_if_last
 
 
@@ -141,7 +141,7 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     _, _, p, q = dy.shape
-    weight = kernel_weight(weight)
+    weight = derived(kernel_weight, weight)  # replays copy it again (replay.py)
     grid = dgrad_grid(n, c, h, w, k, *stride)
     hp, wp, bm, bn, bk, tiles_per_phase, tiles, blocks, bt, group = grid[:10]
     g = torch.empty_like(x, memory_format=torch.channels_last)

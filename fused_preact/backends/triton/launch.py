@@ -16,8 +16,8 @@ Triton only asks "divisible by 16?"), so a kept kernel is never launched with ar
 was not compiled for; it only means one entry per layer shape. Every launch goes through
 kernel[grid] in the interpreter (nothing is compiled there), with a Triton whose compiled
 kernels cannot be launched that way, or with FUSED_PREACT_TRITON_DIRECT_LAUNCH=0.
-Inside `capturing()` each launch is also handed back with its values and compiled kernel
-(replay.py keeps them to launch again without the wrapper that made them).
+Inside `capturing()` each launch is also handed back with its values and compiled kernel,
+and what `derived` made for it (replay.py keeps them to launch again without the wrapper).
 """
 from __future__ import annotations
 
@@ -47,19 +47,35 @@ class Launched(NamedTuple):
     compiled: object  # the CompiledKernel launched (or kept for this signature), None if none
 
 
+class Capture(NamedTuple):
+    """What `capturing` saw."""
+    launches: list[Launched]
+    derived: dict  # id(a tensor `derived` made) -> (the tensor it was made from, the function)
+
+
 _captured = threading.local()
 
 
 @contextlib.contextmanager
-def capturing() -> Iterator[list[Launched]]:
-    """Collect the launches this thread makes inside the `with` statement (replay.bind
-    watches a wrapper call with it)."""
-    previous = getattr(_captured, "launches", None)
-    _captured.launches = launches = []
+def capturing() -> Iterator[Capture]:
+    """Collect the launches this thread makes inside the `with` statement, and the tensors
+    made for them by `derived` (replay.bind watches a wrapper call with it)."""
+    previous = getattr(_captured, "value", None)
+    _captured.value = capture = Capture([], {})
     try:
-        yield launches
+        yield capture
     finally:
-        _captured.launches = previous
+        _captured.value = previous
+
+
+def derived(make: Callable, tensor: torch.Tensor) -> torch.Tensor:
+    """make(tensor), a tensor a wrapper makes from an argument to launch with (a weight in
+    the kernels' layout); noted where a call is captured, so that a replay makes it again."""
+    made = make(tensor)
+    capture = getattr(_captured, "value", None)
+    if capture is not None and made is not tensor:
+        capture.derived[id(made)] = (tensor, make)
+    return made
 
 
 def warp_configs() -> list[triton.Config]:
@@ -118,7 +134,7 @@ class KernelLauncher:
         return lambda *args, **kwargs: self.launch(tuple(grid), args, kwargs)
 
     def launch(self, grid: tuple, args: tuple, kwargs: dict) -> None:
-        captured = getattr(_captured, "launches", None)
+        captured = getattr(_captured, "value", None)
         values = self.parameter_values(args, kwargs) if DIRECT or captured is not None else None
         key = self.signature(values) if DIRECT and values is not None else None
         compiled = self.kept.get(key) if key is not None else None
@@ -127,7 +143,7 @@ class KernelLauncher:
         else:
             compiled = self.launch_through_triton(grid, args, kwargs, key)
         if captured is not None:
-            captured.append(Launched(self, grid, values, compiled))
+            captured.launches.append(Launched(self, grid, values, compiled))
 
     def launch_through_triton(self, grid: tuple, args: tuple, kwargs: dict, key: tuple | None):
         """kernel[grid](...), which compiles, autotunes and launches; returns the

@@ -17,10 +17,11 @@ CompiledKernel directly (no signature to build). Called with tensors laid out ot
 would launch wrongly: it is for a caller that guarantees the layout, as the plans do.
 
 It binds only what it can show to be the same: every tensor a launch takes must be one of
-the call's tensor arguments, one of its outputs (fresh tensors, not views), or a kept merge
-buffer (merge.merge_buffers, taken again for the current stream); anything else (a weight
-the wrapper copied into the kernels' layout, say) leaves the call to its wrapper. A
-compiled kernel is launched only on the device it was chosen on (else the wrapper runs).
+the call's tensor arguments, one of its outputs (fresh tensors, not views), a kept merge
+buffer (merge.merge_buffers, taken again for the current stream), or made from an argument
+by launch.derived (a default-layout weight copied into the kernels' layout: made again on
+every replay); anything else leaves the call to its wrapper. A compiled kernel is launched
+only on the device it was chosen on (else the wrapper runs).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from triton.runtime import driver
 
 from . import launch, merge
 
-ARG, OUTPUT, BUFFER = range(3)  # where a launch's tensor comes from
+ARG, OUTPUT, BUFFER, DERIVED = range(4)  # where a launch's tensor comes from
 
 
 class BoundLaunch(NamedTuple):
@@ -40,7 +41,7 @@ class BoundLaunch(NamedTuple):
     launcher: launch.KernelLauncher
     grid: tuple
     template: list  # every parameter's value, None where a tensor goes
-    tensors: tuple[tuple[int, int, object], ...]  # (position, ARG / OUTPUT / BUFFER, name / index / index)
+    tensors: tuple[tuple[int, int, object], ...]  # (position, ARG / OUTPUT / BUFFER / DERIVED, name / index)
     compiled: object  # the CompiledKernel Triton chose, or None (the interpreter)
 
 
@@ -48,12 +49,13 @@ class BoundCall:
     """impl(**args) for arguments laid out as those it was bound with (see the module)."""
 
     def __init__(self, impl: Callable, outputs: list, tuple_result: bool, launches: list[BoundLaunch],
-                 buffers: Optional[tuple], device: Optional[int]):
+                 buffers: Optional[tuple], derived: list, device: Optional[int]):
         self.impl = impl
         self.outputs = outputs  # (size, stride, dtype, device) of each output
         self.tuple_result = tuple_result
         self.launches = launches
         self.buffers = buffers  # (device, counters, partials, dtype) of merge_buffers, or None
+        self.derived = derived  # (argument name, make) of each tensor launch.derived made
         self.device = device  # the current device the compiled kernels were chosen on
 
     def __call__(self, **args):
@@ -61,7 +63,8 @@ class BoundCall:
             return self.impl(**args)
         outputs = [torch.empty_strided(size, stride, dtype=dtype, device=device)
                    for size, stride, dtype, device in self.outputs]
-        sources = (args, outputs, merge.merge_buffers(*self.buffers) if self.buffers else ())
+        sources = (args, outputs, merge.merge_buffers(*self.buffers) if self.buffers else (),
+                   [make(args[name]) for name, make in self.derived])
         for bound in self.launches:
             values = bound.template.copy()
             for position, source, key in bound.tensors:
@@ -73,23 +76,23 @@ class BoundCall:
 def bind(impl: Callable, args: dict):
     """(impl(**args), what replays it: a BoundCall, or impl itself where the call cannot be
     bound)."""
-    with launch.capturing() as launched:
+    with launch.capturing() as capture:
         result = impl(**args)
-    bound = _bound_call(impl, args, result, launched)
+    bound = _bound_call(impl, args, result, capture)
     return result, impl if bound is None else bound
 
 
-def _bound_call(impl: Callable, args: dict, result, launched: list[launch.Launched]) -> Optional[BoundCall]:
+def _bound_call(impl: Callable, args: dict, result, capture: launch.Capture) -> Optional[BoundCall]:
     outputs = result if isinstance(result, tuple) else (result,)
-    if not launched or any(not isinstance(t, torch.Tensor) or t._base is not None for t in outputs):
+    if not capture.launches or any(not isinstance(t, torch.Tensor) or t._base is not None for t in outputs):
         return None
     source_of = {id(value): (ARG, name) for name, value in args.items() if isinstance(value, torch.Tensor)}
     for index, output in enumerate(outputs):
         if id(output) in source_of:
             return None  # an argument returned, or an output twice
         source_of[id(output)] = (OUTPUT, index)
-    buffers, launches, devices = None, [], set()
-    for launcher, grid, values, compiled in launched:
+    buffers, launches, devices, derived = None, [], set(), []
+    for launcher, grid, values, compiled in capture.launches:
         if values is None:
             return None
         template, tensors = list(values), []
@@ -97,6 +100,12 @@ def _bound_call(impl: Callable, args: dict, result, launched: list[launch.Launch
             if not isinstance(value, torch.Tensor):
                 continue
             source = source_of.get(id(value))
+            if source is None and id(value) in capture.derived:
+                made_from, make = capture.derived[id(value)]
+                if source_of.get(id(made_from), (None,))[0] != ARG:
+                    return None
+                source = source_of[id(value)] = (DERIVED, len(derived))
+                derived.append((source_of[id(made_from)][1], make))
             if source is None:
                 kept = merge.kept_for(value)
                 if kept is None or (buffers is not None and buffers != kept[0]):
@@ -108,4 +117,4 @@ def _bound_call(impl: Callable, args: dict, result, launched: list[launch.Launch
             devices.add(driver.active.get_current_device())
         launches.append(BoundLaunch(launcher, grid, template, tuple(tensors), compiled))
     return BoundCall(impl, [(t.shape, t.stride(), t.dtype, t.device) for t in outputs], isinstance(result, tuple),
-                     launches, buffers, devices.pop() if devices else None)
+                     launches, buffers, derived, devices.pop() if devices else None)
