@@ -110,8 +110,8 @@ class Binding:
     """One backward implementation of a Program's unit, called by keyword: on its first call
     the backend binds it (Backend.bind), and the later calls replay what that returned, if
     anything but the implementation (which is then looked up on every call, as the unbound
-    backward does). The arguments those calls get differ only in their tensors: the
-    Program's key fixes every other one, for a given request of gradients (Program.backward)."""
+    backward does). The arguments those calls get differ only in their tensors: the plan's
+    key and the request's (Program.request_plan) fix every other one, and their layouts."""
 
     def __init__(self, backend: str, op: str):
         self.backend = dispatch.get_backend(backend)
