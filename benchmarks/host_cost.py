@@ -97,9 +97,12 @@ def breakdown(repeats: int, calls: int) -> dict:
 
     def bare_fwdbwd():
         Bare.apply(x, *params).backward(torch.ones_like(x))
+    _, bound_unit = triton.bind(triton.impls["bn_relu_conv"], unit_args)  # what a plan replays (replay.py)
     layers = {
         "backend impl of one forward unit (launch arguments, allocation)":
             lambda: triton.impls["bn_relu_conv"](**unit_args),
+        "the same unit bound, as a plan replays it (allocation, launch arguments refilled)":
+            lambda: bound_unit(**unit_args),
         "plan key (module settings, tensor signatures, backend state)":
             lambda: block_autograd.PLANS.get(block.plan_key(x, None, None, bns, convs, tensors)),
         "block forward, plan replayed (3 launches, 1 autograd node)": lambda: block(x),

@@ -180,7 +180,7 @@ def test_host_cost_runs_with_every_triton_launch_stubbed(tmp_path):
                     "--calls", "1", "--breakdown"], check=True, capture_output=True, cwd=Path(__file__).parent.parent)
     written = json.loads((tmp_path / "host_cost.json").read_text())
     assert written["meta"]["device_type"] == "cpu"
-    assert len(written["block_layers"]) == 5 and all(t["min_us"] > 0 for t in written["block_layers"].values())
+    assert len(written["block_layers"]) == 6 and all(t["min_us"] > 0 for t in written["block_layers"].values())
     assert {(kind, mode) for kind, r in written["results"].items() for mode in r} == {
         (kind, mode) for kind in ("basic", "bottleneck") for mode in ("fwd", "fwdbwd", "fwd-eval-nograd")}
     assert all(0 < t["min_us"] <= t["median_us"] for r in written["results"].values() for t in r.values())
