@@ -309,7 +309,7 @@ def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Seq
     by keyword (backward_ops, or a block Program's bindings of them)."""
     check_no_double_backward()
     x, mean, var, bn_weight, bn_bias, weight = saved
-    stride, padding, eps, batch_stats, backend, has_residual, sync_group, conv_dtype = conf
+    stride, padding, eps, batch_stats, _backend, has_residual, sync_group, conv_dtype = conf  # impls: its ops
     dx = dgamma = dbeta = dweight = None
     dy = dy.contiguous(memory_format=torch.channels_last)  # float32 where y added a float32 shortcut
     wgrad, dgrad, apply_bn = impls
