@@ -76,7 +76,7 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<ConvDgradParams> dgrad(m, "ConvDgradParams");
   dgrad CONV_FIELDS(ConvDgradParams).def_readwrite("dy", &ConvDgradParams::dy).def_readwrite("x", &ConvDgradParams::x)
-      .def_readwrite("g", &ConvDgradParams::g);
+      .def_readwrite("g", &ConvDgradParams::g).def_readwrite("g_other", &ConvDgradParams::g_other);
   pointer_field(dgrad, "w_rskc", &ConvDgradParams::w_rskc);
   pointer_field(dgrad, "w_crsk", &ConvDgradParams::w_crsk);
   pointer_field(dgrad, "sums", &ConvDgradParams::sums);

@@ -1,4 +1,4 @@
-// Backward through a unit's input: g = dgrad(dy, W) * [bn(x) > 0] and per-tile BN sums.
+// Backward through a unit's input: g = (dgrad(dy, W) + g_other) * [bn(x) > 0] and per-tile BN sums.
 // Implicit GEMM over the input pixels of one stride phase (h % stride_h, w % stride_w):
 // only the taps r = (h + pad_h) mod stride_h (+ j * stride_h) reach an output pixel, so no
 // zero-inserted work is done; a phase with no tap still writes its zeros. The epilogue
@@ -58,12 +58,14 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(ConvDgradParams p,
   const bool has_bn = p.bn.mean != nullptr;
   const TX* x = static_cast<const TX*>(p.x.ptr);
   TX* g = static_cast<TX*>(p.g.ptr);
+  const TX* g_other = static_cast<const TX*>(p.g_other.ptr);
   for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
     const int row = idx / kTile, col = idx % kTile;
     const int64_t m = m0 + row, c = n0 + col;
     if (m >= rows || c >= C) continue;
     const int64_t n = m / (hp * wp), h = ph + p.stride_h * ((m / wp) % hp), wi = pw + p.stride_w * (m % wp);
     float v = sC[row * kLdC + col];
+    if (g_other) v += to_float(g_other[offset(p.g_other, n, c, h, wi)]);
     if (has_bn) {
       const ChannelBn b = channel_bn(p.bn, c);
       if ((to_float(x[offset(p.x, n, c, h, wi)]) - b.mean) * b.scale + b.beta <= 0.f) v = 0.f;

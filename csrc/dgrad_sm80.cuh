@@ -1,5 +1,5 @@
-// Backward through a unit's input on sm_80 tensor cores: g = dgrad(dy, W) * [bn(x) > 0]
-// and per-tile sums of g and g * xhat, on the CuTe implicit-GEMM core of sm80_gemm.cuh.
+// Backward through a unit's input on sm_80 tensor cores: g = (dgrad(dy, W) + g_other) *
+// [bn(x) > 0] and per-tile sums of g and g * xhat, on the CuTe implicit-GEMM core of sm80_gemm.cuh.
 //
 // One stride phase (h % stride_h, w % stride_w) per group of CTAs: only the taps
 // r = (h + pad_h) mod stride_h (+ j * stride_h) reach an output pixel, so no zero-inserted
@@ -12,7 +12,7 @@
 //
 // Needs: dy with unit channel stride, its other strides and K multiples of a 16-byte
 // vector (8 fp16 / bf16, 4 fp32 elements), 16-byte
-// aligned; x (and g) of the conv dtype; the weight 16-byte aligned; fewer than 2^31
+// aligned; x (and g, g_other) of the conv dtype; the weight 16-byte aligned; fewer than 2^31
 // elements per tensor. The launcher answers cudaErrorNotSupported otherwise.
 #pragma once
 #include "launch.h"
@@ -94,6 +94,7 @@ __global__ void __launch_bounds__(kThreads) dgrad_kernel(ConvDgradParams p, int 
   float* tile = accumulators_to_smem<Cfg>(smem, acc);  // (its barrier also publishes bn_table)
 
   T* g = static_cast<T*>(p.g.ptr);
+  const T* g_other = static_cast<const T*>(p.g_other.ptr);
   for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
     const int row = idx / kBN, col = idx % kBN;
     const int m = m0 + row, c = n0 + col;
@@ -101,6 +102,7 @@ __global__ void __launch_bounds__(kThreads) dgrad_kernel(ConvDgradParams p, int 
     int n, h, wi;
     pixel(m, n, h, wi);
     float v = tile[row * kLdC + col];
+    if (g_other) v += float(g_other[offset(p.g_other, n, c, h, wi)]);
     if (has_bn && (float(x[offset(p.x, n, c, h, wi)]) - bn_table[0][col]) * bn_table[2][col] + bn_table[3][col] <= 0.f)
       v = 0.f;  // the ReLU was closed there
     const T stored = T(v);
@@ -131,7 +133,8 @@ __global__ void __launch_bounds__(kThreads) dgrad_kernel(ConvDgradParams p, int 
 // Whether dgrad_kernel<T> can run p (see the top of this file).
 template <typename T> bool dgrad_supported(const ConvDgradParams& p) {
   return gathers_vectors<T>(p.dy) && aligned16(p.w_crsk) && fits_int32(p.k * p.r * p.s * p.x.c) &&
-         fits_int32(p.x.n * p.x.c * p.x.h * p.x.w) && fits_int32(p.x.n * p.x.sn) && fits_int32(p.g.n * p.g.sn);
+         fits_int32(p.x.n * p.x.c * p.x.h * p.x.w) && fits_int32(p.x.n * p.x.sn) && fits_int32(p.g.n * p.g.sn) &&
+         fits_int32(p.g_other.n * p.g_other.sn);
 }
 
 template <typename T> cudaError_t launch_dgrad(const ConvDgradParams& p, cudaStream_t stream) {

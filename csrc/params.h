@@ -36,9 +36,10 @@ struct ConvFwdParams {
   float* partials = nullptr;    // [tiles, 3, K] fp32
 };
 
-// g = dgrad(dy, w) * [bn(x) > 0] and per-tile sums of g and g * xhat (when bn.mean != null).
+// g = (dgrad(dy, w) + g_other) * [bn(x) > 0] and per-tile sums of g and g * xhat (when
+// bn.mean != null). g_other (x's dtype; ptr null: none): another conv's gradient of relu(bn(x)).
 struct ConvDgradParams {
-  Act dy, x, g;
+  Act dy, x, g, g_other;
   const void* w_rskc = nullptr; // weight packed [R, S, K, C], C contiguous
   const void* w_crsk = nullptr; // weight packed [C, R, S, K], K contiguous: the sm80 kernels
   int64_t k = 0, r = 0, s = 0;

@@ -144,6 +144,7 @@ class Program:
         self.units: list[UnitRecord] = []
         self.output = 0  # the slot of the block's output
         self.moments: tuple[int, ...] = ()  # the slots of the consumer's statistics, if computed
+        self.bn_backward_in: tuple[int, ...] = ()  # per unit, the unit whose BN backward serves it (see finish)
         self.requests: dict[tuple, RequestPlan] = {}  # see request_plan
 
     def replay(self, values: list[Optional[Tensor]]) -> None:
@@ -190,17 +191,26 @@ class Program:
         registered = registered_op_needed((output_grad,))
         value_grads: dict[int, Tensor] = {self.output: output_grad}
         param_grads: list[Optional[Tensor]] = [None] * len(param_needs_grad)
+        # The gradient of a shared activation relu(bn(x)) from the later units that read it,
+        # by the unit whose BN backward serves them all (ops.unit_gradients).
+        activation_grads: dict[int, Tensor] = {}
         for index in reversed(range(len(self.units))):
             unit = self.units[index]
             dy = value_grads.pop(unit.output, None)
-            if dy is None:
+            if dy is None:  # (then none waits in activation_grads: what needed x's gradient needed this)
                 continue
+            bn_unit = self.bn_backward_in[index]
+            elsewhere = bn_unit != index
             # The gradient later units gave this unit's input joins its dx in the kernel.
-            dx_other = value_grads.pop(unit.input, None)
+            dx_other = None if elsewhere else value_grads.pop(unit.input, None)
             backward_ops = ops.backward_ops(unit.conf.backend, True) if registered else plan.backward_ops[index]
             dx, dgamma, dbeta, dweight, dresidual = ops.unit_gradients(
                 saved[index * SAVED_PER_UNIT:(index + 1) * SAVED_PER_UNIT], unit.conf, plan.needs[index], dy,
-                dx_other, backward_ops)
+                dx_other, backward_ops, da_other=activation_grads.pop(bn_unit, None), bn_elsewhere=elsewhere)
+            if elsewhere:
+                if dx is not None:  # the activation's gradient, joined with the others in bn_unit's dgrad
+                    activation_grads[bn_unit] = dx
+                dx = None
             for key, grad in ((unit.input, dx), (unit.residual, dresidual)):
                 if grad is not None:  # += (a missing entry is zero)
                     current = value_grads.get(key)
@@ -250,6 +260,14 @@ class Tape:
     def finish(self, output: Tensor, moments: Optional[tuple[Tensor, Tensor]]) -> Program:
         self.program.output = self.slot_of[id(output)]
         self.program.moments = () if moments is None else tuple(self.slot_of[id(m)] for m in moments)
+        # Units that apply the same BatchNorm to the same x (the same x, statistics, affine
+        # parameters, eps and use of batch statistics: a projection shortcut and the first
+        # unit) share one BN backward, the first one's; a unit without a BN has its own.
+        first_with: dict[tuple, int] = {}
+        self.program.bn_backward_in = tuple(
+            index if unit.saved[1] is None
+            else first_with.setdefault((unit.saved[:5], unit.conf.eps, unit.conf.batch_stats), index)
+            for index, unit in enumerate(self.program.units))
         return self.program
 
 

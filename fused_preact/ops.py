@@ -13,6 +13,7 @@ Ops (DESIGN.md section 1):
   batch_stats         batch statistics of x (first block of a network), running stats updated
   bn_finalize         merge partials -> (mean, biased var); update running stats in place
   bn_relu_conv_dgrad  g = dgrad(dy, W) * [bn(x) > 0], per-channel sums of g and g * xhat
+                      [+ another conv's gradient of relu(bn(x)), before the mask: a projection's]
   bn_relu_conv_wgrad  dW = wgrad(relu(bn(x)), dy)
   bn_backward_apply   dx = scale * (g - sum(g) / n - xhat * sum(g * xhat) / n)   (training)
                       [+ x's gradient from its other consumer: a block's identity path]
@@ -42,6 +43,13 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- checks
+def _check_like_x(name: str, t: Optional[Tensor], x: Tensor) -> None:
+    """A gradient added to x's (None: none) must have x's shape, dtype and device."""
+    if t is not None and (t.shape != x.shape or t.dtype != x.dtype or t.device != x.device):
+        raise ValueError(f"fused_preact: {name} must match x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
+                         f"{tuple(t.shape)}, {t.dtype}, {t.device}")
+
+
 def _check_nchw(name: str, t: Tensor) -> None:
     if t.dim() != 4:
         raise ValueError(f"fused_preact: {name} must be a 4-D NCHW tensor, got shape {tuple(t.shape)}")
@@ -301,12 +309,19 @@ def check_no_double_backward() -> None:
 
 
 def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Sequence[bool], dy: Tensor,
-                   dx_other: Optional[Tensor], impls: tuple[Callable, Callable, Callable]) -> tuple:
+                   dx_other: Optional[Tensor], impls: tuple[Callable, Callable, Callable],
+                   da_other: Optional[Tensor] = None, bn_elsewhere: bool = False) -> tuple:
     """(dx, dgamma, dbeta, dweight, dresidual) of one unit given its output's gradient dy;
     None for each that `needs` (bn_relu_conv's needs_input_grad) does not ask for. dx_other:
     x's gradient from its other consumers, added to dx inside bn_backward_apply (so nobody
     accumulates the two with a separate add). impls: the wgrad, dgrad and BN-backward to call
-    by keyword (backward_ops, or a block Program's bindings of them)."""
+    by keyword (backward_ops, or a block Program's bindings of them).
+
+    Where units read the same activation a = relu(bn(x)) (a projection shortcut reads the
+    first unit's), one BN backward serves them all, since it is linear in a's gradient: the
+    others run with bn_elsewhere (dx is then their conv's input gradient, a's, and dgamma and
+    dbeta None), and the one that runs it gets the sum of theirs as da_other, which its dgrad
+    kernel adds before the ReLU mask and the BN sums."""
     check_no_double_backward()
     x, mean, var, bn_weight, bn_bias, weight = saved
     stride, padding, eps, batch_stats, _backend, has_residual, sync_group, conv_dtype = conf  # impls: its ops
@@ -318,9 +333,12 @@ def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Seq
                         weight_shape=list(weight.shape), stride=stride, padding=padding, eps=eps,
                         weight_dtype=weight.dtype, conv_dtype=conv_dtype,
                         weight_channels_last=weight_is_channels_last(weight))
-    if needs[0] or needs[3] or needs[4]:
+    if bn_elsewhere and (needs[0] or needs[3] or needs[4]):
+        dx, _ = dgrad(dy=dy, weight=weight, x=x, mean=None, var=None, bn_weight=None, bn_bias=None, stride=stride,
+                      padding=padding, eps=eps, conv_dtype=conv_dtype, g_other=da_other)
+    elif needs[0] or needs[3] or needs[4]:
         g, sums = dgrad(dy=dy, weight=weight, x=x, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias,
-                        stride=stride, padding=padding, eps=eps, conv_dtype=conv_dtype)
+                        stride=stride, padding=padding, eps=eps, conv_dtype=conv_dtype, g_other=da_other)
         if mean is None:
             dx = g if dx_other is None else g + dx_other
         else:
@@ -412,21 +430,24 @@ def _(partials, running_mean, running_var, num_batches_tracked, momentum, backen
 def bn_relu_conv_dgrad(dy: Tensor, weight: Tensor, x: Tensor, mean: Optional[Tensor],
                        var: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                        stride: Sequence[int], padding: Sequence[int], eps: float,
-                       backend: str, conv_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
-    """g = dgrad(dy, W) * [bn(x) > 0] and sums [2, C] = (sum g, sum g * xhat).
+                       backend: str, conv_dtype: Optional[torch.dtype] = None,
+                       g_other: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """g = (dgrad(dy, W) + g_other) * [bn(x) > 0] and sums [2, C] = (sum g, sum g * xhat).
 
     The conv computes in conv_dtype (None: dy's); under autocast a float32 weight or dy is
-    cast tile by tile in the kernel.
-    Without a BN prologue (mean None): g = dgrad(dy, W), sums empty.
+    cast tile by tile in the kernel. g_other (x's shape and dtype, or None): the gradient of
+    the same activation relu(bn(x)) from another conv that reads it, added in float32.
+    Without a BN prologue (mean None): g = dgrad(dy, W) + g_other, sums empty.
     """
+    _check_like_x("g_other", g_other, x)
     conv_dtype = conv_dtype or dy.dtype
     return _run("bn_relu_conv_dgrad", backend, conv_dtype, dy=dy, weight=weight, x=x, mean=mean, var=var,
                 bn_weight=bn_weight, bn_bias=bn_bias, stride=list(stride), padding=list(padding), eps=eps,
-                conv_dtype=conv_dtype)
+                conv_dtype=conv_dtype, g_other=g_other)
 
 
 @bn_relu_conv_dgrad.op.register_fake
-def _(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, backend, conv_dtype=None):
+def _(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, backend, conv_dtype=None, g_other=None):
     channels = 0 if mean is None else x.shape[1]
     return (_empty_nchw_channels_last(x, x.shape),
             x.new_empty((2, channels), dtype=stats_dtype(x.dtype)))
@@ -473,10 +494,7 @@ def bn_backward_apply(g: Tensor, x: Tensor, mean: Tensor, var: Tensor, bn_weight
     synchronised BN the caller passes the means over all ranks and count 1. With
     batch_stats False (eval-mode statistics) the mean terms vanish: scale * g.
     """
-    if dx_other is not None and (dx_other.shape != x.shape or dx_other.dtype != x.dtype
-                                 or dx_other.device != x.device):
-        raise ValueError(f"fused_preact: dx_other must match x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
-                         f"{tuple(dx_other.shape)}, {dx_other.dtype}, {dx_other.device}")
+    _check_like_x("dx_other", dx_other, x)
     return _run("bn_backward_apply", backend, None, g=g, x=x, mean=mean, var=var, bn_weight=bn_weight,
                 grad_sums=grad_sums, count=count, eps=eps, batch_stats=batch_stats, dx_other=dx_other)
 

@@ -267,13 +267,13 @@ def test_report_flags_a_noisy_time():
 
 # Per basic block inside a converted nn.Sequential, measured by benchmarks.launches at this
 # commit; the issue's targets for an identity block are 2 / 8 Triton launches and no torch
-# kernel. A projection block runs a third conv, and autograd adds bn1's weight and bias
-# gradients from its two consumers (unit 1 and the projection: two C-element adds). A change
-# that adds a launch or a kernel beside them fails here; one that removes some lowers these.
+# kernel. A projection block runs a third conv, forward, wgrad and dgrad; bn1's backward runs
+# once for conv1 and the projection (conv1's dgrad adds the projection's). A change that adds
+# a launch or a kernel beside them fails here; one that removes some lowers these.
 MODES = ("fwd", "fwdbwd", "fwd-amp", "fwdbwd-amp")
 LAUNCH_BUDGET = {
     "identity": {mode: {"triton": 8 if "bwd" in mode else 2, "torch": 0} for mode in MODES},
-    "projection": {mode: {"triton": 12 if "bwd" in mode else 3, "torch": 2 if "bwd" in mode else 0} for mode in MODES},
+    "projection": {mode: {"triton": 11 if "bwd" in mode else 3, "torch": 0} for mode in MODES},
 }
 
 

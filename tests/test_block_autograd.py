@@ -3,11 +3,15 @@
 The per-unit path (one registered op and autograd node per unit, what torch.compile and
 dispatch modes see) is the reference here: a block through one node, recorded or
 replayed, must give bitwise the same outputs, gradients and running statistics, since
-it calls the same implementations in the same order. And a plan must never be replayed
+it calls the same implementations in the same order, but for one thing: where a projection
+reads relu(bn1(x)) as conv1 does, the node runs bn1's backward once on the sum of both
+convs' gradients (the per-unit path runs it per conv, and autograd adds the two), so x's and
+bn1's gradients are the same sums taken in another order. And a plan must never be replayed
 where something it was recorded from has changed.
 """
 import contextlib
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -55,11 +59,37 @@ def step(block, x, per_unit=False):
     return [out.detach().clone(), x.grad.clone()] + grads + [b.clone() for b in block.buffers()]
 
 
-def assert_bitwise(ours, reference, what):
+def assert_bitwise(ours, reference, what, rounding=None):
+    """Each tensor of `ours` bitwise its counterpart; those at the positions in `rounding`
+    ({position: relative L2 error allowed}) within that (sums taken in another order)."""
     assert len(ours) == len(reference)
     for i, (a, b) in enumerate(zip(ours, reference)):
+        if rounding and i in rounding:
+            assert a.dtype == b.dtype and relative_error(a, b) <= rounding[i], f"{what}: tensor {i} differs"
+            continue
         same = a.dtype == b.dtype and (torch.equal(a, b) or bool(torch.isnan(a).all() and torch.isnan(b).all()))
         assert same, f"{what}: tensor {i} differs"
+
+
+def relative_error(got, truth):
+    return ((got.double() - truth.double()).norm() / truth.double().norm().clamp_min(1e-30)).item()
+
+
+def joined_gradients(block):
+    """{position in step's list: rounding allowed} of the gradients a block node joins in one
+    BN backward and the per-unit path sums (x's and bn1's, where a projection reads
+    relu(bn1(x))): a few units in the last place of the dtype (float32 2e-6, float64 1e-14)."""
+    if block.projection() is None or block.shortcut_source != "preact":
+        return {}
+    names = [name for name, _ in block.named_parameters()]
+    allowed = 2e-6 if block.conv1.weight.dtype == torch.float32 else 1e-14
+    return {position: allowed for position in [1] + [2 + names.index(n) for n in ("bn1.weight", "bn1.bias")]}
+
+
+def assert_as_per_unit(ours, per_unit, block, what):
+    """A block node's step (`step`) against the per-unit path's: bitwise, but the gradients
+    the node joins (joined_gradients) within rounding."""
+    assert_bitwise(ours, per_unit, what, rounding=joined_gradients(block))
 
 
 @pytest.fixture(autouse=True)
@@ -89,8 +119,39 @@ def test_recorded_and_replayed_steps_equal_the_per_unit_path(config, dtype, back
     with fp.use_backend(backend):
         for i in range(3):  # records, then replays (its running statistics change meanwhile)
             x = torch.randn_like(x) * 2 + 0.5
-            assert_bitwise(step(ours, x), step(reference, x, per_unit=True), f"step {i}")
+            assert_as_per_unit(step(ours, x), step(reference, x, per_unit=True), ours, f"step {i}")
     assert len(block_autograd.PLANS.programs) == 1
+
+
+@pytest.mark.parametrize("config", [c for c in BLOCKS if c[2:] != (c[1], 1, "preact") and c[4] == "preact"],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_a_projection_and_the_first_unit_share_one_bn_backward(config, monkeypatch):
+    """Where the projection reads relu(bn1(x)), the block node runs bn1's backward once: the
+    projection's dgrad leaves out the BN, and conv1's dgrad adds its result before the ReLU
+    mask and the BN sums. x's and bn1's gradients come out as close to float64 as the
+    per-unit path's (a BN backward per conv, summed by autograd): within 2x its error."""
+    calls = Counter()
+    impls = fp.dispatch.get_backend("reference").impls
+    for op in ("bn_relu_conv_dgrad", "bn_backward_apply"):
+        def counted(*args, op=op, impl=impls[op], **kwargs):
+            calls[op, kwargs.get("mean", 0) is None, kwargs.get("g_other") is not None] += 1
+            return impl(*args, **kwargs)
+        monkeypatch.setitem(impls, op, counted)
+    block = make_block(*config)
+    per_unit, truth = copy.deepcopy(block), copy.deepcopy(block).double()
+    joined = joined_gradients(block)
+    units = 3 if config[0] == "basic" else 4  # convs, the projection's included
+    for i in range(2):  # recorded, then replayed
+        x = torch.randn(3, config[1], 7, 7) * 2 + 0.5
+        calls.clear()
+        ours = step(block, x)
+        assert calls == {("bn_relu_conv_dgrad", True, False): 1, ("bn_relu_conv_dgrad", False, True): 1,
+                         ("bn_relu_conv_dgrad", False, False): units - 2,
+                         ("bn_backward_apply", False, False): units - 1}, calls
+        theirs, exact = step(per_unit, x, per_unit=True), step(truth, x.double(), per_unit=True)
+        for position in joined:
+            ours_error, their_error = (relative_error(t[position], exact[position]) for t in (ours, theirs))
+            assert ours_error <= 2 * their_error + 1e-7, (i, position, ours_error, their_error)
 
 
 def test_a_replay_runs_no_glue(monkeypatch):
@@ -189,7 +250,7 @@ def test_a_plan_is_not_replayed_after_the_block_changed(change):
     for i in range(2):
         result = step(block, x)
         expected = step(reference, x, per_unit=True)
-        assert_bitwise(result, expected, f"step {i} after {change.__name__}")
+        assert_as_per_unit(result, expected, block, f"step {i} after {change.__name__}")
 
 
 def test_a_plan_is_not_replayed_for_another_input_shape_or_backend(monkeypatch):
@@ -200,7 +261,7 @@ def test_a_plan_is_not_replayed_for_another_input_shape_or_backend(monkeypatch):
                            ("reference", (3, 5, 7, 7))]:
         x = torch.randn(shape)
         with fp.use_backend(backend):
-            assert_bitwise(step(block, x), step(reference, x, per_unit=True), f"{backend} {shape}")
+            assert_as_per_unit(step(block, x), step(reference, x, per_unit=True), block, f"{backend} {shape}")
     assert len(block_autograd.PLANS.programs) == 3
 
 
@@ -297,7 +358,7 @@ def test_random_changes_between_steps_never_replay_a_stale_plan():
             rng.setstate(state)  # the same random choice for the reference
             changes[change](reference)
         x = torch.randn(shape)
-        assert_bitwise(step(block, x), step(reference, x, per_unit=True), f"step {i}")
+        assert_as_per_unit(step(block, x), step(reference, x, per_unit=True), block, f"step {i}")
 
 
 def aligned_or_not(t: torch.Tensor, aligned: bool) -> torch.Tensor:
@@ -342,8 +403,8 @@ def test_bound_replays_see_the_layouts_they_were_bound_with(monkeypatch):
                     memory_format=grad_format))
                 results.append([out.detach(), inputs.grad] + [p.grad.clone() for p in model.parameters()]
                                + [b.clone() for b in model.buffers()])
-            assert_bitwise(results[0], results[1], f"{kind} step {i}: x {x_layout}, aligned {aligned}, "
-                                                   f"gradient {grad_layout}")
+            assert_as_per_unit(results[0], results[1], ours, f"{kind} step {i}: x {x_layout}, aligned {aligned}, "
+                                                             f"gradient {grad_layout}")
         programs = list(block_autograd.PLANS.programs.values())
         assert len(programs) == 3  # channels_last aligned and not, NCHW
         for program in programs:
@@ -352,4 +413,6 @@ def test_bound_replays_see_the_layouts_they_were_bound_with(monkeypatch):
             assert all(isinstance(b.replay, BoundCall) for b in bindings if b.replay is not None)
         first = programs[0]  # channels_last, aligned: its backward ran for both gradient layouts
         bound = [b for plan in first.requests.values() for unit in plan.backward_ops for b in unit]
-        assert len(first.requests) == 2 and sum(b.replay is not None for b in bound) == 2 * 3 * len(first.units)
+        # Each unit's three, but the projection's BN backward (it runs in the first unit's).
+        calls = 3 * len(first.units) - (kind == "bottleneck")
+        assert len(first.requests) == 2 and sum(b.replay is not None for b in bound) == 2 * calls

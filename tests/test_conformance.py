@@ -110,6 +110,9 @@ def inputs(case: Case, x_dtype, w_dtype, conv_dtype):
                  dx_other=torch.randn(n, c, hw, hw).to(x_dtype))  # x's gradient from a block's identity path
     else:
         t.update(mean=None, var=None, gamma=None, beta=None, dx_other=None)
+    # Another conv's gradient of relu(bn(x)) (a projection shortcut's), joined in dgrad; NCHW
+    # whatever x's layout.
+    t["g_other"] = torch.randn(n, c, hw, hw).to(x_dtype)
     return {name: v if v is None else v.to(DEVICE) for name, v in t.items()}
 
 
@@ -123,7 +126,9 @@ def run_ops(case: Case, backend: str, t: dict, conv_dtype: torch.dtype) -> dict:
                                         *y_running, 0.1, backend, conv_dtype=conv_dtype)
     x_stats = ops.batch_stats(x, *x_running, None, backend)  # momentum None: 1 / num_batches_tracked
     g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, backend, conv_dtype)
-    out = dict(y=y, stats=torch.stack([y_mean, y_var]), g=g,
+    g_joined, sums_joined = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, backend, conv_dtype,
+                                                   g_other=t["g_other"])
+    out = dict(y=y, stats=torch.stack([y_mean, y_var]), g=g, g_joined=g_joined,
                dw=ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf, backend, w.dtype,
                                          conv_dtype),
                # written in a channels_last parameter's layout (autograd would copy it otherwise)
@@ -133,7 +138,8 @@ def run_ops(case: Case, backend: str, t: dict, conv_dtype: torch.dtype) -> dict:
                x_running=torch.stack(x_running[:2]), batches=torch.stack([y_running[2], x_running[2]]).double())
     if case.prologue:
         count = x.numel() // x.shape[1]
-        out.update(sums=sums, dx=ops.bn_backward_apply(g, x, mean, var, gamma, sums, count, 1e-5, True, None, backend),
+        out.update(sums=sums, sums_joined=sums_joined,
+                   dx=ops.bn_backward_apply(g, x, mean, var, gamma, sums, count, 1e-5, True, None, backend),
                    dx_eval=ops.bn_backward_apply(g, x, mean, var, gamma, sums, count, 1e-5, False, None, backend),
                    dx_joined=ops.bn_backward_apply(g, x, mean, var, gamma, sums, count, 1e-5, True, t["dx_other"],
                                                    backend))
@@ -184,9 +190,9 @@ def test_ops_conform_to_float64(case, poisoned, request, monkeypatch):
     if case.variant:  # each ran wherever its layout needs are met (x's channels, dy's, both)
         vector = 16 // conv_dtype.itemsize  # channels per 16-byte vector
         c_fits, k_fits = case.shape[0] % vector == 0, case.shape[1] % vector == 0
-        expected = {"conv_fwd_sm80": int(c_fits), "conv_dgrad_sm80": int(k_fits),
+        expected = {"conv_fwd_sm80": int(c_fits), "conv_dgrad_sm80": 2 * int(k_fits),
                     "conv_wgrad_sm80": 2 * int(c_fits and k_fits)}
-        assert launches == expected, launches  # wgrad twice: dw and dw_channels_last
+        assert launches == expected, launches  # dgrad twice (g, g_joined), wgrad twice (dw, dw_channels_last)
     assert got["dw_channels_last"].is_contiguous(memory_format=torch.channels_last)
     same_precision = run_ops(case, "reference", t, conv_dtype)
     truth = run_ops(case, "reference", {n: v.double() if v is not None and v.is_floating_point() else v

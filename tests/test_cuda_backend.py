@@ -63,6 +63,16 @@ def test_wrappers_reject_cpu_tensors_before_launch():
         cuda.bn_args(ext, torch.zeros(4), torch.ones(4), None, None, 1e-5, 4, [])
 
 
+@needs_ext
+def test_dgrad_params_carry_g_other():
+    """The gradient dgrad adds before its ReLU mask (a projection's): none unless set."""
+    p = ext.ConvDgradParams()
+    assert p.g_other.ptr == 0
+    t = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    p.g_other = cuda.act(ext, t)
+    assert (p.g_other.ptr, p.g_other.n, p.g_other.c, p.g_other.sc, p.g_other.sw) == (t.data_ptr(), 2, 3, 1, 3)
+
+
 def test_tf32_limit_is_declared():
     w = torch.randn(6, 4, 3, 3)
     previous = torch.backends.cudnn.allow_tf32

@@ -59,8 +59,13 @@ def test_eager_path_skips_the_registered_ops_and_matches_them(kind, monkeypatch)
         monkeypatch.setattr(entry, "op", refuse)
     direct = training_step(direct_block, x, grad_out)
     assert len(direct) == len(through_ops)
-    for a, b in zip(direct, through_ops):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The block's one node runs bn1's backward once for conv1 and the projection (which reads
+    # relu(bn1(x))); the per-unit nodes run it twice and autograd adds: x's and bn1's
+    # gradients are the same sums in another order, the rest bitwise.
+    names = [name for name, _ in direct_block.named_parameters()]
+    joined = {1, 2 + names.index("bn1.weight"), 2 + names.index("bn1.bias")}
+    for i, (a, b) in enumerate(zip(direct, through_ops)):
+        torch.testing.assert_close(a, b, rtol=1e-13 if i in joined else 0, atol=1e-15 if i in joined else 0)
 
 
 def test_keyword_and_default_arguments_reach_the_body():

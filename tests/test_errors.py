@@ -230,3 +230,18 @@ def test_the_unit_op_names_a_strided_vector():
     with pytest.raises(ValueError, match="bn_weight must be contiguous, got stride 2"):
         ops.bn_relu_conv(x, mean, var, _strided(torch.ones(4)), None, weight, None, [1, 1], [1, 1], 1e-5, False,
                          False, None, None, None, 0.1, "reference")
+
+
+@pytest.mark.parametrize("name", ["g_other", "dx_other"])
+@pytest.mark.parametrize("bad", ["shape", "dtype"])
+def test_the_backward_ops_name_a_gradient_that_does_not_match_x(name, bad):
+    """dgrad's g_other and the BN backward's dx_other are added to x's gradient: x's shape and dtype."""
+    x, weight, dy = torch.randn(2, 4, 5, 5), torch.randn(4, 4, 3, 3), torch.randn(2, 4, 5, 5)
+    mean, var = torch.zeros(4), torch.ones(4)
+    other = torch.randn(2, 4, 5, 4) if bad == "shape" else torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"{name} must match x \(\(2, 4, 5, 5\), torch.float32, cpu\), got"):
+        if name == "g_other":
+            ops.bn_relu_conv_dgrad(dy, weight, x, mean, var, None, None, [1, 1], [1, 1], 1e-5, "reference",
+                                   g_other=other)
+        else:
+            ops.bn_backward_apply(dy, x, mean, var, None, torch.zeros(2, 4), 50, 1e-5, True, other, "reference")

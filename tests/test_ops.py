@@ -45,6 +45,8 @@ def test_opcheck_backward_ops():
     dy = torch.randn(2, 4, 3, 3, dtype=x.dtype)
     torch.library.opcheck(ops.bn_relu_conv_dgrad.op, (dy, w, x, mean, var, gamma, beta, stride, padding, eps, "reference"))
     torch.library.opcheck(ops.bn_relu_conv_wgrad.op, (dy, x, mean, var, gamma, beta, list(w.shape), stride, padding, eps, "reference"))
+    torch.library.opcheck(ops.bn_relu_conv_dgrad.op, (dy, w, x, mean, var, gamma, beta, stride, padding, eps,
+                                                      "reference", x.dtype, torch.randn_like(x)))  # g_other
     g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, stride, padding, eps, "reference")
     torch.library.opcheck(ops.bn_backward_apply.op, (g, x, mean, var, gamma, sums, 50, eps, True, None, "reference"))
 

@@ -251,10 +251,11 @@ def bn_finalize(partials, running_mean, running_var, num_batches_tracked, moment
     return mean, var
 
 
-def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, conv_dtype):
+def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, conv_dtype, g_other=None):
     ext, _ = load_extension()
-    for name, t in (("dy", dy), ("weight", weight), ("x", x)):
-        require_cuda(name, t)
+    for name, t in (("dy", dy), ("weight", weight), ("x", x), ("g_other", g_other)):
+        if t is not None:
+            require_cuda(name, t)
     dy = dy.to(conv_dtype)  # float32 behind a float32 shortcut under autocast
     n, c, h, w = x.shape
     g = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
@@ -270,6 +271,8 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
         keep = [packed_weight(weight, (2, 3, 0, 1), conv_dtype)]  # [R, S, K, C]
         p.w_rskc = keep[0].data_ptr()
     p.dy, p.x, p.g = act(ext, dy), act(ext, x), act(ext, g)
+    if g_other is not None:
+        p.g_other = act(ext, g_other)
     conv_geometry(p, weight.shape, stride, padding)
     p.bn = bn_args(ext, mean, var, bn_weight, bn_bias, eps, c, keep)
     if has_bn:

@@ -95,8 +95,11 @@ def bn_finalize(partials, running_mean, running_var, num_batches_tracked, moment
     return mean, var
 
 
-def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, conv_dtype):
+def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, conv_dtype, g_other=None):
     da = torch.nn.grad.conv2d_input(x.shape, weight.to(conv_dtype), dy.to(conv_dtype), stride, padding)
+    if g_other is not None:  # added in float32 (float64) before g is rounded to x's dtype, as in the kernels
+        wide = torch.promote_types(da.dtype, torch.float32)
+        da = da.to(wide) + g_other.to(wide)
     if mean is None:
         return da.to(x.dtype).contiguous(memory_format=torch.channels_last), da.new_empty((2, 0))
     # ReLU's gradient passes where bn(x) > 0 and at NaN, as eager's threshold_backward (v <= 0 -> 0).

@@ -5,8 +5,9 @@ reduction over the filter taps (r, s) and the K output channels. For stride > 1 
 input pixels are split into stride_h * stride_w phases (sub-pixel decomposition): in the
 phase (h % stride_h, w % stride_w) only the taps r = (h + pad_h) mod stride_h (+ k*stride_h)
 reach an output pixel, so no zero-inserted work is done. A phase with no tap (1x1
-stride 2) still writes its zeros. The epilogue recomputes the ReLU mask from the saved
-pre-BN x and writes per-tile sums of g and g * xhat; the last program of each channel
+stride 2) still writes its zeros (or g_other). The epilogue adds g_other (another conv's
+gradient of the same activation: a projection shortcut's), recomputes the ReLU mask from
+the saved pre-BN x and writes per-tile sums of g and g * xhat; the last program of each channel
 block adds the tiles up in a fixed order (merge.py: no second launch, no atomics on floats).
 """
 from __future__ import annotations
@@ -33,12 +34,13 @@ def bn_relu_conv_dgrad_kernel(
     x_ptr, sxn, sxh, sxw, sxc,                 # saved pre-BN input [N, H, W, C]
     mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
     g_ptr, sgn, sgh, sgw, sgc,                 # result [N, H, W, C] by strides
+    o_ptr, son, soh, sow, soc,                 # g_other [N, H, W, C] by strides (HAS_OTHER)
     part_ptr, counter_ptr, G, sums_ptr,        # per-tile sums [tiles + groups, 2, C] fp32, tickets, tiles
                                                # per merge group, sums [2, C]
     N, H, W, C, P, Q, K, HP, WP, tiles_per_phase,
     R: tl.constexpr, S: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_OTHER: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     BT: tl.constexpr,
 ):
@@ -88,6 +90,9 @@ def bn_relu_conv_dgrad_kernel(
 
     ok = row_ok[:, None] & c_ok[None, :]
     g = acc
+    if HAS_OTHER:
+        o_row = n * son + h.to(tl.int64) * soh + w.to(tl.int64) * sow
+        g += tl.load(o_ptr + o_row[:, None] + rc[None, :] * soc, mask=ok, other=0.0).to(tl.float32)
     if HAS_PROLOGUE:
         x_row = n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
         x = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
@@ -137,7 +142,7 @@ def dgrad_grid(n: int, c: int, h: int, w: int, k: int, stride_h: int, stride_w: 
                      blocks * block_counters(tiles, group), (tiles + cdiv(tiles, group)) * 2 * c)
 
 
-def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, conv_dtype):
+def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, padding, eps, conv_dtype, g_other=None):
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     _, _, p, q = dy.shape
@@ -156,12 +161,14 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
         x, *nhwc_strides(x),
         mean if has_prologue else dummy, var if has_prologue else dummy,
         bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy, eps,
-        g, *nhwc_strides(g), part, counters, group,
+        g, *nhwc_strides(g),
+        *((g_other, *nhwc_strides(g_other)) if g_other is not None else (dummy, 0, 0, 0, 0)),  # unread without
+        part, counters, group,
         sums if has_prologue else dummy,
         n, h, w, c, p, q, k, hp, wp, tiles_per_phase,
         R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
-        HAS_BETA=has_prologue and bn_bias is not None, DOT=dot_dtype(conv_dtype),
+        HAS_BETA=has_prologue and bn_bias is not None, HAS_OTHER=g_other is not None, DOT=dot_dtype(conv_dtype),
         PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BK=bk, BT=bt,
     )
     return g, sums
