@@ -22,14 +22,16 @@ def time_us(fn, repeats: int, calls: int) -> dict:
 
 def tiny_blocks():
     """The tiny-overhead case of benchmarks/cases.py (16 channels, 2x16x8x8) as a basic and
-    a bottleneck block on the triton backend: (kind, block, x, fwdbwd) for each, fwdbwd
-    one forward and backward of the block."""
+    a bottleneck block on the triton backend, and a basic projection block (16 -> 32
+    channels, stride 2, the projection reading relu(bn1(x))): (kind, block, x, fwdbwd) for
+    each, fwdbwd one forward and backward of the block."""
     import torch
 
     import fused_preact as fp
-    for kind, block_cls in (("basic", fp.PreActBlock), ("bottleneck", fp.PreActBottleneck)):
-        block = block_cls(16, 16 if kind == "basic" else 4, 1, backend="triton")
-        block = block.to(memory_format=torch.channels_last)
+    for kind, make in (("basic", lambda: fp.PreActBlock(16, 16, 1, backend="triton")),
+                       ("bottleneck", lambda: fp.PreActBottleneck(16, 4, 1, backend="triton")),
+                       ("projection", lambda: fp.PreActBlock(16, 32, 2, backend="triton"))):
+        block = make().to(memory_format=torch.channels_last)
         x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
 
         def fwdbwd(block=block, x=x):

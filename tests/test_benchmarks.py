@@ -182,7 +182,7 @@ def test_host_cost_runs_with_every_triton_launch_stubbed(tmp_path):
     assert written["meta"]["device_type"] == "cpu"
     assert len(written["block_layers"]) == 6 and all(t["min_us"] > 0 for t in written["block_layers"].values())
     assert {(kind, mode) for kind, r in written["results"].items() for mode in r} == {
-        (kind, mode) for kind in ("basic", "bottleneck") for mode in ("fwd", "fwdbwd", "fwd-eval-nograd")}
+        (kind, mode) for kind in ("basic", "bottleneck", "projection") for mode in ("fwd", "fwdbwd", "fwd-eval-nograd")}
     assert all(0 < t["min_us"] <= t["median_us"] for r in written["results"].values() for t in r.values())
 
 
@@ -198,7 +198,7 @@ def test_launch_cost_runs_both_launch_paths(tmp_path):
     subprocess.run([sys.executable, "-m", "benchmarks.launch_cost", "--out", str(tmp_path), "--repeats", "1",
                     "--calls", "1"], check=True, capture_output=True, cwd=Path(__file__).parent.parent, env=env)
     written = json.loads((tmp_path / "launch_cost.json").read_text())
-    assert set(written["results"]) == {"basic", "bottleneck"}
+    assert set(written["results"]) == {"basic", "bottleneck", "projection"}
     for result in written["results"].values():
         assert result["launches_per_step"] > 0
         assert all(0 < result[path]["min_us"] <= result[path]["median_us"] for path in ("kernel[grid]", "direct"))
