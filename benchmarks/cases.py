@@ -23,14 +23,19 @@ class BlockCase:
         hw, s = self.hw, self.stride
         if self.kind == "basic":
             convs = [(self.in_planes, self.planes, 3, s, 1, hw), (self.planes, self.planes, 3, 1, 1, hw // s)]
-            out = self.planes
         else:
             convs = [(self.in_planes, self.planes, 1, 1, 0, hw), (self.planes, self.planes, 3, s, 1, hw),
                      (self.planes, 4 * self.planes, 1, 1, 0, hw // s)]
-            out = 4 * self.planes
-        if s != 1 or self.in_planes != out:
-            convs.append((self.in_planes, out, 1, s, 0, hw))
-        return list(dict.fromkeys(convs))
+        projection = self.projection()
+        return list(dict.fromkeys(convs + ([projection] if projection else [])))
+
+    def projection(self):
+        """(C_in, C_out, kernel, stride, padding, H) of the projection shortcut (it reads
+        relu(bn1(x)), as the first conv does), or None for an identity block."""
+        out = self.planes if self.kind == "basic" else 4 * self.planes
+        if self.stride == 1 and self.in_planes == out:
+            return None
+        return (self.in_planes, out, 1, self.stride, 0, self.hw)
 
 
 GPU_BLOCKS = [

@@ -61,7 +61,9 @@ class Recorder:
 def record_launches(case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype, torch.dtype]) -> list:
     """Every Triton launch of one training step of the block's units (by unit), unique by
     kernel, constexprs and tensor dtypes. With a float32 stream each conv is recorded both as
-    a first unit (float32 x in, conv-dtype y out) and as a last one (adding the stream)."""
+    a first unit (float32 x in, conv-dtype y out) and as a last one (adding the stream). In a
+    projection block the projection's dgrad runs without the BN and the first conv's adds its
+    result (block_autograd: one BN backward for both): both variants are recorded too."""
     dtype, w_dtype, conv_dtype = precision
     shortcut_variants = (False, True) if dtype != conv_dtype else (False,)
     import importlib
@@ -70,9 +72,10 @@ def record_launches(case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype
     launches: list = []
     for m, name in KERNELS:
         setattr(modules[m], name, Recorder(name, launches))
+    projection = case.projection()
     try:
-        for (c_in, c_out, k, stride, pad, hw), adds_stream in ((conv, adds) for conv in case.convs()
-                                                                for adds in shortcut_variants):
+        for conv, adds_stream in ((conv, adds) for conv in case.convs() for adds in shortcut_variants):
+            c_in, c_out, k, stride, pad, hw = conv
             x_dtype = conv_dtype if adds_stream else dtype
             x = torch.empty(case.batch, c_in, hw, hw, dtype=x_dtype).contiguous(memory_format=torch.channels_last)
             w = torch.empty(c_out, c_in, k, k, dtype=w_dtype)
@@ -85,6 +88,12 @@ def record_launches(case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype
                                                      *running, conv_dtype)
             dy = torch.empty_like(y)
             modules["conv_dgrad"].bn_relu_conv_dgrad(dy, w, x, v, v, v, v, [stride] * 2, [pad] * 2, 1e-5, conv_dtype)
+            if projection and conv == case.convs()[0]:  # adding the projection's gradient of relu(bn1(x))
+                modules["conv_dgrad"].bn_relu_conv_dgrad(dy, w, x, v, v, v, v, [stride] * 2, [pad] * 2, 1e-5,
+                                                         conv_dtype, g_other=x)
+            if conv == projection:  # without the BN (its backward runs in the first conv's)
+                modules["conv_dgrad"].bn_relu_conv_dgrad(dy, w, x, None, None, None, None, [stride] * 2, [pad] * 2,
+                                                         1e-5, conv_dtype)
             modules["conv_wgrad"].bn_relu_conv_wgrad(dy, x, v, v, v, v, list(w.shape), [stride] * 2, [pad] * 2, 1e-5,
                                                      w_dtype, conv_dtype)
             modules["stats"].batch_stats(x, v.clone(), v.clone(), None, 0.1)
@@ -157,7 +166,8 @@ def analyse(arch: int, case: C.BlockCase, precision: tuple[torch.dtype, torch.dt
         rows.append({
             "kernel": name, "conv": name in CONV_KERNELS,
             "tensor_dtypes": "/".join(sorted({str(a.dtype).replace("torch.", "") for a in args
-                                              if isinstance(a, torch.Tensor)})), "config": {k: v for k, v in kwargs.items() if k.isupper() and k.startswith(("B", "R", "S"))},
+                                              if isinstance(a, torch.Tensor)})),
+            "config": {k: v for k, v in kwargs.items() if k.isupper() and k.startswith(("B", "R", "S", "HAS_"))},
             "registers": int(resources.get("REG", -1)), "stack_bytes": int(resources.get("STACK", 0)),
             "local_bytes": int(resources.get("LOCAL", 0)),
             "spill_bytes": sum(map(int, spills.groups())) if spills else 0,
