@@ -114,10 +114,12 @@ def record_launches(case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype
     return unique
 
 
-def compile_launch(kernel, grid, args, kwargs):
-    """The CompiledKernel Triton's JIT makes for this launch (its warmup: compile, no launch)."""
-    # The benchmark's one config (FUSED_PREACT_TRITON_AUTOTUNE=0): its warps and stages.
-    return kernel.jit.warmup(*args, grid=grid, **kwargs, **kernel.options)
+def compile_launch(kernel, grid, args, kwargs, warps=None):
+    """The CompiledKernel Triton's JIT makes for this launch (its warmup: compile, no launch)
+    with the benchmark's one config (FUSED_PREACT_TRITON_AUTOTUNE=0), or with `warps` warps
+    (the autotuner, on by default, also tries 8)."""
+    options = dict(kernel.options, **({"num_warps": warps} if warps else {}))
+    return kernel.jit.warmup(*args, grid=grid, **kwargs, **options)
 
 
 def ptxas_report(ptx: str, arch: int) -> tuple[str, str]:
@@ -148,11 +150,12 @@ def main_loop(sass: str) -> list[str]:
     return best
 
 
-def analyse(arch: int, case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype, torch.dtype]) -> list[dict]:
+def analyse(arch: int, case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype, torch.dtype],
+            warps: int | None = None) -> list[dict]:
     stand_in_driver.install(arch)
     rows = []
     for name, grid, args, kwargs, kernel in record_launches(case, precision):
-        compiled = compile_launch(kernel, grid, args, kwargs)
+        compiled = compile_launch(kernel, grid, args, kwargs, warps)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()
@@ -168,7 +171,8 @@ def analyse(arch: int, case: C.BlockCase, precision: tuple[torch.dtype, torch.dt
             "tensor_dtypes": "/".join(sorted({str(a.dtype).replace("torch.", "") for a in args
                                               if isinstance(a, torch.Tensor)})),
             "config": {k: v for k, v in kwargs.items() if k.isupper() and k.startswith(("B", "R", "S", "HAS_"))},
-            "registers": int(resources.get("REG", -1)), "stack_bytes": int(resources.get("STACK", 0)),
+            "num_warps": compiled.metadata.num_warps, "registers": int(resources.get("REG", -1)),
+            "stack_bytes": int(resources.get("STACK", 0)),
             "local_bytes": int(resources.get("LOCAL", 0)),
             "spill_bytes": sum(map(int, spills.groups())) if spills else 0,
             "shared_bytes": compiled.metadata.shared,
@@ -188,20 +192,23 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--arch", type=int, default=90, choices=[80, 90])
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--warps", type=int, default=None, choices=[4, 8],
+                        help="compile with this many warps (default: the benchmark's one config)")
     args = parser.parse_args(argv)
     case = next(c for c in C.GPU_BLOCKS if c.name == args.case)
-    rows = analyse(args.arch, case, DTYPES[args.dtype])
+    rows = analyse(args.arch, case, DTYPES[args.dtype], args.warps)
     print(f"triton {triton.__version__}, sm_{args.arch}, {case.name} ({case.kind} {case.in_planes}->{case.planes}, "
-          f"stride {case.stride}, N={case.batch}, {case.hw}x{case.hw}), {args.dtype}")
-    print(f"{'kernel':28s} {'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'HGMMA':>5s} {'HMMA':>4s} {'loop ins':>8s} "
-          f"{'MUFU':>4s} {'SEL':>4s}  advisories")
+          f"stride {case.stride}, N={case.batch}, {case.hw}x{case.hw}), {args.dtype}, "
+          f"{f'{args.warps} warps' if args.warps else 'the benchmark config'}")
+    print(f"{'kernel':28s} {'warps':>5s} {'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'HGMMA':>5s} {'HMMA':>4s} "
+          f"{'loop ins':>8s} {'MUFU':>4s} {'SEL':>4s}  advisories")
     for r in rows:
-        print(f"{r['kernel']:28s} {r['registers']:4d} {r['spill_bytes']:7d} {r['shared_bytes']:7d} {r['hgmma']:5d} "
-              f"{r['hmma']:4d} {str(r['main_loop_instructions'] or '-'):>8s} {r['main_loop_mufu']:4d} "
+        print(f"{r['kernel']:28s} {r['num_warps']:5d} {r['registers']:4d} {r['spill_bytes']:7d} {r['shared_bytes']:7d} "
+              f"{r['hgmma']:5d} {r['hmma']:4d} {str(r['main_loop_instructions'] or '-'):>8s} {r['main_loop_mufu']:4d} "
               f"{r['main_loop_sel']:4d}  {' '.join(r['advisories']) or '-'}  {r['config']} {r['tensor_dtypes']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "case": case.name,
-                                               "dtype": args.dtype, "kernels": rows}, indent=2))
+                                               "dtype": args.dtype, "warps": args.warps, "kernels": rows}, indent=2))
 
 
 if __name__ == "__main__":
