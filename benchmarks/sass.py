@@ -116,9 +116,11 @@ def record_launches(case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype
 
 def compile_launch(kernel, grid, args, kwargs, warps=None):
     """The CompiledKernel Triton's JIT makes for this launch (its warmup: compile, no launch)
-    with the benchmark's one config (FUSED_PREACT_TRITON_AUTOTUNE=0), or with `warps` warps
-    (the autotuner, on by default, also tries 8)."""
-    options = dict(kernel.options, **({"num_warps": warps} if warps else {}))
+    with the options the benchmark's one config gives it (FUSED_PREACT_TRITON_AUTOTUNE=0:
+    KernelLauncher.options_for), or with `warps` warps (the autotuner, on by default, tries 4
+    and 8)."""
+    options = dict(kernel.options_for(kwargs.get("BM", 0), kwargs.get("BN", 0)),
+                   **({"num_warps": warps} if warps else {}))
     return kernel.jit.warmup(*args, grid=grid, **kwargs, **options)
 
 

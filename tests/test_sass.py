@@ -14,10 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def sass_rows(arch: int, tmp_path) -> list[dict]:
+def sass_rows(arch: int, tmp_path, case: str = "r18-s1-id") -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
-    out = tmp_path / f"sm{arch}.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.sass", "--arch", str(arch), "--json", str(out)],
+    out = tmp_path / f"{case}-sm{arch}.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.sass", "--case", case, "--arch", str(arch), "--json", str(out)],
                    cwd=ROOT, env=env, check=True, capture_output=True)
     return json.loads(out.read_text())["kernels"]
 
@@ -53,3 +53,16 @@ def test_headline_kernels_use_tensor_cores_without_spills_or_serialisation(arch,
     version = ".".join(triton.__version__.split(".")[:2])
     known = {k[1:] for k in KNOWN if k[:2] == (version, arch)}
     assert found == known, f"new: {sorted(found - known)}; gone (drop from KNOWN): {sorted(known - found)}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["r18-s2-id", "in-r50-28"])
+def test_wide_tiles_get_the_warps_their_accumulators_need(case, tmp_path):
+    """With one launch config (autotuning off, as the benchmark runs), a 128 x 128 forward or
+    dgrad tile launches with 8 warps: at the config's 4 its float32 accumulator alone fills
+    half the registers, and sm_90 spilled 1-2.5 KB per thread (a few bytes at 8 warps:
+    benchmarks/results/2026-11-25-cpu-sass-dc1ea69-warps)."""
+    rows = sass_rows(90, tmp_path, case)
+    wide = [r for r in rows if r["conv"] and r["config"]["BM"] * r["config"]["BN"] > 128 * 64]
+    assert wide and all(r["num_warps"] == 8 for r in wide)
+    assert max(r["spill_bytes"] for r in rows if r["conv"]) <= 256, [(r["kernel"], r["spill_bytes"]) for r in rows]

@@ -78,10 +78,18 @@ def derived(make: Callable, tensor: torch.Tensor) -> torch.Tensor:
     return made
 
 
+# With one config, a BM x BN tile larger than this gets 8 warps instead of the config's 4:
+# at 4 warps (128 threads) its float32 accumulator alone is over 64 registers per thread, and
+# sm_90 spills 1-2.5 KB per thread at 128 x 128 where 8 warps spill nothing or a few bytes
+# (benchmarks/results/2026-11-25-cpu-sass-dc1ea69-warps).
+WIDE_TILE = 128 * 64
+
+
 def warp_configs() -> list[triton.Config]:
     """Autotune space: warps and pipeline depth (tile shapes are fixed by the launcher).
     The interpreter takes exactly one config; FUSED_PREACT_TRITON_AUTOTUNE=0 (the GPU test
-    runs) keeps only the first, which skips the compile-and-time of the others."""
+    runs) keeps only the first, which skips the compile-and-time of the others, but for
+    wider tiles (KernelLauncher.options_for)."""
     if interpreter_on():
         return [triton.Config({}, num_warps=4, num_stages=1)]
     configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 4)]
@@ -126,6 +134,10 @@ class KernelLauncher:
         self.options = options or {}
         self.jit = kernel if options is not None else kernel.fn  # the JITFunction
         self.arg_names = tuple(self.jit.arg_names)
+        # The positions of a kernel's tile constexprs BM and BN where the options are fixed
+        # (no autotuner to choose the warps): see options_for.
+        tiled = options is not None and "num_warps" in options and {"BM", "BN"} <= set(self.arg_names)
+        self.tile = (self.arg_names.index("BM"), self.arg_names.index("BN")) if tiled else None
         self.kept: dict[tuple, object] = {}  # signature -> CompiledKernel
         self.rest_by_count: dict[int, Callable] = {}  # positional count -> picks the other parameters from kwargs
         self.layouts: dict[tuple, tuple[Callable, Callable]] = {}  # argument types -> picks tensors, the others
@@ -145,13 +157,22 @@ class KernelLauncher:
         if captured is not None:
             captured.launches.append(Launched(self, grid, values, compiled))
 
+    def options_for(self, bm: int, bn: int) -> dict:
+        """The launch options of a launch with tile BM x BN: the fixed ones, with 8 warps
+        where the tile is wider than WIDE_TILE (where an autotuner chooses, {})."""
+        if self.tile is None or bm * bn <= WIDE_TILE:
+            return self.options
+        return dict(self.options, num_warps=max(8, self.options["num_warps"]))
+
     def launch_through_triton(self, grid: tuple, args: tuple, kwargs: dict, key: tuple | None):
         """kernel[grid](...), which compiles, autotunes and launches; returns the
         CompiledKernel Triton chose, kept under `key` (None: nothing kept, returns None)."""
-        self.kernel[grid](*args, **kwargs, **self.options)
+        options = self.options_for(kwargs.get("BM", 0), kwargs.get("BN", 0))  # our wrappers pass tiles by name
+        self.kernel[grid](*args, **kwargs, **options)
         if key is None:
             return None
-        options = self.options if self.jit is self.kernel else self.kernel.best_config.all_kwargs()
+        if self.jit is not self.kernel:
+            options = self.kernel.best_config.all_kwargs()
         compiled = self.jit.warmup(*args, grid=grid, **kwargs, **options)  # Triton's cached choice
         compiled = compiled.result() if hasattr(compiled, "result") else compiled  # async compile mode
         if not hasattr(compiled, "__getitem__"):
@@ -168,7 +189,8 @@ class KernelLauncher:
         if compiled is not None and DIRECT:
             compiled[grid + (1,) * (3 - len(grid))](*values)
         else:
-            self.kernel[grid](*values, **self.options)
+            tile = (values[self.tile[0]], values[self.tile[1]]) if self.tile else (0, 0)
+            self.kernel[grid](*values, **self.options_for(*tile))
 
     def parameter_values(self, args: tuple, kwargs: dict) -> tuple | None:
         """Every parameter's value in order (constexprs too: what a CompiledKernel's launcher
