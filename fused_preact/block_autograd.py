@@ -12,7 +12,8 @@ call of its backend implementation (ops.recording) and what each unit's node wou
 saved. BlockFunction's backward runs the recorded units' backward (ops.unit_gradients, the
 formula the per-unit node runs too) last unit first, passing each unit's input gradient to
 the unit that produced that input and the shortcut's gradient to the first unit's
-BN-backward kernel (dx_other).
+BN-backward kernel (dx_other). A projection that reads relu(bn1(x)) hands its conv's input
+gradient to the first unit's dgrad kernel instead (da_other), so bn1's backward runs once.
 
 What the tape recorded is a Program: the implementation calls with every tensor they read
 or wrote as a slot (the block's input, the incoming statistics, the modules' parameters and
