@@ -60,7 +60,7 @@ def test_headline_kernels_use_tensor_cores_without_spills_or_serialisation(arch,
 def test_wide_tiles_get_the_warps_their_accumulators_need(case, tmp_path):
     """With one launch config (autotuning off, as the benchmark runs), a 128 x 128 forward or
     dgrad tile launches with 8 warps: at the config's 4 its float32 accumulator alone fills
-    half the registers, and sm_90 spilled 1-2.5 KB per thread (a few bytes at 8 warps:
+    half the registers, and sm_90 spilled up to 2.5 KB per thread (at most 232 B at 8 warps:
     benchmarks/results/2026-11-25-cpu-sass-dc1ea69-warps)."""
     rows = sass_rows(90, tmp_path, case)
     wide = [r for r in rows if r["conv"] and r["config"]["BM"] * r["config"]["BN"] > 128 * 64]

@@ -80,8 +80,8 @@ def derived(make: Callable, tensor: torch.Tensor) -> torch.Tensor:
 
 # With one config, a BM x BN tile larger than this gets 8 warps instead of the config's 4:
 # at 4 warps (128 threads) its float32 accumulator alone is over 64 registers per thread, and
-# sm_90 spills 1-2.5 KB per thread at 128 x 128 where 8 warps spill nothing or a few bytes
-# (benchmarks/results/2026-11-25-cpu-sass-dc1ea69-warps).
+# at 128 x 128 sm_90 spilled up to 2.5 KB per thread (dgrad, 1x1 forward; the 3x3 forward
+# 20-60 B) where 8 warps spill 0-232 B (benchmarks/results/2026-11-25-cpu-sass-dc1ea69-warps).
 WIDE_TILE = 128 * 64
 
 
