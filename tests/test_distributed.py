@@ -6,6 +6,8 @@ input gradients, running statistics and, after DDP averaging, its parameters mat
 that big-batch run; without sync_bn each rank matches a run on its own half.
 """
 
+import gc
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -54,8 +56,12 @@ def worker(rank, init_file, sync_bn, result_file):
         opt.step()
         record.append((out.detach(), x.grad))
     torch.save({"steps": record, "state": model.state_dict()}, f"{result_file}.{rank}")
-    # Both ranks done before either tears gloo down (a rank left alone mid-teardown can abort:
-    # seen once in CI, a SIGABRT of rank 0 with no Python error).
+    # Both ranks done before either tears gloo down, and DDP (whose reducer holds the process
+    # group and its work) gone first: destroy_process_group only drops c10d's own references,
+    # and a group that outlives it is torn down at interpreter exit, where gloo can abort (seen
+    # twice in CI: a SIGABRT of rank 0 after its results were written, no Python error).
+    del ddp, opt, record, out
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
