@@ -91,8 +91,10 @@ def kernel_names(fn):
 def test_launch_budget_forward_basic_block_identity(amp):
     """Training forward of a chained identity basic block: 2 conv launches of ours, nothing else
     (each conv's last programs merge the next BatchNorm's statistics; under autocast the
-    kernels cast the float32 weights and add the float32 identity stream themselves)."""
-    block = fp.PreActBlock(64, 64, backend="triton").cuda()
+    kernels cast the float32 weights and add the float32 identity stream themselves). The
+    model is channels_last, as README advises (a default-layout 3x3 weight is copied into the
+    kernels' layout before each forward and dgrad launch: one more small kernel each)."""
+    block = fp.PreActBlock(64, 64, backend="triton").cuda().to(memory_format=torch.channels_last)
     consumer = fp.PreActBlock(64, 64, backend="triton").cuda().consumer()
     x = torch.randn(128, 64, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     moments = fp.ops.batch_stats(x, None, None, None, None, "triton")
@@ -107,11 +109,14 @@ def test_launch_budget_forward_basic_block_identity(amp):
     assert len(names) == 2, names
 
 
+@pytest.mark.parametrize("planes,stride,convs", [(64, 1, 2), (128, 2, 3)], ids=["identity", "projection"])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp-bf16"])
-def test_launch_budget_backward_basic_block_identity(amp):
-    """Backward: 2 dgrad, 2 wgrad, 2 BN-backward passes, nothing else (the identity gradient
-    is added in the first unit's BN-backward pass; no weight-gradient cast under autocast)."""
-    block = fp.PreActBlock(64, 64, backend="triton").cuda()
+def test_launch_budget_backward_basic_block(amp, planes, stride, convs):
+    """Backward: a dgrad and a wgrad per conv, a BN-backward pass per BatchNorm, nothing else
+    (the identity gradient is added in the first unit's BN-backward pass; a projection's
+    gradient joins conv1's dgrad, so bn1's backward runs once; no weight-gradient cast under
+    autocast). Channels_last model, as in the forward's budget."""
+    block = fp.PreActBlock(64, planes, stride, backend="triton").cuda().to(memory_format=torch.channels_last)
     # channels_last, as the kernels write dx: a leaf of another layout gets its gradient
     # copied into that layout by autograd (one more kernel, PyTorch's, eager's too).
     x = torch.randn(128, 64, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -126,10 +131,10 @@ def test_launch_budget_backward_basic_block_identity(amp):
     x.grad = None
     names = kernel_names(lambda: out.backward(grad))
     print("\n".join(names))
-    assert sum("dgrad_kernel" in n for n in names) == 2
-    assert sum("wgrad_kernel" in n for n in names) == 2
+    assert sum("dgrad_kernel" in n for n in names) == convs
+    assert sum("wgrad_kernel" in n for n in names) == convs
     assert sum("bn_backward_apply_kernel" in n for n in names) == 2
-    assert len(names) == 6, names
+    assert len(names) == 2 * convs + 2, names
 
 
 def test_cuda_graph_capture_of_a_training_step():
