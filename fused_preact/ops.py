@@ -333,10 +333,9 @@ def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Seq
                         weight_shape=list(weight.shape), stride=stride, padding=padding, eps=eps,
                         weight_dtype=weight.dtype, conv_dtype=conv_dtype,
                         weight_channels_last=weight_is_channels_last(weight))
-    if bn_elsewhere and (needs[0] or needs[3] or needs[4]):
-        dx, _ = dgrad(dy=dy, weight=weight, x=x, mean=None, var=None, bn_weight=None, bn_bias=None, stride=stride,
-                      padding=padding, eps=eps, conv_dtype=conv_dtype, g_other=da_other)
-    elif needs[0] or needs[3] or needs[4]:
+    if bn_elsewhere:  # from here on the conv alone: dx is its input gradient (dx_other is None)
+        mean = var = bn_weight = bn_bias = None
+    if needs[0] or needs[3] or needs[4]:
         g, sums = dgrad(dy=dy, weight=weight, x=x, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias,
                         stride=stride, padding=padding, eps=eps, conv_dtype=conv_dtype, g_other=da_other)
         if mean is None:
