@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv, conv_output_hw, stats_dtype
-from .common import (bn_scale_shift, dot_dtype, dot_precision, kernel_weight, nhwc_strides, pow2_block, relu,
+from .common import (bn_relu_padded, bn_scale_shift, dot_dtype, dot_precision, kernel_weight, nhwc_strides, pow2_block,
                      rows_per_tile, stats_tiles, write_tile_stats)
 from .launch import autotune_warps, derived
 from .merge import block_counters, merge_block, merge_group, merge_buffers, merge_if_last
@@ -83,8 +83,7 @@ def bn_relu_conv_fwd_kernel(
             else:
                 mean, scale, beta = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, c_ok,
                                                    eps, HAS_GAMMA, HAS_BETA)
-            a = relu((a - mean[None, :]) * scale[None, :] + beta[None, :])
-            a = tl.where(ok, a, 0.0)  # zero padding after the activation
+            a = bn_relu_padded(a, mean, scale, beta, ok)
         # The weight in the conv dtype: under autocast a float32 parameter, cast here.
         b = tl.load(w_ptr + rc[:, None] * swc + rn[None, :] * swk + r * swr + s * sws,
                     mask=c_ok[:, None] & col_ok[None, :], other=0.0).to(DOT)

@@ -17,8 +17,7 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv, weight_memory_format, wgrad_splits
-from .common import (bn_scale_shift, dot_dtype, dot_precision, interpreter_on, nhwc_strides, pow2_block,
-                     relu)
+from .common import bn_relu_padded, bn_scale_shift, dot_dtype, dot_precision, interpreter_on, nhwc_strides, pow2_block
 from .launch import autotune_warps
 from .merge import block_counters, group_ticket, last_ticket, merge_buffers, merge_group, reset_ticket
 
@@ -66,8 +65,7 @@ def bn_relu_conv_wgrad_kernel(
         x_row = n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
         a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
         if HAS_PROLOGUE:
-            a = relu((a - mean[None, :]) * scale[None, :] + beta[None, :])
-            a = tl.where(ok, a, 0.0)
+            a = bn_relu_padded(a, mean, scale, beta, ok)
         acc += tl.dot(dyt.to(DOT), a.to(DOT), input_precision=PRECISION)  # dy: float32 behind a shortcut
     out_ok = k_ok[:, None] & c_ok[None, :]
     if SPLIT == 1:
