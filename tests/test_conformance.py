@@ -202,3 +202,30 @@ def test_ops_conform_to_float64(case, poisoned, request, monkeypatch):
     bad = {name: f"{ours:.1e} vs reference {theirs:.1e}" for name, (ours, theirs) in errors.items()
            if not ours <= FACTOR * theirs + floor}
     assert not bad, f"relative L2 errors over {FACTOR:g} x the reference's + {floor:g}: {bad}"
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 3, 2, 1, 8, 2), (24, 16, 1, 2, 0, 7, 3)])
+def test_triton_int64_offsets_compute_what_int32_ones_do(shape, monkeypatch):
+    """The Triton kernels form element offsets in int32 where every tensor of a launch spans
+    fewer than INT32_SPAN elements (every shape a test can afford), in int64 beyond. With the
+    limit at one element every launch takes the int64 path: each op's output bitwise the same."""
+    from fused_preact.backends.triton import bn_backward, common, conv_dgrad, conv_fwd, conv_wgrad, stats
+    kernels = (conv_fwd.bn_relu_conv_fwd_kernel, conv_dgrad.bn_relu_conv_dgrad_kernel,
+               conv_wgrad.bn_relu_conv_wgrad_kernel, stats.batch_stats_kernel, bn_backward.bn_backward_apply_kernel)
+    int64_flags = []
+    for kernel in kernels:
+        def spy(grid, args, kwargs, launch=kernel.launch):
+            int64_flags.append(kwargs["INT64"])
+            return launch(grid, args, kwargs)
+        monkeypatch.setattr(kernel, "launch", spy)
+    case = Case("triton", "fp32", shape, prologue=True, residual=True)
+    torch.manual_seed(zlib.crc32(case_id(case).encode()))
+    t = inputs(case, torch.float32, torch.float32, torch.float32)
+    int32 = run_ops(case, "triton", t, torch.float32)
+    assert int64_flags and not any(int64_flags)
+    int64_flags.clear()
+    monkeypatch.setattr(common, "INT32_SPAN", 1)
+    int64 = run_ops(case, "triton", t, torch.float32)
+    assert len(int64_flags) >= len(kernels) and all(int64_flags)
+    for name, value in int32.items():
+        assert torch.equal(value, int64[name]), name

@@ -374,3 +374,20 @@ def test_default_layout_weights_train_bitwise_like_channels_last_ones(monkeypatc
     for a, b in zip(*results):
         assert torch.equal(a, b)
     assert len(handed) == 2 * 2 * 3 and set(handed) == {1}  # 3 convs forward and dgrad, both blocks
+
+
+def test_int64_offsets_where_a_tensor_spans_int32_span_elements():
+    """needs_int64 measures the farthest element from a tensor's start (its sizes and strides,
+    not its element count); a dimension of size 1 adds nothing whatever its stride. Meta
+    tensors: nothing is allocated."""
+    from fused_preact.backends.triton.common import INT32_SPAN, needs_int64
+
+    def strided(size, stride):
+        return torch.empty_strided(size, stride, device="meta")
+    assert not needs_int64(torch.empty(2, 3, 4, 5))
+    batch = torch.empty(2 ** 12 + 1, 2 ** 8, 32, 32, device="meta")  # 2^30 + 2^18 elements
+    assert needs_int64(batch) and not needs_int64(batch[:-1])  # 2^30: the last at 2^30 - 1
+    assert needs_int64(strided((2, 8, 4, 4), (INT32_SPAN, 1, 1, 1)))  # two images far apart
+    assert not needs_int64(strided((1, 8, 4, 4), (4 * INT32_SPAN, 1, 32, 8)))  # one image
+    assert not needs_int64(strided((0, 8, 4, 4), (INT32_SPAN, 1, 1, 1)))  # empty
+    assert needs_int64(torch.empty(2, 3, 4, 5), strided((3, 2), (INT32_SPAN // 2, 1)))  # any of them

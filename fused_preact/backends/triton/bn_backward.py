@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv
-from .common import next_pow2, nhwc_strides
+from .common import as_offset, needs_int64, next_pow2, nhwc_strides
 from .launch import launcher
 
 
@@ -22,16 +22,16 @@ from .launch import launcher
 def bn_backward_apply_kernel(
     g_ptr, sgn, sgh, sgw, sgc, x_ptr, sxn, sxh, sxw, sxc, dx_ptr, son, soh, sow, soc,
     other_ptr, san, sah, saw, sac, mean_ptr, var_ptr, gamma_ptr, grad_sums_ptr, inv_count, eps, M, HW, W, C,
-    HAS_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr, HAS_OTHER: tl.constexpr, BM: tl.constexpr,
+    HAS_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr, HAS_OTHER: tl.constexpr, INT64: tl.constexpr, BM: tl.constexpr,
     BC: tl.constexpr,
 ):
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rc = tl.program_id(1) * BC + tl.arange(0, BC)
     c_ok = rc < C
     ok = (rm < M)[:, None] & c_ok[None, :]
-    n = (rm // HW).to(tl.int64)
-    h = ((rm % HW) // W).to(tl.int64)
-    w = (rm % W).to(tl.int64)
+    n = as_offset(rm // HW, INT64)
+    h = as_offset((rm % HW) // W, INT64)
+    w = as_offset(rm % W, INT64)
     g = tl.load(g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + rc[None, :] * sgc, mask=ok, other=0.0).to(tl.float32)
     invstd = 1.0 / tl.sqrt(tl.load(var_ptr + rc, mask=c_ok, other=1.0).to(tl.float32) + eps)
     scale = invstd
@@ -61,6 +61,7 @@ def bn_backward_apply(g, x, mean, var, bn_weight, grad_sums, count, eps, batch_s
     bn_backward_apply_kernel[(cdiv(m, bm), cdiv(c, bc))](
         g, *nhwc_strides(g), x, *nhwc_strides(x), dx, *nhwc_strides(dx), *other,
         mean, var, bn_weight if bn_weight is not None else var, grad_sums.contiguous(), 1.0 / count, eps, m, h * w, w, c,
-        HAS_GAMMA=bn_weight is not None, BATCH_STATS=batch_stats, HAS_OTHER=dx_other is not None, BM=bm, BC=bc,
+        HAS_GAMMA=bn_weight is not None, BATCH_STATS=batch_stats, HAS_OTHER=dx_other is not None,
+        INT64=needs_int64(g, x, dx, *(() if dx_other is None else (dx_other,))), BM=bm, BC=bc,
     )
     return dx

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv
-from .common import (bn_scale_shift, dot_dtype, dot_precision, kernel_weight, nhwc_strides, pow2_block,
-                     relu_passes, rows_per_tile)
+from .common import (as_offset, bn_scale_shift, dot_dtype, dot_precision, kernel_weight, needs_int64, nhwc_strides,
+                     pow2_block, relu_passes, rows_per_tile)
 from .launch import autotune_warps, derived
 from .merge import block_counters, merge_block, merge_buffers, merge_group, sum_if_last
 
@@ -41,8 +41,8 @@ def bn_relu_conv_dgrad_kernel(
     R: tl.constexpr, S: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_OTHER: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    BT: tl.constexpr,
+    INT64: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     phase = pid // tiles_per_phase
@@ -57,7 +57,7 @@ def bn_relu_conv_dgrad_kernel(
     # divisors below must not be 0.
     area = tl.maximum(hp * wp, 1)
     wp_div = tl.maximum(wp, 1)
-    n = (rm // area).to(tl.int64)
+    n = as_offset(rm // area, INT64)
     h = ph + STRIDE_H * ((rm % area) // wp_div)
     w = pw + STRIDE_W * (rm % wp_div)
     rc = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -79,7 +79,7 @@ def bn_relu_conv_dgrad_kernel(
         p = (h + PAD_H - r) // STRIDE_H  # exact: h + PAD_H - r is a multiple of STRIDE_H
         q = (w + PAD_W - s) // STRIDE_W
         pix_ok = row_ok & (h + PAD_H - r >= 0) & (p < P) & (w + PAD_W - s >= 0) & (q < Q)
-        dy_row = n * sdn + p.to(tl.int64) * sdh + q.to(tl.int64) * sdw
+        dy_row = n * sdn + as_offset(p, INT64) * sdh + as_offset(q, INT64) * sdw
         k_ok = rk < K
         a = tl.load(dy_ptr + dy_row[:, None] + rk[None, :] * sdc,
                     mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
@@ -91,17 +91,17 @@ def bn_relu_conv_dgrad_kernel(
     ok = row_ok[:, None] & c_ok[None, :]
     g = acc
     if HAS_OTHER:
-        o_row = n * son + h.to(tl.int64) * soh + w.to(tl.int64) * sow
+        o_row = n * son + as_offset(h, INT64) * soh + as_offset(w, INT64) * sow
         g += tl.load(o_ptr + o_row[:, None] + rc[None, :] * soc, mask=ok, other=0.0).to(tl.float32)
     if HAS_PROLOGUE:
-        x_row = n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+        x_row = n * sxn + as_offset(h, INT64) * sxh + as_offset(w, INT64) * sxw
         x = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
         mean, scale, beta = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, c_ok, eps,
                                            HAS_GAMMA, HAS_BETA)
         xc = x - mean[None, :]
         g = tl.where(relu_passes(xc * scale[None, :] + beta[None, :]), g, 0.0)
     g = g.to(g_ptr.dtype.element_ty)
-    g_row = n * sgn + h.to(tl.int64) * sgh + w.to(tl.int64) * sgw
+    g_row = n * sgn + as_offset(h, INT64) * sgh + as_offset(w, INT64) * sgw
     tl.store(g_ptr + g_row[:, None] + rc[None, :] * sgc, g, mask=ok)
     if HAS_PROLOGUE:
         # Sums of the stored g, so the BN backward pass subtracts exactly their mean.
@@ -168,7 +168,8 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
         n, h, w, c, p, q, k, hp, wp, tiles_per_phase,
         R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
-        HAS_BETA=has_prologue and bn_bias is not None, HAS_OTHER=g_other is not None, DOT=dot_dtype(conv_dtype),
+        HAS_BETA=has_prologue and bn_bias is not None, HAS_OTHER=g_other is not None,
+        INT64=needs_int64(dy, x, g, *(() if g_other is None else (g_other,))), DOT=dot_dtype(conv_dtype),
         PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BK=bk, BT=bt,
     )
     return g, sums

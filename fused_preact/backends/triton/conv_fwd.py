@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv, conv_output_hw, stats_dtype
-from .common import (bn_relu_padded, bn_scale_shift, dot_dtype, dot_precision, kernel_weight, nhwc_strides, pow2_block,
-                     rows_per_tile, stats_tiles, write_tile_stats)
+from .common import (as_offset, bn_relu_padded, bn_scale_shift, dot_dtype, dot_precision, kernel_weight, needs_int64,
+                     nhwc_strides, pow2_block, rows_per_tile, stats_tiles, write_tile_stats)
 from .launch import autotune_warps, derived
 from .merge import block_counters, merge_block, merge_group, merge_buffers, merge_if_last
 from .stats import running_args
@@ -41,7 +41,7 @@ def bn_relu_conv_fwd_kernel(
     R: tl.constexpr, S: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, WANT_STATS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr, INT64: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_C_BLOCK: tl.constexpr, BT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -50,7 +50,7 @@ def bn_relu_conv_fwd_kernel(
     rn = pid_n * BN + tl.arange(0, BN)
     row_ok = rm < M
     col_ok = rn < K
-    n = (rm // (P * Q)).to(tl.int64)
+    n = as_offset(rm // (P * Q), INT64)
     pq = rm % (P * Q)
     p = pq // Q
     q = pq % Q
@@ -73,7 +73,7 @@ def bn_relu_conv_fwd_kernel(
         h = p * stride_h - pad_h + r
         w = q * stride_w - pad_w + s
         pix_ok = row_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        x_row = n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+        x_row = n * sxn + as_offset(h, INT64) * sxh + as_offset(w, INT64) * sxw
         c_ok = rc < C
         ok = pix_ok[:, None] & c_ok[None, :]
         a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
@@ -90,12 +90,12 @@ def bn_relu_conv_fwd_kernel(
         acc += tl.dot(a.to(DOT), b, input_precision=PRECISION)
 
     out_ok = row_ok[:, None] & col_ok[None, :]
-    y_row = n * syn + p.to(tl.int64) * syh + q.to(tl.int64) * syw
+    y_row = n * syn + as_offset(p, INT64) * syh + as_offset(q, INT64) * syw
     if HAS_RESIDUAL:
         # Added in float32 and rounded once to y's dtype (float32 for a float32 shortcut under
         # autocast). Eager rounds the conv output to the conv dtype first; rounding it here too
         # cost 812 B of spills (triton 3.6, sm_90) for no accuracy.
-        r_row = n * srn + p.to(tl.int64) * srh + q.to(tl.int64) * srw
+        r_row = n * srn + as_offset(p, INT64) * srh + as_offset(q, INT64) * srw
         acc += tl.load(res_ptr + r_row[:, None] + rn[None, :] * src, mask=out_ok, other=0.0).to(tl.float32)
     y = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + y_row[:, None] + rn[None, :] * syc, y, mask=out_ok)
@@ -168,7 +168,7 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
         y_mean if want_stats else dummy, y_var if want_stats else dummy,
         m, h, w, c, p, q, k, stride[0], stride[1], padding[0], padding[1],
         **running_args(y_mean if want_stats else y, running_mean, running_var, num_batches_tracked, momentum),
-        R=r, S=s, HAS_PROLOGUE=has_prologue,
+        R=r, S=s, HAS_PROLOGUE=has_prologue, INT64=needs_int64(x, y, res),
         HAS_GAMMA=has_prologue and bn_weight is not None, HAS_BETA=has_prologue and bn_bias is not None,
         HAS_RESIDUAL=residual is not None, WANT_STATS=want_stats, DOT=dot_dtype(conv_dtype),
         PRECISION=dot_precision(conv_dtype),

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv, weight_memory_format, wgrad_splits
-from .common import bn_relu_padded, bn_scale_shift, dot_dtype, dot_precision, interpreter_on, nhwc_strides, pow2_block
+from .common import (as_offset, bn_relu_padded, bn_scale_shift, dot_dtype, dot_precision, interpreter_on, needs_int64,
+                     nhwc_strides, pow2_block)
 from .launch import autotune_warps
 from .merge import block_counters, group_ticket, last_ticket, merge_buffers, merge_group, reset_ticket
 
@@ -33,7 +34,7 @@ def bn_relu_conv_wgrad_kernel(
     L, H, W, C, P, Q, K, rows_per_split,
     stride_h, stride_w, pad_h, pad_w,
     R: tl.constexpr, S: tl.constexpr, SPLIT: tl.constexpr, G: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, INT64: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr,
 ):
     rk = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -53,16 +54,16 @@ def bn_relu_conv_wgrad_kernel(
     for l0 in range(l_start, l_start + rows_per_split, BL):
         rl = l0 + tl.arange(0, BL)
         l_ok = (rl < L) & (rl < l_start + rows_per_split)
-        n = (rl // (P * Q)).to(tl.int64)
+        n = as_offset(rl // (P * Q), INT64)
         p = (rl % (P * Q)) // Q
         q = rl % Q
-        dy_col = n * sdn + p.to(tl.int64) * sdh + q.to(tl.int64) * sdw
+        dy_col = n * sdn + as_offset(p, INT64) * sdh + as_offset(q, INT64) * sdw
         dyt = tl.load(dy_ptr + dy_col[None, :] + rk[:, None] * sdc, mask=k_ok[:, None] & l_ok[None, :], other=0.0)
         h = p * stride_h - pad_h + r
         w = q * stride_w - pad_w + s
         pix_ok = l_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         ok = pix_ok[:, None] & c_ok[None, :]
-        x_row = n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+        x_row = n * sxn + as_offset(h, INT64) * sxh + as_offset(w, INT64) * sxw
         a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
         if HAS_PROLOGUE:
             a = bn_relu_padded(a, mean, scale, beta, ok)
@@ -180,7 +181,7 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
         dw, *dw.stride(),
         rows, h, w, c, p, q, k, rows_per_split, stride[0], stride[1], padding[0], padding[1],
         R=r, S=s, SPLIT=split, G=group, HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
-        HAS_BETA=has_prologue and bn_bias is not None, DOT=dot_dtype(conv_dtype),
+        HAS_BETA=has_prologue and bn_bias is not None, INT64=needs_int64(dy, x), DOT=dot_dtype(conv_dtype),
         PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BL=ROWS_PER_STEP,
     )
     return dw

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv, stats_dtype
-from .common import next_pow2, nhwc_strides, rows_per_tile, stats_tiles, write_tile_stats
+from .common import as_offset, needs_int64, next_pow2, nhwc_strides, rows_per_tile, stats_tiles, write_tile_stats
 from .launch import launcher
 from .merge import (block_counters, merge_block, merge_buffers, merge_group, merge_if_last, merge_tiles,
                     store_batch_stats)
@@ -29,15 +29,15 @@ from .merge import (block_counters, merge_block, merge_buffers, merge_group, mer
 def batch_stats_kernel(x_ptr, sxn, sxh, sxw, sxc, part_ptr, M, HW, W, C,
                        counter_ptr, G, mean_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum,
                        UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr,
-                       BM: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
+                       INT64: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
     pid_m = tl.program_id(0)
     rm = pid_m * BM + tl.arange(0, BM)
     rc = tl.program_id(1) * BC + tl.arange(0, BC)
     row_ok = rm < M
     c_ok = rc < C
-    n = (rm // HW).to(tl.int64)
-    h = ((rm % HW) // W).to(tl.int64)
-    w = (rm % W).to(tl.int64)
+    n = as_offset(rm // HW, INT64)
+    h = as_offset((rm % HW) // W, INT64)
+    w = as_offset(rm % W, INT64)
     offs = (n * sxn + h * sxh + w * sxw)[:, None] + rc[None, :] * sxc
     x = tl.load(x_ptr + offs, mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     write_tile_stats(part_ptr, pid_m, x, row_ok, rc, c_ok, C)
@@ -109,7 +109,7 @@ def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum):
     batch_stats_kernel[(grid.tiles, grid.blocks)](
         x, *nhwc_strides(x), part, m, h * w, w, c, counters, grid.group, mean, var,
         **running_args(mean, running_mean, running_var, num_batches_tracked, momentum),
-        BM=grid.bm, BC=grid.bc, BT=grid.bt)
+        INT64=needs_int64(x), BM=grid.bm, BC=grid.bc, BT=grid.bt)
     return mean, var
 
 
