@@ -67,6 +67,8 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether a launch reading or writing these tensors must form their offsets in int64
     (its INT64 constexpr)."""
     for t in tensors:
+        if t.numel() <= INT32_SPAN and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+            continue  # dense: its farthest element is numel - 1 away (the usual case, quick to tell)
         if sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size) >= INT32_SPAN:
             return True
     return False
