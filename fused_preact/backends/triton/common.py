@@ -58,8 +58,8 @@ def kernel_weight(weight: torch.Tensor) -> torch.Tensor:
 # Offsets into a tensor whose farthest element lies closer than this to its start are formed
 # in int32: exact for every pixel a kernel loads, with room to spare for the out-of-range
 # ones a conv's padding computes and masks. 64-bit offsets cost about 3 instructions per
-# address instead of 1: at the headline, 88 of the forward's 776 main-loop instructions and
-# 153 of wgrad's 712 (triton 3.6, sm_90).
+# address instead of 1: at the headline, 88 of the forward's 776 main-loop instructions, 96 of
+# dgrad's 390, 153 of wgrad's 712 (triton 3.6, sm_90: benchmarks/results/2026-11-25-cpu-sass-75ede46).
 INT32_SPAN = 2 ** 30
 
 
