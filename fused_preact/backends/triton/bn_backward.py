@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv
-from .common import as_offset, needs_int64, next_pow2, nhwc_strides
+from .common import as_offset, inv_std, needs_int64, next_pow2, nhwc_strides
 from .launch import launcher
 
 
@@ -33,7 +33,7 @@ def bn_backward_apply_kernel(
     h = as_offset((rm % HW) // W, INT64)
     w = as_offset(rm % W, INT64)
     g = tl.load(g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + rc[None, :] * sgc, mask=ok, other=0.0).to(tl.float32)
-    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + rc, mask=c_ok, other=1.0).to(tl.float32) + eps)
+    invstd = inv_std(tl.load(var_ptr + rc, mask=c_ok, other=1.0).to(tl.float32), eps)
     scale = invstd
     if HAS_GAMMA:
         scale = scale * tl.load(gamma_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)

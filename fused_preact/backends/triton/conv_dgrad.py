@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv
-from .common import (as_offset, bn_scale_shift, dot_dtype, dot_precision, kernel_weight, needs_int64, nhwc_strides,
-                     pow2_block, relu_passes, rows_per_tile)
+from .common import (as_offset, bn_scale_shift, dot_dtype, dot_precision, inv_std, kernel_weight, needs_int64,
+                     nhwc_strides, pow2_block, relu_passes, rows_per_tile)
 from .launch import autotune_warps, derived
 from .merge import block_counters, merge_block, merge_buffers, merge_group, sum_if_last
 
@@ -106,7 +106,7 @@ def bn_relu_conv_dgrad_kernel(
     if HAS_PROLOGUE:
         # Sums of the stored g, so the BN backward pass subtracts exactly their mean.
         gs = tl.where(ok, g.to(tl.float32), 0.0)
-        invstd = 1.0 / tl.sqrt(tl.load(var_ptr + rc, mask=c_ok, other=1.0).to(tl.float32) + eps)
+        invstd = inv_std(tl.load(var_ptr + rc, mask=c_ok, other=1.0).to(tl.float32), eps)
         base = part_ptr + pid.to(tl.int64) * 2 * C + rc
         tl.store(base, tl.sum(gs, axis=0), mask=c_ok)
         tl.store(base + C, tl.sum(gs * xc * invstd[None, :], axis=0), mask=c_ok)
