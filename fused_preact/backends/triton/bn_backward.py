@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv
-from .common import as_offset, inv_std, needs_int64, next_pow2, nhwc_strides
+from .common import as_offset, inv_std, needs_int64, next_pow2, nhwc_strides, pixel_coords
 from .launch import launcher
 
 
@@ -29,9 +29,8 @@ def bn_backward_apply_kernel(
     rc = tl.program_id(1) * BC + tl.arange(0, BC)
     c_ok = rc < C
     ok = (rm < M)[:, None] & c_ok[None, :]
-    n = as_offset(rm // HW, INT64)
-    h = as_offset((rm % HW) // W, INT64)
-    w = as_offset(rm % W, INT64)
+    n, h, w = pixel_coords(rm, HW, W)
+    n, h, w = as_offset(n, INT64), as_offset(h, INT64), as_offset(w, INT64)
     g = tl.load(g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + rc[None, :] * sgc, mask=ok, other=0.0).to(tl.float32)
     invstd = inv_std(tl.load(var_ptr + rc, mask=c_ok, other=1.0).to(tl.float32), eps)
     scale = invstd

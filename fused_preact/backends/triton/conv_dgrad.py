@@ -57,6 +57,8 @@ def bn_relu_conv_dgrad_kernel(
     # divisors below must not be 0.
     area = tl.maximum(hp * wp, 1)
     wp_div = tl.maximum(wp, 1)
+    # Signed division, once per program: pixel_coords' unsigned one made ptxas lay the main
+    # loop's tap arithmetic out 16 instructions longer (310 vs 294, triton 3.6, sm_90).
     n = as_offset(rm // area, INT64)
     h = ph + STRIDE_H * ((rm % area) // wp_div)
     w = pw + STRIDE_W * (rm % wp_div)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..base import cdiv, conv_output_hw, stats_dtype
 from .common import (as_offset, bn_relu_padded, bn_scale_shift, dot_dtype, dot_precision, kernel_weight, needs_int64,
-                     nhwc_strides, pow2_block, rows_per_tile, stats_tiles, write_tile_stats)
+                     nhwc_strides, pixel_coords, pow2_block, rows_per_tile, stats_tiles, write_tile_stats)
 from .launch import autotune_warps, derived
 from .merge import block_counters, merge_block, merge_group, merge_buffers, merge_if_last
 from .stats import running_args
@@ -50,10 +50,8 @@ def bn_relu_conv_fwd_kernel(
     rn = pid_n * BN + tl.arange(0, BN)
     row_ok = rm < M
     col_ok = rn < K
-    n = as_offset(rm // (P * Q), INT64)
-    pq = rm % (P * Q)
-    p = pq // Q
-    q = pq % Q
+    n, p, q = pixel_coords(rm, P * Q, Q)
+    n = as_offset(n, INT64)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # One flat loop over (tap, channel block): the software pipeliner prefetches the next

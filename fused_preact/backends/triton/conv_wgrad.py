@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..base import cdiv, weight_memory_format, wgrad_splits
 from .common import (as_offset, bn_relu_padded, bn_scale_shift, dot_dtype, dot_precision, interpreter_on, needs_int64,
-                     nhwc_strides, pow2_block)
+                     nhwc_strides, pixel_coords, pow2_block)
 from .launch import autotune_warps
 from .merge import block_counters, group_ticket, last_ticket, merge_buffers, merge_group, reset_ticket
 
@@ -54,9 +54,8 @@ def bn_relu_conv_wgrad_kernel(
     for l0 in range(l_start, l_start + rows_per_split, BL):
         rl = l0 + tl.arange(0, BL)
         l_ok = (rl < L) & (rl < l_start + rows_per_split)
-        n = as_offset(rl // (P * Q), INT64)
-        p = (rl % (P * Q)) // Q
-        q = rl % Q
+        n, p, q = pixel_coords(rl, P * Q, Q)
+        n = as_offset(n, INT64)
         dy_col = n * sdn + as_offset(p, INT64) * sdh + as_offset(q, INT64) * sdw
         dyt = tl.load(dy_ptr + dy_col[None, :] + rk[:, None] * sdc, mask=k_ok[:, None] & l_ok[None, :], other=0.0)
         h = p * stride_h - pad_h + r

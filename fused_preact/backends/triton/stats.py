@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv, stats_dtype
-from .common import as_offset, needs_int64, next_pow2, nhwc_strides, rows_per_tile, stats_tiles, write_tile_stats
+from .common import (as_offset, needs_int64, next_pow2, nhwc_strides, pixel_coords, rows_per_tile, stats_tiles,
+                     write_tile_stats)
 from .launch import launcher
 from .merge import (block_counters, merge_block, merge_buffers, merge_group, merge_if_last, merge_tiles,
                     store_batch_stats)
@@ -35,9 +36,8 @@ def batch_stats_kernel(x_ptr, sxn, sxh, sxw, sxc, part_ptr, M, HW, W, C,
     rc = tl.program_id(1) * BC + tl.arange(0, BC)
     row_ok = rm < M
     c_ok = rc < C
-    n = as_offset(rm // HW, INT64)
-    h = as_offset((rm % HW) // W, INT64)
-    w = as_offset(rm % W, INT64)
+    n, h, w = pixel_coords(rm, HW, W)
+    n, h, w = as_offset(n, INT64), as_offset(h, INT64), as_offset(w, INT64)
     offs = (n * sxn + h * sxh + w * sxw)[:, None] + rc[None, :] * sxc
     x = tl.load(x_ptr + offs, mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     write_tile_stats(part_ptr, pid_m, x, row_ok, rc, c_ok, C)
