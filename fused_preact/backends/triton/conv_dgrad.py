@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ..base import cdiv
 from .common import (as_offset, bn_scale_shift, dot_dtype, dot_precision, inv_std, kernel_weight, needs_int64,
-                     nhwc_strides, pow2_block, relu_passes, rows_per_tile)
+                     nhwc_strides, pow2_block, relu_passes, rows_per_tile, within)
 from .launch import autotune_warps, derived
 from .merge import block_counters, merge_block, merge_buffers, merge_group, sum_if_last
 
@@ -80,7 +80,7 @@ def bn_relu_conv_dgrad_kernel(
         rk = (t % k_blocks) * BK + tl.arange(0, BK)
         p = (h + PAD_H - r) // STRIDE_H  # exact: h + PAD_H - r is a multiple of STRIDE_H
         q = (w + PAD_W - s) // STRIDE_W
-        pix_ok = row_ok & (h + PAD_H - r >= 0) & (p < P) & (w + PAD_W - s >= 0) & (q < Q)
+        pix_ok = row_ok & within(p, P) & within(q, Q)  # a negative p: h + PAD_H - r < 0
         dy_row = n * sdn + as_offset(p, INT64) * sdh + as_offset(q, INT64) * sdw
         k_ok = rk < K
         a = tl.load(dy_ptr + dy_row[:, None] + rk[None, :] * sdc,

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from ..base import cdiv, conv_output_hw, stats_dtype
 from .common import (as_offset, bn_relu_padded, bn_scale_shift, dot_dtype, dot_precision, kernel_weight, needs_int64,
-                     nhwc_strides, pixel_coords, pow2_block, rows_per_tile, stats_tiles, write_tile_stats)
+                     nhwc_strides, pixel_coords, pow2_block, rows_per_tile, stats_tiles, within,
+                     write_tile_stats)
 from .launch import autotune_warps, derived
 from .merge import block_counters, merge_block, merge_group, merge_buffers, merge_if_last
 from .stats import running_args
@@ -70,7 +71,7 @@ def bn_relu_conv_fwd_kernel(
         rc = (t % c_blocks) * BK + tl.arange(0, BK)
         h = p * stride_h - pad_h + r
         w = q * stride_w - pad_w + s
-        pix_ok = row_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        pix_ok = row_ok & within(h, H) & within(w, W)
         x_row = n * sxn + as_offset(h, INT64) * sxh + as_offset(w, INT64) * sxw
         c_ok = rc < C
         ok = pix_ok[:, None] & c_ok[None, :]

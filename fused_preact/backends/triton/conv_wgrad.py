@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..base import cdiv, weight_memory_format, wgrad_splits
 from .common import (as_offset, bn_relu_padded, bn_scale_shift, dot_dtype, dot_precision, interpreter_on, needs_int64,
-                     nhwc_strides, pixel_coords, pow2_block)
+                     nhwc_strides, pixel_coords, pow2_block, within)
 from .launch import autotune_warps
 from .merge import block_counters, group_ticket, last_ticket, merge_buffers, merge_group, reset_ticket
 
@@ -60,7 +60,7 @@ def bn_relu_conv_wgrad_kernel(
         dyt = tl.load(dy_ptr + dy_col[None, :] + rk[:, None] * sdc, mask=k_ok[:, None] & l_ok[None, :], other=0.0)
         h = p * stride_h - pad_h + r
         w = q * stride_w - pad_w + s
-        pix_ok = l_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        pix_ok = l_ok & within(h, H) & within(w, W)
         ok = pix_ok[:, None] & c_ok[None, :]
         x_row = n * sxn + as_offset(h, INT64) * sxh + as_offset(w, INT64) * sxw
         a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
