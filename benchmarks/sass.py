@@ -1,7 +1,8 @@
 """What a GPU will run, read on any machine: every Triton kernel of the triton backend compiled
 for sm_90 (or sm_80) at a benchmark case's block shapes, with per kernel its registers,
-spills, shared memory, tensor-core instructions, instructions per main-loop iteration and
-ptxas's advisories (C7514/C7515: wgmma serialised).
+spills, shared memory, tensor-core instructions, instructions per main-loop iteration (and
+how many of them are global loads narrower than 16 bytes) and ptxas's advisories
+(C7514/C7515: wgmma serialised).
 
     python -m benchmarks.sass                       # the headline case, bf16, sm_90
     python -m benchmarks.sass --dtype amp-bf16      # under autocast: bf16 activations, float32 weights
@@ -17,6 +18,7 @@ tool may run another (its output names the version).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -152,6 +154,20 @@ def main_loop(sass: str) -> list[str]:
     return best
 
 
+LOAD_BYTES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}  # by opcode suffix; none: 4
+
+
+def global_load_bytes(instruction: str) -> int | None:
+    """Bytes per thread a SASS global load (LDG, or cp.async's LDGSTS) moves; None for
+    another instruction. A tile loaded in pieces narrower than 16 bytes takes several loads
+    per vector, and the 16-bit ones (one element each) a shared-memory store each too."""
+    opcode = instruction.split()[1] if instruction.startswith("@") else instruction.split()[0]
+    parts = opcode.split(".")
+    if parts[0] not in ("LDG", "LDGSTS"):
+        return None
+    return next((LOAD_BYTES[p] for p in parts if p in LOAD_BYTES), 4)
+
+
 def analyse(arch: int, case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype, torch.dtype],
             warps: int | None = None) -> list[dict]:
     stand_in_driver.install(arch)
@@ -180,6 +196,8 @@ def analyse(arch: int, case: C.BlockCase, precision: tuple[torch.dtype, torch.dt
             "shared_bytes": compiled.metadata.shared,
             "hgmma": len(re.findall(r"\bHGMMA\.", sass)), "hmma": len(re.findall(r"\bHMMA\.", sass)),
             "main_loop_instructions": len(loop) or None,
+            "main_loop_load_bytes": dict(sorted(collections.Counter(
+                b for b in map(global_load_bytes, loop) if b is not None).items())),  # bytes -> global loads
             "main_loop_mufu": sum("MUFU" in t for t in loop), "main_loop_sel": sum(re.search(r"\bSEL\b", t) is not None
                                                                                  for t in loop),
             "advisories": sorted(set(re.findall(r"\((C75\d\d)\)[^\n]*", log))),
@@ -203,10 +221,11 @@ def main(argv=None) -> None:
           f"stride {case.stride}, N={case.batch}, {case.hw}x{case.hw}), {args.dtype}, "
           f"{f'{args.warps} warps' if args.warps else 'the benchmark config'}")
     print(f"{'kernel':28s} {'warps':>5s} {'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'HGMMA':>5s} {'HMMA':>4s} "
-          f"{'loop ins':>8s} {'MUFU':>4s} {'SEL':>4s}  advisories")
+          f"{'loop ins':>8s} {'narrow':>6s} {'MUFU':>4s} {'SEL':>4s}  advisories")
     for r in rows:
         print(f"{r['kernel']:28s} {r['num_warps']:5d} {r['registers']:4d} {r['spill_bytes']:7d} {r['shared_bytes']:7d} "
-              f"{r['hgmma']:5d} {r['hmma']:4d} {str(r['main_loop_instructions'] or '-'):>8s} {r['main_loop_mufu']:4d} "
+              f"{r['hgmma']:5d} {r['hmma']:4d} {str(r['main_loop_instructions'] or '-'):>8s} "
+              f"{sum(n for b, n in r['main_loop_load_bytes'].items() if b < 16):6d} {r['main_loop_mufu']:4d} "
               f"{r['main_loop_sel']:4d}  {' '.join(r['advisories']) or '-'}  {r['config']} {r['tensor_dtypes']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "case": case.name,
