@@ -37,7 +37,8 @@ PRECISIONS = {
 }
 # (C_in, C_out, kernel, stride, padding, H=W, batch)
 ODD_SHAPES = [(5, 24, 3, 1, 1, 7, 3), (3, 5, 3, 2, 1, 9, 3), (24, 16, 1, 2, 0, 7, 3), (16, 8, 1, 1, 0, 9, 3),
-              (5, 6, 3, 2, 1, 8, 2), (72, 8, 3, 1, 1, 5, 2)]  # 72: more than one block of input channels
+              (5, 6, 3, 2, 1, 8, 2), (72, 8, 3, 1, 1, 5, 2),  # 72: more than one block of input channels
+              (72, 80, 1, 2, 0, 5, 2)]  # a 1x1 with them and (dgrad) more than one block of output channels
 # Real layer shapes: a 1024-channel 1x1 stride-2 shortcut, 3x3 stride 2 at 14x14, 3x3 at 56x56.
 GPU_SHAPES = [(64, 64, 3, 1, 1, 32, 3), (128, 256, 1, 2, 0, 15, 3), (96, 72, 3, 2, 1, 17, 3),
               (1024, 1024, 1, 2, 0, 14, 64), (256, 256, 3, 2, 1, 14, 64), (64, 64, 3, 1, 1, 56, 64)]

@@ -65,3 +65,18 @@ def test_wide_tiles_get_the_warps_their_accumulators_need(case, tmp_path):
     wide = [r for r in rows if r["conv"] and r["config"]["BM"] * r["config"]["BN"] > 128 * 64]
     assert wide and all(r["num_warps"] == 8 for r in wide)
     assert max(r["spill_bytes"] for r in rows if r["conv"]) <= 256, [(r["kernel"], r["spill_bytes"]) for r in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["r18-s2-proj", "in-r50-56"])
+def test_conv_tiles_load_no_element_alone(case, tmp_path):
+    """The conv kernels' main loops load their 16-bit tiles in vectors, not element by
+    element, 1x1 filters in PyTorch's default weight layout included: its size-1 dimensions
+    have stride 1, and while the tap's offset r * stride + s * stride was computed the
+    compiler could not prove the weight tile aligned, so the forward and dgrad loaded it
+    with 32 2-byte loads and 32 shared stores per iteration (in-r50-56, triton 3.6, sm_90).
+    (Triton 3.9 loads a forward's per-channel BN parameters in 4-byte pieces: allowed.)"""
+    rows = sass_rows(90, tmp_path, case)
+    elementwise = [(r["kernel"], r["config"], r["main_loop_load_bytes"]) for r in rows
+                   if r["conv"] and any(int(size) < 4 for size in r["main_loop_load_bytes"])]
+    assert not elementwise

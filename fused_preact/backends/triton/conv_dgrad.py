@@ -75,8 +75,10 @@ def bn_relu_conv_dgrad_kernel(
     k_blocks = tl.cdiv(K, BK)
     for t in range(0, taps * k_blocks):
         tap = t // k_blocks
-        r = r0 + STRIDE_H * (tap // taps_w)
-        s = s0 + STRIDE_W * (tap % taps_w)
+        # A filter dimension of size 1: the constant tap 0, as in the forward (the weight
+        # tile's address provably aligned; a phase whose r0 or s0 is not 0 has no taps).
+        r = r0 + STRIDE_H * (tap // taps_w) if R > 1 else 0
+        s = s0 + STRIDE_W * (tap % taps_w) if S > 1 else 0
         rk = (t % k_blocks) * BK + tl.arange(0, BK)
         p = (h + PAD_H - r) // STRIDE_H  # exact: h + PAD_H - r is a multiple of STRIDE_H
         q = (w + PAD_W - s) // STRIDE_W

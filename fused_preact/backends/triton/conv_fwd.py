@@ -66,8 +66,11 @@ def bn_relu_conv_fwd_kernel(
                                                        eps, HAS_GAMMA, HAS_BETA)
     for t in range(0, R * S * c_blocks):
         tap = t // c_blocks
-        r = tap // S
-        s = tap % S
+        # A filter dimension of size 1 has the one tap 0: as a constant, the weight tile's
+        # address is provably 16-byte aligned whatever stride the dimension has (PyTorch's
+        # default [K, C, 1, 1] layout gives r and s stride 1), so the tile loads as vectors.
+        r = tap // S if R > 1 else 0
+        s = tap % S if S > 1 else 0
         rc = (t % c_blocks) * BK + tl.arange(0, BK)
         h = p * stride_h - pad_h + r
         w = q * stride_w - pad_w + s
