@@ -35,7 +35,7 @@ def measure_conv(conv, batch, dtype, device, measure, weight_layout="channels_la
     the block benchmarks, or PyTorch's default, which our triton ops copy to channels_last first).
     A 1x1 weight keeps its default strides (C, 1, 1, 1) under .contiguous(memory_format=...),
     where a model's .to(memory_format=...) gives (C, 1, C, C): the same elements, and the same
-    compiled kernels since ef3602a (before it, the first loaded its tile element by element)."""
+    compiled kernels since ef3602a (before it, a (C, 1, 1, 1) weight's tiles loaded element by element)."""
     from fused_preact.backends.triton import conv_dgrad, conv_fwd, conv_wgrad
     c_in, c_out, k, stride, pad, hw = conv
     cl = torch.channels_last

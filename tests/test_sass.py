@@ -1,8 +1,9 @@
 """What the GPU will run, checked without one (benchmarks.sass): every Triton kernel of the
 headline block compiled for sm_90 and sm_80 with the installed Triton. Conv kernels must use
-the tensor cores (HGMMA on Hopper, HMMA on Ampere), nothing may spill, and ptxas must not
-report serialised wgmma (C7514/C7515). These facts belong to the installed Triton; the GPU
-machines run 3.6 (benchmarks/results/ keeps what each version produced)."""
+the tensor cores (HGMMA on Hopper, HMMA on Ampere), nothing may spill, ptxas must not
+report serialised wgmma (C7514/C7515), and no conv tile may load element by element. These
+facts belong to the installed Triton; the GPU machines run 3.6 (benchmarks/results/ keeps
+what each version produced)."""
 import json
 import os
 import subprocess
