@@ -2,7 +2,8 @@
 for sm_90 (or sm_80) at a benchmark case's block shapes, with per kernel its registers,
 spills, shared memory, tensor-core instructions, instructions per main-loop iteration (and
 how many of them are global loads narrower than 16 bytes) and ptxas's advisories
-(C7514/C7515: wgmma serialised).
+(C7514/C7515: wgmma serialised). The JSON also has the global loads and stores of the main
+loop and of the whole kernel by width.
 
     python -m benchmarks.sass                       # the headline case, bf16, sm_90
     python -m benchmarks.sass --dtype amp-bf16      # under autocast: bf16 activations, float32 weights
@@ -139,10 +140,15 @@ def ptxas_report(ptx: str, arch: int) -> tuple[str, str]:
     return run.stdout + run.stderr, Path(ptxas).name
 
 
+def instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction) of every instruction in cuobjdump's listing, in order."""
+    return [(int(address, 16), text) for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+
+
 def main_loop(sass: str) -> list[str]:
     """The instructions of the loop holding the most tensor-core instructions (a branch back
     to a lower address closes a loop): the main loop, one iteration. Empty where none holds any."""
-    code = [(int(address, 16), text) for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    code = instructions(sass)
     best, best_mma = [], 0
     for address, text in code:
         back = re.search(r"\bBRA\S*\s+(?:`\()?0x([0-9a-f]+)", text)
@@ -154,18 +160,25 @@ def main_loop(sass: str) -> list[str]:
     return best
 
 
-LOAD_BYTES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}  # by opcode suffix; none: 4
+ACCESS_BYTES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}  # by opcode suffix; none: 4
+ACCESS_KINDS = {"LDG": "load", "LDGSTS": "load", "STG": "store"}  # global memory (LDGSTS: cp.async)
 
 
-def global_load_bytes(instruction: str) -> int | None:
-    """Bytes per thread a SASS global load (LDG, or cp.async's LDGSTS) moves; None for
-    another instruction. A tile loaded in pieces narrower than 16 bytes takes several loads
-    per vector, and the 16-bit ones (one element each) a shared-memory store each too."""
+def global_access(instruction: str) -> tuple[str, int] | None:
+    """("load" or "store", bytes per thread) of a SASS global-memory access; None for another
+    instruction. A tile moved in pieces narrower than 16 bytes takes several accesses per
+    vector, and a 16-bit one (one element each) a shared-memory store each too."""
     opcode = instruction.split()[1] if instruction.startswith("@") else instruction.split()[0]
     parts = opcode.split(".")
-    if parts[0] not in ("LDG", "LDGSTS"):
+    if parts[0] not in ACCESS_KINDS:
         return None
-    return next((LOAD_BYTES[p] for p in parts if p in LOAD_BYTES), 4)
+    return ACCESS_KINDS[parts[0]], next((ACCESS_BYTES[p] for p in parts if p in ACCESS_BYTES), 4)
+
+
+def accesses_by_bytes(instructions: list[str], kind: str) -> dict[int, int]:
+    """{bytes per thread: count} of the global `kind` accesses ("load", "store") among these."""
+    found = collections.Counter(a[1] for a in map(global_access, instructions) if a and a[0] == kind)
+    return dict(sorted(found.items()))
 
 
 def analyse(arch: int, case: C.BlockCase, precision: tuple[torch.dtype, torch.dtype, torch.dtype],
@@ -182,6 +195,7 @@ def analyse(arch: int, case: C.BlockCase, precision: tuple[torch.dtype, torch.dt
                                    capture_output=True, text=True).stdout
         log, ptxas = ptxas_report(compiled.asm["ptx"], arch)
         loop = main_loop(sass)
+        code = [text for _, text in instructions(sass)]
         resources = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
         spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
         rows.append({
@@ -196,8 +210,9 @@ def analyse(arch: int, case: C.BlockCase, precision: tuple[torch.dtype, torch.dt
             "shared_bytes": compiled.metadata.shared,
             "hgmma": len(re.findall(r"\bHGMMA\.", sass)), "hmma": len(re.findall(r"\bHMMA\.", sass)),
             "main_loop_instructions": len(loop) or None,
-            "main_loop_load_bytes": dict(sorted(collections.Counter(
-                b for b in map(global_load_bytes, loop) if b is not None).items())),  # bytes -> global loads
+            "main_loop_load_bytes": accesses_by_bytes(loop, "load"),  # bytes -> global loads
+            # the whole kernel's (epilogues, merges), each instruction once
+            "load_bytes": accesses_by_bytes(code, "load"), "store_bytes": accesses_by_bytes(code, "store"),
             "main_loop_mufu": sum("MUFU" in t for t in loop), "main_loop_sel": sum(re.search(r"\bSEL\b", t) is not None
                                                                                  for t in loop),
             "advisories": sorted(set(re.findall(r"\((C75\d\d)\)[^\n]*", log))),
