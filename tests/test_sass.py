@@ -81,3 +81,16 @@ def test_conv_tiles_load_no_element_alone(case, tmp_path):
     elementwise = [(r["kernel"], r["config"], r["main_loop_load_bytes"]) for r in rows
                    if r["conv"] and any(int(size) < 4 for size in r["main_loop_load_bytes"])]
     assert not elementwise
+
+
+@pytest.mark.slow
+def test_weight_gradient_partials_move_in_vectors(tmp_path):
+    """The weight gradient's float32 split partials are stored and summed in 16-byte vectors:
+    laid out [R * S, K, C], each tap's tile is contiguous along C. In the weight's own
+    [K, C, R, S] order a 3x3 tile's elements lay 9 apart: 64 4-byte stores and 64 4-byte
+    loads per thread (headline, triton 3.6, sm_90)."""
+    rows = sass_rows(90, tmp_path)
+    wgrad = [r for r in rows if r["kernel"] == "bn_relu_conv_wgrad_kernel"]
+    assert wgrad and all(r["config"]["SPLIT"] > 1 for r in wgrad)
+    word_sized = [(r["load_bytes"], r["store_bytes"]) for r in wgrad if "4" in r["load_bytes"] or "4" in r["store_bytes"]]
+    assert not word_sized

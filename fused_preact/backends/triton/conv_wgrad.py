@@ -29,7 +29,7 @@ def bn_relu_conv_wgrad_kernel(
     dy_ptr, sdn, sdh, sdw, sdc,                # output gradient [N, P, Q, K] by strides
     x_ptr, sxn, sxh, sxw, sxc,                 # saved pre-BN input [N, H, W, C]
     mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
-    part_ptr, counter_ptr,                     # fp32 [SPLIT + groups, K, C, R, S] (SPLIT > 1), tickets
+    part_ptr, counter_ptr,                     # fp32 [SPLIT + groups, R * S, K, C] (SPLIT > 1), tickets
     dw_ptr, swk, swc, swr, sws,                # the gradient [K, C, R, S] by strides (the parameter's layout)
     L, H, W, C, P, Q, K, rows_per_split,
     stride_h, stride_w, pad_h, pad_w,
@@ -72,9 +72,8 @@ def bn_relu_conv_wgrad_kernel(
         dw_offs = rk.to(tl.int64)[:, None] * swk + rc[None, :] * swc + r * swr + s * sws
         tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=out_ok)
     else:
-        offs = ((rk.to(tl.int64)[:, None] * C + rc[None, :]) * R + r) * S + s  # in the [K, C, R, S] partials
         weight_numel = K * C * R * S
-        tl.store(part_ptr + split.to(tl.int64) * weight_numel + offs, acc, mask=out_ok)
+        tl.store(part_ptr + split.to(tl.int64) * weight_numel + tap_tile_offsets(rk, rc, tap, K, C), acc, mask=out_ok)
         sum_splits_if_last(part_ptr, dw_ptr, swk, swc, swr, sws, counter_ptr, K, C, tap, split, R, S, SPLIT, G,
                            BM, BN)
 
@@ -83,7 +82,7 @@ def bn_relu_conv_wgrad_kernel(
 def sum_splits_if_last(part_ptr, dw_ptr, swk, swc, swr, sws, counter_ptr, K, C, tap, split, R: tl.constexpr,
                        S: tl.constexpr, SPLIT: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """Called by each of the SPLIT programs of a weight tile after storing its partial
-    ([SPLIT + groups, K, C, R, S]): the last of each group of G splits sums the group into
+    ([SPLIT + groups, R * S, K, C]): the last of each group of G splits sums the group into
     partial SPLIT + group, the last of those sums the groups in order and writes the
     gradient tile (merge.py's two levels). Inlined: on sm_90 that kept the main loop's
     instructions (734 per iteration vs 761 not inlined, triton 3.6)."""
@@ -95,9 +94,7 @@ def sum_splits_if_last(part_ptr, dw_ptr, swk, swc, swr, sws, counter_ptr, K, C, 
         rk = tl.program_id(0) * BM + tl.arange(0, BM)
         rc = tl.program_id(1) * BN + tl.arange(0, BN)
         out_ok = (rk < K)[:, None] & (rc < C)[None, :]
-        # int32 offsets within one weight (the launcher checks it has < 2^31 elements): the
-        # 64-bit addresses are formed per load, not held for the whole loop.
-        offs = (rk[:, None] * C + rc[None, :]) * (R * S) + tap  # in the [K, C, R, S] partials
+        offs = tap_tile_offsets(rk, rc, tap, K, C)
         weight_numel = K * C * R * S
         total = sum_splits(part_ptr + first.to(tl.int64) * weight_numel, offs, out_ok, size, weight_numel, BM, BN)
         tl.store(part_ptr + (SPLIT + group).to(tl.int64) * weight_numel + offs, total, mask=out_ok)
@@ -108,6 +105,17 @@ def sum_splits_if_last(part_ptr, dw_ptr, swk, swc, swr, sws, counter_ptr, K, C, 
             dw_offs = rk[:, None] * swk + rc[None, :] * swc + (tap // S) * swr + (tap % S) * sws
             tl.store(dw_ptr + dw_offs, total.to(dw_ptr.dtype.element_ty), mask=out_ok)
             reset_ticket(counters, groups)
+
+
+@triton.jit
+def tap_tile_offsets(rk, rc, tap, K, C):
+    """Offsets of the [rk, rc] tile of filter tap `tap` in one weight-sized slot of the
+    partials, laid out [R * S, K, C]: each tap's tile is contiguous along C, so programs store
+    and read their partials in 16-byte vectors. (In the weight's own [K, C, R, S] order the
+    elements of a tile lie R * S apart: a 4-byte access each, 32 per thread per pass, triton
+    3.6, sm_90.) int32: within one weight (the launcher checks it has < 2^31 elements), so the
+    64-bit addresses are formed per access, not held for the whole loop."""
+    return (tap * K + rk[:, None]) * C + rc[None, :]
 
 
 @triton.jit
@@ -141,7 +149,7 @@ class WgradGrid(NamedTuple):
     rows_per_split: int
     group: int  # splits per group of the two-level sum
     counter_count: int  # ticket counters of a launch with SPLIT > 1 (merge_buffers)
-    partial_numel: int  # elements of its partial sums, [split + groups, K, C, R, S]
+    partial_numel: int  # elements of its partial sums, [split + groups, R * S, K, C]
 
 
 @functools.lru_cache(maxsize=4096)
