@@ -92,5 +92,6 @@ def test_weight_gradient_partials_move_in_vectors(tmp_path):
     rows = sass_rows(90, tmp_path)
     wgrad = [r for r in rows if r["kernel"] == "bn_relu_conv_wgrad_kernel"]
     assert wgrad and all(r["config"]["SPLIT"] > 1 for r in wgrad)
-    word_sized = [(r["load_bytes"], r["store_bytes"]) for r in wgrad if "4" in r["load_bytes"] or "4" in r["store_bytes"]]
+    word_sized = [(r["load_bytes"], r["store_bytes"]) for r in wgrad
+                  if "4" in r["load_bytes"] or "4" in r["store_bytes"]]
     assert not word_sized
