@@ -28,7 +28,7 @@ from torch import nn
 from .dispatch import check_backend_name
 from .testing import randomize_bn
 from .nn import (HOOK_DICTS, SHORTCUT_SOURCES, FusedBNReLUConv2d, FusedSequential, PreActBlock,
-                 PreActBottleneck, TimmPreActBasic, TimmPreActBottleneck, _PreActUnits, chainable, from_modules)
+                 PreActBottleneck, TimmPreActBasic, TimmPreActBottleneck, _PreActUnits, from_modules, hooks_inside)
 
 log = logging.getLogger("fused_preact.convert")
 
@@ -206,6 +206,9 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = 
             if fused is not None:
                 if _move_hooks(module, fused):
                     what += " (its hooks moved to it)"
+                hooks = hooks_inside(fused)
+                if hooks is not None:
+                    what += f" (runs unfused, through its submodules, while {hooks})"
                 done[id(module)] = fused
                 report.swapped.append((name, what))
                 return fused
@@ -219,7 +222,7 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = 
             new = visit(f"{name}.{child_name}" if name else child_name, child)
             if new is not child:
                 setattr(module, child_name, new)
-        if type(module) is nn.Sequential and sum(chainable(child) for child in module) >= 2:
+        if type(module) is nn.Sequential and sum(isinstance(child, _PreActUnits) for child in module) >= 2:
             module.__class__ = FusedSequential  # the same object: keys, hooks and references stay
             report.updated.append((name, "nn.Sequential -> FusedSequential: consecutive fused blocks hand "
                                          "their statistics on"))

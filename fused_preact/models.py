@@ -8,7 +8,8 @@ three stages of widths 16/32/64, final BN-ReLU, global average pool, linear);
 
 Every builder takes backend=, and sync_bn= / process_group= (synchronised BatchNorm, like
 nn.SyncBatchNorm). Consecutive blocks hand their conv-epilogue statistics to the next block's bn1
-(nn.run_chain), so only the first block needs a standalone statistics pass.
+(nn.run_sequence: across the stages too), so only the first block needs a standalone statistics
+pass; a block or stage with hooks is called as a module, so its hooks run.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import PreActBlock, PreActBottleneck, run_chain
+from .nn import FusedSequential, PreActBlock, PreActBottleneck, run_sequence
 
 
 def _make_layer(block, in_planes: int, planes: int, n_blocks: int, stride: int, backend, sync):
@@ -25,7 +26,7 @@ def _make_layer(block, in_planes: int, planes: int, n_blocks: int, stride: int, 
     for s in [stride] + [1] * (n_blocks - 1):
         layers.append(block(in_planes, planes, s, backend=backend, **sync))
         in_planes = planes * block.expansion
-    return nn.Sequential(*layers), in_planes
+    return FusedSequential(*layers), in_planes
 
 
 class PreActResNet(nn.Module):
@@ -45,7 +46,7 @@ class PreActResNet(nn.Module):
 
     def forward(self, x):
         out = self.conv1(x)
-        out = run_chain([*self.layer1, *self.layer2, *self.layer3, *self.layer4], out)
+        out = run_sequence([self.layer1, self.layer2, self.layer3, self.layer4], out)
         out = F.avg_pool2d(out, 4)
         return self.linear(out.flatten(1))
 
@@ -67,7 +68,7 @@ class PreActResNetCifar(nn.Module):
 
     def forward(self, x):
         out = self.conv1(x)
-        out = run_chain([*self.layer1, *self.layer2, *self.layer3], out)
+        out = run_sequence([self.layer1, self.layer2, self.layer3], out)
         out = F.relu(self.bn(out))
         out = F.adaptive_avg_pool2d(out, 1)
         return self.linear(out.flatten(1))

@@ -3,15 +3,18 @@
 Parameters and buffers live in ordinary nn.BatchNorm2d / nn.Conv2d submodules with the
 names of kuangliu/pytorch-cifar (bn1, conv1, ..., shortcut), so state_dicts load both
 ways and weight-init code that walks `model.modules()` keeps working. Forward runs the
-fused ops instead of the submodules' own forward.
+fused ops instead of the submodules' own forward, except while calling those would run
+hooks (hooks_inside): then a module calls its submodules as the eager definition does.
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from . import block_autograd, dispatch, distributed
 from . import functional as Fp
@@ -83,6 +86,18 @@ class _SyncBNOption:
         handle = self.sync_handle()
         return (handle, distributed.agree(handle, x, self.training)) if handle else (0, None)
 
+    def check_unfused(self, hooks: str) -> None:
+        """Before this module calls its submodules so that `hooks` (hooks_inside) run: refused
+        where it synchronises statistics (its BatchNorms are plain ones: called, they would
+        not), else a warning that it runs unfused."""
+        name = type(self).__name__
+        if self.sync_handle():
+            raise ValueError(f"fused_preact: {name} with sync_bn=True cannot run its submodules' hooks ({hooks}): "
+                             f"it synchronises its BatchNorms without calling them; remove the hooks, or use "
+                             f"sync_bn=False and nn.SyncBatchNorm")
+        warnings.warn(f"fused_preact: {name} runs unfused, calling its submodules as eager PyTorch does, while "
+                      f"{hooks} (a fused module does not call its submodules)", stacklevel=2)
+
 
 class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
     """y = conv(relu(bn(x))) [+ residual] as one fused unit.
@@ -125,15 +140,23 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
         return unit
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        hooks = hooks_inside(self)
+        if hooks is not None:
+            self.check_unfused(hooks)
+            return self.submodule_forward(x, residual)
         out_shape = Fp.check_input(x, self.bn, self.conv, "x")
         Fp.check_residual(residual, out_shape, x.device)
         sync, images = self.synchronise(x)
         if x.shape[0] == 0 and not sync:  # what eager does: an empty output; nn.BatchNorm2d counts the batch
-            y = self.conv(F.relu(self.bn(x)))
-            return (y if residual is None else y + residual).contiguous(memory_format=torch.channels_last)
+            return self.submodule_forward(x, residual)
         backend = self.backend or "auto"
         stats = Fp.bn_stats(self.bn, x, None, backend, sync, images)
         return Fp.unit(x, stats, self.bn, self.conv, residual, None, backend).output
+
+    def submodule_forward(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """conv(relu(bn(x))) [+ residual] through the submodules, as eager PyTorch computes it."""
+        y = self.conv(F.relu(self.bn(x)))
+        return (y if residual is None else y + residual).contiguous(memory_format=torch.channels_last)
 
 
 class _PreActUnits(_SyncBNOption, nn.Module):
@@ -173,6 +196,10 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        hooks = hooks_inside(self)
+        if hooks is not None:
+            self.check_unfused(hooks)
+            return self.submodule_forward(x)
         return self.forward_with_stats(x, None, None)[0]
 
     def forward_with_stats(self, x: Tensor, x_moments: Optional[tuple[Tensor, Tensor]],
@@ -180,7 +207,8 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         """Forward that takes and gives batch statistics, so a chain of blocks needs no
         standalone statistics pass between blocks: x_moments are bn1's, from the conv that
         wrote x (see Fp.bn_stats); the last conv computes those of `consumer`, the next
-        block's first BatchNorm (None: nobody reads them)."""
+        block's first BatchNorm (None: nobody reads them). For chainable blocks only: it
+        calls no submodule, so it runs none of their hooks."""
         units, projection = self.units(), self.projection()
         convs = [conv for _, conv in units] + ([projection] if projection is not None else [])
         bns = [bn for bn, _ in units] + ([consumer.bn] if consumer is not None else [])
@@ -195,7 +223,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
             self.check_input(x, units)
             sync, images = self.synchronise(x)
             if x.shape[0] == 0 and not sync:  # an empty local batch under sync BN still joins the exchanges
-                return self.empty_batch_forward(x), None
+                return self.submodule_forward(x), None
         else:
             sync, images = 0, None
         backend = self.backend or "auto"
@@ -257,16 +285,29 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         """This block's first BatchNorm as the consumer of the previous block's statistics."""
         return Fp.Consumer(self.first_bn(), bool(self.sync_handle()))
 
-    def empty_batch_forward(self, x: Tensor) -> Tensor:
-        """A batch of zero images: what the eager block does, through its own submodules
-        (an empty output with its autograd graph; each nn.BatchNorm2d counts the batch)."""
+    def shortcut_module(self) -> Optional[nn.Module]:
+        """The submodule the eager block calls for its projection shortcut (the container of
+        projection()), or None for the identity."""
+        raise NotImplementedError
+
+    def pre_activation(self, bn: nn.Module, h: Tensor) -> Tensor:
+        """relu(bn(h)) as the eager block computes it from its submodule bn."""
+        return F.relu(bn(h))
+
+    def submodule_forward(self, x: Tensor) -> Tensor:
+        """What the eager block computes, calling its submodules in the order the eager
+        definitions do (so their hooks run, and each nn.BatchNorm2d counts the batch): for a
+        batch of zero images, and while hooks_inside(self)."""
         (bn1, conv1), *rest = self.units()
-        h = F.relu(bn1(x))
-        projection = self.projection()
-        shortcut = x if projection is None else projection(h if self.shortcut_source == "preact" else x)
+        h = self.pre_activation(bn1, x)
+        shortcut_module = self.shortcut_module()
+        shortcut = x if shortcut_module is None else shortcut_module(h if self.shortcut_source == "preact" else x)
         h = conv1(h)
         for bn, conv in rest:
-            h = conv(F.relu(bn(h)))
+            h = conv(self.pre_activation(bn, h))
+        drop_path = self._modules.get("drop_path")  # timm's: an Identity (convert takes no other)
+        if drop_path is not None:
+            h = drop_path(h)
         return (h + shortcut).contiguous(memory_format=torch.channels_last)
 
     def check_input(self, x, units) -> None:
@@ -289,6 +330,9 @@ class _KuangliuUnits(_PreActUnits):
     def projection(self) -> Optional[nn.Conv2d]:
         shortcut = self._modules.get("shortcut")  # getattr would raise and catch for an identity block
         return shortcut[0] if isinstance(shortcut, nn.Sequential) and len(shortcut) > 0 else None
+
+    def shortcut_module(self) -> Optional[nn.Module]:
+        return None if self.projection() is None else self._modules["shortcut"]
 
     def _check_projection(self) -> None:
         shortcut = getattr(self, "shortcut", None)
@@ -357,7 +401,7 @@ def from_modules(block_cls, modules: dict[str, nn.Module], *, shortcut: str, bac
 
 
 def run_chain(blocks, x: Tensor) -> Tensor:
-    """Run consecutive fused blocks, handing each conv epilogue's statistics to the next BN."""
+    """Run consecutive chainable fused blocks, handing each conv epilogue's statistics to the next BN."""
     blocks = list(blocks)
     moments = None
     for i, block in enumerate(blocks):
@@ -366,33 +410,100 @@ def run_chain(blocks, x: Tensor) -> Tensor:
     return x
 
 
+def run_sequence(modules, x: Tensor) -> Tensor:
+    """Call `modules` one after another, as nn.Sequential does, with each run of consecutive
+    chainable blocks in one run_chain; an nn.Sequential among them that runs no hooks of its
+    own is entered, so a chain goes on across it (one model stage into the next)."""
+    chain: list[_PreActUnits] = []
+    for module in _entered(modules):
+        if chainable(module):
+            chain.append(module)
+            continue
+        if chain:
+            x, chain = run_chain(chain, x), []
+        x = module(x)
+    return run_chain(chain, x) if chain else x
+
+
+def _entered(modules):
+    """modules, with each plain nn.Sequential / FusedSequential that runs no hooks replaced by
+    its own modules (calling it would call them in that order, nothing else)."""
+    for module in modules:
+        if type(module) in (nn.Sequential, FusedSequential) and not calls_hooks(module):
+            yield from _entered(module)
+        else:
+            yield module
+
+
 # The hook dictionaries of an nn.Module that act on its own forward / backward.
 HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
               "_backward_hooks")
 
 
+def _own_hooks(module: nn.Module) -> bool:
+    """Whether module has hooks of its own: the four dictionaries nn.Module.__call__ reads (the
+    other HOOK_DICTS only mark hooks these hold)."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks)
+
+
+def _global_hooks() -> bool:
+    """Whether hooks registered for every module (torch.nn.modules.module.register_module_*_hook) exist."""
+    return bool(torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_backward_pre_hooks or torch_module._global_backward_hooks)
+
+
+def calls_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` runs hooks: its own, or global ones."""
+    return _own_hooks(module) or _global_hooks()
+
+
+def hooks_inside(module: nn.Module) -> Optional[str]:
+    """What would run hooks if `module`'s submodules were called ("submodule 'bn2' has hooks",
+    "global module hooks are registered"), else None. An eager block calls its submodules and a fused one does
+    not, so a fused module calls them instead while this is not None: a hook that records
+    or changes a conv's output (Grad-CAM, feature extraction, FLOP counters, the old
+    weight_norm / spectral_norm) then works as in eager."""
+    if _global_hooks():
+        return "global module hooks are registered"
+    hooked = _hooked_module(module._modules.values())
+    if hooked is None:
+        return None
+    name = next(name for name, found in module.named_modules() if found is hooked)
+    return f"submodule {name!r} has hooks"
+
+
+def _hooked_module(modules) -> Optional[nn.Module]:
+    """The first of `modules` or their submodules with hooks of its own, else None. Run on
+    every forward: this recursion over _modules takes about 2 us for a projection block
+    (hooks_inside, CPU), a walk of named_modules() about 5 us."""
+    for module in modules:
+        if module is None:
+            continue
+        if _own_hooks(module):
+            return module
+        if module._modules:
+            hooked = _hooked_module(module._modules.values())
+            if hooked is not None:
+                return hooked
+    return None
+
+
 def chainable(module: nn.Module) -> bool:
-    """A fused block that run_chain may call directly: it has no hooks of its own (a direct
-    call would skip them)."""
-    return isinstance(module, _PreActUnits) and not any(getattr(module, name) for name in HOOK_DICTS)
+    """A fused block that run_chain may call directly: calling it, or its submodules, would
+    run no hooks (a direct call runs neither)."""
+    return isinstance(module, _PreActUnits) and not calls_hooks(module) and hooks_inside(module) is None
 
 
 class FusedSequential(nn.Sequential):
     """nn.Sequential (same children, same state_dict keys) that runs each run of consecutive
-    fused blocks through run_chain, so only the first block of a run reads its input for
-    statistics. `convert` turns a user's nn.Sequential of fused blocks into one."""
+    fused blocks through run_chain (run_sequence), so only the first block of a run reads
+    its input for statistics. `convert` turns a user's nn.Sequential of fused blocks into
+    one; fp.models' stages are ones."""
 
     def forward(self, x):
-        chain: list[_PreActUnits] = []
-        for module in self:
-            if chainable(module):
-                chain.append(module)
-                continue
-            if chain:
-                x, chain = run_chain(chain, x), []
-            x = module(x)
-        return run_chain(chain, x) if chain else x
+        return run_sequence(self, x)
 
 
 class TimmPreActBasic(_PreActUnits):
@@ -403,6 +514,12 @@ class TimmPreActBasic(_PreActUnits):
 
     def projection(self) -> Optional[nn.Conv2d]:
         return None if self.downsample is None else self.downsample.conv
+
+    def shortcut_module(self) -> Optional[nn.Module]:
+        return self.downsample
+
+    def pre_activation(self, bn: nn.Module, h: Tensor) -> Tensor:
+        return bn(h)  # BatchNormAct2d applies its activation (a ReLU: convert checked) itself
 
     def _check_projection(self) -> None:
         if self.downsample is None:

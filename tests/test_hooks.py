@@ -1,0 +1,279 @@
+"""Hooks on fused modules and on their submodules run as they do in eager PyTorch.
+
+A fused block computes without calling its submodules (bn1, conv1, ...), so while one of
+them has hooks (or global module hooks exist) it calls them as the eager definition does;
+a block or stage with hooks of its own is called as a module inside a chain (fp.models,
+FusedSequential). Before this, such hooks were skipped without a word: a Grad-CAM hook on
+model.layer4[-1] of fp.models never fired, and a hook changing bn2's output did not change
+the block's.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+import fused_preact as fp
+import timm_like
+from fused_preact.backends import reference
+from fused_preact.testing import PreActBlock as EagerBlock
+from fused_preact.testing import PreActBottleneck as EagerBottleneck
+from fused_preact.testing import PreActResNet as EagerResNet
+from fused_preact.testing import RawShortcutPreActBlock, randomize_bn
+from helpers import assert_close
+
+F64 = torch.float64
+
+
+class Unit(nn.Module):
+    """The eager computation FusedBNReLUConv2d stands for."""
+
+    def __init__(self, c, k, stride):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+        self.conv = nn.Conv2d(c, k, 3, stride, 1, bias=False)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.bn(x)))
+
+
+def fused_copy(eager):
+    if isinstance(eager, Unit):
+        module = copy.deepcopy(eager)
+        return fp.FusedBNReLUConv2d.from_modules(module.bn, module.conv, backend="reference")
+    fused, report = fp.convert(nn.Sequential(copy.deepcopy(eager)), backend="reference", return_report=True)
+    assert len(report.swapped) == 1, report
+    return fused[0]
+
+
+# Every layout a fused module replaces: (eager module, its input channels, stride).
+LAYOUTS = {
+    "basic-projection": lambda: EagerBlock(5, 8, 2),
+    "basic-identity": lambda: EagerBlock(6, 6),
+    "raw-shortcut": lambda: RawShortcutPreActBlock(4, 6, 2),
+    "bottleneck": lambda: EagerBottleneck(8, 3, 2),
+    "timm-basic": lambda: timm_like.PreActBasic(4, 6, 2),
+    "timm-bottleneck": lambda: timm_like.PreActBottleneck(8, 12, 1),
+    "unit": lambda: Unit(5, 7, 2),
+}
+
+
+def hook_everything(model, log):
+    """On every submodule: a pre-hook and a hook that log the call, with a copy of the output,
+    and a full backward hook logging grad_output; the first BatchNorm's hook also changes
+    its output (not by a positive factor alone: training-mode BN would undo that)."""
+    handles = []
+    first_bn = next(name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d))
+    for name, module in model.named_modules():
+        if module is model:
+            continue
+        handles.append(module.register_forward_pre_hook(lambda m, args, name=name: log.append(("pre", name))))
+
+        def after(m, args, out, name=name):
+            log.append(("out", name, out.detach().clone()))
+            return out * 1.5 - 0.25 if name == first_bn else None
+        handles.append(module.register_forward_hook(after))
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_full_backward_hook(
+                lambda m, gin, gout, name=name: log.append(("grad", name, gout[0].detach().clone()))))
+    return handles
+
+
+def train_step(model, x):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return out, x.grad
+
+
+def assert_logs_equal(ours, eager):
+    assert [entry[:2] for entry in ours] == [entry[:2] for entry in eager]
+    for mine, theirs in zip(ours, eager):
+        if len(mine) == 3:
+            assert_close(mine[2], theirs[2], F64, f"{mine[0]} of {mine[1]}")
+
+
+def assert_states_equal(ours, eager):
+    for (name, a), (_, b) in zip(ours.state_dict().items(), eager.state_dict().items()):
+        assert_close(a.double(), b.double(), F64, name)
+    for (name, a), (_, b) in zip(ours.named_parameters(), eager.named_parameters()):
+        assert_close(a.grad, b.grad, F64, f"grad {name}")
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_hooks_on_submodules_run_as_in_eager(layout):
+    torch.manual_seed(0)
+    eager = LAYOUTS[layout]().double()
+    randomize_bn(eager)
+    ours = fused_copy(eager)
+    channels = next(m for m in eager.modules() if isinstance(m, nn.BatchNorm2d)).num_features
+    x = torch.randn(3, channels, 7, 7, dtype=F64)
+    ours_log, eager_log = [], []
+    handles = hook_everything(ours, ours_log) + hook_everything(eager, eager_log)
+    with pytest.warns(UserWarning, match="runs unfused"):
+        out, dx = train_step(ours, x)
+    ref, ref_dx = train_step(eager, x)
+    assert_close(out, ref, F64, "output")
+    assert_close(dx, ref_dx, F64, "grad x")
+    assert_logs_equal(ours_log, eager_log)
+    assert_states_equal(ours, eager)
+
+    for handle in handles:  # without hooks: fused again, and still what eager computes
+        handle.remove()
+    ours_log.clear()
+    for model in (ours, eager):
+        model.zero_grad()
+    out, dx = train_step(ours, x)
+    ref, ref_dx = train_step(eager, x)
+    assert not ours_log
+    assert_close(out, ref, F64, "output without hooks")
+    assert_close(dx, ref_dx, F64, "grad x without hooks")
+    assert_states_equal(ours, eager)
+
+
+def test_a_chain_hands_no_statistics_to_a_block_whose_submodules_have_hooks(monkeypatch):
+    """The fused ops run only in the blocks without hooked submodules (the reference
+    backend's ops counted), and the block before a hooked one hands it no statistics: its
+    BatchNorms compute their own, so running statistics and batch counts stay as in eager (a
+    producer updating them as well would count each batch twice)."""
+    torch.manual_seed(1)
+    eager = nn.Sequential(EagerBlock(4, 6, 2), EagerBlock(6, 6), EagerBlock(6, 6)).double()
+    randomize_bn(eager)
+    ours = fp.convert(copy.deepcopy(eager), backend="reference")
+    calls = {"bn_relu_conv": 0, "batch_stats": 0}
+    for op in calls:
+        real = reference.BACKEND.impls[op]
+        monkeypatch.setitem(reference.BACKEND.impls, op,
+                            lambda op=op, real=real, **kw: calls.__setitem__(op, calls[op] + 1) or real(**kw))
+    for model in (ours, eager):
+        model[1].bn2.register_forward_hook(lambda mod, args, out: out + 0.5)
+    for step in range(2):
+        x = torch.randn(3, 4, 8, 8, dtype=F64)
+        with pytest.warns(UserWarning, match="submodule 'bn2' has hooks"):
+            out, dx = train_step(ours, x)
+        # Fused: block 0's two units and projection, block 2's two units; each reads its input
+        # for statistics (block 1 hands none on).
+        assert calls == {"bn_relu_conv": 5, "batch_stats": 2}, f"step {step}"
+        calls.update(bn_relu_conv=0, batch_stats=0)
+        ref, ref_dx = train_step(eager, x)
+        assert_close(out, ref, F64, f"output, step {step}")
+        assert_close(dx, ref_dx, F64, f"grad x, step {step}")
+    assert_states_equal(ours, eager)
+
+
+def test_hooked_blocks_and_stages_of_fp_models_run_their_hooks():
+    """Grad-CAM's use: a forward and a full backward hook on model.layer4[-1], and a hook on a
+    whole stage. fp.models chain the blocks across stages (one statistics pass for all), but
+    call a block or stage with hooks as a module."""
+    torch.manual_seed(0)
+    eager = EagerResNet(EagerBlock, [2, 2, 2, 2]).double()
+    randomize_bn(eager)
+    ours = fp.models.preact_resnet18(backend="reference").double()
+    ours.load_state_dict(eager.state_dict())
+    logs = {}
+    for name, model in (("ours", ours), ("eager", eager)):
+        log = logs[name] = []
+        model.layer4[-1].register_forward_hook(lambda m, args, out, log=log: log.append(("act", out.detach().clone())))
+        model.layer4[-1].register_full_backward_hook(
+            lambda m, gin, gout, log=log: log.append(("grad", gout[0].detach().clone())))
+        model.layer2.register_forward_pre_hook(lambda m, args, log=log: log.append(("stage", args[0].detach().clone())))
+    x = torch.randn(2, 3, 32, 32, dtype=F64)
+    out, dx = train_step(ours, x)
+    ref, ref_dx = train_step(eager, x)
+    assert_close(out, ref, F64, "logits")
+    assert_close(dx, ref_dx, F64, "grad x")
+    assert [kind for kind, _ in logs["ours"]] == ["stage", "act", "grad"] == [kind for kind, _ in logs["eager"]]
+    for (kind, mine), (_, theirs) in zip(logs["ours"], logs["eager"]):
+        assert_close(mine, theirs, F64, kind)
+    assert_states_equal(ours, eager)
+
+
+def test_global_module_hooks_see_every_submodule_call():
+    torch.manual_seed(0)
+    eager = nn.Sequential(EagerBlock(4, 6, 2), EagerBottleneck(6, 2)).double()
+    randomize_bn(eager)
+    ours = fp.convert(copy.deepcopy(eager), backend="reference")
+    x = torch.randn(2, 4, 6, 6, dtype=F64)
+    calls = []
+    handle = torch_module.register_module_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+    try:
+        with pytest.warns(UserWarning, match="global module hooks are registered"):
+            out = ours(x)
+        ours_calls, calls[:] = calls[:], []
+        ref = eager(x)
+    finally:
+        handle.remove()
+    assert_close(out, ref, F64, "output")
+    # convert made the nn.Sequential a FusedSequential; the blocks keep their class names
+    assert [{"FusedSequential": "Sequential"}.get(name, name) for name in ours_calls] == calls
+
+
+def test_spectral_norm_on_a_conv_of_a_block():
+    """torch.nn.utils.spectral_norm recomputes the weight in a forward pre-hook: the fused
+    block runs it, so training steps match eager (a stale weight would not)."""
+    torch.manual_seed(0)
+    eager = EagerBlock(4, 4).double()
+    randomize_bn(eager)
+    ours = fused_copy(eager)
+    models = {"ours": ours, "eager": eager}
+    for model in models.values():
+        torch.manual_seed(1)  # its power iteration starts from a random vector
+        nn.utils.spectral_norm(model.conv2)
+    optims = {name: torch.optim.SGD(model.parameters(), lr=0.5) for name, model in models.items()}
+    for step in range(3):
+        x = torch.randn(2, 4, 6, 6, dtype=F64)
+        results = {}
+        for name, model in models.items():
+            optims[name].zero_grad()
+            results[name] = train_step(model, x)
+            optims[name].step()
+        assert_close(results["ours"][0], results["eager"][0], F64, f"output, step {step}")
+    assert_states_equal(ours, eager)
+
+
+def test_hooks_present_when_converting():
+    """Hooks already on a block's submodules: the probe does not fire them, the report says
+    the block runs unfused while they are there, and the converted model runs them."""
+    fired = []
+    model = nn.Sequential(EagerBlock(4, 4), EagerBlock(4, 4)).double()
+    handle = model[0].conv2.register_forward_hook(lambda m, args, out: fired.append(1))
+    converted, report = fp.convert(model, backend="reference", return_report=True)
+    assert not fired, "the probe fired the user's hook"
+    assert "runs unfused, through its submodules, while submodule 'conv2' has hooks" in report.swapped[0][1]
+    assert "unfused" not in report.swapped[1][1]
+    with pytest.warns(UserWarning, match="runs unfused"):
+        converted(torch.randn(2, 4, 5, 5, dtype=F64))
+    assert fired == [1]
+    handle.remove()
+    converted(torch.randn(2, 4, 5, 5, dtype=F64))
+    assert fired == [1]
+
+
+def test_a_synchronised_block_refuses_hooks_inside_before_any_state_changes(monkeypatch):
+    block = fp.PreActBlock(4, 4, backend="reference", sync_bn=True).double()
+    monkeypatch.setattr(block, "sync_handle", lambda: 1)  # as under an initialised process group
+    block.conv1.register_forward_hook(lambda m, args, out: None)
+    before = copy.deepcopy(block.state_dict())
+    refusal = r"sync_bn=True cannot run its submodules' hooks \(submodule 'conv1' has hooks\)"
+    with pytest.raises(ValueError, match=refusal):
+        block(torch.randn(2, 4, 5, 5, dtype=F64))
+    for name, value in block.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_flop_counter_counts_what_eager_counts():
+    """FlopCounterMode tracks modules with global hooks: the blocks run their submodules, whose
+    convolutions it knows (the fused ops have no FLOP formula: it counted 14 MFLOP of 3 GFLOP)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    eager = EagerResNet(EagerBlock, [1, 1, 1, 1])
+    ours = fp.convert(copy.deepcopy(eager), backend="reference")
+    x = torch.randn(2, 3, 32, 32)
+    flops = []
+    for model in (ours, eager):
+        with FlopCounterMode(display=False) as counter:
+            model(x).sum().backward()
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1]
