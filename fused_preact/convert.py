@@ -28,7 +28,8 @@ from torch import nn
 from .dispatch import check_backend_name
 from .testing import randomize_bn
 from .nn import (HOOK_DICTS, SHORTCUT_SOURCES, FusedBNReLUConv2d, FusedSequential, PreActBlock,
-                 PreActBottleneck, TimmPreActBasic, TimmPreActBottleneck, _PreActUnits, from_modules, hooks_inside)
+                 PreActBottleneck, TimmPreActBasic, TimmPreActBottleneck, _PreActUnits, first_hooked,
+                 from_modules, hooks_inside)
 
 log = logging.getLogger("fused_preact.convert")
 
@@ -97,11 +98,14 @@ def _candidate_modules(module: nn.Module, unit_names, optional) -> dict[str, nn.
     for name in optional:
         if name not in taken and hasattr(module, name):
             taken[name] = getattr(module, name)  # e.g. downsample = None
-    extra = [name for name, child in module.named_children()
-             if (name not in taken or (name == "drop_path" and not isinstance(child, nn.Identity)))
-             and not isinstance(child, _HARMLESS)]
+    left_out = [(name, child) for name, child in module.named_children()
+                if name not in taken or (name == "drop_path" and not isinstance(child, nn.Identity))]
+    extra = [name for name, child in left_out if not isinstance(child, _HARMLESS)]
     if extra:
         raise ValueError(f"has submodules a fused block does not compute: {extra}")
+    hooked = [name for name, child in left_out if first_hooked([child]) is not None]
+    if hooked:  # a ReLU module the fused block drops: nothing would call its hooks
+        raise ValueError(f"has submodules with hooks that a fused block does not keep: {hooked}")
     return taken
 
 

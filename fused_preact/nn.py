@@ -463,18 +463,18 @@ def hooks_inside(module: nn.Module) -> Optional[str]:
     """What would run hooks if `module`'s submodules were called ("submodule 'bn2' has hooks",
     "global module hooks are registered"), else None. An eager block calls its submodules and a fused one does
     not, so a fused module calls them instead while this is not None: a hook that records
-    or changes a conv's output (Grad-CAM, feature extraction, FLOP counters, the old
-    weight_norm / spectral_norm) then works as in eager."""
+    or changes a conv's output (Grad-CAM, feature extraction, FLOP counters; the pre-hooks
+    of torch.nn.utils.prune and the old weight_norm / spectral_norm) then works as in eager."""
     if _global_hooks():
         return "global module hooks are registered"
-    hooked = _hooked_module(module._modules.values())
+    hooked = first_hooked(module._modules.values())
     if hooked is None:
         return None
     name = next(name for name, found in module.named_modules() if found is hooked)
     return f"submodule {name!r} has hooks"
 
 
-def _hooked_module(modules) -> Optional[nn.Module]:
+def first_hooked(modules) -> Optional[nn.Module]:
     """The first of `modules` or their submodules with hooks of its own, else None. Run on
     every forward: this recursion over _modules takes about 2 us for a projection block
     (hooks_inside, CPU), a walk of named_modules() about 5 us."""
@@ -484,7 +484,7 @@ def _hooked_module(modules) -> Optional[nn.Module]:
         if _own_hooks(module):
             return module
         if module._modules:
-            hooked = _hooked_module(module._modules.values())
+            hooked = first_hooked(module._modules.values())
             if hooked is not None:
                 return hooked
     return None

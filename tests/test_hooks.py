@@ -3,7 +3,8 @@
 A fused block computes without calling its submodules (bn1, conv1, ...), so while one of
 them has hooks (or global module hooks exist) it calls them as the eager definition does;
 a block or stage with hooks of its own is called as a module inside a chain (fp.models,
-FusedSequential). Before this, such hooks were skipped without a word: a Grad-CAM hook on
+FusedSequential); convert leaves a block whose ReLU module, which a fused block drops, has
+hooks. Before this, such hooks were skipped without a word: a Grad-CAM hook on
 model.layer4[-1] of fp.models never fired, and a hook changing bn2's output did not change
 the block's.
 """
@@ -277,3 +278,25 @@ def test_flop_counter_counts_what_eager_counts():
             model(x).sum().backward()
         flops.append(counter.get_total_flops())
     assert flops[0] == flops[1]
+
+
+class ReluModuleBlock(EagerBlock):
+    """A kuangliu block whose ReLU is a module (convert takes it: a fused block drops it)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        return self.conv2(self.relu(self.bn2(self.conv1(out)))) + shortcut
+
+
+def test_convert_leaves_a_block_whose_dropped_module_has_hooks():
+    model = nn.Sequential(ReluModuleBlock(4, 4), ReluModuleBlock(4, 4)).double()
+    model[1].relu.register_forward_hook(lambda m, args, out: None)
+    converted, report = fp.convert(model, backend="reference", return_report=True)
+    assert [name for name, _ in report.swapped] == ["0"]
+    assert report.left == [("1", "has submodules with hooks that a fused block does not keep: ['relu']")]
+    assert type(converted[1]) is ReluModuleBlock
