@@ -28,8 +28,8 @@ from torch import nn
 from .dispatch import check_backend_name
 from .testing import randomize_bn
 from .nn import (HOOK_DICTS, SHORTCUT_SOURCES, FusedBNReLUConv2d, FusedSequential, PreActBlock,
-                 PreActBottleneck, TimmPreActBasic, TimmPreActBottleneck, _PreActUnits, first_hooked,
-                 from_modules, hooks_inside)
+                 PreActBottleneck, TimmPreActBasic, TimmPreActBottleneck, WideResNetBasic, _PreActUnits,
+                 first_hooked, from_modules, hooks_inside)
 
 log = logging.getLogger("fused_preact.convert")
 
@@ -71,9 +71,10 @@ def _move_hooks(source: nn.Module, target: nn.Module) -> bool:
     return moved
 
 
-# (fused class, names of the submodules it takes over), most specific first.
+# (fused class, names of the submodules it takes over, names it takes where present), most specific first.
 _LAYOUTS = (
     (PreActBottleneck, ("bn1", "conv1", "bn2", "conv2", "bn3", "conv3"), ("shortcut",)),
+    (WideResNetBasic, ("bn1", "conv1", "bn2", "conv2", "convShortcut"), ()),
     (PreActBlock, ("bn1", "conv1", "bn2", "conv2"), ("shortcut",)),
     (TimmPreActBottleneck, ("norm1", "conv1", "norm2", "conv2", "norm3", "conv3"), ("downsample", "drop_path")),
     (TimmPreActBasic, ("norm1", "conv1", "norm2", "conv2"), ("downsample", "drop_path")),

@@ -294,21 +294,28 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         """relu(bn(h)) as the eager block computes it from its submodule bn."""
         return F.relu(bn(h))
 
+    # Whether the eager definition calls its projection after the residual branch (else before conv1).
+    shortcut_last = False
+
     def submodule_forward(self, x: Tensor) -> Tensor:
         """What the eager block computes, calling its submodules in the order the eager
         definitions do (so their hooks run, and each nn.BatchNorm2d counts the batch): for a
         batch of zero images, and while hooks_inside(self)."""
         (bn1, conv1), *rest = self.units()
-        h = self.pre_activation(bn1, x)
-        shortcut_module = self.shortcut_module()
-        shortcut = x if shortcut_module is None else shortcut_module(h if self.shortcut_source == "preact" else x)
-        h = conv1(h)
+        a = self.pre_activation(bn1, x)
+
+        def shortcut():
+            module = self.shortcut_module()
+            return x if module is None else module(a if self.shortcut_source == "preact" else x)
+        early_shortcut = None if self.shortcut_last else shortcut()
+        h = conv1(a)
         for bn, conv in rest:
             h = conv(self.pre_activation(bn, h))
         drop_path = self._modules.get("drop_path")  # timm's: an Identity (convert takes no other)
         if drop_path is not None:
             h = drop_path(h)
-        return (h + shortcut).contiguous(memory_format=torch.channels_last)
+        h = h + (shortcut() if self.shortcut_last else early_shortcut)
+        return h.contiguous(memory_format=torch.channels_last)
 
     def check_input(self, x, units) -> None:
         """Every unit's input shape, derived from x, before any statistic changes (units: self.units())."""
@@ -387,6 +394,26 @@ class PreActBottleneck(_KuangliuUnits):
         if projection is not None:
             self.shortcut = projection
         self._setup(shortcut, backend, sync_bn, process_group)
+
+
+class WideResNetBasic(_PreActUnits):
+    """Fused stand-in for the wide ResNet block as robustness code writes it (RobustBench's
+    and TRADES' wide_resnet.py BasicBlock; testing.WideBasicBlock): bn1, conv1, bn2, conv2,
+    and convShortcut, a 1x1 conv on relu(bn1(x)) where width or stride change, else None
+    (the identity on raw x). Its ReLU modules hold nothing: a fused block drops them."""
+
+    unit_names = (("bn1", "conv1"), ("bn2", "conv2"))
+    shortcut_last = True
+
+    def projection(self) -> Optional[nn.Conv2d]:
+        return self._modules.get("convShortcut")  # None: not registered (the eager block sets None)
+
+    def shortcut_module(self) -> Optional[nn.Module]:
+        return self.projection()
+
+    def _check_projection(self) -> None:
+        if self.projection() is not None:
+            Fp.check_conv(self.projection(), "convShortcut")
 
 
 def from_modules(block_cls, modules: dict[str, nn.Module], *, shortcut: str, backend: Optional[str],

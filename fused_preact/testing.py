@@ -3,8 +3,9 @@ baselines of the benchmarks, and the models `convert` is shown on in README.
 
 kuangliu/pytorch-cifar PreActBlock / PreActBottleneck / PreActResNet (projection reads
 relu(bn1(x))), the RobustBench / fast-adversarial variants (projection reads raw x), the
-paper's CIFAR network, and blocks of the same layout that compute something else (which
-`convert` must leave alone). randomize_bn gives BatchNorms non-default statistics.
+wide ResNet block of robustness code, the paper's CIFAR network, and blocks of the same
+layout that compute something else (which `convert` must leave alone). randomize_bn gives
+BatchNorms non-default statistics.
 """
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,34 @@ class NoBN2PreActBlock(PreActBlock):
         shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
         out = self.conv2(F.relu(self.conv1(out)))
         return out + shortcut
+
+
+class WideBasicBlock(nn.Module):
+    """The wide ResNet block (Zagoruyko & Komodakis 2016) as robustness code writes it
+    (RobustBench's and TRADES' wide_resnet.py BasicBlock): ReLU modules, a 1x1 convShortcut
+    on relu(bn1(x)) where width or stride change (else None: the identity on raw x), called
+    after the residual branch; dropout between the convs where drop_rate > 0."""
+
+    def __init__(self, in_planes, out_planes, stride, drop_rate=0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.droprate = drop_rate
+        self.equalInOut = in_planes == out_planes
+        self.convShortcut = None if self.equalInOut else nn.Conv2d(in_planes, out_planes, kernel_size=1,
+                                                                   stride=stride, padding=0, bias=False)
+
+    def forward(self, x):
+        activated = self.relu1(self.bn1(x))
+        out = self.relu2(self.bn2(self.conv1(activated)))
+        if self.droprate > 0:
+            out = F.dropout(out, p=self.droprate, training=self.training)
+        out = self.conv2(out)
+        return (x if self.equalInOut else self.convShortcut(activated)) + out
 
 
 class PreActResNet(nn.Module):

@@ -11,7 +11,7 @@ from torch import nn
 
 import fused_preact as fp
 from fused_preact.testing import (DropoutPreActBlock, NoBN2PreActBlock, PreActBlock, PreActBottleneck,
-                          PreActResNet, RawShortcutPreActBlock)
+                          PreActResNet, RawShortcutPreActBlock, WideBasicBlock)
 from fused_preact.testing import randomize_bn
 from helpers import assert_close
 
@@ -210,3 +210,32 @@ def test_converted_sequential_hands_statistics_from_block_to_block(monkeypatch):
     converted(x)
     # A hooked block is called as a module: it, and the block after it, read their inputs.
     assert fired == [1] and len(calls) == 4
+
+
+def test_convert_wide_resnet_blocks():
+    """The wide ResNet block of robustness code (WRN-28-10, WRN-34-10): identity and projection
+    blocks swapped (its ReLU modules dropped), state_dict keys kept, the same numbers in
+    training and eval; with dropout between the convs it is left."""
+    torch.manual_seed(0)
+    model = nn.Sequential(WideBasicBlock(4, 8, 1), WideBasicBlock(8, 8, 1), WideBasicBlock(8, 12, 2)).double()
+    randomize_bn(model)
+    eager = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    converted, report = fp.convert(model, return_report=True)
+    assert report.swapped == [(str(i), "WideResNetBasic(shortcut='preact')") for i in range(3)]
+    assert list(converted.state_dict()) == keys
+    for training in (True, False):
+        converted.train(training), eager.train(training)
+        x = torch.randn(3, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+        ref_x = x.detach().clone().requires_grad_(True)
+        out, ref = converted(x), eager(ref_x)
+        assert_close(out, ref, torch.float64, f"output (training={training})")
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        assert_close(x.grad, ref_x.grad, torch.float64, f"grad x (training={training})")
+        for (name, a), (_, b) in zip(converted.named_parameters(), eager.named_parameters()):
+            assert_close(a.grad, b.grad, torch.float64, f"grad {name} (training={training})")
+        for (name, a), (_, b) in zip(converted.state_dict().items(), eager.state_dict().items()):
+            assert_close(a.double(), b.double(), torch.float64, name)
+    _, report = fp.convert(nn.Sequential(WideBasicBlock(8, 8, 1, drop_rate=0.3)), return_report=True)
+    assert not report.swapped and "differs from every fused variant" in report.left[0][1]
