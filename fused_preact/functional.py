@@ -49,6 +49,18 @@ def check_conv(conv: nn.Module, name: str) -> None:
             "supported (explicit integer zero padding only)")
 
 
+def check_computes_as(module: nn.Module, base: type, name: str) -> None:
+    """For a module wrapped without convert's numerical probe: refuses a subclass of `base`
+    (nn.BatchNorm2d, nn.Conv2d) whose forward computes something else (a weight-standardised
+    conv, a BatchNorm with an activation): a fused unit computes what `base` computes."""
+    for method in ("forward", "_conv_forward"):
+        if hasattr(base, method) and getattr(type(module), method) is not getattr(base, method):
+            raise TypeError(
+                f"fused_preact: {name} is a {type(module).__name__}, whose {method} is not {base.__name__}'s; "
+                f"a fused unit computes {base.__name__}'s (fp.convert verifies a whole block numerically and "
+                f"takes such a module where it computes the same)")
+
+
 def check_input(x, bn: Optional[nn.BatchNorm2d], conv: nn.Conv2d, what: str) -> tuple[int, ...]:
     """Validate the input tensor of a bn -> relu -> conv unit before anything runs or changes
     (running statistics included); returns the conv's output shape. `what` names the input

@@ -132,6 +132,8 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
         """Wrap existing modules (shared, not copied: optimizers keep their parameters)."""
         Fp.check_bn(bn, "bn")
         Fp.check_conv(conv, "conv")
+        Fp.check_computes_as(bn, nn.BatchNorm2d, "bn")
+        Fp.check_computes_as(conv, nn.Conv2d, "conv")
         dispatch.check_backend_name(backend)
         unit = cls.__new__(cls)
         nn.Module.__init__(unit)

@@ -23,6 +23,35 @@ def test_groups_and_dilation_rejected():
         fp.FusedBNReLUConv2d.from_modules(bn, conv)
 
 
+class WeightStandardizedConv2d(nn.Conv2d):
+    """A conv that computes something else than nn.Conv2d (timm's StdConv2d does this)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+class SiLUBatchNorm2d(nn.BatchNorm2d):
+    def forward(self, x):
+        return nn.functional.silu(super().forward(x))
+
+
+class RenamedConv2d(nn.Conv2d):
+    """A subclass that computes what nn.Conv2d computes."""
+
+
+def test_wrapped_modules_that_compute_something_else_rejected():
+    """from_modules runs no numerical probe (convert does): a subclass with its own forward
+    would be replaced by nn.Conv2d's / nn.BatchNorm2d's computation without a word."""
+    bn, conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    with pytest.raises(TypeError, match="conv is a WeightStandardizedConv2d, whose forward is not Conv2d's"):
+        fp.FusedBNReLUConv2d.from_modules(bn, WeightStandardizedConv2d(4, 4, 3, padding=1, bias=False))
+    with pytest.raises(TypeError, match="bn is a SiLUBatchNorm2d, whose forward is not BatchNorm2d's"):
+        fp.FusedBNReLUConv2d.from_modules(SiLUBatchNorm2d(4), conv)
+    fp.FusedBNReLUConv2d.from_modules(bn, RenamedConv2d(4, 4, 3, padding=1, bias=False))
+
+
 def test_one_value_per_channel_in_training():
     block = fp.PreActBlock(4, 4)
     with pytest.raises(ValueError, match="more than 1 value per channel when training"):
