@@ -27,9 +27,9 @@ from torch import nn
 
 from .dispatch import check_backend_name
 from .testing import randomize_bn
-from .nn import (HOOK_DICTS, SHORTCUT_SOURCES, FusedBNReLUConv2d, FusedSequential, PreActBlock,
-                 PreActBottleneck, TimmPreActBasic, TimmPreActBottleneck, WideResNetBasic, _PreActUnits,
-                 first_hooked, from_modules, hooks_inside)
+from .nn import (SHORTCUT_SOURCES, FusedBNReLUConv2d, FusedSequential, PreActBlock, PreActBottleneck,
+                 TimmPreActBasic, TimmPreActBottleneck, WideResNetBasic, _PreActUnits, from_modules)
+from .unfused import HOOK_DICTS, own_hooks, submodules, unfused_reason
 
 log = logging.getLogger("fused_preact.convert")
 
@@ -104,7 +104,7 @@ def _candidate_modules(module: nn.Module, unit_names, optional) -> dict[str, nn.
     extra = [name for name, child in left_out if not isinstance(child, _HARMLESS)]
     if extra:
         raise ValueError(f"has submodules a fused block does not compute: {extra}")
-    hooked = [name for name, child in left_out if first_hooked([child]) is not None]
+    hooked = [name for name, child in left_out if any(map(own_hooks, [child, *submodules(child)]))]
     if hooked:  # a ReLU module the fused block drops: nothing would call its hooks
         raise ValueError(f"has submodules with hooks that a fused block does not keep: {hooked}")
     return taken
@@ -211,9 +211,9 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = 
             if fused is not None:
                 if _move_hooks(module, fused):
                     what += " (its hooks moved to it)"
-                hooks = hooks_inside(fused)
-                if hooks is not None:
-                    what += f" (runs unfused, through its submodules, while {hooks})"
+                reason = unfused_reason(fused, fused.submodule_classes)
+                if reason is not None:
+                    what += f" (runs unfused, through its submodules, while {reason})"
                 done[id(module)] = fused
                 report.swapped.append((name, what))
                 return fused

@@ -3,8 +3,9 @@
 Parameters and buffers live in ordinary nn.BatchNorm2d / nn.Conv2d submodules with the
 names of kuangliu/pytorch-cifar (bn1, conv1, ..., shortcut), so state_dicts load both
 ways and weight-init code that walks `model.modules()` keeps working. Forward runs the
-fused ops instead of the submodules' own forward, except while calling those would run
-hooks (hooks_inside): then a module calls its submodules as the eager definition does.
+fused ops instead of the submodules' own forward, except where that would not be what
+eager PyTorch computes (unfused.py: hooks, a submodule replaced by another computation):
+then a module calls its submodules as the eager definition does.
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as torch_module
 
 from . import block_autograd, dispatch, distributed
 from . import functional as Fp
 from .block_autograd import Tape
+from .unfused import built_classes, calls_hooks, unfused_reason
 
 SHORTCUT_SOURCES = ("preact", "input")
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -86,17 +87,17 @@ class _SyncBNOption:
         handle = self.sync_handle()
         return (handle, distributed.agree(handle, x, self.training)) if handle else (0, None)
 
-    def check_unfused(self, hooks: str) -> None:
-        """Before this module calls its submodules so that `hooks` (hooks_inside) run: refused
-        where it synchronises statistics (its BatchNorms are plain ones: called, they would
-        not), else a warning that it runs unfused."""
+    def check_unfused(self, reason: str) -> None:
+        """Before this module calls its submodules (unfused.unfused_reason gave `reason`):
+        refused where it synchronises statistics (its BatchNorms are plain ones: called, they
+        would not), else a warning that it runs unfused."""
         name = type(self).__name__
         if self.sync_handle():
-            raise ValueError(f"fused_preact: {name} with sync_bn=True cannot run its submodules' hooks ({hooks}): "
-                             f"it synchronises its BatchNorms without calling them; remove the hooks, or use "
-                             f"sync_bn=False and nn.SyncBatchNorm")
+            raise ValueError(f"fused_preact: {name} with sync_bn=True cannot call its submodules ({reason}): it "
+                             f"synchronises its BatchNorms without calling them; remove the hooks or the "
+                             f"replacement, or use sync_bn=False and nn.SyncBatchNorm")
         warnings.warn(f"fused_preact: {name} runs unfused, calling its submodules as eager PyTorch does, while "
-                      f"{hooks} (a fused module does not call its submodules)", stacklevel=2)
+                      f"{reason} (a fused module does not call its submodules)", stacklevel=2)
 
 
 class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
@@ -125,6 +126,7 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
         dispatch.check_backend_name(backend)
         self.backend = backend
         self.set_sync_bn(sync_bn, process_group)
+        self.submodule_classes = built_classes(self)
 
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, *, backend: Optional[str] = None,
@@ -139,12 +141,13 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
         nn.Module.__init__(unit)
         unit.bn, unit.conv, unit.backend = bn, conv, backend
         unit.set_sync_bn(sync_bn, process_group)
+        unit.submodule_classes = built_classes(unit)
         return unit
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        hooks = hooks_inside(self)
-        if hooks is not None:
-            self.check_unfused(hooks)
+        reason = unfused_reason(self, self.submodule_classes)
+        if reason is not None:
+            self.check_unfused(reason)
             return self.submodule_forward(x, residual)
         out_shape = Fp.check_input(x, self.bn, self.conv, "x")
         Fp.check_residual(residual, out_shape, x.device)
@@ -183,6 +186,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
             Fp.check_bn(getattr(self, bn_name), bn_name)
             Fp.check_conv(getattr(self, conv_name), conv_name)
         self._check_projection()
+        self.submodule_classes = built_classes(self)  # what its submodules compute (convert verified it)
 
     def units(self) -> list[tuple[nn.BatchNorm2d, nn.Conv2d]]:
         return [(module_attr(self, b), module_attr(self, c)) for b, c in self.unit_names]
@@ -198,9 +202,9 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        hooks = hooks_inside(self)
-        if hooks is not None:
-            self.check_unfused(hooks)
+        reason = unfused_reason(self, self.submodule_classes)
+        if reason is not None:
+            self.check_unfused(reason)
             return self.submodule_forward(x)
         return self.forward_with_stats(x, None, None)[0]
 
@@ -302,7 +306,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
     def submodule_forward(self, x: Tensor) -> Tensor:
         """What the eager block computes, calling its submodules in the order the eager
         definitions do (so their hooks run, and each nn.BatchNorm2d counts the batch): for a
-        batch of zero images, and while hooks_inside(self)."""
+        batch of zero images, and while unfused.unfused_reason gives one."""
         (bn1, conv1), *rest = self.units()
         a = self.pre_activation(bn1, x)
 
@@ -464,65 +468,11 @@ def _entered(modules):
             yield module
 
 
-# The hook dictionaries of an nn.Module that act on its own forward / backward.
-HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-              "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
-              "_backward_hooks")
-
-
-def _own_hooks(module: nn.Module) -> bool:
-    """Whether module has hooks of its own: the four dictionaries nn.Module.__call__ reads (the
-    other HOOK_DICTS only mark hooks these hold)."""
-    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
-                or module._backward_hooks)
-
-
-def _global_hooks() -> bool:
-    """Whether hooks registered for every module (torch.nn.modules.module.register_module_*_hook) exist."""
-    return bool(torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks
-                or torch_module._global_backward_pre_hooks or torch_module._global_backward_hooks)
-
-
-def calls_hooks(module: nn.Module) -> bool:
-    """Whether calling `module` runs hooks: its own, or global ones."""
-    return _own_hooks(module) or _global_hooks()
-
-
-def hooks_inside(module: nn.Module) -> Optional[str]:
-    """What would run hooks if `module`'s submodules were called ("submodule 'bn2' has hooks",
-    "global module hooks are registered"), else None. An eager block calls its submodules and a fused one does
-    not, so a fused module calls them instead while this is not None: a hook that records
-    or changes a conv's output (Grad-CAM, feature extraction, FLOP counters; the pre-hooks
-    of torch.nn.utils.prune and the old weight_norm / spectral_norm) then works as in eager."""
-    if _global_hooks():
-        return "global module hooks are registered"
-    hooked = first_hooked(module._modules.values())
-    if hooked is None:
-        return None
-    name = next(name for name, found in module.named_modules() if found is hooked)
-    return f"submodule {name!r} has hooks"
-
-
-def first_hooked(modules) -> Optional[nn.Module]:
-    """The first of `modules` or their submodules with hooks of its own, else None. Run on
-    every forward: this recursion over _modules takes about 2 us for a projection block
-    (hooks_inside, CPU), a walk of named_modules() about 5 us."""
-    for module in modules:
-        if module is None:
-            continue
-        if _own_hooks(module):
-            return module
-        if module._modules:
-            hooked = first_hooked(module._modules.values())
-            if hooked is not None:
-                return hooked
-    return None
-
-
 def chainable(module: nn.Module) -> bool:
-    """A fused block that run_chain may call directly: calling it, or its submodules, would
-    run no hooks (a direct call runs neither)."""
-    return isinstance(module, _PreActUnits) and not calls_hooks(module) and hooks_inside(module) is None
+    """A fused block that run_chain may call directly: calling it would run no hooks (a direct
+    call does not), and it runs its fused ops (no unfused_reason)."""
+    return (isinstance(module, _PreActUnits) and not calls_hooks(module)
+            and unfused_reason(module, module.submodule_classes) is None)
 
 
 class FusedSequential(nn.Sequential):

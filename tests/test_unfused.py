@@ -1,12 +1,11 @@
-"""Hooks on fused modules and on their submodules run as they do in eager PyTorch.
-
-A fused block computes without calling its submodules (bn1, conv1, ...), so while one of
-them has hooks (or global module hooks exist) it calls them as the eager definition does;
-a block or stage with hooks of its own is called as a module inside a chain (fp.models,
+"""A fused module calls its submodules, as eager PyTorch does, where its fused ops would not
+compute what eager computes (fused_preact/unfused.py): while a submodule has hooks or global
+module hooks exist, or a submodule was replaced by one that computes otherwise. A block or
+stage with hooks of its own is called as a module inside a chain (fp.models,
 FusedSequential); convert leaves a block whose ReLU module, which a fused block drops, has
-hooks. Before this, such hooks were skipped without a word: a Grad-CAM hook on
-model.layer4[-1] of fp.models never fired, and a hook changing bn2's output did not change
-the block's.
+hooks. Before, all of these were skipped without a word: a Grad-CAM hook on
+model.layer4[-1] of fp.models never fired, a hook changing bn2's output did not change the
+block's, and nn.SyncBatchNorm.convert_sync_batchnorm left the blocks' statistics local.
 """
 
 import copy
@@ -260,7 +259,7 @@ def test_a_synchronised_block_refuses_hooks_inside_before_any_state_changes(monk
     monkeypatch.setattr(block, "sync_handle", lambda: 1)  # as under an initialised process group
     block.conv1.register_forward_hook(lambda m, args, out: None)
     before = copy.deepcopy(block.state_dict())
-    refusal = r"sync_bn=True cannot run its submodules' hooks \(submodule 'conv1' has hooks\)"
+    refusal = r"sync_bn=True cannot call its submodules \(submodule 'conv1' has hooks\)"
     with pytest.raises(ValueError, match=refusal):
         block(torch.randn(2, 4, 5, 5, dtype=F64))
     for name, value in block.state_dict().items():
@@ -303,3 +302,69 @@ def test_convert_leaves_a_block_whose_dropped_module_has_hooks():
     assert [name for name, _ in report.swapped] == ["0"]
     assert report.left == [("1", "has submodules with hooks that a fused block does not keep: ['relu']")]
     assert type(converted[1]) is ReluModuleBlock
+
+
+def count_unit_ops(monkeypatch) -> list:
+    """The reference backend's bn_relu_conv calls from now on (one per fused unit run)."""
+    calls = []
+    real = reference.BACKEND.impls["bn_relu_conv"]
+    monkeypatch.setitem(reference.BACKEND.impls, "bn_relu_conv", lambda **kw: calls.append(1) or real(**kw))
+    return calls
+
+
+def test_submodules_replaced_by_sync_batchnorm_run_as_eager(monkeypatch):
+    """nn.SyncBatchNorm.convert_sync_batchnorm, the usual DistributedDataParallel recipe,
+    swaps the BatchNorms inside fused blocks: the blocks call them (synchronising where a
+    process group runs), and say how to keep them fused. Before, they ran as local BatchNorms."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(EagerBlock(4, 6, 2), EagerBlock(6, 6)).double()
+    randomize_bn(eager)
+    ours = fp.convert(copy.deepcopy(eager), backend="reference")
+    ours, eager = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (ours, eager))
+    assert type(ours[0].bn1) is nn.SyncBatchNorm and isinstance(ours[0], fp.PreActBlock)
+    calls = count_unit_ops(monkeypatch)
+    x = torch.randn(3, 4, 8, 8, dtype=F64)
+    with pytest.warns(UserWarning, match=r"submodule 'bn1' is now a SyncBatchNorm, not a BatchNorm2d \(for "
+                                         r"synchronised BatchNorm fused, use fp.convert\(model, sync_bn=True\)"):
+        out, dx = train_step(ours, x)
+    assert not calls
+    ref, ref_dx = train_step(eager, x)
+    assert_close(out, ref, F64, "output")
+    assert_close(dx, ref_dx, F64, "grad x")
+    assert_states_equal(ours, eager)
+
+
+def test_a_conv_replaced_by_one_that_computes_otherwise_runs_as_eager(monkeypatch):
+    """A conv swapped after the block was built (QAT's fake-quantised conv, a weight-standardised
+    one): the block calls it. A parametrized weight (weight_norm) computes alike: fused."""
+    from torch.nn.utils.parametrizations import weight_norm
+    torch.manual_seed(0)
+    eager = EagerBlock(4, 4).double()
+    randomize_bn(eager)
+    ours = fused_copy(eager)
+    calls = count_unit_ops(monkeypatch)
+    for model in (ours, eager):
+        weight_norm(model.conv1)
+    x = torch.randn(2, 4, 6, 6, dtype=F64)
+    out = ours(x)
+    assert len(calls) == 2
+    assert_close(out, eager(x), F64, "weight_norm")
+    for model in (ours, eager):
+        standardized = StandardizedConv2d(4, 4, 3, padding=1, bias=False).double()
+        standardized.load_state_dict(model.conv2.state_dict())
+        model.conv2 = standardized
+    calls.clear()
+    with pytest.warns(UserWarning, match="submodule 'conv2' is now a StandardizedConv2d, not a Conv2d"):
+        out, dx = train_step(ours, x)
+    assert not calls
+    ref, ref_dx = train_step(eager, x)
+    assert_close(out, ref, F64, "output")
+    assert_close(dx, ref_dx, F64, "grad x")
+    assert_states_equal(ours, eager)
+
+
+class StandardizedConv2d(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight
+        return self._conv_forward(x, (w - w.mean(dim=(1, 2, 3), keepdim=True)) / w.std(dim=(1, 2, 3), keepdim=True),
+                                  None)

@@ -1,0 +1,91 @@
+"""When a fused module must call its submodules instead of running its fused ops.
+
+An eager block calls its submodules (bn1, conv1, ...) and a fused one does not: it reads
+their parameters and computes what nn.BatchNorm2d, F.relu and nn.Conv2d compute. That is
+the same only while calling them would run no hooks and each still computes what it
+computed when the fused module was built or converted. Otherwise (unfused_reason) the
+module calls them as the eager definition does, which is then what eager PyTorch computes:
+a Grad-CAM hook on conv2, torch.nn.utils.prune's pre-hook, FlopCounterMode's global hooks,
+bn1 replaced by nn.SyncBatchNorm.convert_sync_batchnorm or conv1 by a QAT conv.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+# The hook dictionaries of an nn.Module that act on its own forward / backward.
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+              "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+              "_backward_hooks")
+
+
+def own_hooks(module: nn.Module) -> bool:
+    """Whether module has hooks of its own: the four dictionaries nn.Module.__call__ reads (the
+    other HOOK_DICTS only mark hooks these hold)."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks)
+
+
+def global_hooks() -> bool:
+    """Whether hooks registered for every module (torch.nn.modules.module.register_module_*_hook) exist."""
+    return bool(torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_backward_pre_hooks or torch_module._global_backward_hooks)
+
+
+def calls_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` runs hooks: its own, or global ones."""
+    return own_hooks(module) or global_hooks()
+
+
+def submodules(module: nn.Module) -> list[nn.Module]:
+    """module's submodules depth first in registration order: module.modules() without module
+    and without its bookkeeping (about half the time; this runs on every forward), and
+    without the `parametrizations` that torch.nn.utils.parametrize adds to a module: they
+    compute a weight, and run when the fused ops read it as they do when the module runs."""
+    found: list[nn.Module] = []
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in parent._modules.items():
+            if child is not None and name != "parametrizations":
+                found.append(child)
+                if child._modules:
+                    visit(child)
+    visit(module)
+    return found
+
+
+def built_classes(module: nn.Module) -> tuple[type, ...]:
+    """The classes of module's submodules (submodules order), recorded when a fused module is
+    built or converted: what unfused_reason compares with."""
+    return tuple(type(sub) for sub in submodules(module))
+
+
+def _computes_alike(cls: type, built: type) -> bool:
+    """Whether instances of cls compute what those of `built` did: the same forward (and
+    nn.Conv2d's _conv_forward). A parametrized module's class differs but computes alike."""
+    return all(getattr(cls, name, None) is getattr(built, name, None) for name in ("forward", "_conv_forward"))
+
+
+def unfused_reason(module: nn.Module, built: tuple[type, ...]) -> Optional[str]:
+    """Why the fused `module` (its submodules' classes recorded as `built`) must call its
+    submodules, as a phrase ("submodule 'bn2' has hooks"), else None. About 2 us for a
+    projection block on this project's CPU."""
+    if global_hooks():
+        return "global module hooks are registered"
+    found = submodules(module)
+    if len(found) != len(built):
+        return "its submodules are not those it was built with"
+    for sub, cls in zip(found, built):
+        if own_hooks(sub):
+            return f"submodule {_name(module, sub)!r} has hooks"
+        if type(sub) is not cls and not _computes_alike(type(sub), cls):
+            hint = (" (for synchronised BatchNorm fused, use fp.convert(model, sync_bn=True) instead of "
+                    "nn.SyncBatchNorm.convert_sync_batchnorm)" if isinstance(sub, nn.SyncBatchNorm) else "")
+            return f"submodule {_name(module, sub)!r} is now a {type(sub).__name__}, not a {cls.__name__}{hint}"
+    return None
+
+
+def _name(module: nn.Module, sub: nn.Module) -> str:
+    return next(name for name, found in module.named_modules() if found is sub)
