@@ -174,6 +174,8 @@ class _PreActUnits(_SyncBNOption, nn.Module):
     """
 
     unit_names: tuple[tuple[str, str], ...] = ()
+    # Whether the eager definition calls its projection after the residual branch (else before conv1).
+    shortcut_last = False
 
     def _setup(self, shortcut: str, backend: Optional[str], sync_bn: bool = False, process_group=None) -> None:
         self.set_sync_bn(sync_bn, process_group)
@@ -299,9 +301,6 @@ class _PreActUnits(_SyncBNOption, nn.Module):
     def pre_activation(self, bn: nn.Module, h: Tensor) -> Tensor:
         """relu(bn(h)) as the eager block computes it from its submodule bn."""
         return F.relu(bn(h))
-
-    # Whether the eager definition calls its projection after the residual branch (else before conv1).
-    shortcut_last = False
 
     def submodule_forward(self, x: Tensor) -> Tensor:
         """What the eager block computes, calling its submodules in the order the eager
