@@ -104,6 +104,16 @@ def assert_states_equal(ours, eager):
         assert_close(a.grad, b.grad, F64, f"grad {name}")
 
 
+def assert_steps_alike(ours, ours_step, eager, x):
+    """ours_step: ours' train_step on x. Eager takes the same step; the outputs, input
+    gradients, parameter gradients and buffers must agree."""
+    out, dx = ours_step
+    ref, ref_dx = train_step(eager, x)
+    assert_close(out, ref, F64, "output")
+    assert_close(dx, ref_dx, F64, "grad x")
+    assert_states_equal(ours, eager)
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_hooks_on_submodules_run_as_in_eager(layout):
     torch.manual_seed(0)
@@ -116,24 +126,17 @@ def test_hooks_on_submodules_run_as_in_eager(layout):
     names = {name for name, _ in ours.named_modules() if name}  # a fused block keeps no ReLU module
     handles = hook_everything(ours, ours_log, names) + hook_everything(eager, eager_log, names)
     with pytest.warns(UserWarning, match="runs unfused"):
-        out, dx = train_step(ours, x)
-    ref, ref_dx = train_step(eager, x)
-    assert_close(out, ref, F64, "output")
-    assert_close(dx, ref_dx, F64, "grad x")
+        ours_step = train_step(ours, x)
+    assert_steps_alike(ours, ours_step, eager, x)
     assert_logs_equal(ours_log, eager_log)
-    assert_states_equal(ours, eager)
 
     for handle in handles:  # without hooks: fused again, and still what eager computes
         handle.remove()
     ours_log.clear()
     for model in (ours, eager):
         model.zero_grad()
-    out, dx = train_step(ours, x)
-    ref, ref_dx = train_step(eager, x)
+    assert_steps_alike(ours, train_step(ours, x), eager, x)
     assert not ours_log
-    assert_close(out, ref, F64, "output without hooks")
-    assert_close(dx, ref_dx, F64, "grad x without hooks")
-    assert_states_equal(ours, eager)
 
 
 def test_a_chain_hands_no_statistics_to_a_block_whose_submodules_have_hooks(monkeypatch):
@@ -326,12 +329,9 @@ def test_submodules_replaced_by_sync_batchnorm_run_as_eager(monkeypatch):
     x = torch.randn(3, 4, 8, 8, dtype=F64)
     with pytest.warns(UserWarning, match=r"submodule 'bn1' is now a SyncBatchNorm, not a BatchNorm2d \(for "
                                          r"synchronised BatchNorm fused, use fp.convert\(model, sync_bn=True\)"):
-        out, dx = train_step(ours, x)
+        ours_step = train_step(ours, x)
     assert not calls
-    ref, ref_dx = train_step(eager, x)
-    assert_close(out, ref, F64, "output")
-    assert_close(dx, ref_dx, F64, "grad x")
-    assert_states_equal(ours, eager)
+    assert_steps_alike(ours, ours_step, eager, x)
 
 
 def test_a_conv_replaced_by_one_that_computes_otherwise_runs_as_eager(monkeypatch):
@@ -355,12 +355,9 @@ def test_a_conv_replaced_by_one_that_computes_otherwise_runs_as_eager(monkeypatc
         model.conv2 = standardized
     calls.clear()
     with pytest.warns(UserWarning, match="submodule 'conv2' is now a StandardizedConv2d, not a Conv2d"):
-        out, dx = train_step(ours, x)
+        ours_step = train_step(ours, x)
     assert not calls
-    ref, ref_dx = train_step(eager, x)
-    assert_close(out, ref, F64, "output")
-    assert_close(dx, ref_dx, F64, "grad x")
-    assert_states_equal(ours, eager)
+    assert_steps_alike(ours, ours_step, eager, x)
 
 
 class StandardizedConv2d(nn.Conv2d):
