@@ -70,10 +70,11 @@ def _computes_alike(cls: type, built: type) -> bool:
 
 def unfused_reason(module: nn.Module, built: tuple[type, ...]) -> Optional[str]:
     """Why the fused `module` (its submodules' classes recorded as `built`) must call its
-    submodules, as a phrase ("submodule 'bn2' has hooks"), else None. About 2 us for a
-    projection block on this project's CPU."""
+    submodules, as a phrase ("submodule 'bn2' has hooks"), else None."""
     if global_hooks():
         return "global module hooks are registered"
+    if _unchanged_through(module, built, 0) == len(built):
+        return None  # the usual case, in one pass: about 1.5 us for a projection block (CPU)
     found = submodules(module)
     if len(found) != len(built):
         return "its submodules are not those it was built with"
@@ -84,7 +85,26 @@ def unfused_reason(module: nn.Module, built: tuple[type, ...]) -> Optional[str]:
             hint = (" (for synchronised BatchNorm fused, use fp.convert(model, sync_bn=True) instead of "
                     "nn.SyncBatchNorm.convert_sync_batchnorm)" if isinstance(sub, nn.SyncBatchNorm) else "")
             return f"submodule {_name(module, sub)!r} is now a {type(sub).__name__}, not a {cls.__name__}{hint}"
-    return None
+    return None  # only classes that compute alike differ (a parametrized weight's)
+
+
+def _unchanged_through(parent: nn.Module, built: tuple[type, ...], index: int) -> int:
+    """Walks parent's submodules as submodules() orders them, from position `index` of `built`:
+    the position after them, or -1 at the first one with hooks of its own or a class other
+    than built's."""
+    for name, child in parent._modules.items():
+        if child is None or name == "parametrizations":
+            continue
+        state = child.__dict__  # its hook dictionaries, without nn.Module's attribute lookup
+        if (index >= len(built) or type(child) is not built[index] or state["_forward_pre_hooks"]
+                or state["_forward_hooks"] or state["_backward_pre_hooks"] or state["_backward_hooks"]):
+            return -1
+        index += 1
+        if state["_modules"]:
+            index = _unchanged_through(child, built, index)
+            if index < 0:
+                return -1
+    return index
 
 
 def _name(module: nn.Module, sub: nn.Module) -> str:
