@@ -96,8 +96,9 @@ class _SyncBNOption:
             raise ValueError(f"fused_preact: {name} with sync_bn=True cannot call its submodules ({reason}): it "
                              f"synchronises its BatchNorms without calling them; remove the hooks or the "
                              f"replacement, or use sync_bn=False and nn.SyncBatchNorm")
-        warnings.warn(f"fused_preact: {name} runs unfused, calling its submodules as eager PyTorch does, while "
-                      f"{reason} (a fused module does not call its submodules)", stacklevel=2)
+        if not torch.compiler.is_compiling():  # a warning would end torch.compile's graph
+            warnings.warn(f"fused_preact: {name} runs unfused, calling its submodules as eager PyTorch does, "
+                          f"while {reason} (a fused module does not call its submodules)", stacklevel=2)
 
 
 class FusedBNReLUConv2d(_SyncBNOption, nn.Module):

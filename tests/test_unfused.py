@@ -365,3 +365,20 @@ class StandardizedConv2d(nn.Conv2d):
         w = self.weight
         return self._conv_forward(x, (w - w.mean(dim=(1, 2, 3), keepdim=True)) / w.std(dim=(1, 2, 3), keepdim=True),
                                   None)
+
+
+def test_hooks_inside_under_torch_compile():
+    """fullgraph=True compiles the unfused path (hooks included) as it does the fused one."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(EagerBlock(4, 6, 2), EagerBlock(6, 6)).double()
+    randomize_bn(eager)
+    ours = fp.convert(copy.deepcopy(eager), backend="reference")
+    for model in (ours, eager):
+        model[1].conv1.register_forward_hook(lambda mod, args, out: out * 0.5 + 0.1)
+    x = torch.randn(2, 4, 8, 8, dtype=F64)
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(ours, backend="aot_eager", fullgraph=True)(x)
+    finally:
+        torch._dynamo.reset()
+    assert_close(out, eager(x), F64, "compiled output")
