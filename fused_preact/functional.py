@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from . import distributed, ops
 from .backends.base import conv_output_hw
 from .block_autograd import Tape
+from .unfused import computes_alike
 
 
 class BNStats(NamedTuple):
@@ -53,12 +54,11 @@ def check_computes_as(module: nn.Module, base: type, name: str) -> None:
     """For a module wrapped without convert's numerical probe: refuses a subclass of `base`
     (nn.BatchNorm2d, nn.Conv2d) whose forward computes something else (a weight-standardised
     conv, a BatchNorm with an activation): a fused unit computes what `base` computes."""
-    for method in ("forward", "_conv_forward"):
-        if hasattr(base, method) and getattr(type(module), method) is not getattr(base, method):
-            raise TypeError(
-                f"fused_preact: {name} is a {type(module).__name__}, whose {method} is not {base.__name__}'s; "
-                f"a fused unit computes {base.__name__}'s (fp.convert verifies a whole block numerically and "
-                f"takes such a module where it computes the same)")
+    if not computes_alike(type(module), base):
+        raise TypeError(
+            f"fused_preact: {name} is a {type(module).__name__}, whose forward is not {base.__name__}'s; a fused "
+            f"unit computes {base.__name__}'s (fp.convert verifies a whole block numerically and takes such a "
+            f"module where it computes the same)")
 
 
 def check_input(x, bn: Optional[nn.BatchNorm2d], conv: nn.Conv2d, what: str) -> tuple[int, ...]:

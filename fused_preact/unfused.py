@@ -62,7 +62,7 @@ def built_classes(module: nn.Module) -> tuple[type, ...]:
     return tuple(type(sub) for sub in submodules(module))
 
 
-def _computes_alike(cls: type, built: type) -> bool:
+def computes_alike(cls: type, built: type) -> bool:
     """Whether instances of cls compute what those of `built` did: the same forward (and
     nn.Conv2d's _conv_forward). A parametrized module's class differs but computes alike."""
     return all(getattr(cls, name, None) is getattr(built, name, None) for name in ("forward", "_conv_forward"))
@@ -81,7 +81,7 @@ def unfused_reason(module: nn.Module, built: tuple[type, ...]) -> Optional[str]:
     for sub, cls in zip(found, built):
         if own_hooks(sub):
             return f"submodule {_name(module, sub)!r} has hooks"
-        if type(sub) is not cls and not _computes_alike(type(sub), cls):
+        if type(sub) is not cls and not computes_alike(type(sub), cls):
             hint = (" (for synchronised BatchNorm fused, use fp.convert(model, sync_bn=True) instead of "
                     "nn.SyncBatchNorm.convert_sync_batchnorm)" if isinstance(sub, nn.SyncBatchNorm) else "")
             return f"submodule {_name(module, sub)!r} is now a {type(sub).__name__}, not a {cls.__name__}{hint}"
