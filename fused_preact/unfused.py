@@ -40,8 +40,7 @@ def calls_hooks(module: nn.Module) -> bool:
 
 
 def submodules(module: nn.Module) -> list[nn.Module]:
-    """module's submodules depth first in registration order: module.modules() without module
-    and without its bookkeeping (about half the time; this runs on every forward), and
+    """module's submodules depth first in registration order (module.modules() without module),
     without the `parametrizations` that torch.nn.utils.parametrize adds to a module: they
     compute a weight, and run when the fused ops read it as they do when the module runs."""
     found: list[nn.Module] = []
