@@ -114,6 +114,16 @@ def assert_steps_alike(ours, ours_step, eager, x):
     assert_states_equal(ours, eager)
 
 
+def count_ops(monkeypatch, *ops) -> dict:
+    """Calls of the reference backend's implementations of `ops` from now on, by op."""
+    calls = dict.fromkeys(ops, 0)
+    for op in ops:
+        real = reference.BACKEND.impls[op]
+        monkeypatch.setitem(reference.BACKEND.impls, op,
+                            lambda op=op, real=real, **kw: calls.__setitem__(op, calls[op] + 1) or real(**kw))
+    return calls
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_hooks_on_submodules_run_as_in_eager(layout):
     torch.manual_seed(0)
@@ -148,11 +158,7 @@ def test_a_chain_hands_no_statistics_to_a_block_whose_submodules_have_hooks(monk
     eager = nn.Sequential(EagerBlock(4, 6, 2), EagerBlock(6, 6), EagerBlock(6, 6)).double()
     randomize_bn(eager)
     ours = fp.convert(copy.deepcopy(eager), backend="reference")
-    calls = {"bn_relu_conv": 0, "batch_stats": 0}
-    for op in calls:
-        real = reference.BACKEND.impls[op]
-        monkeypatch.setitem(reference.BACKEND.impls, op,
-                            lambda op=op, real=real, **kw: calls.__setitem__(op, calls[op] + 1) or real(**kw))
+    calls = count_ops(monkeypatch, "bn_relu_conv", "batch_stats")
     for model in (ours, eager):
         model[1].bn2.register_forward_hook(lambda mod, args, out: out + 0.5)
     for step in range(2):
@@ -307,14 +313,6 @@ def test_convert_leaves_a_block_whose_dropped_module_has_hooks():
     assert type(converted[1]) is ReluModuleBlock
 
 
-def count_unit_ops(monkeypatch) -> list:
-    """The reference backend's bn_relu_conv calls from now on (one per fused unit run)."""
-    calls = []
-    real = reference.BACKEND.impls["bn_relu_conv"]
-    monkeypatch.setitem(reference.BACKEND.impls, "bn_relu_conv", lambda **kw: calls.append(1) or real(**kw))
-    return calls
-
-
 def test_submodules_replaced_by_sync_batchnorm_run_as_eager(monkeypatch):
     """nn.SyncBatchNorm.convert_sync_batchnorm, the usual DistributedDataParallel recipe,
     swaps the BatchNorms inside fused blocks: the blocks call them (synchronising where a
@@ -325,12 +323,12 @@ def test_submodules_replaced_by_sync_batchnorm_run_as_eager(monkeypatch):
     ours = fp.convert(copy.deepcopy(eager), backend="reference")
     ours, eager = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (ours, eager))
     assert type(ours[0].bn1) is nn.SyncBatchNorm and isinstance(ours[0], fp.PreActBlock)
-    calls = count_unit_ops(monkeypatch)
+    calls = count_ops(monkeypatch, "bn_relu_conv")
     x = torch.randn(3, 4, 8, 8, dtype=F64)
     with pytest.warns(UserWarning, match=r"submodule 'bn1' is now a SyncBatchNorm, not a BatchNorm2d \(for "
                                          r"synchronised BatchNorm fused, use fp.convert\(model, sync_bn=True\)"):
         ours_step = train_step(ours, x)
-    assert not calls
+    assert calls == {"bn_relu_conv": 0}
     assert_steps_alike(ours, ours_step, eager, x)
 
 
@@ -342,21 +340,21 @@ def test_a_conv_replaced_by_one_that_computes_otherwise_runs_as_eager(monkeypatc
     eager = EagerBlock(4, 4).double()
     randomize_bn(eager)
     ours = fused_copy(eager)
-    calls = count_unit_ops(monkeypatch)
+    calls = count_ops(monkeypatch, "bn_relu_conv")
     for model in (ours, eager):
         weight_norm(model.conv1)
     x = torch.randn(2, 4, 6, 6, dtype=F64)
     out = ours(x)
-    assert len(calls) == 2
+    assert calls == {"bn_relu_conv": 2}
     assert_close(out, eager(x), F64, "weight_norm")
     for model in (ours, eager):
         standardized = StandardizedConv2d(4, 4, 3, padding=1, bias=False).double()
         standardized.load_state_dict(model.conv2.state_dict())
         model.conv2 = standardized
-    calls.clear()
+    calls.update(bn_relu_conv=0)
     with pytest.warns(UserWarning, match="submodule 'conv2' is now a StandardizedConv2d, not a Conv2d"):
         ours_step = train_step(ours, x)
-    assert not calls
+    assert calls == {"bn_relu_conv": 0}
     assert_steps_alike(ours, ours_step, eager, x)
 
 
