@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import block_autograd, dispatch, distributed
 from . import functional as Fp
 from .block_autograd import Tape
-from .unfused import built_classes, calls_hooks, unfused_reason
+from .unfused import built_classes, calls_hooks, sync_batchnorms_swapped_in, unfused_reason
 
 SHORTCUT_SOURCES = ("preact", "input")
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -87,6 +87,21 @@ class _SyncBNOption:
         handle = self.sync_handle()
         return (handle, distributed.agree(handle, x, self.training)) if handle else (0, None)
 
+    def unfused_reason(self) -> Optional[str]:
+        """unfused.unfused_reason for this module (whose submodules' classes it recorded as
+        submodule_classes). SyncBatchNorms swapped in for its BatchNorms (the usual DDP recipe,
+        nn.SyncBatchNorm.convert_sync_batchnorm) are no reason: the module takes them over,
+        synchronising as sync_bn=True does over their process group, and stays fused."""
+        reason = unfused_reason(self, self.submodule_classes)
+        if reason is None:
+            return None
+        swapped = sync_batchnorms_swapped_in(self, self.submodule_classes)
+        if swapped is None:
+            return reason
+        self.set_sync_bn(True, swapped[0].process_group)
+        self.submodule_classes = built_classes(self)
+        return None
+
     def check_unfused(self, reason: str) -> None:
         """Before this module calls its submodules (unfused.unfused_reason gave `reason`):
         refused where it synchronises statistics (its BatchNorms are plain ones: called, they
@@ -146,7 +161,7 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
         return unit
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        reason = unfused_reason(self, self.submodule_classes)
+        reason = self.unfused_reason()
         if reason is not None:
             self.check_unfused(reason)
             return self.submodule_forward(x, residual)
@@ -205,7 +220,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        reason = unfused_reason(self, self.submodule_classes)
+        reason = self.unfused_reason()
         if reason is not None:
             self.check_unfused(reason)
             return self.submodule_forward(x)
@@ -471,8 +486,7 @@ def _entered(modules):
 def chainable(module: nn.Module) -> bool:
     """A fused block that run_chain may call directly: calling it would run no hooks (a direct
     call does not), and it runs its fused ops (no unfused_reason)."""
-    return (isinstance(module, _PreActUnits) and not calls_hooks(module)
-            and unfused_reason(module, module.submodule_classes) is None)
+    return isinstance(module, _PreActUnits) and not calls_hooks(module) and module.unfused_reason() is None
 
 
 class FusedSequential(nn.Sequential):

@@ -6,7 +6,9 @@ the same only while calling them would run no hooks and each still computes what
 computed when the fused module was built or converted. Otherwise (unfused_reason) the
 module calls them as the eager definition does, which is then what eager PyTorch computes:
 a Grad-CAM hook on conv2, torch.nn.utils.prune's pre-hook, FlopCounterMode's global hooks,
-bn1 replaced by nn.SyncBatchNorm.convert_sync_batchnorm or conv1 by a QAT conv.
+conv1 replaced by a QAT conv, bn2 alone by an nn.SyncBatchNorm. (Where all of a block's
+BatchNorms became SyncBatchNorms, sync_batchnorms_swapped_in, the block takes them over:
+nn._SyncBNOption.unfused_reason.)
 """
 from __future__ import annotations
 
@@ -81,10 +83,31 @@ def unfused_reason(module: nn.Module, built: tuple[type, ...]) -> Optional[str]:
         if own_hooks(sub):
             return f"submodule {_name(module, sub)!r} has hooks"
         if type(sub) is not cls and not computes_alike(type(sub), cls):
-            hint = (" (for synchronised BatchNorm fused, use fp.convert(model, sync_bn=True) instead of "
-                    "nn.SyncBatchNorm.convert_sync_batchnorm)" if isinstance(sub, nn.SyncBatchNorm) else "")
+            hint = (" (a block stays fused where all its BatchNorms are SyncBatchNorms of one process group, as "
+                    "nn.SyncBatchNorm.convert_sync_batchnorm(model) makes them, or with fp.convert(model, "
+                    "sync_bn=True))" if isinstance(sub, nn.SyncBatchNorm) else "")
             return f"submodule {_name(module, sub)!r} is now a {type(sub).__name__}, not a {cls.__name__}{hint}"
     return None  # only classes that compute alike differ (a parametrized weight's)
+
+
+def sync_batchnorms_swapped_in(module: nn.Module, built: tuple[type, ...]) -> Optional[list[nn.SyncBatchNorm]]:
+    """The nn.SyncBatchNorms that took the place of all of `module`'s nn.BatchNorm2ds (what
+    nn.SyncBatchNorm.convert_sync_batchnorm does), where that is all that changed (no hooks,
+    nothing else replaced) and they share one process group; else None."""
+    found = submodules(module)
+    if global_hooks() or len(found) != len(built):
+        return None
+    swapped = []
+    for sub, cls in zip(found, built):
+        if own_hooks(sub):
+            return None
+        if type(sub) is nn.SyncBatchNorm and cls is nn.BatchNorm2d:
+            swapped.append(sub)
+        elif cls is nn.BatchNorm2d or (type(sub) is not cls and not computes_alike(type(sub), cls)):
+            return None  # a BatchNorm left local (synchronising it too would change it), or another change
+    if not swapped or any(bn.process_group is not swapped[0].process_group for bn in swapped):
+        return None
+    return swapped
 
 
 def _unchanged_through(parent: nn.Module, built: tuple[type, ...], index: int) -> int:

@@ -8,6 +8,7 @@ that big-batch run; without sync_bn each rank matches a run on its own half.
 
 import gc
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -43,16 +44,27 @@ def loss_weights(out):
 
 
 def worker(rank, init_file, sync_bn, result_file):
+    """sync_bn: True, False, or "convert_sync_batchnorm": the usual DDP recipe, which swaps the
+    fused blocks' BatchNorms for nn.SyncBatchNorms (the blocks take them over, fused). DDP
+    refuses SyncBatchNorm modules on the CPU, so there the gradients are averaged by hand."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    model = fp.convert(make_model(), backend="reference", sync_bn=sync_bn)
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    model = fp.convert(make_model(), backend="reference", sync_bn=sync_bn is True)
+    ddp = None
+    if sync_bn == "convert_sync_batchnorm":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:
+        ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
     record = []
     for step_batches in batches():
         x = step_batches[rank].clone().requires_grad_(True)
-        out = ddp(x)
+        out = (ddp or model)(x)
         opt.zero_grad()
         (out * loss_weights(out)).sum().backward()
+        if ddp is None:
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= WORLD
         opt.step()
         record.append((out.detach(), x.grad))
     torch.save({"steps": record, "state": model.state_dict()}, f"{result_file}.{rank}")
@@ -72,8 +84,9 @@ def run_world(tmp_path, sync_bn):
     return [torch.load(f"{result_file}.{r}") for r in range(WORLD)]
 
 
-def test_sync_bn_matches_single_process_big_batch(tmp_path):
-    results = run_world(tmp_path, sync_bn=True)
+@pytest.mark.parametrize("sync_bn", [True, "convert_sync_batchnorm"])
+def test_sync_bn_matches_single_process_big_batch(tmp_path, sync_bn):
+    results = run_world(tmp_path, sync_bn=sync_bn)
     model = fp.convert(make_model(), backend="reference")
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     for step, step_batches in enumerate(batches()):

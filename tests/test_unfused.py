@@ -9,6 +9,7 @@ block's, and nn.SyncBatchNorm.convert_sync_batchnorm left the blocks' statistics
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 import fused_preact as fp
+from fused_preact import block_autograd
 import timm_like
 from fused_preact.backends import reference
 from fused_preact.testing import PreActBlock as EagerBlock
@@ -115,7 +117,10 @@ def assert_steps_alike(ours, ours_step, eager, x):
 
 
 def count_ops(monkeypatch, *ops) -> dict:
-    """Calls of the reference backend's implementations of `ops` from now on, by op."""
+    """Calls of the reference backend's implementations of `ops` from now on, by op. No
+    block plan of another test is seen meanwhile: a plan replays the implementation it
+    recorded (block_autograd), which would count into that test's counter."""
+    monkeypatch.setattr(block_autograd.PLANS, "programs", {})
     calls = dict.fromkeys(ops, 0)
     for op in ops:
         real = reference.BACKEND.impls[op]
@@ -313,23 +318,35 @@ def test_convert_leaves_a_block_whose_dropped_module_has_hooks():
     assert type(converted[1]) is ReluModuleBlock
 
 
-def test_submodules_replaced_by_sync_batchnorm_run_as_eager(monkeypatch):
+def test_sync_batchnorms_swapped_in_are_taken_over(monkeypatch):
     """nn.SyncBatchNorm.convert_sync_batchnorm, the usual DistributedDataParallel recipe,
-    swaps the BatchNorms inside fused blocks: the blocks call them (synchronising where a
-    process group runs), and say how to keep them fused. Before, they ran as local BatchNorms."""
+    swaps the BatchNorms inside fused blocks for SyncBatchNorms (before, the blocks ran those
+    as local BatchNorms without a word). Where it swapped all of a block's, the block
+    synchronises as sync_bn=True does, over their process group, and stays fused
+    (tests/test_distributed.py trains with it); where only some, it calls its submodules."""
     torch.manual_seed(0)
     eager = nn.Sequential(EagerBlock(4, 6, 2), EagerBlock(6, 6)).double()
     randomize_bn(eager)
+    plain = copy.deepcopy(eager)
     ours = fp.convert(copy.deepcopy(eager), backend="reference")
     ours, eager = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (ours, eager))
     assert type(ours[0].bn1) is nn.SyncBatchNorm and isinstance(ours[0], fp.PreActBlock)
     calls = count_ops(monkeypatch, "bn_relu_conv")
     x = torch.randn(3, 4, 8, 8, dtype=F64)
-    with pytest.warns(UserWarning, match=r"submodule 'bn1' is now a SyncBatchNorm, not a BatchNorm2d \(for "
-                                         r"synchronised BatchNorm fused, use fp.convert\(model, sync_bn=True\)"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         ours_step = train_step(ours, x)
-    assert calls == {"bn_relu_conv": 0}
+    assert calls == {"bn_relu_conv": 5}  # fused: two units and the projection, two units
+    assert all(block.sync_bn and block.process_group is None for block in ours)
     assert_steps_alike(ours, ours_step, eager, x)
+
+    ours = fp.convert(plain, backend="reference")
+    ours[1].bn2 = nn.SyncBatchNorm.convert_sync_batchnorm(ours[1].bn2)  # bn1 stays local
+    calls.update(bn_relu_conv=0)
+    with pytest.warns(UserWarning, match=r"submodule 'bn2' is now a SyncBatchNorm, not a BatchNorm2d \(a block "
+                                         r"stays fused where all its BatchNorms are SyncBatchNorms"):
+        ours(x)
+    assert calls == {"bn_relu_conv": 3} and not ours[1].sync_bn
 
 
 def test_a_conv_replaced_by_one_that_computes_otherwise_runs_as_eager(monkeypatch):
