@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
@@ -30,6 +31,18 @@ def intercepted() -> bool:
     see the registered op."""
     return (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
             or torch._C._are_functorch_transforms_active())
+
+
+def check_no_dual_tensor(name: str, args) -> None:
+    """Raise, before the op runs, where an argument is a dual tensor of forward-mode AD: the
+    ops have no forward derivative, and a Triton kernel would drop the tangent without a word.
+    (The fused modules call their eager submodules while a dual level is active:
+    unfused.differentiation_transform.)"""
+    if forward_ad._current_level >= 0 and any(  # inside forward_ad.dual_level(); PyTorch keeps no public flag
+            isinstance(a, Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args):
+        raise RuntimeError(f"fused_preact::{name} has no forward-mode derivative (an argument is a dual tensor "
+                           f"of torch.autograd.forward_ad); the fused modules run their eager submodules while "
+                           f"a dual level is active")
 
 
 def declare(name: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable], "OpEntry"]:
@@ -92,6 +105,7 @@ class OpEntry:
         return args
 
     def call(self, positional: tuple, carry_input: bool):
+        check_no_dual_tensor(self.__name__, positional)
         # One pass (this runs about ten times per block and step): a tensor subclass must
         # see the registered op; otherwise note whether autograd has anything to record.
         requires_grad, plain = False, True

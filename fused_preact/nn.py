@@ -36,6 +36,15 @@ def module_attr(module: nn.Module, name: str):
     return getattr(module, name)
 
 
+def as_fused_output(t: Tensor) -> Tensor:
+    """t laid out as the fused ops write their outputs (channels_last), for a module's
+    unfused path; as it is under a torch.func transform, whose vmap makes no channels_last
+    copy (only the layout would differ)."""
+    if torch._C._are_functorch_transforms_active():
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 class BlockTensors(NamedTuple):
     """The module tensors a block's units read, as block_autograd takes them."""
     params: list[Tensor]  # per unit its BN's weight and bias and its conv's weight, then the projection's
@@ -177,7 +186,7 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
     def submodule_forward(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         """conv(relu(bn(x))) [+ residual] through the submodules, as eager PyTorch computes it."""
         y = self.conv(F.relu(self.bn(x)))
-        return (y if residual is None else y + residual).contiguous(memory_format=torch.channels_last)
+        return as_fused_output(y if residual is None else y + residual)
 
 
 class _PreActUnits(_SyncBNOption, nn.Module):
@@ -335,8 +344,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         drop_path = self._modules.get("drop_path")  # timm's: an Identity (convert takes no other)
         if drop_path is not None:
             h = drop_path(h)
-        h = h + (shortcut() if self.shortcut_last else early_shortcut)
-        return h.contiguous(memory_format=torch.channels_last)
+        return as_fused_output(h + (shortcut() if self.shortcut_last else early_shortcut))
 
     def check_input(self, x, units) -> None:
         """Every unit's input shape, derived from x, before any statistic changes (units: self.units())."""

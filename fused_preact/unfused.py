@@ -8,13 +8,17 @@ module calls them as the eager definition does, which is then what eager PyTorch
 a Grad-CAM hook on conv2, torch.nn.utils.prune's pre-hook, FlopCounterMode's global hooks,
 conv1 replaced by a QAT conv, bn2 alone by an nn.SyncBatchNorm. (Where all of a block's
 BatchNorms became SyncBatchNorms, sync_batchnorms_swapped_in, the block takes them over:
-nn._SyncBNOption.unfused_reason.)
+nn._SyncBNOption.unfused_reason.) Nor do the fused ops differentiate the way a torch.func
+transform (vmap, grad, jvp) or forward-mode AD asks: while one is active, the module calls
+its submodules too, whose PyTorch ops those support.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn.modules import module as torch_module
 
 # The hook dictionaries of an nn.Module that act on its own forward / backward.
@@ -39,6 +43,19 @@ def global_hooks() -> bool:
 def calls_hooks(module: nn.Module) -> bool:
     """Whether calling `module` runs hooks: its own, or global ones."""
     return own_hooks(module) or global_hooks()
+
+
+def differentiation_transform() -> Optional[str]:
+    """The torch.func transform or forward-mode AD level that is active, as a phrase, else
+    None. The fused ops support neither: their autograd Functions are not written for
+    torch.func, the forward unit updates running statistics in place (PyTorch's per-sample
+    vmap fallback refuses that), and none has a forward derivative (a Triton kernel would
+    drop a dual tensor's tangent without a word)."""
+    if torch._C._are_functorch_transforms_active():
+        return "a torch.func transform (vmap, grad, jvp, ...) is active"
+    if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(); PyTorch keeps no public flag
+        return "forward-mode AD (torch.autograd.forward_ad.dual_level) is active"
+    return None
 
 
 def submodules(module: nn.Module) -> list[nn.Module]:
@@ -72,6 +89,9 @@ def computes_alike(cls: type, built: type) -> bool:
 def unfused_reason(module: nn.Module, built: tuple[type, ...]) -> Optional[str]:
     """Why the fused `module` (its submodules' classes recorded as `built`) must call its
     submodules, as a phrase ("submodule 'bn2' has hooks"), else None."""
+    transform = differentiation_transform()
+    if transform is not None:
+        return transform
     if global_hooks():
         return "global module hooks are registered"
     if _unchanged_through(module, built, 0) == len(built):
