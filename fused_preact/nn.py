@@ -434,6 +434,10 @@ class WideResNetBasic(_PreActUnits):
     unit_names = (("bn1", "conv1"), ("bn2", "conv2"))
     shortcut_last = True
 
+    def pre_activation(self, bn: nn.Module, h: Tensor) -> Tensor:
+        # The eager block's ReLU modules work in place: a hook that kept bn's output sees them.
+        return F.relu(bn(h), inplace=True)
+
     def projection(self) -> Optional[nn.Conv2d]:
         return self._modules.get("convShortcut")  # None: not registered (the eager block sets None)
 

@@ -318,6 +318,26 @@ def test_convert_leaves_a_block_whose_dropped_module_has_hooks():
     assert type(converted[1]) is ReluModuleBlock
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_hook_keeping_a_batchnorm_output_sees_the_in_place_relu(stride):
+    """A feature hook that keeps bn1's output without cloning it: in the wide ResNet block
+    its in-place ReLU module then changes that tensor (and the projection reads it), so the
+    unfused path must apply the ReLU in place too."""
+    torch.manual_seed(0)
+    eager = WideBasicBlock(5, 5 if stride == 1 else 6, stride).double()
+    randomize_bn(eager)
+    ours = fused_copy(eager)
+    kept = {}
+    for name, model in (("ours", ours), ("eager", eager)):
+        model.bn1.register_forward_hook(lambda m, args, out, name=name: kept.__setitem__(name, out))
+    x = torch.randn(3, 5, 7, 7, dtype=F64)
+    with pytest.warns(UserWarning, match="submodule 'bn1' has hooks"):
+        ours_step = train_step(ours, x)
+    assert_steps_alike(ours, ours_step, eager, x)
+    assert (kept["eager"] >= 0).all()
+    assert_close(kept["ours"], kept["eager"], F64, "bn1's kept output")
+
+
 def test_sync_batchnorms_swapped_in_are_taken_over(monkeypatch):
     """nn.SyncBatchNorm.convert_sync_batchnorm, the usual DistributedDataParallel recipe,
     swaps the BatchNorms inside fused blocks for SyncBatchNorms (before, the blocks ran those
