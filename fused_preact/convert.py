@@ -29,7 +29,7 @@ from .dispatch import check_backend_name
 from .testing import randomize_bn
 from .nn import (SHORTCUT_SOURCES, FusedBNReLUConv2d, FusedSequential, PreActBlock, PreActBottleneck,
                  TimmPreActBasic, TimmPreActBottleneck, WideResNetBasic, _PreActUnits, from_modules)
-from .unfused import HOOK_DICTS, own_hooks, submodules, unfused_reason
+from .unfused import HOOK_DICTS, own_hooks, submodules
 
 log = logging.getLogger("fused_preact.convert")
 
@@ -53,12 +53,28 @@ class ConversionReport:
 
 
 def _without_hooks(module: nn.Module) -> nn.Module:
-    """A float64 CPU copy of `module` whose hooks are gone (the probe must not fire them)."""
+    """A float64 CPU copy of `module` whose hooks are gone (the probe must not fire them) and
+    whose SyncBatchNorms are the local BatchNorms they are on one rank (on CPU tensors in a
+    process group they would raise)."""
     probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
     for m in probe.modules():
         for name in HOOK_DICTS:
             getattr(m, name).clear()
+        for name, child in m._modules.items():
+            m._modules[name] = _local(child)
     return probe
+
+
+def _local(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """An nn.SyncBatchNorm as the nn.BatchNorm2d it is on one rank, holding the same
+    parameters and buffers; any other module as it is."""
+    if not isinstance(module, nn.SyncBatchNorm):
+        return module
+    local = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                           module.track_running_stats, device="meta")
+    local._parameters.update(module._parameters)
+    local._buffers.update(module._buffers)
+    return local.train(module.training)
 
 
 def _move_hooks(source: nn.Module, target: nn.Module) -> bool:
@@ -163,14 +179,18 @@ def _try_swap(module: nn.Module, backend: Optional[str], sync_bn: bool, process_
     block_cls, unit_names, optional = _layout(module)
     try:
         modules = _candidate_modules(module, unit_names, optional)
-        fused = from_modules(block_cls, modules, shortcut="preact", backend=backend,  # validates layout
-                             sync_bn=sync_bn, process_group=process_group)
+        # Built on local BatchNorms where nn.SyncBatchNorm.convert_sync_batchnorm ran first (validates layout)
+        fused = from_modules(block_cls, {name: _local(m) for name, m in modules.items()}, shortcut="preact",
+                             backend=backend, sync_bn=sync_bn, process_group=process_group)
         source = _matching_shortcut_source(module, block_cls, unit_names, optional)
     except (ValueError, TypeError, RuntimeError) as e:
         return None, str(e)
     if source is None:
         return None, ("its computation differs from every fused variant on a probe input (outputs, "
                       "gradients or running statistics, in eval or train mode)")
+    for name, sub in modules.items():  # the SyncBatchNorms back in: the block takes them over (unfused_reason)
+        if isinstance(sub, nn.SyncBatchNorm):
+            setattr(fused, name, sub)
     fused.shortcut_source = source
     fused.train(module.training)
     return fused, f"{block_cls.__name__}(shortcut={source!r})"
@@ -183,7 +203,8 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = 
     Parameters and buffers are shared with the original submodules (state_dict keys,
     device, dtype, optimizer references and train/eval mode are unchanged). sync_bn:
     synchronise the blocks' BatchNorm statistics over `process_group` (default: world)
-    like nn.SyncBatchNorm. Returns the model, or (model, ConversionReport) with
+    like nn.SyncBatchNorm; a block whose BatchNorms nn.SyncBatchNorm.convert_sync_batchnorm
+    made SyncBatchNorms keeps them and synchronises over their process group. Returns the model, or (model, ConversionReport) with
     return_report=True. Blocks that look like pre-activation blocks but do not compute
     what a fused block computes are left untouched and logged as warnings.
     """
@@ -211,7 +232,10 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = 
             if fused is not None:
                 if _move_hooks(module, fused):
                     what += " (its hooks moved to it)"
-                reason = unfused_reason(fused, fused.submodule_classes)
+                synchronised = fused.sync_bn
+                reason = fused.unfused_reason()
+                if fused.sync_bn and not synchronised:
+                    what += " (takes its SyncBatchNorms over: synchronises over their process group)"
                 if reason is not None:
                     what += f" (runs unfused, through its submodules, while {reason})"
                 done[id(module)] = fused

@@ -44,15 +44,20 @@ def loss_weights(out):
 
 
 def worker(rank, init_file, sync_bn, result_file):
-    """sync_bn: True, False, or "convert_sync_batchnorm": the usual DDP recipe, which swaps the
-    fused blocks' BatchNorms for nn.SyncBatchNorms (the blocks take them over, fused). DDP
-    refuses SyncBatchNorm modules on the CPU, so there the gradients are averaged by hand."""
+    """sync_bn: True, False, or the usual DDP recipe, nn.SyncBatchNorm.convert_sync_batchnorm,
+    run "after" fp.convert (it swaps the fused blocks' BatchNorms for SyncBatchNorms) or
+    "before" it (convert builds the blocks on them); either way the blocks take the
+    SyncBatchNorms over, fused. DDP refuses SyncBatchNorm modules on the CPU, so with them the
+    gradients are averaged by hand."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    model = fp.convert(make_model(), backend="reference", sync_bn=sync_bn is True)
-    ddp = None
-    if sync_bn == "convert_sync_batchnorm":
+    model = make_model()
+    if sync_bn == "before":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    else:
+    model = fp.convert(model, backend="reference", sync_bn=sync_bn is True)
+    ddp = None
+    if sync_bn == "after":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if sync_bn not in ("before", "after"):
         ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     record = []
@@ -84,7 +89,7 @@ def run_world(tmp_path, sync_bn):
     return [torch.load(f"{result_file}.{r}") for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("sync_bn", [True, "convert_sync_batchnorm"])
+@pytest.mark.parametrize("sync_bn", [True, "after", "before"])
 def test_sync_bn_matches_single_process_big_batch(tmp_path, sync_bn):
     results = run_world(tmp_path, sync_bn=sync_bn)
     model = fp.convert(make_model(), backend="reference")

@@ -369,6 +369,35 @@ def test_sync_batchnorms_swapped_in_are_taken_over(monkeypatch):
     assert calls == {"bn_relu_conv": 3} and not ours[1].sync_bn
 
 
+def test_convert_takes_blocks_whose_batchnorms_are_sync_batchnorms(monkeypatch):
+    """nn.SyncBatchNorm.convert_sync_batchnorm run before fp.convert (before, convert left
+    every block: "bn1 must be nn.BatchNorm2d"). The blocks keep the user's SyncBatchNorms and
+    take them over, as they do where the swap comes after (tests/test_distributed.py trains
+    both orders); a block with only some of them swapped runs unfused."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(EagerBlock(4, 6, 2), EagerBlock(6, 6), WideBasicBlock(6, 6, 1)).double()
+    randomize_bn(eager)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(eager))
+    sync_bns = [m for m in synced.modules() if isinstance(m, nn.SyncBatchNorm)]
+    ours, report = fp.convert(synced, backend="reference", return_report=True)
+    assert [name for name, _ in report.swapped] == ["0", "1", "2"] and not report.left, report
+    assert all("takes its SyncBatchNorms over" in what for _, what in report.swapped), report
+    assert [m for m in ours.modules() if isinstance(m, nn.SyncBatchNorm)] == sync_bns
+    assert all(block.sync_bn and block.process_group is None for block in ours)
+    calls = count_ops(monkeypatch, "bn_relu_conv")
+    x = torch.randn(3, 4, 8, 8, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours_step = train_step(ours, x)
+    assert calls == {"bn_relu_conv": 7}  # fused: two units and the projection, then two units twice
+    assert_steps_alike(ours, ours_step, eager, x)
+
+    partly = copy.deepcopy(eager)
+    partly[1].bn2 = nn.SyncBatchNorm.convert_sync_batchnorm(partly[1].bn2)
+    ours, report = fp.convert(partly, backend="reference", return_report=True)
+    assert "runs unfused" in dict(report.swapped)["1"] and not ours[1].sync_bn, report
+
+
 def test_a_conv_replaced_by_one_that_computes_otherwise_runs_as_eager(monkeypatch):
     """A conv swapped after the block was built (QAT's fake-quantised conv, a weight-standardised
     one): the block calls it. A parametrized weight (weight_norm) computes alike: fused."""
