@@ -204,8 +204,8 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = 
     device, dtype, optimizer references and train/eval mode are unchanged). sync_bn:
     synchronise the blocks' BatchNorm statistics over `process_group` (default: world)
     like nn.SyncBatchNorm; a block whose BatchNorms nn.SyncBatchNorm.convert_sync_batchnorm
-    made SyncBatchNorms keeps them and synchronises over their process group. Returns the model, or (model, ConversionReport) with
-    return_report=True. Blocks that look like pre-activation blocks but do not compute
+    made SyncBatchNorms keeps them and synchronises over their process group. Returns the
+    model, or (model, ConversionReport) with return_report=True. Blocks that look like pre-activation blocks but do not compute
     what a fused block computes are left untouched and logged as warnings.
     """
     check_backend_name(backend)
