@@ -205,8 +205,9 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = 
     synchronise the blocks' BatchNorm statistics over `process_group` (default: world)
     like nn.SyncBatchNorm; a block whose BatchNorms nn.SyncBatchNorm.convert_sync_batchnorm
     made SyncBatchNorms keeps them and synchronises over their process group. Returns the
-    model, or (model, ConversionReport) with return_report=True. Blocks that look like pre-activation blocks but do not compute
-    what a fused block computes are left untouched and logged as warnings.
+    model, or (model, ConversionReport) with return_report=True. Blocks that look like
+    pre-activation blocks but do not compute what a fused block computes are left untouched
+    and logged as warnings.
     """
     check_backend_name(backend)
     report = ConversionReport()
