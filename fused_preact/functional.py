@@ -143,6 +143,17 @@ def running_update(bn: nn.BatchNorm2d, synced: bool) -> tuple:
     return None, None, None, bn.momentum
 
 
+def check_batch_values(bn: nn.BatchNorm2d, shape: tuple[int, ...], images: Optional[int]) -> None:
+    """Batch statistics need more than one value per channel, as nn.BatchNorm2d says, over all
+    ranks where synchronised (images: their batch; None: local). shape: bn's input's."""
+    if not needs_batch_stats(bn):
+        return
+    values = (shape[0] if images is None else images) * shape[2] * shape[3]
+    if values <= 1:
+        raise ValueError(f"fused_preact: expected more than 1 value per channel when training, got input size "
+                         f"{shape}" + ("" if images is None else f" ({images} images over all ranks)"))
+
+
 def bn_stats(bn: nn.BatchNorm2d, x: Tensor, moments: Optional[tuple[Tensor, Tensor]], backend: str,
              sync_group: int = 0, images: Optional[int] = None, tape: Optional[Tape] = None) -> BNStats:
     """Statistics for `bn` applied to x; in training also updates its running statistics.
@@ -157,12 +168,7 @@ def bn_stats(bn: nn.BatchNorm2d, x: Tensor, moments: Optional[tuple[Tensor, Tens
     if not needs_batch_stats(bn):
         return BNStats(bn.running_mean, bn.running_var, False)
     sync_group = sync_group if bn.training else 0
-    per_image = x.shape[2] * x.shape[3]
-    values = (images if sync_group and images is not None else x.shape[0]) * per_image
-    if values <= 1:
-        raise ValueError(
-            f"fused_preact: expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
-            + (f" ({images} images over all ranks)" if sync_group and images is not None else ""))
+    check_batch_values(bn, tuple(x.shape), images if sync_group else None)
     if moments is None:
         moments = ops.batch_stats(x if tape is not None else x.detach(), *running_update(bn, bool(sync_group)),
                                   backend)

@@ -253,10 +253,15 @@ class _PreActUnits(_SyncBNOption, nn.Module):
         key = self.plan_key(x, x_moments, consumer, bns, convs, tensors.signed) if taped and not self.sync_bn else None
         program = block_autograd.PLANS.get(key)
         if program is None:
-            self.check_input(x, units)
+            shapes = self.check_input(x, units)
             sync, images = self.synchronise(x)
             if x.shape[0] == 0 and not sync:  # an empty local batch under sync BN still joins the exchanges
                 return self.submodule_forward(x), None
+            # Every BatchNorm whose statistics the block computes, before any is updated (a synchronised
+            # consumer's statistics are merged, and checked over all ranks, by its own block).
+            checked = [bn for bn, _ in units] + ([consumer.bn] if consumer is not None and not consumer.synced else [])
+            for bn, shape in zip(checked, shapes):
+                Fp.check_batch_values(bn, shape, images if sync and bn.training else None)
         else:
             sync, images = 0, None
         backend = self.backend or "auto"
@@ -346,15 +351,19 @@ class _PreActUnits(_SyncBNOption, nn.Module):
             h = drop_path(h)
         return as_fused_output(h + (shortcut() if self.shortcut_last else early_shortcut))
 
-    def check_input(self, x, units) -> None:
-        """Every unit's input shape, derived from x, before any statistic changes (units: self.units())."""
+    def check_input(self, x, units) -> list[tuple[int, ...]]:
+        """Every unit's input shape, derived from x, before any statistic changes (units:
+        self.units()), then the block's output shape: returns them."""
+        shapes = [tuple(x.shape)]
         shape = Fp.check_input(x, units[0][0], units[0][1], "x")
         for (bn, conv), (name, _) in zip(units[1:], self.unit_names[1:]):
+            shapes.append(shape)
             shape = Fp.check_shape(shape, bn, conv, f"the input of {name}")
         projection = self.projection()
         shortcut = tuple(x.shape) if projection is None else Fp.check_shape(tuple(x.shape), None, projection, "x")
         if shortcut != shape:
             raise ValueError(f"fused_preact: the shortcut gives shape {shortcut} but the residual branch {shape}")
+        return shapes + [shape]
 
     def extra_repr(self) -> str:
         return f"shortcut_source={self.shortcut_source!r}, backend={self.backend!r}, sync_bn={self.sync_bn}"

@@ -118,7 +118,18 @@ BAD_UNIT_CALLS = {
     "block channel mismatch": lambda: (fp.PreActBlock(4, 8, 2), (torch.randn(2, 3, 6, 6),)),
     "bottleneck too small": lambda: (fp.PreActBottleneck(4, 2, 2), (torch.randn(2, 4, 1, 0),)),
     "float32 x, half block": lambda: (fp.PreActBlock(4, 4).half(), (torch.randn(2, 4, 5, 5),)),
+    # One value per channel in training: at bn2 (after the stride), at bn3, and at the next
+    # block's bn1, whose statistics a chain's producer computes (its own BatchNorms in eval).
+    "one value at bn2": lambda: (fp.PreActBlock(4, 6, 2), (torch.randn(1, 4, 2, 2),)),
+    "one value at bn3": lambda: (fp.PreActBottleneck(4, 2, 2), (torch.randn(1, 4, 2, 2),)),
+    "one value at the next block's bn1": lambda: (_chain_with_eval_first_block(), (torch.randn(1, 4, 1, 1),)),
 }
+
+
+def _chain_with_eval_first_block():
+    chain = fp.nn.FusedSequential(fp.PreActBlock(4, 4), fp.PreActBlock(4, 4))
+    chain[0].eval()
+    return chain
 
 
 @pytest.mark.parametrize("case", list(BAD_UNIT_CALLS))
