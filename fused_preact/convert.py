@@ -52,7 +52,7 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _without_hooks(module: nn.Module) -> nn.Module:
+def _probe_copy(module: nn.Module) -> nn.Module:
     """A float64 CPU copy of `module` whose hooks are gone (the probe must not fire them) and
     whose SyncBatchNorms are the local BatchNorms they are on one rank (on CPU tensors in a
     process group they would raise)."""
@@ -147,7 +147,7 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def _matching_shortcut_source(module: nn.Module, block_cls, unit_names, optional) -> Optional[str]:
     """The shortcut source under which the fused block computes what `module` computes, in
     eval and in train mode (outputs, gradients, running statistics)."""
-    probe_model = _without_hooks(module)
+    probe_model = _probe_copy(module)
     randomize_bn(probe_model)
     generator = torch.Generator().manual_seed(0)
     in_channels = getattr(probe_model, unit_names[0]).num_features
