@@ -196,6 +196,19 @@ def _try_swap(module: nn.Module, backend: Optional[str], sync_bn: bool, process_
     return fused, f"{block_cls.__name__}(shortcut={source!r})"
 
 
+def _check_sync_batchnorm_groups(model: nn.Module, process_group) -> None:
+    """A process_group given, the model's SyncBatchNorms must use that one: a block takes its
+    SyncBatchNorms over with their group (as eager would synchronise), so another group given
+    here would be ignored without a word."""
+    if process_group is None:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, nn.SyncBatchNorm) and module.process_group is not process_group:
+            raise ValueError(f"fused_preact.convert: process_group was given, but the SyncBatchNorm {name!r} "
+                             f"synchronises over another group ({module.process_group!r}); a block synchronises "
+                             f"over its SyncBatchNorms' group: pass process_group=None, or the SyncBatchNorms' own")
+
+
 def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = False,
             process_group=None, return_report: bool = False):
     """Replace every recognised pre-activation block of `model` by a fused one, in place.
@@ -204,12 +217,14 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = 
     device, dtype, optimizer references and train/eval mode are unchanged). sync_bn:
     synchronise the blocks' BatchNorm statistics over `process_group` (default: world)
     like nn.SyncBatchNorm; a block whose BatchNorms nn.SyncBatchNorm.convert_sync_batchnorm
-    made SyncBatchNorms keeps them and synchronises over their process group. Returns the
+    made SyncBatchNorms keeps them and synchronises over their process group (another
+    process_group given here raises, before anything changes). Returns the
     model, or (model, ConversionReport) with return_report=True. Blocks that look like
     pre-activation blocks but do not compute what a fused block computes are left untouched
     and logged as warnings.
     """
     check_backend_name(backend)
+    _check_sync_batchnorm_groups(model, process_group)
     report = ConversionReport()
     done: dict[int, nn.Module] = {}  # id(original block) -> its fused block (a block used twice)
 

@@ -398,6 +398,27 @@ def test_convert_takes_blocks_whose_batchnorms_are_sync_batchnorms(monkeypatch):
     assert "runs unfused" in dict(report.swapped)["1"] and not ours[1].sync_bn, report
 
 
+def test_convert_refuses_a_process_group_other_than_the_sync_batchnorms_own():
+    """A block takes its SyncBatchNorms over with their process group (what eager would
+    synchronise over); convert(process_group=G) on SyncBatchNorms of another group would
+    ignore G without a word, so it raises first, the model as it was. Their own group is fine."""
+    group, other = object(), object()  # stand-ins: SyncBatchNorm keeps the object, nothing communicates here
+    eager = nn.Sequential(EagerBlock(4, 6, 2), EagerBlock(6, 6))
+    for given in (other, group):
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(eager), process_group=group)
+        state = copy.deepcopy(synced.state_dict())
+        if given is other:
+            with pytest.raises(ValueError, match=r"process_group was given, but the SyncBatchNorm '0.bn1' "
+                                                 r"synchronises over another group"):
+                fp.convert(synced, sync_bn=True, process_group=given)
+            assert [type(block) for block in synced] == [EagerBlock, EagerBlock]
+            assert all(torch.equal(state[k], v) for k, v in synced.state_dict().items())
+            continue
+        ours = fp.convert(synced, sync_bn=True, process_group=given)
+        assert all(isinstance(block, fp.PreActBlock) and block.sync_bn and block.process_group is group
+                   for block in ours)
+
+
 def test_a_conv_replaced_by_one_that_computes_otherwise_runs_as_eager(monkeypatch):
     """A conv swapped after the block was built (QAT's fake-quantised conv, a weight-standardised
     one): the block calls it. A parametrized weight (weight_norm) computes alike: fused."""
