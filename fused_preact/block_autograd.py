@@ -26,9 +26,11 @@ choice (they would decide the same); about half of a small block's forward host 
 that glue (benchmarks.host_cost). Each call is recorded as what its backend bound
 (Backend.bind): the triton backend's replays allocate and launch without the wrapper that
 derived the launch from the arguments (backends/triton/replay.py), since the key fixes all
-but the tensors; the backward's calls are bound the same way on their first run, per
-request of gradients and layout of the incoming gradient (Binding). A Program holds slots,
-not tensors: PLANS keeps it by key, for every block with that key.
+but the tensors. The backward is recorded the same way on its first run for each request
+of gradients and layout of the incoming gradient: its implementation calls and glue steps
+(ops.unit_gradients' `call`) on slots (the saved tensors, the incoming gradient, earlier
+outputs), which the later backwards replay without the glue. A Program holds slots, not
+tensors: PLANS keeps it by key, for every block with that key.
 
 Without autograd recording (inference) the same Tape and plans run without the node.
 Where something traces or intercepts (torch.compile, dispatch modes, tensor subclasses) the
@@ -41,12 +43,14 @@ which a replay of implementation calls would skip).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import dispatch, ops
+from .backends.base import Backend
 from .entry import PLAIN_TENSOR_TYPES, intercepted, registered_op_needed
 
 
@@ -102,39 +106,102 @@ class UnitRecord(NamedTuple):
 
 
 class Call(NamedTuple):
-    """An implementation call of a Program: each argument a slot or a constant."""
-    impl: Callable  # the implementation, or what its backend bound of this call
+    """An implementation call of a Program, on the values of its slots."""
+    run: Callable  # run(values): the call, its arguments taken from the slots (on_slots)
+    impl: Callable  # what it calls: the implementation, or what its backend bound of it
     args: tuple[tuple[str, Optional[int], object], ...]  # (name, slot or None, constant)
+    frees: tuple[int, ...] = ()  # the slots whose tensors it lets go of (a backward's: BackwardTape.finish)
 
 
-class Binding:
-    """One backward implementation of a Program's unit, called by keyword: on its first call
-    the backend binds it (Backend.bind), and the later calls replay what that returned, if
-    anything but the implementation (which is then looked up on every call, as the unbound
-    backward does). The arguments those calls get differ only in their tensors: the plan's
-    key and the request's (Program.request_plan) fix every other one, and their layouts."""
+def on_slots(impl: Callable, args: tuple[tuple[str, Optional[int], object], ...]) -> Callable:
+    """run(values) -> impl(**arguments), each argument (name, slot, constant) values[slot] or
+    the constant (slot None). A call its backend bound may take the values itself
+    (Backend.bind); else a dict of arguments is made on every call."""
+    if hasattr(impl, "on_slots"):
+        return impl.on_slots(args).run
+    return functools.partial(_call_by_name, impl, args)
 
-    def __init__(self, backend: str, op: str):
-        self.backend = dispatch.get_backend(backend)
-        self.op = op
-        self.tried = False
-        self.replay: Optional[Callable] = None  # what the backend bound, if it bound the call
 
-    def __call__(self, **args):
-        if self.replay is not None:
-            return self.replay(**args)
-        impl = self.backend.impls[self.op]
-        if self.tried:
-            return impl(**args)
-        outputs, replay = self.backend.bind(impl, args)
-        self.tried, self.replay = True, None if replay is impl else replay
+def _call_by_name(impl: Callable, args: tuple, values: list[Optional[Tensor]]):
+    return impl(**{name: constant if slot is None else values[slot] for name, slot, constant in args})
+
+
+def replay(calls: Sequence[Call], values: list[Optional[Tensor]]) -> None:
+    """Run the calls on `values` (the inputs' slots filled), appending their outputs."""
+    for run, _impl, _args, frees in calls:
+        outputs = run(values)
+        values.extend(outputs if isinstance(outputs, tuple) else (outputs,))
+        for slot in frees:
+            values[slot] = None
+
+
+class Recording:
+    """Implementation calls recorded while glue runs, each tensor argument as a slot of
+    `values`: one of the inputs it started with, or an output of an earlier call."""
+
+    def __init__(self, values: list[Optional[Tensor]]):
+        self.values = values  # holds every tensor recorded, so that no id is reused meanwhile
+        self.slot_of = {id(t): slot for slot, t in enumerate(values) if t is not None}
+        self.calls: list[Call] = []
+        self.made_by: list[int] = []  # per output slot (after the inputs), the index of its call
+        self.replayable = True  # every tensor a call read has a slot
+
+    def add(self, call: ops.OpCall) -> None:
+        args = []
+        for name, value in call.args.items():
+            slot = self.slot_of.get(id(value)) if isinstance(value, Tensor) else None
+            if slot is None and isinstance(value, Tensor):
+                self.replayable = False
+            args.append((name, slot, None if slot is not None else value))
+        for output in call.outputs:
+            if output is not None:
+                self.slot_of[id(output)] = len(self.values)
+            self.values.append(output)
+            self.made_by.append(len(self.calls))
+        self.calls.append(Call(on_slots(call.impl, tuple(args)), call.impl, tuple(args)))
+
+
+class RecordedBackward(NamedTuple):
+    """A Program's backward for one request of gradients as calls on slots: the saved
+    tensors (Program.saved's list), the output's gradient, then the calls' outputs."""
+    calls: list[Call]
+    x_grad: Optional[int]  # the slot of x's gradient (None: none)
+    param_grads: tuple[Optional[int], ...]  # the slot of each parameter's
+
+    def __call__(self, saved: Sequence[Optional[Tensor]], output_grad: Tensor):
+        values = [*saved, output_grad]
+        replay(self.calls, values)
+        return (None if self.x_grad is None else values[self.x_grad],
+                [None if slot is None else values[slot] for slot in self.param_grads])
+
+
+class BackwardTape(Recording):
+    """Records a Program's backward while its glue runs (Program.run_units)."""
+
+    def call(self, backend: Backend, fn: Callable, **args):
+        """fn(**args), recorded as what `backend` binds of it (ops.unit_gradients' call)."""
+        outputs, bound = backend.bind(fn, args)
+        self.add(ops.OpCall(backend.name, bound, args, outputs if isinstance(outputs, tuple) else (outputs,)))
         return outputs
 
-
-class RequestPlan(NamedTuple):
-    """What a Program's backward does for one request of gradients, per unit."""
-    needs: tuple[tuple[bool, ...], ...]  # the needs_input_grad its backward gets (ops.unit_gradients)
-    backward_ops: tuple[tuple[Binding, Binding, Binding], ...]  # its wgrad, dgrad and BN-backward
+    def finish(self, gradients: tuple[Optional[Tensor], list[Optional[Tensor]]]) -> Optional[RecordedBackward]:
+        """The recorded backward that returned `gradients` (x's, the parameters'), or None
+        where one of them or an argument has no slot. Each call lets go of the outputs it
+        reads last, and of its own that nothing reads, but the gradients: as in the glue, a
+        gradient of an activation's size lives no longer than its last reader."""
+        x_grad, param_grads = gradients
+        returned = [x_grad, *param_grads]
+        slots = [None if t is None else self.slot_of.get(id(t)) for t in returned]
+        if not self.replayable or any(s is None and t is not None for s, t in zip(slots, returned)):
+            return None
+        last_read = {slot: index for index, call in enumerate(self.calls) for _, slot, _ in call.args}
+        frees: list[list[int]] = [[] for _ in self.calls]
+        first_output = len(self.values) - len(self.made_by)
+        for slot, made_by in enumerate(self.made_by, first_output):
+            if slot not in slots:
+                frees[max(made_by, last_read.get(slot, made_by))].append(slot)
+        calls = [call._replace(frees=tuple(f)) for call, f in zip(self.calls, frees)]
+        return RecordedBackward(calls, slots[0], tuple(slots[1:]))
 
 
 class Program:
@@ -146,50 +213,50 @@ class Program:
         self.output = 0  # the slot of the block's output
         self.moments: tuple[int, ...] = ()  # the slots of the consumer's statistics, if computed
         self.bn_backward_in: tuple[int, ...] = ()  # per unit, the unit whose BN backward serves it (see finish)
-        self.requests: dict[tuple, RequestPlan] = {}  # see request_plan
-
-    def replay(self, values: list[Optional[Tensor]]) -> None:
-        """Run the calls on `values` (the inputs' slots filled), appending their outputs."""
-        for impl, args in self.calls:
-            outputs = impl(**{name: constant if slot is None else values[slot] for name, slot, constant in args})
-            values.extend(outputs if isinstance(outputs, tuple) else (outputs,))
+        self.requests: dict[tuple, RecordedBackward] = {}  # the backward per request (see backward)
 
     def saved(self, values: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
         """What the backward reads, unit after unit (ops.unit_saved each)."""
         return [None if slot is None else values[slot] for unit in self.units for slot in unit.saved]
 
-    def request_plan(self, output_grad: Tensor, x_needs_grad: bool, param_needs_grad: Sequence[bool]) -> RequestPlan:
-        """The backward's plan when autograd asks for these gradients of the block, given
-        output_grad; kept per request (a model asks the same ones step after step), TF32
-        setting (which the backward's launches read, as the forward's do: the key has it)
-        and output_grad's layout (the one tensor the backward gets from outside the plan)."""
-        request = (torch.backends.cudnn.allow_tf32, layout(output_grad), x_needs_grad, *param_needs_grad)
-        plan = self.requests.get(request)
-        if plan is None:
-            # Which values need a gradient: x as autograd says; a unit's output where its
-            # input, its residual or one of its parameters does.
-            value_needs = {0: x_needs_grad}
-            for unit in self.units:
-                value_needs[unit.output] = (value_needs[unit.input]
-                                            or (unit.residual is not None and value_needs[unit.residual])
-                                            or any(p is not None and param_needs_grad[p] for p in unit.params))
-            needs = tuple((value_needs[unit.input], False, False, *(p is not None and param_needs_grad[p]
-                                                                   for p in unit.params),
-                           unit.residual is not None and value_needs[unit.residual])
-                          for unit in self.units)
-            backward_ops = tuple(tuple(Binding(unit.conf.backend, op) for op in ops.BACKWARD_OPS)
-                                 for unit in self.units)
-            plan = self.requests[request] = RequestPlan(needs, backward_ops)
-        return plan
-
     def backward(self, saved: Sequence[Optional[Tensor]], output_grad: Tensor, x_needs_grad: bool,
                  param_needs_grad: Sequence[bool]) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
         """(x's gradient, each parameter's) given the gradient of the block's output, from
-        ctx.saved_tensors (self.saved's list, unpacked)."""
-        plan = self.request_plan(output_grad, x_needs_grad, param_needs_grad)
+        ctx.saved_tensors (self.saved's list, unpacked). The first backward of a request
+        runs the glue (run_units) and records it; the later ones replay that, without the
+        glue. A request: the gradients autograd asks for (a model asks the same ones step
+        after step), the TF32 setting (which the backward's launches read, as the forward's
+        do: the key has it) and output_grad's layout (the one tensor the backward gets from
+        outside the plan; its alignment too, replay.py)."""
         # The forward's tensors were plain ones (applies): only the incoming gradient, or a
-        # mode entered since, can make the ops go through their registered versions (unbound).
-        registered = registered_op_needed((output_grad,))
+        # mode entered since, can make the ops go through their registered versions.
+        if registered_op_needed((output_grad,)):
+            return self.run_units(saved, output_grad, x_needs_grad, param_needs_grad, None)
+        request = (torch.backends.cudnn.allow_tf32, layout(output_grad), x_needs_grad, *param_needs_grad)
+        recorded = self.requests.get(request)
+        if recorded is not None:
+            return recorded(saved, output_grad)
+        tape = BackwardTape([*saved, output_grad])
+        gradients = self.run_units(saved, output_grad, x_needs_grad, param_needs_grad, tape)
+        recorded = tape.finish(gradients)
+        if recorded is not None:  # (else the next backward runs the glue, recording, again)
+            self.requests[request] = recorded
+        return gradients
+
+    def run_units(self, saved: Sequence[Optional[Tensor]], output_grad: Tensor, x_needs_grad: bool,
+                  param_needs_grad: Sequence[bool],
+                  tape: Optional[BackwardTape]) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
+        """The backward's glue: each unit's backward (ops.unit_gradients) last unit first,
+        each gradient passed on to where its value came from, through the implementations,
+        recorded on `tape`, or with tape None through the registered ops (something
+        intercepts)."""
+        # Which values need a gradient: x as autograd says; a unit's output where its input,
+        # its residual or one of its parameters does.
+        value_needs = {0: x_needs_grad}
+        for unit in self.units:
+            value_needs[unit.output] = (value_needs[unit.input]
+                                        or (unit.residual is not None and value_needs[unit.residual])
+                                        or any(p is not None and param_needs_grad[p] for p in unit.params))
         value_grads: dict[int, Tensor] = {self.output: output_grad}
         param_grads: list[Optional[Tensor]] = [None] * len(param_needs_grad)
         # The gradient of a shared activation relu(bn(x)) from the later units that read it,
@@ -200,14 +267,19 @@ class Program:
             dy = value_grads.pop(unit.output, None)
             if dy is None:  # (then none waits in activation_grads: what needed x's gradient needed this)
                 continue
+            needs = (value_needs[unit.input], False, False,
+                     *(p is not None and param_needs_grad[p] for p in unit.params),
+                     unit.residual is not None and value_needs[unit.residual])
             bn_unit = self.bn_backward_in[index]
             elsewhere = bn_unit != index
             # The gradient later units gave this unit's input joins its dx in the kernel.
             dx_other = None if elsewhere else value_grads.pop(unit.input, None)
-            backward_ops = ops.backward_ops(unit.conf.backend, True) if registered else plan.backward_ops[index]
+            call = (ops.call_directly if tape is None
+                    else functools.partial(tape.call, dispatch.get_backend(unit.conf.backend)))
             dx, dgamma, dbeta, dweight, dresidual = ops.unit_gradients(
-                saved[index * SAVED_PER_UNIT:(index + 1) * SAVED_PER_UNIT], unit.conf, plan.needs[index], dy,
-                dx_other, backward_ops, da_other=activation_grads.pop(bn_unit, None), bn_elsewhere=elsewhere)
+                saved[index * SAVED_PER_UNIT:(index + 1) * SAVED_PER_UNIT], unit.conf, needs, dy, dx_other,
+                ops.backward_ops(unit.conf.backend, tape is None), da_other=activation_grads.pop(bn_unit, None),
+                bn_elsewhere=elsewhere, call=call)
             if elsewhere:
                 if dx is not None:  # the activation's gradient, joined with the others in bn_unit's dgrad
                     activation_grads[bn_unit] = dx
@@ -215,37 +287,26 @@ class Program:
             for key, grad in ((unit.input, dx), (unit.residual, dresidual)):
                 if grad is not None:  # += (a missing entry is zero)
                     current = value_grads.get(key)
-                    value_grads[key] = grad if current is None else current + grad
+                    value_grads[key] = grad if current is None else call(ops.add, a=current, b=grad)
             for position, grad in zip(unit.params, (dgamma, dbeta, dweight)):
                 if grad is not None:  # a parameter two units read (a shared module) gets the sum
                     current = param_grads[position]
-                    param_grads[position] = grad if current is None else current + grad
+                    param_grads[position] = grad if current is None else call(ops.add, a=current, b=grad)
         return value_grads.get(0), param_grads
 
 
-class Tape:
+class Tape(Recording):
     """Records a Program while a block's forward glue runs (the ops.Recorder of its op bodies)."""
 
     def __init__(self, inputs: BlockInputs):
-        self.values = inputs.values()
-        self.slot_of = {id(t): slot for slot, t in enumerate(self.values) if t is not None}
+        super().__init__(inputs.values())
         self.param_of = {id(p): i for i, p in enumerate(inputs.params)}
         self.program = Program()
-        self.replayable = True  # every tensor a call read has a slot
         self.last_backend = ""  # the backend of the latest call
 
     def add(self, call: ops.OpCall) -> None:
-        args = []
-        for name, value in call.args.items():
-            slot = self.slot_of.get(id(value)) if isinstance(value, Tensor) else None
-            if slot is None and isinstance(value, Tensor):
-                self.replayable = False
-            args.append((name, slot, None if slot is not None else value))
-        self.program.calls.append(Call(call.impl, tuple(args)))
+        super().add(call)
         self.last_backend = call.backend
-        for output in call.outputs:
-            self.slot_of[id(output)] = len(self.values)
-            self.values.append(output)
 
     def run_unit(self, args: tuple) -> tuple[Tensor, Tensor, Tensor]:
         """bn_relu_conv's body on `args` (its arguments, positional), its unit recorded."""
@@ -259,6 +320,7 @@ class Tape:
         return outputs
 
     def finish(self, output: Tensor, moments: Optional[tuple[Tensor, Tensor]]) -> Program:
+        self.program.calls = self.calls
         self.program.output = self.slot_of[id(output)]
         self.program.moments = () if moments is None else tuple(self.slot_of[id(m)] for m in moments)
         # Units that apply the same BatchNorm to the same x (the same x, statistics, affine
@@ -307,7 +369,7 @@ def execute(forward_units: Callable, key, program: Optional[Program], inputs: Bl
             PLANS.put(key, program)
         return program, tape.values
     values = inputs.values()
-    program.replay(values)
+    replay(program.calls, values)
     return program, values
 
 

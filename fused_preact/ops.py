@@ -308,14 +308,21 @@ def check_no_double_backward() -> None:
                            "supported by the fused units; use the eager blocks for that part of the model")
 
 
+def call_directly(fn: Callable, **args):
+    """fn(**args): how unit_gradients calls each step where nothing records them."""
+    return fn(**args)
+
+
 def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Sequence[bool], dy: Tensor,
                    dx_other: Optional[Tensor], impls: tuple[Callable, Callable, Callable],
-                   da_other: Optional[Tensor] = None, bn_elsewhere: bool = False) -> tuple:
+                   da_other: Optional[Tensor] = None, bn_elsewhere: bool = False,
+                   call: Callable = call_directly) -> tuple:
     """(dx, dgamma, dbeta, dweight, dresidual) of one unit given its output's gradient dy;
     None for each that `needs` (bn_relu_conv's needs_input_grad) does not ask for. dx_other:
     x's gradient from its other consumers, added to dx inside bn_backward_apply (so nobody
     accumulates the two with a separate add). impls: the wgrad, dgrad and BN-backward to call
-    by keyword (backward_ops, or a block Program's bindings of them).
+    by keyword (backward_ops). call(fn, **args): runs each step that makes a tensor, the
+    impls' and the glue's (a block Program records them there: block_autograd).
 
     Where units read the same activation a = relu(bn(x)) (a projection shortcut reads the
     first unit's), one BN backward serves them all, since it is linear in a's gradient: the
@@ -326,34 +333,52 @@ def unit_gradients(saved: Sequence[Optional[Tensor]], conf: UnitConf, needs: Seq
     x, mean, var, bn_weight, bn_bias, weight = saved
     stride, padding, eps, batch_stats, _backend, has_residual, sync_group, conv_dtype = conf  # impls: its ops
     dx = dgamma = dbeta = dweight = None
-    dy = dy.contiguous(memory_format=torch.channels_last)  # float32 where y added a float32 shortcut
+    if not dy.is_contiguous(memory_format=torch.channels_last):
+        dy = call(channels_last, t=dy)  # float32 where y added a float32 shortcut
     wgrad, dgrad, apply_bn = impls
     if needs[5]:
-        dweight = wgrad(dy=dy, x=x, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias,
-                        weight_shape=list(weight.shape), stride=stride, padding=padding, eps=eps,
-                        weight_dtype=weight.dtype, conv_dtype=conv_dtype,
-                        weight_channels_last=weight_is_channels_last(weight))
+        dweight = call(wgrad, dy=dy, x=x, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias,
+                       weight_shape=list(weight.shape), stride=stride, padding=padding, eps=eps,
+                       weight_dtype=weight.dtype, conv_dtype=conv_dtype,
+                       weight_channels_last=weight_is_channels_last(weight))
     if bn_elsewhere:  # from here on the conv alone: dx is its input gradient (dx_other is None)
         mean = var = bn_weight = bn_bias = None
     if needs[0] or needs[3] or needs[4]:
-        g, sums = dgrad(dy=dy, weight=weight, x=x, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias,
-                        stride=stride, padding=padding, eps=eps, conv_dtype=conv_dtype, g_other=da_other)
+        g, sums = call(dgrad, dy=dy, weight=weight, x=x, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias,
+                       stride=stride, padding=padding, eps=eps, conv_dtype=conv_dtype, g_other=da_other)
         if mean is None:
-            dx = g if dx_other is None else g + dx_other
+            dx = g if dx_other is None else call(add, a=g, b=dx_other)
         else:
             if needs[0]:
                 count = x.numel() // x.shape[1]
                 grad_sums = sums
                 if batch_stats and sync_group:  # the means over all ranks (dgamma, dbeta stay local sums)
                     grad_sums, count = distributed.global_grad_means(sums, count, sync_group), 1
-                dx = apply_bn(g=g, x=x, mean=mean, var=var, bn_weight=bn_weight, grad_sums=grad_sums, count=count,
-                              eps=eps, batch_stats=batch_stats, dx_other=dx_other)
+                dx = call(apply_bn, g=g, x=x, mean=mean, var=var, bn_weight=bn_weight, grad_sums=grad_sums,
+                          count=count, eps=eps, batch_stats=batch_stats, dx_other=dx_other)
             if needs[3] or needs[4]:
-                sum_g, sum_g_xhat = sums.unbind()  # one call for both rows
-                dgamma = _cast(sum_g_xhat, bn_weight.dtype) if needs[3] else None
-                dbeta = _cast(sum_g, bn_bias.dtype) if needs[4] else None
+                dgamma, dbeta = call(bn_param_grads, sums=sums, gamma_dtype=bn_weight.dtype if needs[3] else None,
+                                     beta_dtype=bn_bias.dtype if needs[4] else None)
     dresidual = dy if (has_residual and needs[6]) else None
     return dx, dgamma, dbeta, dweight, dresidual
+
+
+# The glue steps of unit_gradients (and of a block's backward: block_autograd), by keyword.
+def channels_last(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def add(a: Tensor, b: Tensor) -> Tensor:
+    return a + b
+
+
+def bn_param_grads(sums: Tensor, gamma_dtype: Optional[torch.dtype],
+                   beta_dtype: Optional[torch.dtype]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(dgamma, dbeta) from dgrad's sums [2, C] = (sum g, sum g * xhat), each in its
+    parameter's dtype (None: not asked for)."""
+    sum_g, sum_g_xhat = sums.unbind()  # one call for both rows
+    return (None if gamma_dtype is None else _cast(sum_g_xhat, gamma_dtype),
+            None if beta_dtype is None else _cast(sum_g, beta_dtype))
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -179,6 +179,54 @@ def test_blocks_sharing_a_plan_use_their_own_tensors():
     assert len(block_autograd.PLANS.programs) == 1
 
 
+@pytest.mark.parametrize("config", BLOCKS, ids=lambda c: "-".join(map(str, c)))
+def test_a_replayed_backward_lets_go_of_each_gradient_after_its_last_reader(config, monkeypatch):
+    """The replay of a recorded backward keeps its intermediate tensors (the dgrad outputs,
+    the gradients passed from unit to unit) in a list of slots: after each call, none may be
+    held there that no later call reads and that is not returned (the glue would have let
+    it go by then: an activation-sized tensor per unit otherwise)."""
+    block = make_block(*config)
+    x = torch.randn(3, config[1], 7, 7)
+    step(block, x)  # records the forward and the backward
+    (program,) = block_autograd.PLANS.programs.values()
+    (recorded,) = program.requests.values()
+    returned = {recorded.x_grad, *recorded.param_grads} - {None}
+    checked = []
+
+    def checking_replay(calls, values):
+        if calls is not recorded.calls:  # the forward's
+            return real_replay(calls, values)
+        inputs = len(values)
+        for index, call in enumerate(calls):
+            real_replay([call], values)
+            read_later = {slot for later in calls[index + 1:] for _, slot, _ in later.args}
+            held = {slot for slot in range(inputs, len(values)) if values[slot] is not None}
+            assert held <= read_later | returned, (index, held - read_later - returned)
+        checked.append(len(calls))
+    real_replay = block_autograd.replay
+    monkeypatch.setattr(block_autograd, "replay", checking_replay)
+    reference = copy.deepcopy(block)
+    assert_as_per_unit(step(block, x), step(reference, x, per_unit=True), block, "replayed")
+    assert checked and checked[0] >= 2 * len(program.units)
+
+
+def test_a_backward_whose_glue_makes_a_tensor_the_tape_does_not_see_is_never_replayed(monkeypatch):
+    """A tensor made in the glue outside a recorded call has no slot: a replay would pass the
+    first step's tensor again. Such a backward runs its glue (recording again) every time."""
+    real = ops.unit_gradients
+
+    def copying_dy(saved, conf, needs, dy, *args, **kwargs):
+        return real(saved, conf, needs, dy * 1, *args, **kwargs)  # dy * 1: made outside any call
+    monkeypatch.setattr(ops, "unit_gradients", copying_dy)
+    block = make_block("basic", 5, 7, 2, "preact")
+    reference = copy.deepcopy(block)
+    for i in range(3):
+        x = torch.randn(3, 5, 7, 7)
+        assert_as_per_unit(step(block, x), step(reference, x, per_unit=True), block, f"step {i}")
+    (program,) = block_autograd.PLANS.programs.values()
+    assert not program.requests
+
+
 def test_a_conv_two_units_share_gets_the_sum_of_their_gradients():
     """conv2 is conv1 (one Parameter read by both units): the block node's weight gradient
     is both units' summed, as the per-unit path and eager give, recorded and replayed."""
@@ -409,10 +457,16 @@ def test_bound_replays_see_the_layouts_they_were_bound_with(monkeypatch):
         assert len(programs) == 3  # channels_last aligned and not, NCHW
         for program in programs:
             assert all(isinstance(call.impl, BoundCall) for call in program.calls)
-            bindings = [b for plan in program.requests.values() for unit in plan.backward_ops for b in unit]
-            assert all(isinstance(b.replay, BoundCall) for b in bindings if b.replay is not None)
         first = programs[0]  # channels_last, aligned: its backward ran for both gradient layouts
-        bound = [b for plan in first.requests.values() for unit in plan.backward_ops for b in unit]
-        # Each unit's three, but the projection's BN backward (it runs in the first unit's).
-        calls = 3 * len(first.units) - (kind == "bottleneck")
-        assert len(first.requests) == 2 and sum(b.replay is not None for b in bound) == 2 * calls
+        assert len(first.requests) == 2
+        shared_bn = kind == "bottleneck"  # the projection's BN backward runs in the first unit's
+        for request, recorded in first.requests.items():
+            # Each unit's three kernels bound, and the glue's steps: each BN's parameter
+            # gradients, and the incoming gradient copied to channels_last where it is not.
+            _dtype, grad_shape, grad_strides, *_ = request[1]
+            grad_cl = torch.empty_strided(grad_shape, grad_strides).is_contiguous(memory_format=torch.channels_last)
+            bound = [call for call in recorded.calls if isinstance(call.impl, BoundCall)]
+            glue = sorted(call.impl.__name__ for call in recorded.calls if not isinstance(call.impl, BoundCall))
+            assert len(bound) == 3 * len(first.units) - shared_bn, request
+            assert glue == sorted(["bn_param_grads"] * (len(first.units) - shared_bn)
+                                  + ([] if grad_cl else ["channels_last"])), (request, glue)

@@ -132,7 +132,7 @@ def record_block_steps(out: Path) -> None:
                 steps.append([[r.name, r.kernel_hash, list(r.grid), [describe(a) for a in r.args]] for r in launches])
         programs = list(block_autograd.PLANS.programs.values())
         replays = [c.impl for p in programs for c in p.calls] + [
-            b.replay for p in programs for plan in p.requests.values() for unit in plan.backward_ops for b in unit]
+            c.impl for p in programs for recorded in p.requests.values() for c in recorded.calls]
         result[path] = {"steps": steps, "bound_calls": sum(isinstance(r, BoundCall) and all(
             launch.compiled is not None for launch in r.launches) for r in replays)}
     out.write_text(json.dumps(result))

@@ -29,7 +29,10 @@ class Backend:
     def bind(self, impl: Callable, args: dict) -> tuple[object, Callable]:
         """(impl(**args), a callable that does what impl does for the calls of a block's plan
         that replays this one: block_autograd). Here impl itself; a backend may return one
-        that skips work whose outcome these arguments fix (the triton backend's replay.py)."""
+        that skips work whose outcome these arguments fix (the triton backend's replay.py),
+        and which may take its arguments from the plan's list of values: then it has a
+        method on_slots((name, index or None, constant) per argument) that returns one with
+        a method run(values)."""
         return impl(**args), impl
 
     def availability_reason(self) -> str | None:

@@ -49,28 +49,52 @@ class BoundCall:
     """impl(**args) for arguments laid out as those it was bound with (see the module)."""
 
     def __init__(self, impl: Callable, outputs: list, tuple_result: bool, launches: list[BoundLaunch],
-                 buffers: Optional[tuple], derived: list, device: Optional[int]):
+                 buffers: Optional[tuple], derived: list, device: Optional[int], slots: Optional[tuple] = None):
         self.impl = impl
         self.outputs = outputs  # (size, stride, dtype, device) of each output
         self.tuple_result = tuple_result
         self.launches = launches
         self.buffers = buffers  # (device, counters, partials, dtype) of merge_buffers, or None
-        self.derived = derived  # (argument name, make) of each tensor launch.derived made
+        self.derived = derived  # (argument, make) of each tensor launch.derived made
         self.device = device  # the current device the compiled kernels were chosen on
+        # None: the arguments come by name; else they come as a list of values (run), and
+        # these are the (name, index or None, constant) to call impl with (on_slots).
+        self.slots = slots
 
     def __call__(self, **args):
+        return self.run(args)
+
+    def run(self, arguments):
+        """The call on `arguments`: a dict by name, or after on_slots the list of values."""
         if self.device is not None and driver.active.get_current_device() != self.device:
-            return self.impl(**args)
+            return self.impl(**self.keywords(arguments))
         outputs = [torch.empty_strided(size, stride, dtype=dtype, device=device)
                    for size, stride, dtype, device in self.outputs]
-        sources = (args, outputs, merge.merge_buffers(*self.buffers) if self.buffers else (),
-                   [make(args[name]) for name, make in self.derived])
+        sources = (arguments, outputs, merge.merge_buffers(*self.buffers) if self.buffers else (),
+                   [make(arguments[argument]) for argument, make in self.derived])
         for bound in self.launches:
             values = bound.template.copy()
             for position, source, key in bound.tensors:
                 values[position] = sources[source][key]
             bound.launcher.launch_values(bound.grid, values, bound.compiled)
         return tuple(outputs) if self.tuple_result else outputs[0]
+
+    def keywords(self, arguments) -> dict:
+        if self.slots is None:
+            return arguments
+        return {name: constant if index is None else arguments[index] for name, index, constant in self.slots}
+
+    def on_slots(self, slots: tuple[tuple[str, Optional[int], object], ...]) -> "BoundCall":
+        """This call taking its arguments from a list of values (run(values)), argument
+        `name` at values[index] for each (name, index, constant) of `slots` (index None: the
+        constant): no dict of arguments to build per call (block_autograd's plans)."""
+        index_of = {name: index for name, index, _ in slots}
+        launches = [bound._replace(tensors=tuple((position, source, index_of[key] if source == ARG else key)
+                                                 for position, source, key in bound.tensors))
+                    for bound in self.launches]
+        derived = [(index_of[name], make) for name, make in self.derived]
+        return BoundCall(self.impl, self.outputs, self.tuple_result, launches, self.buffers, derived, self.device,
+                         slots)
 
 
 def bind(impl: Callable, args: dict):
