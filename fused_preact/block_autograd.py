@@ -359,7 +359,12 @@ def execute(forward_units: Callable, key, program: Optional[Program], inputs: Bl
     """The block's forward: program None runs forward_units(x, tape) (the block's glue,
     returning (output, moments), moments the consumer's (mean, var) or None), records it and
     keeps the Program in PLANS under `key` (None: keeps none); else replays `program`.
-    Returns (the Program that ran, the values of its slots)."""
+    Returns (the Program that ran, the values of its slots). Runs on x's device
+    (ops.other_cuda_device): a replay's bound launches take none of the ops' own steps."""
+    device = ops.other_cuda_device(inputs.x)
+    if device is not None:
+        with torch.cuda.device(device):
+            return execute(forward_units, key, program, inputs)
     if program is None:
         tape = Tape(inputs)
         with ops.recording(tape):

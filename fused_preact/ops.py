@@ -159,10 +159,25 @@ def recording(recorder: Recorder):
         _recorder.value = previous
 
 
+def other_cuda_device(t: Tensor) -> Optional[torch.device]:
+    """t's device where it is a CUDA device other than the current one, else None. Triton
+    launches on the current device, where PyTorch's own ops follow their tensors (a model on
+    cuda:1 with cuda:0 current, as in DDP scripts without torch.cuda.set_device): the ops make
+    their tensors' device current first, as a CUDA extension's device guard does. (The
+    backward runs in autograd's thread for the gradients' device, which is current there.)"""
+    device = t.device
+    return None if device.type != "cuda" or device.index == torch.cuda.current_device() else device
+
+
 def _run(op: str, backend: str, computes_in: Optional[torch.dtype], **args):
     """Call `op` on the backend chosen for the tensors among `args` (computes_in: the dtype
-    the op's convolution computes in, None for ops without one), passing `args` by name."""
+    the op's convolution computes in, None for ops without one), passing `args` by name, on
+    their device."""
     tensors = [a for a in args.values() if isinstance(a, Tensor)]
+    device = other_cuda_device(tensors[0])
+    if device is not None:
+        with torch.cuda.device(device):
+            return _run(op, backend, computes_in, **args)
     chosen = dispatch.select(op, tensors, backend, computes_in)
     if op == "bn_relu_conv":
         _unit_choice.value = (id(args["x"]), id(args["weight"]), chosen.name)
