@@ -6,7 +6,9 @@ Per basic block inside a converted nn.Sequential of kuangliu blocks (`fp.convert
 identity block and a projection block (preact shortcut), in training, in float32 and under
 autocast (float16 here: the interpreter declines bfloat16; the float32 input keeps eager's
 float32 residual stream): the counts of a chain of 2 identity blocks and the block minus
-those of the 2, so the first block's standalone statistics pass and the loss are left out.
+those of the 2, so the first block's standalone statistics pass and the loss are left out;
+and an attack's step (fwd-input-grad: the forward and torch.autograd.grad(out, [x]), the
+input gradient only, as PGD and AutoAttack ask for it).
 Triton launches are stubbed (counted,
 not run: this is about how many, not what they compute); torch kernels are the aten ops
 the profiler records outside our launches' allocations: every op but allocations, views
@@ -56,10 +58,12 @@ def torch_kernels(events) -> Counter:
     return counted
 
 
-def count(blocks: int, backward: bool, amp: bool, launches: Counter, projection: bool = False) -> tuple[Counter, Counter]:
+def count(blocks: int, backward: str, amp: bool, launches: Counter, projection: bool = False) -> tuple[Counter, Counter]:
     """(Triton launches, torch kernels) of one training step of `blocks` chained identity
     blocks, followed by a projection block (16 -> 32 channels, stride 2) if `projection`: a
-    step as in training, the blocks' plans recorded and replayed before it."""
+    step as in training, the blocks' plans recorded and replayed before it. backward: "" (a
+    forward only), "all" (out.backward) or "input" (torch.autograd.grad(out, [x]): an
+    attack's step, the input gradient only)."""
     torch.manual_seed(0)
     layers = [testing.PreActBlock(16, 16) for _ in range(blocks)] + ([testing.PreActBlock(16, 32, 2)] if projection else [])
     model = fp.convert(nn.Sequential(*layers), backend="triton").to(memory_format=torch.channels_last)
@@ -68,20 +72,26 @@ def count(blocks: int, backward: bool, amp: bool, launches: Counter, projection:
         with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
             out = model(x)
         grad = torch.ones_like(out)
-        if backward:
-            out.backward(grad)
+        run_backward(out, grad, x, backward)
     model.zero_grad(set_to_none=True)  # as a training step starts: no gradient to accumulate into
     x.grad = None
     launches.clear()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
             out = model(x)
-        if backward:
-            out.backward(grad)
+        run_backward(out, grad, x, backward)
     return Counter(launches), torch_kernels(prof.events())
 
 
-MODES = {"fwd": (False, False), "fwdbwd": (True, False), "fwd-amp": (False, True), "fwdbwd-amp": (True, True)}
+def run_backward(out, grad, x, backward: str) -> None:
+    if backward == "all":
+        out.backward(grad)
+    elif backward == "input":
+        torch.autograd.grad(out, [x], grad)
+
+
+MODES = {"fwd": ("", False), "fwdbwd": ("all", False), "fwd-amp": ("", True), "fwdbwd-amp": ("all", True),
+         "fwd-input-grad": ("input", False)}
 
 
 def per_block(block: str = "identity") -> dict[str, dict[str, Counter]]:
@@ -101,7 +111,7 @@ def main() -> None:
     for block in ("identity", "projection"):
         for mode, counts in per_block(block).items():
             for kind, counter in counts.items():
-                print(f"{block:10s} {mode:10s} {kind:7s} {sum(counter.values()):3d}  {dict(sorted(counter.items()))}")
+                print(f"{block:10s} {mode:14s} {kind:7s} {sum(counter.values()):3d}  {dict(sorted(counter.items()))}")
 
 
 if __name__ == "__main__":

@@ -399,9 +399,9 @@ class BlockFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, output_grad: Optional[Tensor], *_moment_grads):
-        needs = ctx.needs_input_grad  # run, x, *params
         if output_grad is None:
-            return (None,) * len(needs)
+            return (None,) * len(ctx.needs_input_grad)
+        needs = ops.gradients_used(ctx, range(1, len(ctx.needs_input_grad)))  # run, x, *params: tensors but run
         ops.check_no_double_backward()
         dx, param_grads = ctx.program.backward(ctx.saved_tensors, output_grad, needs[1], needs[2:])
         return (None, dx if needs[1] else None, *param_grads)

@@ -300,6 +300,7 @@ def _backend_that_ran(inputs) -> str:
 
 def _unit_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*unit_saved(inputs))
+    ctx.tensor_inputs = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]  # (gradients_used)
     ctx.conf = unit_conf(inputs, _backend_that_ran(inputs))
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics outputs
@@ -312,9 +313,34 @@ def _unit_backward(ctx, dy, _dmean, _dvar, dx_other=None):
         return (dx_other if ctx.needs_input_grad[0] else None,) + (None,) * (UNIT_ARGS - 1)
     saved = ctx.saved_tensors
     registered = registered_op_needed((dy, dx_other, *saved))
-    dx, dgamma, dbeta, dweight, dresidual = unit_gradients(saved, ctx.conf, ctx.needs_input_grad, dy, dx_other,
+    needs = gradients_used(ctx, ctx.tensor_inputs)
+    dx, dgamma, dbeta, dweight, dresidual = unit_gradients(saved, ctx.conf, needs, dy, dx_other,
                                                            backward_ops(ctx.conf.backend, registered))
     return (dx, None, None, dgamma, dbeta, dweight, dresidual) + (None,) * (UNIT_ARGS - 7)
+
+
+def gradients_used(ctx, tensor_inputs: Sequence[int]) -> tuple[bool, ...]:
+    """ctx.needs_input_grad of a Function's backward narrowed to the inputs whose gradient
+    this run of the engine uses (tensor_inputs: the positions of the inputs that were
+    tensors, whose edges ctx.next_functions holds, in order). A Function's needs_input_grad
+    says which inputs require grad (pytorch/pytorch#174017), where PyTorch's own ops skip the
+    gradients a run does not reach (Node::task_should_compute_output): for
+    torch.autograd.grad(loss, [x]), an attack's input gradient, they compute no weight
+    gradient, and neither do we then. Traced (torch.compile), the compiler's graph decides."""
+    if torch.compiler.is_compiling():
+        return ctx.needs_input_grad
+    used = list(ctx.needs_input_grad)
+    for position, (node, _) in zip(tensor_inputs, ctx.next_functions):
+        used[position] = used[position] and _engine_uses(node)
+    return tuple(used)
+
+
+def _engine_uses(node) -> bool:
+    """Whether the running backward executes `node` (or, a leaf's, returns its gradient)."""
+    try:
+        return torch._C._will_engine_execute_node(node)  # what torch.autograd.graph.register_multi_grad_hook asks
+    except RuntimeError:  # it answers nothing for a leaf whose gradient autograd.grad returns: used
+        return True
 
 
 def check_no_double_backward() -> None:

@@ -227,6 +227,52 @@ def test_a_backward_whose_glue_makes_a_tensor_the_tape_does_not_see_is_never_rep
     assert not program.requests
 
 
+@pytest.mark.parametrize("per_unit", [False, True], ids=["block", "per-unit"])
+@pytest.mark.parametrize("config", [BLOCKS[1], BLOCKS[3]], ids=lambda c: "-".join(map(str, c)))
+def test_a_backward_computes_only_the_gradients_asked_for(config, per_unit, monkeypatch):
+    """torch.autograd.grad(loss, [x]) (an attack's input gradient) or backward(inputs=...):
+    PyTorch's own ops compute only the gradients that run reaches, and so do the units, on
+    the block node and the per-unit path: no weight gradient for an input gradient. What they
+    compute is bitwise what a full backward gives, recorded and replayed."""
+    calls = Counter()
+    impls = fp.dispatch.get_backend("reference").impls
+    for op in ("bn_relu_conv_wgrad", "bn_relu_conv_dgrad", "bn_backward_apply"):
+        def counted(*args, op=op, impl=impls[op], **kwargs):
+            calls[op] += 1
+            return impl(*args, **kwargs)
+        monkeypatch.setitem(impls, op, counted)
+    block = make_block(*config)
+    names = dict(block.named_parameters())
+    convs = 3 if config[0] == "basic" else 4  # a projection each
+    last_conv = "conv2.weight" if config[0] == "basic" else "conv3.weight"
+    # (name, the gradients a backward asks for: x and parameters by name; None: .backward())
+    requests = [("all", None), ("input", ["x"]), ("the last conv's weight", [last_conv]),
+                ("input and a BN weight", ["x", "bn1.weight"])]
+    for step_index in range(2):  # recorded, then replayed
+        x = torch.randn(3, config[1], 7, 7).requires_grad_(True)
+        results = {}
+        for name, asked in requests:
+            calls.clear()
+            with PassThrough() if per_unit else contextlib.nullcontext():
+                out = block(x)
+            weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+            if asked is None:
+                x.grad = None
+                block.zero_grad(set_to_none=True)
+                (out * weights).sum().backward()
+                results[name] = {"x": x.grad, **{n: p.grad for n, p in names.items()}}
+            else:
+                tensors = [x if a == "x" else names[a] for a in asked]
+                results[name] = dict(zip(asked, torch.autograd.grad((out * weights).sum(), tensors)))
+            wgrads = calls["bn_relu_conv_wgrad"]
+            assert wgrads == (convs if asked is None else asked.count(last_conv)), (name, calls)
+            if asked == [last_conv]:  # its output's gradient is the block's: no dgrad, no BN backward
+                assert calls["bn_relu_conv_dgrad"] == 0 and calls["bn_backward_apply"] == 0, calls
+        for name, got in results.items():
+            for tensor, grad in got.items():
+                assert torch.equal(grad, results["all"][tensor]), (step_index, name, tensor)
+
+
 def test_a_conv_two_units_share_gets_the_sum_of_their_gradients():
     """conv2 is conv1 (one Parameter read by both units): the block node's weight gradient
     is both units' summed, as the per-unit path and eager give, recorded and replayed."""
