@@ -224,7 +224,13 @@ def saved_activation_bytes(module, x) -> int:
     return sum(storages.values())
 
 
-def run_block_case(case, dtype_name, provs, device, ceil, rows, measure):
+# Block modes: a forward; forward and backward (a training step's); forward and the input
+# gradient only (torch.autograd.grad(out, [x]): an attack's step, PGD / AutoAttack).
+BLOCK_MODES = ("fwd", "fwdbwd", "fwd-input-grad")
+CONV_PASSES = {"fwd": 1, "fwdbwd": 3, "fwd-input-grad": 2}  # forward, dgrad, wgrad: the floor's FLOPs
+
+
+def run_block_case(case, dtype_name, provs, device, ceil, rows, measure, modes=("fwd", "fwdbwd")):
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
     eager = eager_block(case)
@@ -236,11 +242,10 @@ def run_block_case(case, dtype_name, provs, device, ceil, rows, measure):
     out_elems = expected.numel()
     flops = conv_flops(case)
     item = 2 if dtype != torch.float32 else 4
-    modes = ("fwd", "fwdbwd")
     floor_ms = {}
     for mode in modes:
         floor_bytes = (x32.numel() + out_elems) * item * (1 if mode == "fwd" else 2)
-        floor_flops = flops * (1 if mode == "fwd" else 3)
+        floor_flops = flops * CONV_PASSES[mode]
         if ceil:
             floor_ms[mode] = 1e3 * max(floor_bytes / ceil["copy_bytes_per_s"], floor_flops / ceil["bf16_flop_per_s"])
             rows.append([case.name, "floor", dtype_name, mode, "time_ms", floor_ms[mode], "ms", f"batch={case.batch}"])
@@ -262,7 +267,7 @@ def run_block_case(case, dtype_name, provs, device, ceil, rows, measure):
             if device == "cuda" and not prov.cuda_graph else 1
         for mode in modes:
             row = [case.name, prov.name, dtype_name, mode]
-            xs = [prov.block_input(x32 + 0.01 * i, dtype).requires_grad_(mode == "fwdbwd")
+            xs = [prov.block_input(x32 + 0.01 * i, dtype).requires_grad_(mode != "fwd")
                   for i in range(n_inputs)]
             autocast = prov.autocast_context(device, dtype)
             try:
@@ -275,6 +280,8 @@ def run_block_case(case, dtype_name, provs, device, ceil, rows, measure):
                             out = module(x)
                         if mode == "fwdbwd":
                             out.backward(torch.ones_like(out))
+                        elif mode == "fwd-input-grad":
+                            torch.autograd.grad(out, [x], torch.ones_like(out))
                     return out
                 step = call
                 if prov.cuda_graph:
@@ -300,7 +307,7 @@ def run_block_case(case, dtype_name, provs, device, ceil, rows, measure):
                 if not prov.compile_mode:  # saved-tensor hooks would recompile the graph
                     with autocast:
                         rows.append(row + ["saved_activation_bytes", saved_activation_bytes(module, xs[0]), "B", ""])
-                if device == "cuda" and mode == "fwdbwd":
+                if device == "cuda" and mode != "fwd":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
@@ -411,9 +418,15 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", default=None,
                         help="comma list of block case / model names to run (default: all); "
                              "splits a long sweep over several calls")
+    parser.add_argument("--modes", default="fwd,fwdbwd",
+                        help=f"comma list of block modes, of {','.join(BLOCK_MODES)} (fwd-input-grad: the "
+                             "forward and torch.autograd.grad(out, [x]), an attack's step)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting new cases after this many seconds (the rest is recorded as skipped)")
     args = parser.parse_args(argv)
+    modes = tuple(args.modes.split(","))
+    if set(modes) - set(BLOCK_MODES):
+        parser.error(f"--modes: unknown {sorted(set(modes) - set(BLOCK_MODES))}; known: {list(BLOCK_MODES)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cpu":
         print("fused_preact benchmarks: no GPU here, running the small CPU default "
@@ -447,7 +460,7 @@ def main(argv=None) -> None:
             name = case.name if kind == "block" else case[0]
             rows.append([name, "-", dtype_name, "-", "skipped", math.nan, "", f"--budget-s {args.budget_s:g} spent"])
         elif kind == "block":
-            run_block_case(case, dtype_name, provs, device, ceil, rows, measure)
+            run_block_case(case, dtype_name, provs, device, ceil, rows, measure, modes)
         else:
             run_model_case(*case, dtype_name, provs, device, rows, measure)
         write_results(out, rows, meta)  # after every case: a run cut short keeps what it measured

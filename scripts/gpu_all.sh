@@ -12,7 +12,7 @@
 # BENCH_BUDGET_S (default 60): seconds after which the benchmark starts no new case
 # (the rest is recorded as skipped, most important cases first). BENCH_CASES / BENCH_DTYPES:
 # comma lists for benchmarks.run --cases / --dtypes (default: all); BENCH_ARGS: more of its options
-# (e.g. --max-autotune, --no-models). PROFILE_CASES (default
+# (e.g. --max-autotune, --no-models, --modes fwd,fwdbwd,fwd-input-grad: an attack step too). PROFILE_CASES (default
 # "r18-s1-id tiny-overhead"): blocks for benchmarks.profile --host. KERNEL_CASES: block cases for
 # benchmarks.kernels (default: the headline and the ImageNet ResNet-50 stages), into OUT/kernels;
 # KERNEL_ARGS: more of its options (e.g. --weights default --dtypes bf16). TESTS (default "tests"): test paths

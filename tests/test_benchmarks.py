@@ -114,6 +114,20 @@ def test_cpu_default_run_writes_results_and_report(tmp_path, monkeypatch):
     assert "| tiny | fp32 | fwdbwd |" in (tmp_path / "results.md").read_text()
 
 
+def test_attack_step_mode_times_the_input_gradient(tmp_path, monkeypatch):
+    """--modes fwd-input-grad: the forward and torch.autograd.grad(out, [x]), checked against
+    eager and timed for every provider, with the floor of two conv passes."""
+    monkeypatch.setattr(cases, "CPU_BLOCKS", [cases.BlockCase("tiny", "basic", 8, 8, 1, 2, 6)])
+    run.main(["--out", str(tmp_path), "--device", "cpu", "--no-models", "--modes", "fwd-input-grad"])
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["mode"] for r in rows} == {"fwd-input-grad"}
+    timed = {r["provider"] for r in rows if r["metric"] == "time_ms"}
+    assert timed == {"eager-fp32-nchw", "eager-cl-amp", "fused-reference"}, rows
+    with pytest.raises(SystemExit):
+        run.main(["--out", str(tmp_path), "--device", "cpu", "--modes", "bwd"])
+
+
 def test_time_budget_skips_and_records_the_rest(tmp_path):
     run.main(["--out", str(tmp_path), "--device", "cpu", "--budget-s", "1e-9"])
     with open(tmp_path / "results.csv") as f:
