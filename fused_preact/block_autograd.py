@@ -27,7 +27,8 @@ that glue (benchmarks.host_cost). Each call is recorded as what its backend boun
 (Backend.bind): the triton backend's replays allocate and launch without the wrapper that
 derived the launch from the arguments (backends/triton/replay.py), since the key fixes all
 but the tensors. The backward is recorded the same way on its first run for each request
-of gradients and layout of the incoming gradient: its implementation calls and glue steps
+of gradients and layout of the incoming gradient and of the saved tensors as unpacked (a
+saved-tensor hook may return them laid out anew): its implementation calls and glue steps
 (ops.unit_gradients' `call`) on slots (the saved tensors, the incoming gradient, earlier
 outputs), which the later backwards replay without the glue. A Program holds slots, not
 tensors: PLANS keeps it by key, for every block with that key.
@@ -88,6 +89,14 @@ def layout(t: Tensor) -> tuple:
     """What the keys of plans hold of a tensor they get: dtype, shape, strides, device and
     whether it starts at a 16-byte aligned address (Triton specialises launches on it)."""
     return t.dtype, t.shape, t.stride(), t.device, t.data_ptr() % 16 == 0
+
+
+def saved_layout(t: Optional[Tensor]) -> Optional[tuple]:
+    """What of a saved tensor may differ from the forward's when the backward unpacks it: a
+    saved-tensor hook returns the same values (its contract), but may lay them out anew
+    (torch.autograd.graph.save_on_cpu(pin_memory=True) gives an NCHW-contiguous copy of a
+    channels_last tensor) at another alignment, or in a hook that casts, in another dtype."""
+    return None if t is None else (t.stride(), t.dtype, t.data_ptr() % 16 == 0)
 
 
 SAVED_PER_UNIT = 6  # ops.unit_saved: x, mean, var, bn_weight, bn_bias, weight
@@ -226,13 +235,15 @@ class Program:
         runs the glue (run_units) and records it; the later ones replay that, without the
         glue. A request: the gradients autograd asks for (a model asks the same ones step
         after step), the TF32 setting (which the backward's launches read, as the forward's
-        do: the key has it) and output_grad's layout (the one tensor the backward gets from
-        outside the plan; its alignment too, replay.py)."""
+        do: the key has it), output_grad's layout and the saved tensors' as unpacked (what the
+        backward gets from outside the plan: a bound replay launches with the layouts it was
+        bound with, replay.py)."""
         # The forward's tensors were plain ones (applies): only the incoming gradient, or a
         # mode entered since, can make the ops go through their registered versions.
         if registered_op_needed((output_grad,)):
             return self.run_units(saved, output_grad, x_needs_grad, param_needs_grad, None)
-        request = (torch.backends.cudnn.allow_tf32, layout(output_grad), x_needs_grad, *param_needs_grad)
+        request = (torch.backends.cudnn.allow_tf32, layout(output_grad), tuple(map(saved_layout, saved)),
+                   x_needs_grad, *param_needs_grad)
         recorded = self.requests.get(request)
         if recorded is not None:
             return recorded(saved, output_grad)

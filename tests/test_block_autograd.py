@@ -516,3 +516,31 @@ def test_bound_replays_see_the_layouts_they_were_bound_with(monkeypatch):
             assert len(bound) == 3 * len(first.units) - shared_bn, request
             assert glue == sorted(["bn_param_grads"] * (len(first.units) - shared_bn)
                                   + ([] if grad_cl else ["channels_last"])), (request, glue)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_replayed_backward_sees_the_saved_tensors_as_a_hook_unpacks_them(backend, monkeypatch):
+    """Saved-tensor hooks return the saved values, but laid out as they choose:
+    save_on_cpu(pin_memory=True) an NCHW-contiguous copy of channels_last x and t, a hook of
+    one's own a copy 4 bytes past an aligned address. A backward recorded on the forward's
+    own tensors must not be replayed on those (the bound launches would read them with the
+    forward's strides), nor one recorded under a hook on the plain tensors: steps alternating
+    between them equal the per-unit path (wrappers only)."""
+    use_backend_or_skip(backend, monkeypatch, torch.empty(0))
+
+    def misaligned_copy(t):
+        return aligned_or_not(t.contiguous(), aligned=False) if t.dim() == 4 else t
+    hooks = {"none": contextlib.nullcontext,
+             "save_on_cpu": lambda: torch.autograd.graph.save_on_cpu(pin_memory=True),
+             "misaligned": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, misaligned_copy)}
+    for config in (BLOCKS[0], BLOCKS[3]):
+        block_autograd.PLANS.programs.clear()
+        ours = make_block(*config).to(memory_format=torch.channels_last)
+        reference = copy.deepcopy(ours)
+        for i, hook in enumerate(["none", "save_on_cpu", "misaligned", "save_on_cpu", "none"]):
+            x = (torch.randn(3, config[1], 7, 7) * 2 + 0.5).contiguous(memory_format=torch.channels_last)
+            with fp.use_backend(backend), hooks[hook]():
+                result, expected = step(ours, x), step(reference, x, per_unit=True)
+            assert_as_per_unit(result, expected, ours, f"{config} step {i}, saved tensors hook {hook}")
+        (program,) = block_autograd.PLANS.programs.values()
+        assert len(program.requests) == 3  # one recorded backward per layout of the saved tensors
