@@ -31,8 +31,6 @@ C7514_DGRAD = ("serialised: (C7514) Potential Performance Loss: wgmma.mma_async 
                "pipeline stage in the function 'bn_relu_conv_dgrad_kernel' in line 0")
 KNOWN = {
     ("3.9", 90, "bn_relu_conv_dgrad_kernel", C7514_DGRAD): "channels_last weights (3.6 does not serialise)",
-    ("3.9", 80, "bn_relu_conv_fwd_kernel", "spills"): "48 bytes at 255 registers (68 before 071b889)",
-    ("3.6", 80, "bn_relu_conv_fwd_kernel", "spills"): "48 bytes at 255 registers (68 before 071b889)",
 }
 
 

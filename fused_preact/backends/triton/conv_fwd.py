@@ -85,7 +85,7 @@ def bn_relu_conv_fwd_kernel(
             else:
                 mean, scale, beta = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, c_ok,
                                                    eps, HAS_GAMMA, HAS_BETA)
-            a = bn_relu_padded(a, mean, scale, beta, ok)
+            a = bn_relu_padded(a, mean, scale, beta, ok, DOT, PRECISION)
         # The weight in the conv dtype: under autocast a float32 parameter, cast here.
         b = tl.load(w_ptr + rc[:, None] * swc + rn[None, :] * swk + r * swr + s * sws,
                     mask=c_ok[:, None] & col_ok[None, :], other=0.0).to(DOT)

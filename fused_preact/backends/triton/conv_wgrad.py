@@ -65,7 +65,7 @@ def bn_relu_conv_wgrad_kernel(
         x_row = n * sxn + as_offset(h, INT64) * sxh + as_offset(w, INT64) * sxw
         a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
         if HAS_PROLOGUE:
-            a = bn_relu_padded(a, mean, scale, beta, ok)
+            a = bn_relu_padded(a, mean, scale, beta, ok, DOT, PRECISION)
         acc += tl.dot(dyt.to(DOT), a.to(DOT), input_precision=PRECISION)  # dy: float32 behind a shortcut
     out_ok = k_ok[:, None] & c_ok[None, :]
     if SPLIT == 1:
