@@ -165,7 +165,7 @@ def bn_relu_padded(a, mean, scale, beta, ok, DOT: tl.constexpr, PRECISION: tl.co
     element where (a - mean) * scale + beta is two (64 of the forward's 676 main-loop
     instructions at the headline, triton 3.6, sm_90). Its error, about |mean * scale| * 2^-24
     from the folded shift, stays far below the rounding of the activation to the dot's input
-    (2^-9 relative in bfloat16, 2^-11 in tf32) unless |mean| is thousands of times the
+    (2^-8 relative in bfloat16, 2^-11 in float16 and tf32) unless |mean| is thousands of times the
     standard deviation. An exact float32 dot keeps (a - mean) first, exact when |mean| >> std."""
     if DOT == tl.float32 and PRECISION == "ieee":
         v = (a - mean[None, :]) * scale[None, :] + beta[None, :]
