@@ -40,3 +40,9 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for name in ("cuda", "cuda-sm80"):
             errs = [f"{(a.float() - b.float()).abs().max().item():.1e}" for a, b in zip(results[name], results["reference"])]
             print(name, dtype, (c, k, kernel, stride), "max abs err y, y mean, y var, g, dw, dx, x mean, x var:", errs)
+
+# The statistics merge with more tiles than its threads per channel take in one batch
+# (bn_finalize_kernel: 32 groups x 4 tiles): 300 tiles of 64 rows, 40 channels (two blocks).
+x = torch.randn(3, 40, 80, 80, device="cuda").contiguous(memory_format=torch.channels_last) * 2 + 5
+got, want = (torch.stack(ops.batch_stats(x, None, None, None, 0.1, backend)) for backend in ("cuda", "reference"))
+print("cuda batch_stats over 300 tiles: max abs err mean, var:", (got - want).abs().amax(dim=1).tolist())
