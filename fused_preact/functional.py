@@ -44,10 +44,24 @@ def check_conv(conv: nn.Module, name: str) -> None:
         raise ValueError(f"fused_preact: {name}.dilation={tuple(conv.dilation)} is not supported (dilation=1 only)")
     if conv.bias is not None:
         raise ValueError(f"fused_preact: {name} has a bias; only bias=False convolutions are supported")
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    if conv.padding_mode != "zeros" or zero_padding(conv) is None:
         raise ValueError(
-            f"fused_preact: {name} padding={conv.padding!r}, padding_mode={conv.padding_mode!r} is not "
-            "supported (explicit integer zero padding only)")
+            f"fused_preact: {name} padding={conv.padding!r}, padding_mode={conv.padding_mode!r} with kernel "
+            f"{tuple(conv.kernel_size)} is not supported (zero padding, the same on both sides: integers, "
+            "'valid', or 'same' with odd kernel sizes)")
+
+
+def zero_padding(conv: nn.Conv2d) -> Optional[tuple[int, int]]:
+    """conv's zero padding per side as integers (height, width): 'valid' is none, 'same'
+    (stride 1, dilation 1 here) (k - 1) // 2. None where 'same' pads one side more than the
+    other (an even kernel size), which the kernels do not implement."""
+    if conv.padding == "valid":
+        return 0, 0
+    if conv.padding == "same":
+        if any(k % 2 == 0 for k in conv.kernel_size):
+            return None
+        return tuple((k - 1) // 2 for k in conv.kernel_size)
+    return tuple(conv.padding)
 
 
 def check_computes_as(module: nn.Module, base: type, name: str) -> None:
@@ -86,10 +100,11 @@ def check_shape(shape: tuple[int, ...], bn: Optional[nn.BatchNorm2d], conv: nn.C
         raise ValueError(f"fused_preact: {what} must be a 4-D NCHW tensor, got shape {shape}")
     if shape[1] != conv.in_channels or (bn is not None and shape[1] != bn.num_features):
         raise ValueError(f"fused_preact: {what} has {shape[1]} channels, the unit expects {conv.in_channels}")
-    out_hw = conv_output_hw(shape[2:], conv.kernel_size, conv.stride, conv.padding)
+    padding = zero_padding(conv)
+    out_hw = conv_output_hw(shape[2:], conv.kernel_size, conv.stride, padding)
     if min(out_hw) < 1:
         raise ValueError(f"fused_preact: {what} of size {shape[2:]} is too small for kernel "
-                         f"{tuple(conv.kernel_size)} with padding {tuple(conv.padding)}")
+                         f"{tuple(conv.kernel_size)} with padding {padding}")
     if bn is not None and needs_batch_stats(bn) and not bn.eps > 0:
         raise ValueError(f"fused_preact: batch_norm eps must be positive during training, but got {bn.eps}")
     if bn is not None:
@@ -224,7 +239,7 @@ def unit(x: Tensor, stats: Optional[BNStats], bn: Optional[nn.BatchNorm2d], conv
     # Under autocast the float32 parameter itself: the kernels cast its tiles (and write its
     # gradient in float32), so no cast kernel runs beside them.
     weight = conv.weight if conv.weight.dtype in (dtype, torch.float32) else conv.weight.to(dtype)
-    args = (x, mean, var, bn_weight, bn_bias, weight, fused_residual, list(conv.stride), list(conv.padding),
+    args = (x, mean, var, bn_weight, bn_bias, weight, fused_residual, list(conv.stride), list(zero_padding(conv)),
             float(eps), batch, want, *running, backend, sync_group, dtype)
     if tape is not None:
         (y, y_mean, y_var), carried = tape.run_unit(args), x if carry_input else None

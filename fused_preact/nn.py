@@ -310,7 +310,7 @@ class _PreActUnits(_SyncBNOption, nn.Module):
                 torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
                 dispatch.selection_state(self.backend or "auto"),
                 *((bn.num_features, bn.training, bn.eps, bn.momentum, bn.track_running_stats) for bn in bns),
-                *((tuple(conv.stride), tuple(conv.padding)) for conv in convs),
+                *((tuple(conv.stride), Fp.zero_padding(conv)) for conv in convs),
                 *(None if t is None else layout(t) for t in tensors))
 
     def project(self, x: Tensor, stats: Fp.BNStats, backend: str, tape: Optional[Tape]) -> Tensor:

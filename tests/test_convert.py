@@ -45,6 +45,33 @@ def test_convert_detects_raw_input_shortcut():
     assert_close(converted[0].bn1.running_mean, reference[0].bn1.running_mean, torch.float64, "running stats")
 
 
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("triton", torch.float32)])
+def test_convert_takes_same_and_valid_padding(backend, dtype):
+    """Convs written with padding='same' (odd kernels, stride 1) or 'valid' pad what the
+    integers 1 and 0 pad: swapped, and a training step (output, gradients, running
+    statistics) matches eager's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(PreActBlock(4, 8, 2), PreActBlock(8, 8, 1))
+    model[0].shortcut[0] = nn.Conv2d(4, 8, 1, stride=2, padding="valid", bias=False)
+    model[1].conv1 = nn.Conv2d(8, 8, 3, padding="same", bias=False)
+    model[1].conv2 = nn.Conv2d(8, 8, (3, 1), padding="same", bias=False)
+    randomize_bn(model)
+    model = model.to(dtype)
+    reference = copy.deepcopy(model)
+    converted, report = fp.convert(model, backend=backend, return_report=True)
+    assert len(report.swapped) == 2 and not report.left, report
+    x = torch.randn(3, 4, 9, 9, dtype=dtype)
+    weights = torch.randn(3, 8, 5, 5, dtype=dtype)
+    steps = []
+    for net in (converted, reference):
+        xi = x.clone().requires_grad_(True)
+        out = net(xi)
+        (out * weights).sum().backward()
+        steps.append([out, xi.grad, *(p.grad for p in net.parameters()), *net.buffers()])
+    for i, (got, want) in enumerate(zip(*steps)):
+        assert_close(got, want, dtype, f"tensor {i} of the step")
+
+
 def test_convert_leaves_blocks_that_compute_something_else(caplog):
     model = nn.Sequential(DropoutPreActBlock(4, 4), NoBN2PreActBlock(4, 4), PreActBlock(4, 4))
     with caplog.at_level(logging.WARNING, logger="fused_preact.convert"):

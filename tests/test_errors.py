@@ -21,6 +21,9 @@ def test_groups_and_dilation_rejected():
     conv = nn.Conv2d(4, 4, 3, padding=1, bias=False, padding_mode="reflect")
     with pytest.raises(ValueError, match="padding_mode='reflect'"):
         fp.FusedBNReLUConv2d.from_modules(bn, conv)
+    conv = nn.Conv2d(4, 4, (3, 2), padding="same", bias=False)  # pads one side of the width more
+    with pytest.raises(ValueError, match=r"padding='same', padding_mode='zeros' with kernel \(3, 2\)"):
+        fp.FusedBNReLUConv2d.from_modules(bn, conv)
 
 
 class WeightStandardizedConv2d(nn.Conv2d):
