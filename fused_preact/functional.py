@@ -52,9 +52,9 @@ def check_conv(conv: nn.Module, name: str) -> None:
 
 
 def zero_padding(conv: nn.Conv2d) -> Optional[tuple[int, int]]:
-    """conv's zero padding per side as integers (height, width): 'valid' is none, 'same'
-    (stride 1, dilation 1 here) (k - 1) // 2. None where 'same' pads one side more than the
-    other (an even kernel size), which the kernels do not implement."""
+    """conv's zero padding per side as integers (height, width): 'valid' is 0, 'same' (which
+    nn.Conv2d allows at stride 1 only; dilation is 1 here) is (k - 1) // 2. None where 'same'
+    pads one side more than the other (an even kernel size), which the kernels do not do."""
     if conv.padding == "valid":
         return 0, 0
     if conv.padding == "same":
