@@ -114,7 +114,11 @@ class OpEntry:
                 plain = plain and type(a) in PLAIN_TENSOR_TYPES
                 requires_grad = requires_grad or a.requires_grad
         registered = intercepted() or not plain
-        if requires_grad and torch.is_grad_enabled() and self.function is not None:
+        # torch.jit.trace records a custom Function as an opaque Python call, which
+        # torch.jit.save cannot write, and its check re-traces under no_grad, where no Function
+        # runs: so a trace records the registered op whatever the grad mode (no backward
+        # through the traced graph: PyTorch then says the op has no autograd formula).
+        if requires_grad and torch.is_grad_enabled() and self.function is not None and not torch.jit.is_tracing():
             return self.function.apply(*positional, registered, carry_input)
         # An op without a formula goes through the registered op, which raises PyTorch's
         # own "no autograd formula" error (double backward, say).

@@ -74,6 +74,18 @@ def block_tensors(bns, convs, units: int) -> Optional[BlockTensors]:
 MISSING = object()  # block_tensors: a name that is no registered parameter or buffer
 
 
+class _NotScriptable:
+    """torch.jit.script calls __prepare_scriptable__ on every module of a model before it
+    compiles any: a fused module, whose forward chooses and launches kernels in Python,
+    says there what to use instead of failing inside TorchScript's compiler."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"fused_preact: torch.jit.script cannot compile {type(self).__name__} (its forward chooses and "
+            "launches fused kernels in Python); use torch.compile, torch.export or torch.jit.trace, which run "
+            "it, or script the eager model before fp.convert")
+
+
 class _SyncBNOption:
     """`sync_bn` / `process_group`: synchronise training statistics across ranks like
     nn.SyncBatchNorm (only while a multi-process group is initialised)."""
@@ -125,7 +137,7 @@ class _SyncBNOption:
                           f"while {reason} (a fused module does not call its submodules)", stacklevel=2)
 
 
-class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
+class FusedBNReLUConv2d(_NotScriptable, _SyncBNOption, nn.Module):
     """y = conv(relu(bn(x))) [+ residual] as one fused unit.
 
     Submodules `bn` (nn.BatchNorm2d) and `conv` (nn.Conv2d, bias=False, groups=1,
@@ -189,7 +201,7 @@ class FusedBNReLUConv2d(_SyncBNOption, nn.Module):
         return as_fused_output(y if residual is None else y + residual)
 
 
-class _PreActUnits(_SyncBNOption, nn.Module):
+class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
     """Shared forward of pre-activation blocks: a chain of (bn, conv) units + shortcut.
 
     x_{l+1} = x_l + F(x_l); the projection shortcut (if any) reads relu(bn1(x))

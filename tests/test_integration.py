@@ -130,6 +130,34 @@ def test_checkpoint_pickle_deepcopy_round_trips():
     assert torch.equal(fresh(x), expected)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks, constant for a trace
+def test_jit_trace_records_the_registered_ops_and_saves(tmp_path):
+    """torch.jit.trace of a converted model in eval mode, grad mode on (parameters require
+    grad, as a deployment script traces): its own check passes (it re-traces under no_grad),
+    the graph holds the registered ops and no Python call, and it saves, loads and runs
+    another batch size as eager does. A backward through it says the op has no formula."""
+    ours, eager = small_pair(torch.float64)
+    ours.eval(), eager.eval()
+    traced = torch.jit.trace(ours, torch.randn(2, 3, 9, 9, dtype=torch.float64))
+    graph = str(traced.inlined_graph)
+    units = 3 + 2 + 4  # projection block, identity block, projection bottleneck (small_pair)
+    assert graph.count("fused_preact::bn_relu_conv") == units and "PythonOp" not in graph
+    torch.jit.save(traced, tmp_path / "traced.pt")
+    loaded = torch.jit.load(tmp_path / "traced.pt")
+    x = torch.randn(5, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    assert_close(loaded(x), eager(x), torch.float64, "traced, saved and loaded")
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        loaded(x).sum().backward()
+
+
+def test_jit_script_says_what_to_use_instead():
+    ours, _ = small_pair()
+    for module in (ours, fp.FusedBNReLUConv2d(4, 4)):
+        with pytest.raises(RuntimeError, match="torch.jit.script cannot compile .* use torch.compile, torch.export "
+                                               "or torch.jit.trace"):
+            torch.jit.script(module)
+
+
 def test_to_dtype_and_channels_last():
     ours, eager = small_pair()
     ours.to(torch.float64).to(memory_format=torch.channels_last)
