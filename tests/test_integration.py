@@ -150,6 +150,22 @@ def test_jit_trace_records_the_registered_ops_and_saves(tmp_path):
         loaded(x).sum().backward()
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_export_records_the_registered_ops(training):
+    """torch.export (the deployment path after TorchScript): the exported program holds the
+    registered ops and computes what eager does, running statistics included."""
+    ours, eager = small_pair(torch.float64)
+    ours.train(training), eager.train(training)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    exported = torch.export.export(ours, (x,))
+    assert str(exported.graph).count("fused_preact.bn_relu_conv") == 3 + 2 + 4  # as in small_pair
+    assert_close(exported.module()(x), eager(x), torch.float64, "exported program")
+    if training:  # the exported module updates the running statistics it holds, as eager does
+        buffers = dict(exported.module().named_buffers())
+        for name, value in eager.named_buffers():
+            assert_close(buffers[name], value, torch.float64, name)
+
+
 def test_jit_script_says_what_to_use_instead():
     ours, _ = small_pair()
     for module in (ours, fp.FusedBNReLUConv2d(4, 4)):
