@@ -106,6 +106,18 @@ def as_offset(v, INT64: tl.constexpr):
     return v
 
 
+@triton.jit
+def lanes_below(lanes, n, EVEN: tl.constexpr):
+    """lanes < n for a tile's channel indices. EVEN (the launcher knows n is a multiple of the
+    tile width): a constant true mask, which the compiler folds away with the selects and
+    predicates it guarded."""
+    if EVEN:
+        ok = tl.full(lanes.shape, 1, tl.int1)
+    else:
+        ok = lanes < n
+    return ok
+
+
 # Host-side grid arithmetic in plain Python: triton.next_power_of_2 is a constexpr function
 # in recent triton, whose calls from host code cost microseconds each.
 def next_pow2(n: int) -> int:

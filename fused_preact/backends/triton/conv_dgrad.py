@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv
-from .common import (as_offset, bn_scale_shift, dot_dtype, dot_precision, inv_std, kernel_weight, needs_int64,
-                     nhwc_strides, pow2_block, relu_passes, rows_per_tile, within)
+from .common import (as_offset, bn_scale_shift, dot_dtype, dot_precision, inv_std, kernel_weight, lanes_below,
+                     needs_int64, nhwc_strides, pow2_block, relu_passes, rows_per_tile, within)
 from .launch import autotune_warps, derived
 from .merge import block_counters, merge_block, merge_buffers, merge_group, sum_if_last
 
@@ -42,7 +42,8 @@ def bn_relu_conv_dgrad_kernel(
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_OTHER: tl.constexpr,
     INT64: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_K_BLOCK: tl.constexpr, BT: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_C: tl.constexpr,  # K, C multiples of BK, BN: no channel masks
 ):
     pid = tl.program_id(0)
     phase = pid // tiles_per_phase
@@ -63,7 +64,7 @@ def bn_relu_conv_dgrad_kernel(
     h = ph + STRIDE_H * ((rm % area) // wp_div)
     w = pw + STRIDE_W * (rm % wp_div)
     rc = tl.program_id(1) * BN + tl.arange(0, BN)
-    c_ok = rc < C
+    c_ok = lanes_below(rc, C, EVEN_C)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # The taps of this phase: r = r0 + STRIDE_H * i, s = s0 + STRIDE_W * j. One flat loop
@@ -72,7 +73,7 @@ def bn_relu_conv_dgrad_kernel(
     s0 = (pw + PAD_W) % STRIDE_W
     taps_w = (S - s0 + STRIDE_W - 1) // STRIDE_W
     taps = ((R - r0 + STRIDE_H - 1) // STRIDE_H) * taps_w
-    k_blocks = tl.cdiv(K, BK)
+    k_blocks = 1 if ONE_K_BLOCK else tl.cdiv(K, BK)  # a constant 1: no division per iteration
     for t in range(0, taps * k_blocks):
         tap = t // k_blocks
         # A filter dimension of size 1: the constant tap 0, as in the forward (the weight
@@ -84,7 +85,7 @@ def bn_relu_conv_dgrad_kernel(
         q = (w + PAD_W - s) // STRIDE_W
         pix_ok = row_ok & within(p, P) & within(q, Q)  # a negative p: h + PAD_H - r < 0
         dy_row = n * sdn + as_offset(p, INT64) * sdh + as_offset(q, INT64) * sdw
-        k_ok = rk < K
+        k_ok = lanes_below(rk, K, EVEN_K)
         a = tl.load(dy_ptr + dy_row[:, None] + rk[None, :] * sdc,
                     mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + rk[:, None] * swk + rc[None, :] * swc + r * swr + s * sws,
@@ -174,6 +175,7 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
         HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
         HAS_BETA=has_prologue and bn_bias is not None, HAS_OTHER=g_other is not None,
         INT64=needs_int64(dy, x, g, *(() if g_other is None else (g_other,))), DOT=dot_dtype(conv_dtype),
-        PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BK=bk, BT=bt,
+        PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BK=bk, ONE_K_BLOCK=k <= bk, EVEN_K=k % bk == 0,
+        EVEN_C=c % bn == 0, BT=bt,
     )
     return g, sums

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv, conv_output_hw, stats_dtype
-from .common import (as_offset, bn_relu_padded, bn_scale_shift, dot_dtype, dot_precision, kernel_weight, needs_int64,
-                     nhwc_strides, pixel_coords, pow2_block, rows_per_tile, stats_tiles, within,
+from .common import (as_offset, bn_relu_padded, bn_scale_shift, dot_dtype, dot_precision, kernel_weight, lanes_below,
+                     needs_int64, nhwc_strides, pixel_coords, pow2_block, rows_per_tile, stats_tiles, within,
                      write_tile_stats)
 from .launch import autotune_warps, derived
 from .merge import block_counters, merge_block, merge_group, merge_buffers, merge_if_last
@@ -44,20 +44,21 @@ def bn_relu_conv_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr, WANT_STATS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr, INT64: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_C_BLOCK: tl.constexpr, BT: tl.constexpr,
+    EVEN_C: tl.constexpr, EVEN_K: tl.constexpr,  # C, K multiples of BK, BN: no channel masks
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     row_ok = rm < M
-    col_ok = rn < K
+    col_ok = lanes_below(rn, K, EVEN_K)
     n, p, q = pixel_coords(rm, P * Q, Q)
     n = as_offset(n, INT64)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # One flat loop over (tap, channel block): the software pipeliner prefetches the next
     # iteration's loads only across the iterations of a single innermost loop.
-    c_blocks = tl.cdiv(C, BK)
+    c_blocks = 1 if ONE_C_BLOCK else tl.cdiv(C, BK)  # a constant 1: no division per iteration
     if HAS_PROLOGUE and ONE_C_BLOCK:
         # All input channels in one block: the BN scale/shift are the same for every tap, so
         # computed once here, not (with their 1/sqrt) in each iteration of the main loop.
@@ -76,7 +77,7 @@ def bn_relu_conv_fwd_kernel(
         w = q * stride_w - pad_w + s
         pix_ok = row_ok & within(h, H) & within(w, W)
         x_row = n * sxn + as_offset(h, INT64) * sxh + as_offset(w, INT64) * sxw
-        c_ok = rc < C
+        c_ok = lanes_below(rc, C, EVEN_C)
         ok = pix_ok[:, None] & c_ok[None, :]
         a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
         if HAS_PROLOGUE:
@@ -174,6 +175,6 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
         HAS_GAMMA=has_prologue and bn_weight is not None, HAS_BETA=has_prologue and bn_bias is not None,
         HAS_RESIDUAL=residual is not None, WANT_STATS=want_stats, DOT=dot_dtype(conv_dtype),
         PRECISION=dot_precision(conv_dtype),
-        BM=bm, BN=bn, BK=bk, ONE_C_BLOCK=c <= bk, BT=bt,
+        BM=bm, BN=bn, BK=bk, ONE_C_BLOCK=c <= bk, EVEN_C=c % bk == 0, EVEN_K=k % bn == 0, BT=bt,
     )
     return y, y_mean, y_var

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from ..base import cdiv, weight_memory_format, wgrad_splits
-from .common import (as_offset, bn_relu_padded, bn_scale_shift, dot_dtype, dot_precision, interpreter_on, needs_int64,
-                     nhwc_strides, pixel_coords, pow2_block, within)
+from .common import (as_offset, bn_relu_padded, bn_scale_shift, dot_dtype, dot_precision, interpreter_on, lanes_below,
+                     needs_int64, nhwc_strides, pixel_coords, pow2_block, within)
 from .launch import autotune_warps
 from .merge import block_counters, group_ticket, last_ticket, merge_buffers, merge_group, reset_ticket
 
@@ -36,6 +36,7 @@ def bn_relu_conv_wgrad_kernel(
     R: tl.constexpr, S: tl.constexpr, SPLIT: tl.constexpr, G: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, INT64: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_C: tl.constexpr,  # K, C multiples of BM, BN: no channel masks
 ):
     rk = tl.program_id(0) * BM + tl.arange(0, BM)
     rc = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -44,8 +45,8 @@ def bn_relu_conv_wgrad_kernel(
     split = tap_split // (R * S)
     r = tap // S
     s = tap % S
-    k_ok = rk < K
-    c_ok = rc < C
+    k_ok = lanes_below(rk, K, EVEN_K)
+    c_ok = lanes_below(rc, C, EVEN_C)
     if HAS_PROLOGUE:
         mean, scale, beta = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, c_ok, eps,
                                            HAS_GAMMA, HAS_BETA)
@@ -189,6 +190,6 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
         rows, h, w, c, p, q, k, rows_per_split, stride[0], stride[1], padding[0], padding[1],
         R=r, S=s, SPLIT=split, G=group, HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
         HAS_BETA=has_prologue and bn_bias is not None, INT64=needs_int64(dy, x), DOT=dot_dtype(conv_dtype),
-        PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BL=ROWS_PER_STEP,
+        PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BL=ROWS_PER_STEP, EVEN_K=k % bm == 0, EVEN_C=c % bn == 0,
     )
     return dw
