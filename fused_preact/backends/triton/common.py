@@ -110,9 +110,9 @@ def as_offset(v, INT64: tl.constexpr):
 def lanes_below(lanes, n, EVEN: tl.constexpr):
     """lanes < n for a tile's channel indices. EVEN (the launcher knows n is a multiple of the
     tile width): a constant true mask, which the compiler folds away with the selects and
-    predicates it guarded. With the channel-block count a constant 1 where one block holds the
-    channels, main-loop instructions at the headline went 612 -> 550 (forward), 270 -> 195
-    (dgrad), 411 -> 396 (wgrad), triton 3.6, sm_90 (results/2026-12-07-cpu-sass-cb6127b)."""
+    predicates it guarded. With a constant channel-block count beside it, main-loop
+    instructions at the headline went 612 -> 550 (forward), 270 -> 195 (dgrad), 411 -> 396
+    (wgrad), triton 3.6, sm_90 (results/2026-12-07-cpu-sass-cb6127b)."""
     if EVEN:
         ok = tl.full(lanes.shape, 1, tl.int1)
     else:

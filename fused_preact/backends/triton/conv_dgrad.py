@@ -42,7 +42,7 @@ def bn_relu_conv_dgrad_kernel(
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_OTHER: tl.constexpr,
     INT64: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_K_BLOCK: tl.constexpr, BT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, K_BLOCKS: tl.constexpr, BT: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_C: tl.constexpr,  # K, C multiples of BK, BN: no channel masks
 ):
     pid = tl.program_id(0)
@@ -68,19 +68,19 @@ def bn_relu_conv_dgrad_kernel(
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # The taps of this phase: r = r0 + STRIDE_H * i, s = s0 + STRIDE_W * j. One flat loop
-    # over (tap, K block), so the software pipeliner prefetches across all of them.
+    # over (tap, K block), so the software pipeliner prefetches across all of them; K_BLOCKS
+    # a constant, as the forward's C_BLOCKS.
     r0 = (ph + PAD_H) % STRIDE_H
     s0 = (pw + PAD_W) % STRIDE_W
     taps_w = (S - s0 + STRIDE_W - 1) // STRIDE_W
     taps = ((R - r0 + STRIDE_H - 1) // STRIDE_H) * taps_w
-    k_blocks = 1 if ONE_K_BLOCK else tl.cdiv(K, BK)  # a constant 1: no division per iteration
-    for t in range(0, taps * k_blocks):
-        tap = t // k_blocks
+    for t in range(0, taps * K_BLOCKS):
+        tap = t // K_BLOCKS
         # A filter dimension of size 1: the constant tap 0, as in the forward (the weight
         # tile's address provably aligned; a phase whose r0 or s0 is not 0 has no taps).
         r = r0 + STRIDE_H * (tap // taps_w) if R > 1 else 0
         s = s0 + STRIDE_W * (tap % taps_w) if S > 1 else 0
-        rk = (t % k_blocks) * BK + tl.arange(0, BK)
+        rk = (t % K_BLOCKS) * BK + tl.arange(0, BK)
         p = (h + PAD_H - r) // STRIDE_H  # exact: h + PAD_H - r is a multiple of STRIDE_H
         q = (w + PAD_W - s) // STRIDE_W
         pix_ok = row_ok & within(p, P) & within(q, Q)  # a negative p: h + PAD_H - r < 0
@@ -175,7 +175,7 @@ def bn_relu_conv_dgrad(dy, weight, x, mean, var, bn_weight, bn_bias, stride, pad
         HAS_PROLOGUE=has_prologue, HAS_GAMMA=has_prologue and bn_weight is not None,
         HAS_BETA=has_prologue and bn_bias is not None, HAS_OTHER=g_other is not None,
         INT64=needs_int64(dy, x, g, *(() if g_other is None else (g_other,))), DOT=dot_dtype(conv_dtype),
-        PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BK=bk, ONE_K_BLOCK=k <= bk, EVEN_K=k % bk == 0,
+        PRECISION=dot_precision(conv_dtype), BM=bm, BN=bn, BK=bk, K_BLOCKS=cdiv(k, bk), EVEN_K=k % bk == 0,
         EVEN_C=c % bn == 0, BT=bt,
     )
     return g, sums

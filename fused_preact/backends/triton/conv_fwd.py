@@ -43,7 +43,7 @@ def bn_relu_conv_fwd_kernel(
     HAS_PROLOGUE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, WANT_STATS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr, INT64: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_C_BLOCK: tl.constexpr, BT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, C_BLOCKS: tl.constexpr, BT: tl.constexpr,
     EVEN_C: tl.constexpr, EVEN_K: tl.constexpr,  # C, K multiples of BK, BN: no channel masks
 ):
     pid_m = tl.program_id(0)
@@ -57,22 +57,24 @@ def bn_relu_conv_fwd_kernel(
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # One flat loop over (tap, channel block): the software pipeliner prefetches the next
-    # iteration's loads only across the iterations of a single innermost loop.
-    c_blocks = 1 if ONE_C_BLOCK else tl.cdiv(C, BK)  # a constant 1: no division per iteration
-    if HAS_PROLOGUE and ONE_C_BLOCK:
+    # iteration's loads only across the iterations of a single innermost loop. C_BLOCKS is a
+    # constant (one compile per channel-block count): with the count a run-time value, each
+    # iteration divided by it and ptxas serialised the wgmma of forwards with more than one
+    # channel block (advisory C7515, triton 3.6, sm_90).
+    if HAS_PROLOGUE and C_BLOCKS == 1:
         # All input channels in one block: the BN scale/shift are the same for every tap, so
         # computed once here, not (with their 1/sqrt) in each iteration of the main loop.
         rc_all = tl.arange(0, BK)
         mean_all, scale_all, beta_all = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc_all, rc_all < C,
                                                        eps, HAS_GAMMA, HAS_BETA)
-    for t in range(0, R * S * c_blocks):
-        tap = t // c_blocks
+    for t in range(0, R * S * C_BLOCKS):
+        tap = t // C_BLOCKS
         # A filter dimension of size 1 has the one tap 0: as a constant, the weight tile's
         # address is provably 16-byte aligned whatever stride the dimension has (PyTorch's
         # default [K, C, 1, 1] layout gives r and s stride 1), so the tile loads as vectors.
         r = tap // S if R > 1 else 0
         s = tap % S if S > 1 else 0
-        rc = (t % c_blocks) * BK + tl.arange(0, BK)
+        rc = (t % C_BLOCKS) * BK + tl.arange(0, BK)
         h = p * stride_h - pad_h + r
         w = q * stride_w - pad_w + s
         pix_ok = row_ok & within(h, H) & within(w, W)
@@ -81,7 +83,7 @@ def bn_relu_conv_fwd_kernel(
         ok = pix_ok[:, None] & c_ok[None, :]
         a = tl.load(x_ptr + x_row[:, None] + rc[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
         if HAS_PROLOGUE:
-            if ONE_C_BLOCK:
+            if C_BLOCKS == 1:
                 mean, scale, beta = mean_all, scale_all, beta_all
             else:
                 mean, scale, beta = bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, rc, c_ok,
@@ -175,6 +177,6 @@ def bn_relu_conv(x, mean, var, bn_weight, bn_bias, weight, residual, stride, pad
         HAS_GAMMA=has_prologue and bn_weight is not None, HAS_BETA=has_prologue and bn_bias is not None,
         HAS_RESIDUAL=residual is not None, WANT_STATS=want_stats, DOT=dot_dtype(conv_dtype),
         PRECISION=dot_precision(conv_dtype),
-        BM=bm, BN=bn, BK=bk, ONE_C_BLOCK=c <= bk, EVEN_C=c % bk == 0, EVEN_K=k % bn == 0, BT=bt,
+        BM=bm, BN=bn, BK=bk, C_BLOCKS=cdiv(c, bk), EVEN_C=c % bk == 0, EVEN_K=k % bn == 0, BT=bt,
     )
     return y, y_mean, y_var
