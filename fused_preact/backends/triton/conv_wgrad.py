@@ -219,7 +219,7 @@ def wgrad_grid(n: int, k: int, c: int, h: int, w: int, p: int, q: int, r: int, s
     tap_groups = r * s // taps
     bm, bn = pow2_block(k), pow2_block(c)
     weight_tiles = cdiv(k, bm) * cdiv(c, bn)
-    split = split_count(rows, weight_tiles * tap_groups)
+    split = split_count(rows, weight_tiles * r * s)  # as with one tap per program: the partials keep their size
     rows_per_split = cdiv(cdiv(rows, split), ROWS_PER_STEP) * ROWS_PER_STEP
     split = cdiv(rows, rows_per_split)
     group = merge_group(split, 1)
