@@ -201,20 +201,23 @@ class WgradGrid(NamedTuple):
     partial_numel: int  # elements of its partial sums, [split + groups, R * S, K, C]
 
 
-def taps_per_program(s: int, stride: tuple[int, int]) -> int:
-    """Filter taps a program owns. Stride 1 and 2 or 3 filter columns: the S taps of a filter
-    row, each with its own accumulator; the program walks the input pixels and builds their
-    relu(bn(x)) once for the row instead of once per tap (in the main loop 527 instructions
-    for 3 taps where one tap took 396, triton 3.6, sm_90, at the headline). Else one tap,
-    over the output pixels: with a stride, an input pixel meets only some of the taps."""
-    return s if stride == (1, 1) and 1 < s <= 3 else 1
+def taps_per_program(s: int, stride: tuple[int, int], narrow: bool) -> int:
+    """Filter taps a program owns. Stride 1, 2 or 3 filter columns, 16-bit dy and x: the S taps
+    of a filter row, each with its own accumulator; the program walks the input pixels and
+    builds their relu(bn(x)) once for the row instead of once per tap (in the main loop 527
+    instructions for 3 taps where one tap took 396, triton 3.6, sm_90, at the headline).
+    Else one tap, over the output pixels: with a stride, an input pixel meets only some of
+    the taps; with a float32 dy or x, the row's pipelined tiles need 112-192 KB of shared
+    memory (sm_86 and sm_89 GPUs have 99 KB; 16-bit ones 96 KB)."""
+    return s if stride == (1, 1) and 1 < s <= 3 and narrow else 1
 
 
 @functools.lru_cache(maxsize=4096)
 def wgrad_grid(n: int, k: int, c: int, h: int, w: int, p: int, q: int, r: int, s: int,
-               stride: tuple[int, int]) -> WgradGrid:
-    """Tiles and split-K of a weight-gradient launch, computed once per layer shape."""
-    taps = taps_per_program(s, stride)
+               stride: tuple[int, int], narrow: bool) -> WgradGrid:
+    """Tiles and split-K of a weight-gradient launch (narrow: dy and x in 16 bits), computed
+    once per layer shape."""
+    taps = taps_per_program(s, stride, narrow)
     rows = n * h * w if taps > 1 else n * p * q
     tap_groups = r * s // taps
     bm, bn = pow2_block(k), pow2_block(c)
@@ -233,7 +236,8 @@ def bn_relu_conv_wgrad(dy, x, mean, var, bn_weight, bn_bias, weight_shape, strid
     n, c, h, w = x.shape
     k, _, r, s = weight_shape
     _, _, p, q = dy.shape
-    grid = wgrad_grid(n, k, c, h, w, p, q, r, s, tuple(stride))
+    grid = wgrad_grid(n, k, c, h, w, p, q, r, s, tuple(stride),
+                      dy.element_size() == x.element_size() == 2)
     rows, taps, tap_groups, bm, bn, split, rows_per_split, group = grid[:8]
     dw = torch.empty((k, c, r, s), device=x.device, dtype=weight_dtype,
                      memory_format=weight_memory_format(weight_channels_last))
