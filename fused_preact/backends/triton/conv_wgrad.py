@@ -2,12 +2,13 @@
 
 GEMM per filter tap (r, s): [K out channels] x [C in channels], reduced over the N*P*Q
 output pixels. The prologue rebuilds relu(bn(x)) from the saved pre-BN x (zero at
-padding, after the activation), so no activation is stored. With stride 1 a program owns
-the 2 or 3 taps of a filter row and reduces over the input pixels instead: each pixel's
-relu(bn(x)) is rebuilt once for the row, and the taps read dy at shifted columns. The reduction is split
-over SPLIT programs so layers with few pixels per channel still fill the GPU; the last of
-them to finish a weight tile sums the fp32 partials in split order and writes the gradient
-in its dtype (merge.py: deterministic, no second launch, no atomics on floats).
+padding, after the activation), so no activation is stored. With stride 1 (and 16-bit
+tiles) a program owns the 2 or 3 taps of a filter row and reduces over the input pixels
+instead: each pixel's relu(bn(x)) is rebuilt once for the row, and the taps read dy at
+shifted columns. The reduction is split over SPLIT programs so layers with few pixels per
+channel still fill the GPU; the last of them to finish a weight tile sums the fp32
+partials in split order and writes the gradient in its dtype (merge.py: deterministic, no
+second launch, no atomics on floats).
 """
 from __future__ import annotations
 
