@@ -1,4 +1,5 @@
 import os
+import random
 import sys
 
 import torch
@@ -56,3 +57,36 @@ def poisoned(monkeypatch):
             for name, allocate in allocators.items():
                 monkeypatch.setattr(torch, name, allocate)
     return Poison()
+
+
+@pytest.fixture
+def program_order(monkeypatch):
+    """`program_order(order, seed=0)`: the Triton launches after it run their programs in
+    another order, "reversed" or "shuffled" (seeded, a new order per launch). The interpreter
+    runs a launch's programs one after another in program-id order, so the last program always
+    draws the last merge ticket there; a GPU runs them concurrently and finishes them in any
+    order, different run after run. On a GPU this changes nothing: the hardware picks the order."""
+    def reorder(order: str, seed: int = 0) -> None:
+        assert order in ("reversed", "shuffled"), order
+        if torch.cuda.is_available():
+            return
+        from triton.runtime import interpreter  # the interpreter's grid loop calls these two per program
+        builder = interpreter.InterpreterBuilder
+        set_grid_dim, set_grid_idx = builder.set_grid_dim, builder.set_grid_idx
+        rng = random.Random(seed)
+
+        def set_grid_dim_and_order(self, nx, ny, nz):
+            set_grid_dim(self, nx, ny, nz)
+            self.program_order = list(range(nx * ny * nz))
+            if order == "reversed":
+                self.program_order.reverse()
+            else:
+                rng.shuffle(self.program_order)
+
+        def set_grid_idx_in_order(self, x, y, z):
+            _, ny, nz = self.grid_dim
+            program = self.program_order[(x * ny + y) * nz + z]
+            set_grid_idx(self, program // (ny * nz), program // nz % ny, program % nz)
+        monkeypatch.setattr(builder, "set_grid_dim", set_grid_dim_and_order)
+        monkeypatch.setattr(builder, "set_grid_idx", set_grid_idx_in_order)
+    return reorder

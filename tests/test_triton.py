@@ -183,20 +183,43 @@ def test_prologue_with_large_mean_within_the_earned_tolerance(dtype, floor):
         assert ours <= 2 * theirs + floor, f"{name}: relative L2 error {ours:.1e}, reference {theirs:.1e}"
 
 
-def test_determinism_bitwise():
-    x, mean, var, gamma, beta, w, res = unit_inputs(24, 16, 3, 2, 1, 9, 3, torch.float32)
-    args = (x, mean, var, gamma, beta, w, res, [2, 2], [1, 1], 1e-5, True, True, None, None, None, None, "triton")
-    y1, mean1, var1 = ops.bn_relu_conv(*args)
-    y2, mean2, var2 = ops.bn_relu_conv(*args)
-    assert torch.equal(y1, y2) and torch.equal(mean1, mean2) and torch.equal(var1, var2)
-    dy = torch.randn_like(y1)
+def every_merge(x, mean, var, gamma, beta, w, residual, dy, x16, dy16, running):
+    """Each op whose last programs merge partials, in two levels, with its counted state: the
+    forward's statistics with the running ones (momentum=None: the batch counted across channel
+    blocks), the statistics pass, dgrad's BN sums, the split weight gradient with one tap per
+    program (float32) and with a filter row's taps (float16). `running`: the initial (mean,
+    var, count) of the BatchNorms reading y and x, updated in copies."""
+    y_running, x_running = ([t.clone() for t in state] for state in running)
+    conf = ([1, 1], [1, 1], 1e-5)
+    y, y_mean, y_var = ops.bn_relu_conv(x, mean, var, gamma, beta, w, residual, *conf, True, True, *y_running, None,
+                                        "triton")
+    x_mean, x_var = ops.batch_stats(x, *x_running, None, "triton")
+    g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, "triton")
+    dw = ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), *conf, "triton")
+    dw16 = ops.bn_relu_conv_wgrad(dy16, x16, mean, var, gamma, beta, list(w.shape), *conf, "triton", torch.float32,
+                                  torch.float16)
+    return dict(y=y, y_mean=y_mean, y_var=y_var, x_mean=x_mean, x_var=x_var, g=g, sums=sums, dw=dw, dw16=dw16,
+                **{f"y_running{i}": t for i, t in enumerate(y_running)},
+                **{f"x_running{i}": t for i, t in enumerate(x_running)})
 
-    def backward():
-        g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, [2, 2], [1, 1], 1e-5, "triton")
-        dw = ops.bn_relu_conv_wgrad(dy, x, mean, var, gamma, beta, list(w.shape), [2, 2], [1, 1], 1e-5, "triton")
-        return g, sums, dw
-    for first, second in zip(backward(), backward()):
-        assert torch.equal(first, second)
+
+def test_results_bitwise_equal_whatever_order_the_programs_finish_in(program_order):
+    """Deterministic merges: whichever program draws a block's last ticket reduces the partials
+    in the same fixed order, so every result is bitwise equal run after run, here with the
+    programs in id order, reversed and in two shuffled orders (on a GPU: four runs, in the
+    order the GPU finishes them). 136 channels: two channel blocks (128 + 8); 192 pixels: 3 row
+    tiles (the interpreter's groups of 2: a partial last group); two weight-gradient splits."""
+    x, mean, var, gamma, beta, w, residual = unit_inputs(136, 136, 3, 1, 1, 8, 3, torch.float32)
+    dy = torch.randn_like(residual)
+    running = [(torch.randn(channels, device=DEVICE), torch.rand(channels, device=DEVICE) + 0.5,
+                torch.tensor(3, device=DEVICE)) for channels in (w.shape[0], w.shape[1])]
+    tensors = (x, mean, var, gamma, beta, w, residual, dy, x.half(), dy.half(), running)
+    first = every_merge(*tensors)
+    for order, seed in (("reversed", 0), ("shuffled", 0), ("shuffled", 1)):
+        program_order(order, seed)
+        again = every_merge(*tensors)
+        different = [name for name, t in first.items() if not torch.equal(t, again[name])]
+        assert not different, f"programs {order} (seed {seed}): {different} differ from the first run"
 
 
 # ------------------------------------------------------------------ whole blocks on triton
