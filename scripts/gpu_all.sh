@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in two calls of a 10-minute limit on an H100 (STEPS="tests",
-# then the rest; the 2026-11-24 runs: build 60 s, tests 380 s with 15 workers, sanitizer 30 s,
-# profile 30 s, headline + tiny-overhead blocks in bf16 65 s, benchmarks.kernels 60 s; on
-# 2026-11-22 the PreActResNet-18 step 77 s and ResNet-164 164 s more):
+# Everything that needs a GPU (the 2026-11-24 H100 runs: build 60 s, the whole test suite 380 s with
+# 15 workers, conformance + test_gpu alone 122 s, sanitizer 30 s, profile 30 s, headline +
+# tiny-overhead blocks in bf16 65 s, benchmarks.kernels 60 s; on 2026-11-22 the PreActResNet-18
+# step 77 s and ResNet-164 164 s more). A session has 15 minutes of device time in all, a machine's
+# start included, and 10 minutes per call: the most that fits one call of about 8 minutes, with the
+# nvidia-cutlass wheel carried in .whl (see the build step) and timeout_s 600:
+#   PACK=$OUT/gpu_all.tar.gz STEPS="tests kernels profile bench" TESTS_TIMEOUT_S=200 \
+#   TESTS="tests/test_triton.py tests/test_conformance.py tests/test_gpu.py" \
+#   BENCH_CASES=r18-s1-id,tiny-overhead BENCH_DTYPES=bf16 bash scripts/gpu_all.sh /tmp/gpu_all
 # build the extension in place, run the whole test suite on the GPU (the Triton tests
 # run compiled; tests/test_gpu.py checks the cuda backend too), compute-sanitizer on a
 # small run of each cuda kernel, then the benchmark suite and its report. No network needed.
@@ -18,13 +23,18 @@
 # KERNEL_ARGS: more of its options (e.g. --weights default --dtypes bf16). TESTS (default "tests"): test paths
 # for the tests step, TESTS_K a pytest -k expression to select within them; TESTS_TIMEOUT_S (420): their limit
 # (the whole suite took 380 s with 15 workers on an H100 machine at 5eeb180, 8 workers did not finish in 330 s).
+# PACK (optional): a .tar.gz that holds everything OUT_FOLDER has so far, rewritten before each step and at
+# the end. A device call brings back at most 8 files from $OUT, and this script writes more (logs, results
+# of several steps), so give it a folder outside $OUT and PACK=$OUT/gpu_all.tar.gz: a call stopped by its
+# time limit still brings back every step it finished.
 set -uo pipefail
 out=${1:?usage: gpu_all.sh OUT_FOLDER}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 steps=" ${STEPS:-tests sanitizer profile kernels bench} "
 start=$SECONDS
-step() { echo "== [$((SECONDS - start)) s] $*"; }
+pack() { if [[ -n ${PACK:-} ]]; then tar -czf "$PACK.part" -C "$out" . && mv "$PACK.part" "$PACK"; fi; }
+step() { pack; echo "== [$((SECONDS - start)) s] $*"; }
 wanted() { [[ $steps == *" $1 "* ]]; }
 
 step build
