@@ -11,15 +11,19 @@ from __future__ import annotations
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
-# Shared memory per block a kernel may use (the device property Triton checks before a launch).
-MAX_SHARED_MEM = {80: 166912, 90: 232448}
+# Shared memory per block a kernel may use (the device property Triton checks before a launch):
+# A100, RTX 30xx / 40xx (8.6, 8.9: 99 KB), H100.
+MAX_SHARED_MEM = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
 class Launch:
-    """One recorded launch: the compiled kernel (name, hash) and what its launcher got."""
+    """One recorded launch: the compiled kernel (name, hash, pipeline stages, shared memory)
+    and what its launcher got."""
 
-    def __init__(self, name: str, kernel_hash: str, grid: tuple, stream, args: tuple):
-        self.name, self.kernel_hash, self.grid, self.stream, self.args = name, kernel_hash, grid, stream, args
+    def __init__(self, metadata, grid: tuple, stream, args: tuple):
+        self.name, self.kernel_hash = metadata.name, metadata.hash
+        self.num_stages, self.shared = metadata.num_stages, metadata.shared
+        self.grid, self.stream, self.args = grid, stream, args
 
 
 class StandInDriver:
@@ -36,12 +40,12 @@ class StandInDriver:
             """Triton's launcher for one compiled kernel: records instead of launching."""
 
             def __init__(self, src, metadata):
-                self.name, self.kernel_hash = metadata.name, metadata.hash
+                self.metadata = metadata
 
             def __call__(self, grid_x, grid_y, grid_z, stream, function, *args):
                 if stand_in.launches is not None:
                     # args: packed metadata, launch metadata, enter / exit hooks, the kernel's arguments
-                    stand_in.launches.append(Launch(self.name, self.kernel_hash, (grid_x, grid_y, grid_z), stream, args[4:]))
+                    stand_in.launches.append(Launch(self.metadata, (grid_x, grid_y, grid_z), stream, args[4:]))
 
         self.launcher_cls = Recorder
         self.utils = self

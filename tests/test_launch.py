@@ -138,6 +138,30 @@ def record_block_steps(out: Path) -> None:
     out.write_text(json.dumps(result))
 
 
+def record_shallower(out: Path, autotune: str) -> None:
+    """Run in the subprocess: a float32 (tf32) forward whose three pipeline stages take more
+    shared memory than a GPU of compute capability 8.6 has (99 KB), launched twice on one
+    compiled for it; the launches (stages, shared memory) and the kernel kept written to
+    `out`."""
+    os.environ["FUSED_PREACT_TRITON_AUTOTUNE"] = autotune
+    from benchmarks import stand_in_driver
+    launches: list = []
+    stand_in_driver.install(86, launches)
+    from fused_preact.backends.triton import conv_fwd
+    torch.backends.cudnn.allow_tf32 = True
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(128, 64, 3, 3)
+    v = torch.rand(64) + 0.5
+    for _ in range(2):
+        launches.clear()
+        conv_fwd.bn_relu_conv(x, v, v, v, v, w, None, [1, 1], [1, 1], 1e-5, False, None, None, None, 0.1,
+                              torch.float32)
+        recorded = [[r.name, r.num_stages, r.shared] for r in launches]
+    kept = list(conv_fwd.bn_relu_conv_fwd_kernel.kept.values())
+    out.write_text(json.dumps({"launches": recorded, "limit": stand_in_driver.MAX_SHARED_MEM[86],
+                               "kept_stages": [k.metadata.num_stages for k in kept]}))
+
+
 class FakeKernel:
     """Stands for a JITFunction (its launches and warmup recorded) in the in-process tests."""
     arg_names = ["x_ptr", "n", "FLAG"]
@@ -232,8 +256,50 @@ def test_bound_replays_launch_what_their_wrappers_would(tmp_path):
     assert [launch[1] for launch in bound[3]] != [launch[1] for launch in bound[0]]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("autotune", ["0", "1"])
+def test_a_kernel_over_the_gpus_shared_memory_runs_with_fewer_stages(autotune, tmp_path):
+    """Compiled for compute capability 8.6 (99 KB of shared memory per block): the float32
+    forward's configured depth (every config, when autotuned) does not fit, so it is launched
+    with the deepest pipeline that does, and that kernel is kept for the next launch."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    env["PYTHONPATH"] = str(ROOT)
+    out = tmp_path / "shallower.json"
+    subprocess.run([sys.executable, __file__, str(out), "shallower", autotune], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    result = json.loads(out.read_text())
+    [(name, stages, shared)] = result["launches"]  # the second launch: one, with the kept kernel
+    assert name == "bn_relu_conv_fwd_kernel" and stages == 2 and shared <= result["limit"]
+    assert result["kept_stages"] == [2]
+
+
+def test_no_depth_that_fits_is_a_clear_error(monkeypatch):
+    """Where even one stage is over the GPU's shared memory: an error naming the kernel, the
+    bytes and what to do, raised before anything ran."""
+    from triton.runtime.errors import OutOfResources
+    from fused_preact.backends.triton import launch
+
+    class OverKernel(FakeKernel):
+        __name__ = "over_kernel"
+
+        def __getitem__(self, grid):
+            raise OutOfResources(300000, 101376, "shared memory")
+
+        def warmup(self, *args, grid, **kwargs):
+            self.calls.append(("warmup", kwargs["num_stages"]))
+            return type("Compiled", (), {"metadata": type("Metadata", (), {"shared": 200000})})()
+    monkeypatch.setattr(launch, "DIRECT", False)
+    kernel = OverKernel()
+    with pytest.raises(RuntimeError, match="over_kernel needs 200000 bytes of shared memory .* 101376 per block; "
+                                           "use backend='reference'"):
+        launch.KernelLauncher(kernel, {"num_warps": 4, "num_stages": 3})[(2,)](torch.zeros(4), 5, FLAG=True)
+    assert kernel.calls == [("warmup", 2), ("warmup", 1)]
+
+
 if __name__ == "__main__":
     if sys.argv[2] == "block":
         record_block_steps(Path(sys.argv[1]))
+    elif sys.argv[2] == "shallower":
+        record_shallower(Path(sys.argv[1]), sys.argv[3])
     else:
         record(Path(sys.argv[1]), sys.argv[2])

@@ -30,6 +30,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import triton
 from triton.runtime import driver
+from triton.runtime.errors import OutOfResources
 
 from .common import interpreter_on
 
@@ -110,6 +111,12 @@ def autotune_warps(key: list[str], restore: tuple[str, ...] = ()):
                                                       num_stages=configs[0].num_stages))
 
 
+def compile_for(jit, grid: tuple, args: tuple, kwargs: dict, options: dict):
+    """The CompiledKernel Triton's JIT has (or makes) for this launch: compiled, not launched."""
+    compiled = jit.warmup(*args, grid=grid, **kwargs, **options)
+    return compiled.result() if hasattr(compiled, "result") else compiled  # async compile mode
+
+
 def launcher(**options):
     """Decorator: a KernelLauncher of a kernel launched with these launch options (num_warps,
     ...; Triton's defaults for the others)."""
@@ -167,14 +174,11 @@ class KernelLauncher:
     def launch_through_triton(self, grid: tuple, args: tuple, kwargs: dict, key: tuple | None):
         """kernel[grid](...), which compiles, autotunes and launches; returns the
         CompiledKernel Triton chose, kept under `key` (None: nothing kept, returns None)."""
-        options = self.options_for(kwargs.get("BM", 0), kwargs.get("BN", 0))  # our wrappers pass tiles by name
-        self.kernel[grid](*args, **kwargs, **options)
+        tile = (kwargs.get("BM", 0), kwargs.get("BN", 0))  # our wrappers pass tiles by name
+        options = self.run_through_triton(grid, args, kwargs, tile)
         if key is None:
             return None
-        if self.jit is not self.kernel:
-            options = self.kernel.best_config.all_kwargs()
-        compiled = self.jit.warmup(*args, grid=grid, **kwargs, **options)  # Triton's cached choice
-        compiled = compiled.result() if hasattr(compiled, "result") else compiled  # async compile mode
+        compiled = compile_for(self.jit, grid, args, kwargs, options)  # Triton's cached choice
         if not hasattr(compiled, "__getitem__"):
             return None
         if len(self.kept) >= MAX_KEPT:
@@ -190,7 +194,38 @@ class KernelLauncher:
             compiled[grid + (1,) * (3 - len(grid))](*values)
         else:
             tile = (values[self.tile[0]], values[self.tile[1]]) if self.tile else (0, 0)
-            self.kernel[grid](*values, **self.options_for(*tile))
+            self.run_through_triton(grid, values, {}, tile)
+
+    def run_through_triton(self, grid: tuple, args: tuple, kwargs: dict, tile: tuple[int, int]) -> dict:
+        """kernel[grid](...) with the options of a BM x BN `tile`; returns the options it
+        launched with (an autotuner's choice). Where the kernel needs more shared memory than
+        the GPU has (with every config an autotuner tried), launched with fewer pipeline
+        stages: GPUs of compute capability 8.6 and 8.9 (RTX 30xx, 40xx) have 99 KB per block where
+        an A100 has 163 KB and an H100 227 KB, and a float32 forward's three stages of 128 x 64
+        and 64 x 64 tiles take 128 KB (triton 3.6, sm_86). Triton raises before the kernel runs,
+        so nothing was written."""
+        options = self.options_for(*tile)
+        try:
+            self.kernel[grid](*args, **kwargs, **options)
+        except OutOfResources as error:
+            if error.name != "shared memory":
+                raise
+            return self.run_shallower(grid, args, kwargs, options or self.kernel.configs[0].all_kwargs(), error)
+        return options if self.jit is self.kernel else self.kernel.best_config.all_kwargs()
+
+    def run_shallower(self, grid: tuple, args: tuple, kwargs: dict, options: dict, error: OutOfResources) -> dict:
+        """Launch with the deepest pipeline under `options`' depth whose shared memory fits
+        `error.limit`; returns the options launched with."""
+        shared = error.required
+        for stages in range(options.get("num_stages", 3) - 1, 0, -1):
+            shallower = dict(options, num_stages=stages)
+            shared = compile_for(self.jit, grid, args, kwargs, shallower).metadata.shared
+            if shared <= error.limit:
+                self.jit[grid](*args, **kwargs, **shallower)
+                return shallower
+        raise RuntimeError(
+            f"fused_preact.triton: {self.jit.__name__} needs {shared} bytes of shared memory even without a "
+            f"software pipeline, and this GPU has {error.limit} per block; use backend='reference'") from error
 
     def parameter_values(self, args: tuple, kwargs: dict) -> tuple | None:
         """Every parameter's value in order (constexprs too: what a CompiledKernel's launcher
