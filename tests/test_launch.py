@@ -212,6 +212,19 @@ def test_direct_launch_only_for_a_signature_seen_and_complete(monkeypatch):
     assert paths(((aligned, 5), {"FLAG": True})) == ["kernel[grid]"]
 
 
+def test_no_direct_launch_before_triton_3_3(monkeypatch):
+    """Triton 3.0-3.2's own launch hands a compiled kernel's launcher only the parameters that
+    are not constexprs, the direct launch every parameter (as 3.3 and later do): off there."""
+    from fused_preact.backends.triton import launch
+    monkeypatch.setattr(launch, "interpreter_on", lambda: False)
+    monkeypatch.delenv("FUSED_PREACT_TRITON_DIRECT_LAUNCH", raising=False)
+    for version, wanted in (("3.0.0", False), ("3.2.0", False), ("3.3.1", True), ("3.6.0", True), ("3.10.0", True)):
+        monkeypatch.setattr(launch.triton, "__version__", version)
+        assert launch.direct_launch_wanted() is wanted, version
+    monkeypatch.setenv("FUSED_PREACT_TRITON_DIRECT_LAUNCH", "0")
+    assert not launch.direct_launch_wanted()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("autotune", ["0", "1"])
 def test_direct_launch_hands_over_what_kernel_grid_would(autotune, tmp_path):

@@ -398,16 +398,17 @@ def test_outgrown_merge_buffers_stay_allocated():
 
 
 def test_a_failing_interpreter_is_a_reason_not_a_crash(monkeypatch):
-    """Where the Triton interpreter cannot run a loop with a runtime bound (triton <= 3.6 with
-    numpy >= 2.4), the backend declines CPU tensors naming what failed."""
+    """Where the Triton interpreter cannot run the kernels (a loop with a runtime bound: triton
+    <= 3.6 with numpy >= 2.4; a constexpr-wide range: triton 3.1), the backend declines CPU
+    tensors naming what failed."""
     from fused_preact.backends.triton import backend, common
 
     class FailingLaunch:
         def __getitem__(self, grid):
-            def launch(*args):
+            def launch(*args, **kwargs):
                 raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
             return launch
-    monkeypatch.setattr(common, "loop_bound_probe", FailingLaunch())
+    monkeypatch.setattr(common, "interpreter_probe", FailingLaunch())
     backend.interpreter_reason.cache_clear()
     try:
         why = backend.interpreter_reason()

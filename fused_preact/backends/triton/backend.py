@@ -34,17 +34,20 @@ def fp32_gpu_reason(conv_dtype: torch.dtype | None, device_type: str) -> str | N
 @functools.cache
 def interpreter_reason() -> str | None:
     """Why this Triton's interpreter cannot run the kernels, found once by running a loop
-    with a runtime bound in it (every conv kernel has one): the interpreter of triton 3.6 and
-    older fails there with numpy >= 2.4 (upstream triton-lang/triton#9171)."""
-    from .common import loop_bound_probe
+    with a runtime bound and a constexpr-wide range (every conv kernel has both): the
+    interpreter of triton 3.6 and older fails on the loop with numpy >= 2.4 (upstream
+    triton-lang/triton#9171), that of triton 3.1 on the range ("arange's arguments must be of
+    type tl.constexpr") and, with numpy 2.x, counts the loop wrong."""
+    from .common import interpreter_probe
     out = torch.zeros(1, dtype=torch.int32)
     try:
-        loop_bound_probe[(1,)](out, 3)
+        interpreter_probe[(1,)](out, 3, LANES=16)
     except Exception as e:  # the interpreter wraps what failed in its own error type
-        return (f"the Triton interpreter of triton {triton_version()} fails on the kernels' loops here "
-                f"({type(e).__name__}: {e}; numpy >= 2.4 with triton <= 3.6, upstream triton-lang/triton#9171): "
-                "install a newer triton or numpy<2.4")
-    return None if out.item() == 3 else f"the Triton interpreter counted a 3-step loop as {out.item()}"
+        return (f"the Triton interpreter of triton {triton_version()} fails on the kernels here "
+                f"({type(e).__name__}: {e}; numpy >= 2.4 with triton <= 3.6, upstream triton-lang/triton#9171; "
+                "triton 3.1 and older): install a newer triton, or numpy<2.4")
+    return None if out.item() == 3 else (f"the Triton interpreter of triton {triton_version()} counted a 3-step "
+                                         f"loop as {out.item()}: install a newer triton")
 
 
 def triton_version() -> str:

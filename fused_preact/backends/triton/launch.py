@@ -14,8 +14,9 @@ kernel (on the current stream, so CUDA graphs capture it as before).
 The signature is a superset of Triton's specialisation key (exact integer values where
 Triton only asks "divisible by 16?"), so a kept kernel is never launched with arguments it
 was not compiled for; it only means one entry per layer shape. Every launch goes through
-kernel[grid] in the interpreter (nothing is compiled there), with a Triton whose compiled
-kernels cannot be launched that way, or with FUSED_PREACT_TRITON_DIRECT_LAUNCH=0.
+kernel[grid] in the interpreter (nothing is compiled there), with a Triton before 3.3 (whose
+compiled kernels take other arguments) or whose compiled kernels cannot be launched that way,
+or with FUSED_PREACT_TRITON_DIRECT_LAUNCH=0.
 Inside `capturing()` each launch is also handed back with its values and compiled kernel,
 and what `derived` made for it (replay.py keeps them to launch again without the wrapper).
 """
@@ -34,9 +35,21 @@ from triton.runtime.errors import OutOfResources
 
 from .common import interpreter_on
 
+
+def direct_launch_wanted() -> bool:
+    """The direct launch, unless switched off (FUSED_PREACT_TRITON_DIRECT_LAUNCH=0), in the
+    interpreter (nothing is compiled) or with a Triton before 3.3: its own launch hands a
+    compiled kernel's launcher only the parameters that are not constexprs, where the direct
+    launch hands it every one, as Triton 3.3 and later do (under triton 3.1 the launcher got
+    14 values for bn_finalize_kernel's 9, benchmarks/results/2026-12-07-cpu-old-triton-*)."""
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return (os.environ.get("FUSED_PREACT_TRITON_DIRECT_LAUNCH", "1") != "0" and not interpreter_on()
+            and (major, minor) >= (3, 3))
+
+
 # Read at import; benchmarks.launch_cost and the fused-triton-jit-launch provider flip it to
 # time both paths in one run.
-DIRECT = os.environ.get("FUSED_PREACT_TRITON_DIRECT_LAUNCH", "1") != "0" and not interpreter_on()
+DIRECT = direct_launch_wanted()
 MAX_KEPT = 1024  # signatures kept per kernel (a new shape every step must not grow it without end)
 
 
