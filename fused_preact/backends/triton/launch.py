@@ -152,7 +152,8 @@ class KernelLauncher:
     def __init__(self, kernel, options: dict | None = None):
         self.kernel = kernel
         self.options = options or {}
-        self.jit = kernel if options is not None else kernel.fn  # the JITFunction
+        self.autotuned = options is None  # a triton.autotune Autotuner chooses the options
+        self.jit = kernel.fn if self.autotuned else kernel  # the JITFunction
         self.arg_names = tuple(self.jit.arg_names)
         # The positions of a kernel's tile constexprs BM and BN where the options are fixed
         # (no autotuner to choose the warps): see options_for.
@@ -223,8 +224,9 @@ class KernelLauncher:
         except OutOfResources as error:
             if error.name != "shared memory":
                 raise
-            return self.run_shallower(grid, args, kwargs, options or self.kernel.configs[0].all_kwargs(), error)
-        return options if self.jit is self.kernel else self.kernel.best_config.all_kwargs()
+            tried = self.kernel.configs[0].all_kwargs() if self.autotuned else options
+            return self.run_shallower(grid, args, kwargs, tried, error)
+        return self.kernel.best_config.all_kwargs() if self.autotuned else options
 
     def run_shallower(self, grid: tuple, args: tuple, kwargs: dict, options: dict, error: OutOfResources) -> dict:
         """Launch with the deepest pipeline under `options`' depth whose shared memory fits
