@@ -158,7 +158,9 @@ def test_torch_export_records_the_registered_ops(training):
     ours.train(training), eager.train(training)
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
     exported = torch.export.export(ours, (x,))
-    assert str(exported.graph).count("fused_preact.bn_relu_conv") == 3 + 2 + 4  # as in small_pair
+    # In the graph or in its subgraphs (torch 2.7 wraps grad-mode regions in higher-order ops).
+    graphs = "".join(str(module.graph) for module in exported.graph_module.modules() if hasattr(module, "graph"))
+    assert graphs.count("fused_preact.bn_relu_conv") == 3 + 2 + 4  # as in small_pair
     assert_close(exported.module()(x), eager(x), torch.float64, "exported program")
     if training:  # the exported module updates the running statistics it holds, as eager does
         buffers = dict(exported.module().named_buffers())
