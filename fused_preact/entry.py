@@ -25,6 +25,16 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
 
 
+def dynamo_traces_the_ops(torch_version: str = torch.__version__) -> bool:
+    """Whether torch.compile can trace the ops' autograd.Function: from torch 2.7. Dynamo of
+    torch 2.5 and 2.6 traces a Function's backward in a strict mode that bans what ours reads
+    (is_contiguous, strides), and failed on every fused block, fullgraph or not; there each op
+    call is left to eager PyTorch (a graph break), so a compiled model still runs, its fused
+    ops eagerly (benchmarks/results/2026-12-07-cpu-old-torch-*)."""
+    major, minor = (int(part) for part in torch_version.split("+")[0].split(".")[:2])
+    return (major, minor) >= (2, 7)
+
+
 def intercepted() -> bool:
     """True where a compiler or tracer is recording, or a dispatch mode (fake tensors,
     functionalization, FlopCounterMode...) or torch.func transform intercepts: those must
@@ -66,6 +76,12 @@ class OpEntry:
         self.positional_count = len(self.signature.parameters)
         self.function: type[torch.autograd.Function] | None = None
         self.__doc__, self.__name__ = body.__doc__, name
+        if not dynamo_traces_the_ops():
+            self.leave_to_eager_under_compile()
+
+    def leave_to_eager_under_compile(self) -> None:
+        """torch.compile does not trace into this op's calls: each is a graph break, run eagerly."""
+        self.call = torch.compiler.disable(self.call)
 
     def register_autograd(self, backward: Callable, setup_context: Callable) -> None:
         """The op's autograd formula, as a torch.autograd.Function around the op (its body
