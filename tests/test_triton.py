@@ -398,23 +398,34 @@ def test_outgrown_merge_buffers_stay_allocated():
 
 
 def test_a_failing_interpreter_is_a_reason_not_a_crash(monkeypatch):
-    """Where the Triton interpreter cannot run the kernels (a loop with a runtime bound: triton
-    <= 3.6 with numpy >= 2.4; a constexpr-wide range: triton 3.1), the backend declines CPU
-    tensors naming what failed."""
+    """Where the Triton interpreter cannot run a loop with a runtime bound (triton <= 3.6 with
+    numpy >= 2.4), the backend declines CPU tensors naming what failed."""
     from fused_preact.backends.triton import backend, common
 
     class FailingLaunch:
         def __getitem__(self, grid):
-            def launch(*args, **kwargs):
+            def launch(*args):
                 raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
             return launch
-    monkeypatch.setattr(common, "interpreter_probe", FailingLaunch())
+    monkeypatch.setattr(common, "loop_bound_probe", FailingLaunch())
     backend.interpreter_reason.cache_clear()
     try:
         why = backend.interpreter_reason()
     finally:
         backend.interpreter_reason.cache_clear()
     assert "0-dimensional" in why and "triton-lang/triton#9171" in why
+
+
+def test_an_interpreter_older_than_the_kernels_is_a_reason(monkeypatch):
+    """The interpreters of triton 3.1 and 3.3 failed inside the kernels: declined by version."""
+    from fused_preact.backends.triton import backend
+    backend.interpreter_reason.cache_clear()
+    monkeypatch.setattr(backend, "triton_version", lambda: "3.3.1")
+    try:
+        why = backend.interpreter_reason()
+    finally:
+        backend.interpreter_reason.cache_clear()
+    assert why.startswith("the Triton interpreter of triton 3.3.1 cannot run the kernels") and "3.6 and later" in why
 
 
 def test_kernel_weight_puts_input_channels_adjacent():

@@ -31,23 +31,29 @@ def fp32_gpu_reason(conv_dtype: torch.dtype | None, device_type: str) -> str | N
             f"use autocast to bf16/fp16 or the reference backend, or set {FP32_GPU_FLAG}=1 to run them anyway")
 
 
+# The oldest Triton whose interpreter ran the kernels (the CPU tests): those of 3.1 and 3.3
+# failed on them (benchmarks/results/2026-12-07-cpu-old-torch-*).
+OLDEST_INTERPRETER = (3, 6)
+
+
 @functools.cache
 def interpreter_reason() -> str | None:
-    """Why this Triton's interpreter cannot run the kernels, found once by running a loop
-    with a runtime bound and a constexpr-wide range (every conv kernel has both): the
-    interpreter of triton 3.6 and older fails on the loop with numpy >= 2.4 (upstream
-    triton-lang/triton#9171), that of triton 3.1 on the range ("arange's arguments must be of
-    type tl.constexpr") and, with numpy 2.x, counts the loop wrong."""
-    from .common import interpreter_probe
+    """Why this Triton's interpreter cannot run the kernels: one older than OLDEST_INTERPRETER,
+    or, found once by running a loop with a runtime bound in it (every conv kernel has one),
+    the interpreter of triton 3.6 and older with numpy >= 2.4 (upstream triton-lang/triton#9171)."""
+    if tuple(int(part) for part in triton_version().split(".")[:2]) < OLDEST_INTERPRETER:
+        return (f"the Triton interpreter of triton {triton_version()} cannot run the kernels (those of triton 3.1 "
+                f"and 3.3 failed on them; {'.'.join(map(str, OLDEST_INTERPRETER))} and later ran them): "
+                "install a newer triton")
+    from .common import loop_bound_probe
     out = torch.zeros(1, dtype=torch.int32)
     try:
-        interpreter_probe[(1,)](out, 3, LANES=16)
+        loop_bound_probe[(1,)](out, 3)
     except Exception as e:  # the interpreter wraps what failed in its own error type
-        return (f"the Triton interpreter of triton {triton_version()} fails on the kernels here "
-                f"({type(e).__name__}: {e}; numpy >= 2.4 with triton <= 3.6, upstream triton-lang/triton#9171; "
-                "triton 3.1 and older): install a newer triton, or numpy<2.4")
-    return None if out.item() == 3 else (f"the Triton interpreter of triton {triton_version()} counted a 3-step "
-                                         f"loop as {out.item()}: install a newer triton")
+        return (f"the Triton interpreter of triton {triton_version()} fails on the kernels' loops here "
+                f"({type(e).__name__}: {e}; numpy >= 2.4 with triton <= 3.6, upstream triton-lang/triton#9171): "
+                "install a newer triton or numpy<2.4")
+    return None if out.item() == 3 else f"the Triton interpreter counted a 3-step loop as {out.item()}"
 
 
 def triton_version() -> str:

@@ -21,14 +21,12 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
-def interpreter_probe(out_ptr, steps, LANES: tl.constexpr):
-    """Counts `steps` iterations of a loop with a runtime bound into the first of LANES lanes
-    (backend.interpreter_reason): what every conv kernel does, and what old interpreters fail."""
+def loop_bound_probe(out_ptr, steps):
+    """Counts `steps` iterations of a loop with a runtime bound (backend.interpreter_reason)."""
     count = 0
     for _ in range(0, steps):
         count += 1
-    lanes = tl.arange(0, LANES)
-    tl.store(out_ptr + lanes, tl.where(lanes == 0, count, 0), mask=lanes < 1)
+    tl.store(out_ptr, count)
 
 
 def interpreter_on() -> bool:
