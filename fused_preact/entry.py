@@ -89,12 +89,16 @@ class OpEntry:
         own register_autograd takes functional ops only, and the forward unit updates the
         next BatchNorm's running statistics in place. `backward` gets one gradient per
         output, plus the carried input's when the call carried it (see call_carrying_input)."""
+        # The closure holds the registered overload and the body, not this entry: Dynamo of
+        # torch 2.7 and 2.8 cannot wrap an OpEntry, and broke the graph at every op there.
+        op, body = getattr(torch.ops.fused_preact, self.__name__).default, self.body
+
         def forward(ctx, *args_and_flags):
             # ctx-first style: Function.apply binds the signature of a separate
             # setup_context on every call (inspect.signature), which costs more than the op.
             # The flags come last, so ctx.needs_input_grad[i] is the op's argument i.
             *args, registered, carry_input = args_and_flags
-            output = self.op(*args) if registered else self.body(*args)
+            output = op(*args) if registered else body(*args)
             setup_context(ctx, args, output)
             return output + (args[0],) if carry_input else output
 
