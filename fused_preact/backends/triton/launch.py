@@ -157,7 +157,7 @@ class KernelLauncher:
         self.arg_names = tuple(self.jit.arg_names)
         # The positions of a kernel's tile constexprs BM and BN where the options are fixed
         # (no autotuner to choose the warps): see options_for.
-        tiled = options is not None and "num_warps" in options and {"BM", "BN"} <= set(self.arg_names)
+        tiled = not self.autotuned and "num_warps" in options and {"BM", "BN"} <= set(self.arg_names)
         self.tile = (self.arg_names.index("BM"), self.arg_names.index("BN")) if tiled else None
         self.kept: dict[tuple, object] = {}  # signature -> CompiledKernel
         self.rest_by_count: dict[int, Callable] = {}  # positional count -> picks the other parameters from kwargs
@@ -217,7 +217,8 @@ class KernelLauncher:
         stages: GPUs of compute capability 8.6 and 8.9 (RTX 30xx, 40xx) have 99 KB per block where
         an A100 has 163 KB and an H100 227 KB, and a float32 forward's three stages of 128 x 64
         and 64 x 64 tiles take 128 KB (triton 3.6, sm_86). Triton raises before the kernel runs,
-        so nothing was written."""
+        so nothing was written. (The kept kernel is the shallower one; where launches go through
+        Triton every time, each finds the depth again, from Triton's cache of compiled kernels.)"""
         options = self.options_for(*tile)
         try:
             self.kernel[grid](*args, **kwargs, **options)
