@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .backends.base import major_minor
+
 PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
 
 
@@ -31,8 +33,7 @@ def dynamo_traces_the_ops(torch_version: str = torch.__version__) -> bool:
     (is_contiguous, strides), and failed on every fused block, fullgraph or not; there each op
     call is left to eager PyTorch (a graph break), so a compiled model still runs, its fused
     ops eagerly (benchmarks/results/2026-12-07-cpu-old-torch-*)."""
-    major, minor = (int(part) for part in torch_version.split("+")[0].split(".")[:2])
-    return (major, minor) >= (2, 7)
+    return major_minor(torch_version) >= (2, 7)
 
 
 def intercepted() -> bool:

@@ -67,6 +67,12 @@ class Backend:
 
 
 # ------------------------------------------------------------------ host helpers, plain Python
+def major_minor(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as torch's "2.7.1+cu126" or triton's "3.6.0"."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for positive b (plain Python: triton.cdiv is a constexpr function, slow
     from host code)."""

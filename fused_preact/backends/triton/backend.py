@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ..base import Backend
+from ..base import Backend, major_minor
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 FP32_GPU_FLAG = "FUSED_PREACT_TRITON_FP32"
@@ -41,7 +41,7 @@ def interpreter_reason() -> str | None:
     """Why this Triton's interpreter cannot run the kernels: one older than OLDEST_INTERPRETER,
     or, found once by running a loop with a runtime bound in it (every conv kernel has one),
     the interpreter of triton 3.6 and older with numpy >= 2.4 (upstream triton-lang/triton#9171)."""
-    if tuple(int(part) for part in triton_version().split(".")[:2]) < OLDEST_INTERPRETER:
+    if major_minor(triton_version()) < OLDEST_INTERPRETER:
         return (f"the Triton interpreter of triton {triton_version()} cannot run the kernels (those of triton 3.1 "
                 f"and 3.3 failed on them; {'.'.join(map(str, OLDEST_INTERPRETER))} and later ran them): "
                 "install a newer triton")

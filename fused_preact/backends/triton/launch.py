@@ -33,6 +33,7 @@ import triton
 from triton.runtime import driver
 from triton.runtime.errors import OutOfResources
 
+from ..base import major_minor
 from .common import interpreter_on
 
 
@@ -42,9 +43,8 @@ def direct_launch_wanted() -> bool:
     compiled kernel's launcher only the parameters that are not constexprs, where the direct
     launch hands it every one, as Triton 3.3 and later do (under triton 3.1 the launcher got
     14 values for bn_finalize_kernel's 9, benchmarks/results/2026-12-07-cpu-old-triton-*)."""
-    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
     return (os.environ.get("FUSED_PREACT_TRITON_DIRECT_LAUNCH", "1") != "0" and not interpreter_on()
-            and (major, minor) >= (3, 3))
+            and major_minor(triton.__version__) >= (3, 3))
 
 
 # Read at import; benchmarks.launch_cost and the fused-triton-jit-launch provider flip it to
