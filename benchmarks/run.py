@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from fused_preact.backends.base import tf32_convolutions
+
 from . import cases as C
 from .providers import Provider, build_block, build_model, eager_block, providers
 
@@ -84,7 +86,7 @@ def metadata(device: str) -> dict:
         "source_tree": tree, "source_is_commit": clean,
         "triton_autotune": os.environ.get("FUSED_PREACT_TRITON_AUTOTUNE", "1") != "0",
         # tf32 exists on GPUs only; on the CPU float32 convolutions are float32.
-        "fp32_convolutions": ("tf32" if torch.backends.cudnn.allow_tf32 else "exact") if device == "cuda" else "exact",
+        "fp32_convolutions": ("tf32" if tf32_convolutions() else "exact") if device == "cuda" else "exact",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

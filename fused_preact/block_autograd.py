@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch, ops
-from .backends.base import Backend
+from .backends.base import Backend, tf32_convolutions
 from .entry import PLAIN_TENSOR_TYPES, intercepted, registered_op_needed
 
 
@@ -242,7 +242,7 @@ class Program:
         # mode entered since, can make the ops go through their registered versions.
         if registered_op_needed((output_grad,)):
             return self.run_units(saved, output_grad, x_needs_grad, param_needs_grad, None)
-        request = (torch.backends.cudnn.allow_tf32, layout(output_grad), tuple(map(saved_layout, saved)),
+        request = (tf32_convolutions(), layout(output_grad), tuple(map(saved_layout, saved)),
                    x_needs_grad, *param_needs_grad)
         recorded = self.requests.get(request)
         if recorded is not None:

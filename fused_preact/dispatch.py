@@ -6,7 +6,7 @@ float32, float16, bfloat16)"). `select` walks the priority list and returns the 
 backend with no reasons; when none fits, or a forced backend declines, the error lists
 every reason. It remembers each choice: reasons may depend only on the op, the dtype its
 convolution computes in, the tensors' devices and dtypes,
-torch.backends.cudnn.allow_tf32 and the environment variables a backend names in
+whether float32 convolutions may run as tf32 (base.tf32_convolutions) and the environment variables a backend names in
 `env_flags` (a block makes about ten op calls per step; walking the reasons every time
 was a tenth of its host time).
 
@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .backends.base import Backend, BackendNotSupported
+from .backends.base import Backend, BackendNotSupported, tf32_convolutions
 
 # Priority order of "auto", and the module of each backend (imported when first asked for:
 # the triton package only then).
@@ -97,7 +97,7 @@ def selection_state(backend: str = "auto") -> tuple:
     """Everything a choice depends on besides the op, conv_dtype and the tensors' devices
     and dtypes: the backend asked for (requested_backend, first), tf32, the backends'
     environment flags."""
-    return (requested_backend(backend), torch.backends.cudnn.allow_tf32,
+    return (requested_backend(backend), tf32_convolutions(),
             tuple(os.environ.get(flag) for flag in _env_flags()))
 
 

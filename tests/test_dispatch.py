@@ -64,6 +64,87 @@ def test_triton_declines_exact_float32_gpu_convolutions_unless_asked(monkeypatch
     assert fp32_gpu_reason(torch.float32, "cuda") is None
 
 
+PRECISION_KEYS = [("generic", "all"), ("cuda", "all"), ("cuda", "conv"), ("cuda", "rnn"), ("cuda", "matmul")]
+
+
+@pytest.fixture
+def fp32_precision_api():
+    """torch >= 2.9's float32 precision per backend and op (torch.backends.*.fp32_precision),
+    put back afterwards as conftest left it (the legacy flags, all else inheriting)."""
+    if not hasattr(torch.backends.cudnn, "conv"):
+        pytest.skip("torch < 2.9 has only torch.backends.cudnn.allow_tf32")
+    getter = torch._C._get_fp32_precision_getter
+    before = {key: getter(*key) for key in PRECISION_KEYS}
+    legacy = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.fp32_precision = torch.backends.cudnn.fp32_precision = "none"
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = legacy
+    assert {key: getter(*key) for key in PRECISION_KEYS} == before
+
+
+def set_fp32_precision(setting: str) -> None:
+    """'cudnn.conv=ieee': torch.backends.cudnn.conv.fp32_precision = 'ieee' ('backends=...': the
+    global one); 'allow_tf32=True': the legacy torch.backends.cudnn.allow_tf32."""
+    where, value = setting.split("=")
+    if where == "allow_tf32":
+        torch.backends.cudnn.allow_tf32 = value == "True"
+        return
+    module = torch
+    for name in ("backends." + where).split(".")[1 if where == "backends" else 0:]:
+        module = getattr(module, name)
+    module.fp32_precision = value
+
+
+# Settings from conftest's state (allow_tf32 False: every level inherits, down to none) -> whether
+# nn.Conv2d may use tf32, as PyTorch's notes on fp32_precision define it: an op's own setting
+# wins, "none" inherits from the backend's, then from the global one; rnn and matmul are other ops.
+TF32_SETTINGS = [
+    (["allow_tf32=True"], True),
+    (["allow_tf32=True", "cudnn.conv=ieee"], False),  # PyTorch's default, then the new API
+    (["backends=tf32"], True), (["backends=ieee"], False),
+    (["cudnn=tf32"], True), (["cudnn=ieee"], False),
+    (["cudnn.conv=tf32"], True), (["cudnn.conv=ieee"], False),
+    (["cudnn=tf32", "cudnn.conv=ieee"], False),
+    (["backends=ieee", "cudnn.conv=tf32"], True),
+    (["cudnn.conv=tf32", "cudnn.rnn=ieee"], True),
+    (["cuda.matmul=tf32"], False),
+]
+
+
+@pytest.mark.parametrize("settings,tf32", TF32_SETTINGS, ids=["+".join(s) for s, _ in TF32_SETTINGS])
+def test_tf32_for_convolutions_set_either_way_is_read_as_pytorch_reads_it(settings, tf32, fp32_precision_api,
+                                                                        monkeypatch):
+    """Whichever of torch's APIs turns tf32 on or off for convolutions, the backends read what
+    nn.Conv2d uses; and a block runs (reading the legacy torch.backends.cudnn.allow_tf32 raises
+    in most of these states, and did inside every fused call)."""
+    from fused_preact.backends import cuda
+    from fused_preact.backends.base import tf32_convolutions
+    from fused_preact.backends.triton.backend import FP32_GPU_FLAG, fp32_gpu_reason
+    from fused_preact.testing import PreActBlock as EagerBlock
+    from fused_preact.testing import randomize_bn
+    from helpers import assert_close
+    monkeypatch.delenv(FP32_GPU_FLAG, raising=False)
+    for setting in settings:
+        set_fp32_precision(setting)
+    assert tf32_convolutions() == tf32
+    assert (fp32_gpu_reason(torch.float32, "cuda") is None) == tf32  # triton: exact float32 declined on GPUs
+    assert (cuda.tf32_reason(torch.float32) is None) == tf32  # cuda: float32 runs as tf32 only
+    eager = EagerBlock(4, 4, 1)
+    randomize_bn(eager)
+    ours = fp.PreActBlock(4, 4)
+    ours.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    outputs = []
+    for block in (ours, eager):
+        xg = x.clone().requires_grad_(True)
+        out = block(xg)
+        out.square().sum().backward()
+        outputs.append((out, xg.grad))
+    (out, dx), (ref, ref_dx) = outputs
+    assert_close(out, ref, torch.float32, "output")
+    assert_close(dx, ref_dx, torch.float32, "grad x")
+
+
 def test_forcing_a_declining_backend_lists_reasons():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(fp.BackendNotSupported, match=r"backend 'cuda' was requested.*\n  cuda: "):

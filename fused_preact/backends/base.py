@@ -67,6 +67,28 @@ class Backend:
 
 
 # ------------------------------------------------------------------ host helpers, plain Python
+# torch >= 2.9: the float32 precision per backend and op, behind torch.backends.*.fp32_precision.
+_fp32_precision = getattr(torch._C, "_get_fp32_precision_getter", None)
+
+
+def tf32_convolutions() -> bool:
+    """Whether float32 convolutions may run as tf32, as PyTorch decides for nn.Conv2d on a GPU.
+
+    From torch 2.9 that is torch.backends.cudnn.conv.fp32_precision ("tf32" or "ieee"), where
+    "none" inherits torch.backends.cudnn.fp32_precision, then torch.backends.fp32_precision;
+    the legacy torch.backends.cudnn.allow_tf32 sets it too. Reading allow_tf32 there raises
+    once the settings disagree (after torch.backends.fp32_precision = "ieee", say), so it is
+    read only where the per-op setting does not exist. (The private getter is the one the
+    public properties forward to, at a tenth of their cost: this runs on every op call.)"""
+    if _fp32_precision is None:
+        return torch.backends.cudnn.allow_tf32
+    for backend, op in (("cuda", "conv"), ("cuda", "all"), ("generic", "all")):
+        precision = _fp32_precision(backend, op)
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
 def major_minor(version: str) -> tuple[int, int]:
     """(major, minor) of a version string such as torch's "2.7.1+cu126" or triton's "3.6.0"."""
     major, minor = version.split("+")[0].split(".")[:2]

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from .base import Backend, cdiv, conv_output_hw, weight_memory_format, wgrad_splits
+from .base import Backend, cdiv, conv_output_hw, tf32_convolutions, weight_memory_format, wgrad_splits
 
 ENABLE_FLAG = "FUSED_PREACT_ENABLE_CUDA_BACKEND"
 SM80_FLAG = "FUSED_PREACT_CUDA_SM80"
@@ -36,12 +36,13 @@ def load_extension():
 
 def tf32_reason(conv_dtype: torch.dtype | None) -> str | None:
     """float32 convolutions run on tf32 tensor cores here, as nn.Conv2d does by default;
-    with torch.backends.cudnn.allow_tf32 off they would not match it."""
+    with tf32 off for convolutions (base.tf32_convolutions) they would not match it."""
     if conv_dtype != torch.float32:
         return None
-    if torch.backends.cudnn.allow_tf32:
+    if tf32_convolutions():
         return None
-    return "float32 convolutions run as tf32: needs torch.backends.cudnn.allow_tf32=True"
+    return ("float32 convolutions run as tf32: needs tf32 allowed for convolutions "
+            "(torch.backends.cudnn.conv.fp32_precision='tf32', or torch.backends.cudnn.allow_tf32=True)")
 
 
 class CudaBackend(Backend):

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ..base import Backend, major_minor
+from ..base import Backend, major_minor, tf32_convolutions
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 FP32_GPU_FLAG = "FUSED_PREACT_TRITON_FP32"
@@ -20,13 +20,14 @@ FP32_GPU_FLAG = "FUSED_PREACT_TRITON_FP32"
 
 def fp32_gpu_reason(conv_dtype: torch.dtype | None, device_type: str) -> str | None:
     """Exact float32 convolutions compiled for a GPU are declined: they did not match PyTorch
-    there (README, backends), while float32 as tf32 (torch.backends.cudnn.allow_tf32, PyTorch's
-    default for convolutions), bf16, fp16 and the interpreter did."""
+    there (README, backends), while float32 as tf32 (base.tf32_convolutions, PyTorch's default
+    for convolutions), bf16, fp16 and the interpreter did."""
     if conv_dtype != torch.float32 or device_type != "cuda":
         return None
-    if torch.backends.cudnn.allow_tf32 or os.environ.get(FP32_GPU_FLAG) == "1":
+    if tf32_convolutions() or os.environ.get(FP32_GPU_FLAG) == "1":
         return None
-    return ("exact float32 convolutions (torch.backends.cudnn.allow_tf32=False) on the GPU are declined: "
+    return ("exact float32 convolutions (tf32 off: torch.backends.cudnn.conv.fp32_precision='ieee', or "
+            "torch.backends.cudnn.allow_tf32=False) on the GPU are declined: "
             "they failed verification on an H100 (wrong weight gradients at some layer shapes); allow tf32, "
             f"use autocast to bf16/fp16 or the reference backend, or set {FP32_GPU_FLAG}=1 to run them anyway")
 

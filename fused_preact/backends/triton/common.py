@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..base import cdiv
+from ..base import cdiv, tf32_convolutions
 
 # triton.jit decides at decoration time whether a kernel runs compiled or in the interpreter
 # (TRITON_INTERPRET=1, on the CPU), so the mode is read once, with the kernels.
@@ -143,7 +143,7 @@ def dot_dtype(dtype: torch.dtype):
 
 def dot_precision(dtype: torch.dtype) -> str:
     """tf32 for float32 where torch allows it for convolutions (as nn.Conv2d), else exact."""
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreter_on():
+    if dtype == torch.float32 and tf32_convolutions() and not interpreter_on():
         return "tf32"
     return "ieee"
 
