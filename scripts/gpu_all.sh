@@ -10,7 +10,7 @@
 #   BENCH_CASES=r18-s1-id,tiny-overhead BENCH_DTYPES=bf16 bash scripts/gpu_all.sh /tmp/gpu_all
 # build the extension in place, run the whole test suite on the GPU (the Triton tests
 # run compiled; tests/test_gpu.py checks the cuda backend too), compute-sanitizer on a
-# small run of each cuda kernel, then the benchmark suite and its report. No network needed.
+# small run of each GPU backend's kernels (scripts/sanitizer_smoke.py), then the benchmark suite and its report. No network needed.
 #   bash scripts/gpu_all.sh OUT_FOLDER
 # STEPS (default "tests sanitizer profile kernels bench"): which steps run after the build, so a
 # later call can spend its minutes on the benchmark sweep alone.
@@ -66,10 +66,15 @@ fi
 
 if wanted sanitizer; then
 step compute-sanitizer
-for tool in memcheck racecheck; do
-  echo "### $tool" >> "$out/sanitizer.txt"
-  timeout 150 compute-sanitizer --tool "$tool" python scripts/cuda_smoke.py >> "$out/sanitizer.txt" 2>&1
-  tail -2 "$out/sanitizer.txt"
+# First without a sanitizer: its errors undisturbed, and Triton's kernels compiled (cached) so
+# that the sanitized runs only launch them.
+timeout 300 python scripts/sanitizer_smoke.py triton > "$out/smoke-triton.txt" 2>&1; tail -3 "$out/smoke-triton.txt"
+for backend in cuda triton; do
+  for tool in memcheck racecheck; do
+    echo "### $tool $backend" >> "$out/sanitizer.txt"
+    timeout 200 compute-sanitizer --tool "$tool" python scripts/sanitizer_smoke.py "$backend" >> "$out/sanitizer.txt" 2>&1
+    tail -2 "$out/sanitizer.txt"
+  done
 done
 fi
 
