@@ -8,6 +8,8 @@
 #   PACK=$OUT/gpu_all.tar.gz STEPS="tests kernels profile bench" TESTS_TIMEOUT_S=200 \
 #   TESTS="tests/test_triton.py tests/test_conformance.py tests/test_gpu.py" \
 #   BENCH_CASES=r18-s1-id,tiny-overhead BENCH_DTYPES=bf16 bash scripts/gpu_all.sh /tmp/gpu_all
+# and, with the time left, on the same warm machine (the build is kept):
+#   PACK=$OUT/sanitizer.tar.gz STEPS=sanitizer bash scripts/gpu_all.sh /tmp/gpu_sanitizer
 # build the extension in place, run the whole test suite on the GPU (the Triton tests
 # run compiled; tests/test_gpu.py checks the cuda backend too), compute-sanitizer on a
 # small run of each GPU backend's kernels (scripts/sanitizer_smoke.py), then the benchmark suite and its report. No network needed.
