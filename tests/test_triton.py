@@ -94,6 +94,47 @@ def test_conv_epilogue_merges_statistics_and_updates_running(momentum, channels,
     assert_close(rv, bn.running_var, torch.float32, "running_var", atol=1e-5, rtol=1e-5)
 
 
+class Interrupted(Exception):
+    """Raised inside an interpreted launch by interrupt_next_launch."""
+
+
+def interrupt_next_launch(monkeypatch, after_programs: int) -> None:
+    """The next interpreted launch raises Interrupted when it starts program number
+    `after_programs` (the ones before it ran, drawing their tickets), as a warning made an
+    error or Ctrl-C would; the launches after it run whole."""
+    from triton.runtime import interpreter  # its grid loop calls set_grid_idx before each program
+    set_grid_idx = interpreter.InterpreterBuilder.set_grid_idx
+    started = []
+
+    def set_grid_idx_or_raise(self, x, y, z):
+        started.append((x, y, z))
+        if len(started) == after_programs + 1:
+            monkeypatch.setattr(interpreter.InterpreterBuilder, "set_grid_idx", set_grid_idx)
+            raise Interrupted
+        set_grid_idx(self, x, y, z)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "set_grid_idx", set_grid_idx_or_raise)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter runs a launch's programs one after another")
+def test_a_launch_that_raised_part_way_leaves_no_tickets_for_the_next(monkeypatch):
+    """An interpreted launch that raised after some of its programs drew merge tickets (the
+    interpreter of triton 3.6 with numpy 2.3 under warnings-as-errors did, in a test) puts the
+    counters back: the launches after it merge their tiles whole (they found the tickets above
+    zero and left NaN in every later test of the process)."""
+    x, mean, var, gamma, beta, w, res = unit_inputs(5, 200, 3, 1, 1, 9, 3, torch.float32)
+    conf = ([1, 1], [1, 1])
+    interrupt_next_launch(monkeypatch, after_programs=3)  # 4 row tiles x 2 channel blocks: 3 tickets drawn
+    with pytest.raises(Exception) as raised:  # the interpreter may wrap it in an InterpreterError
+        ops.bn_relu_conv(x, mean, var, gamma, beta, w, res, *conf, 1e-5, True, True, None, None, None, 0.1, "triton")
+    assert "Interrupted" in repr(raised.value)
+    assert_counters_reset()
+    y, y_mean, y_var = ops.bn_relu_conv(x, mean, var, gamma, beta, w, res, *conf, 1e-5, True, True, None, None, None,
+                                        0.1, "triton")
+    yd = y.double()
+    assert_close(y_mean, yd.mean((0, 2, 3)), torch.float64, "mean", atol=1e-5, rtol=1e-5)
+    assert_close(y_var, yd.var((0, 2, 3), unbiased=False), torch.float64, "var", atol=1e-5, rtol=1e-5)
+
+
 def test_backward_sums_and_split_weight_gradient_reduced_in_kernel(poisoned):
     """dgrad's BN sums over 3 row tiles x 2 channel blocks (200 channels) and wgrad's split
     partials over 4 weight tiles, each reduced by the last program of its block: equal to

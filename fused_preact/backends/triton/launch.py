@@ -35,6 +35,7 @@ from triton.runtime.errors import OutOfResources
 
 from ..base import major_minor
 from .common import interpreter_on
+from .merge import zero_counters
 
 
 def direct_launch_wanted() -> bool:
@@ -227,6 +228,10 @@ class KernelLauncher:
                 raise
             tried = self.kernel.configs[0].all_kwargs() if self.autotuned else options
             return self.run_shallower(grid, args, kwargs, tried, error)
+        except BaseException:
+            if interpreter_on():  # some programs ran: their tickets must not outlive the launch
+                zero_counters()
+            raise
         return self.kernel.best_config.all_kwargs() if self.autotuned else options
 
     def run_shallower(self, grid: tuple, args: tuple, kwargs: dict, options: dict, error: OutOfResources) -> dict:

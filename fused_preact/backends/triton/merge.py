@@ -66,6 +66,17 @@ def merge_buffers(device: torch.device, counters: int, partials: int,
     return kept
 
 
+def zero_counters() -> None:
+    """Put every kept ticket counter back to 0, after an interpreted launch that raised part
+    way: the interpreter runs a launch's programs one after another in Python, and an
+    exception in one (a warning made an error, Ctrl-C) leaves the tickets the programs before
+    it drew, so later launches would find their counters above zero and merge early or never
+    (seen: NaN in every later test of the process). On a GPU a launch that fails part way
+    takes the CUDA context with it."""
+    for counters, _ in _kept.values():
+        counters.zero_()
+
+
 def kept_for(tensor: torch.Tensor):
     """Where `tensor` is one of the kept buffers: (merge_buffers' arguments that return its
     pair again, for the stream current then: at least as many counters and partials as it
