@@ -412,7 +412,7 @@ def test_dgrad_when_the_image_is_smaller_than_the_stride(hw, kernel, pad):
     dy = torch.randn(2, 6, p, q, device=DEVICE)
     conf = ([2, 2], [pad, pad], 1e-5)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the interpreter's integer division by zero warns
+        warnings.simplefilter("error", RuntimeWarning)  # the interpreter's integer division by zero warns
         g, sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, "triton")
     ref_g, ref_sums = ops.bn_relu_conv_dgrad(dy, w, x, mean, var, gamma, beta, *conf, "reference")
     assert_close(g, ref_g, torch.float32, "g", atol=1e-5, rtol=1e-4)
