@@ -123,7 +123,7 @@ def test_a_launch_that_raised_part_way_leaves_no_tickets_for_the_next(monkeypatc
     zero and left NaN in every later test of the process)."""
     x, mean, var, gamma, beta, w, res = unit_inputs(5, 200, 3, 1, 1, 9, 3, torch.float32)
     conf = ([1, 1], [1, 1])
-    interrupt_next_launch(monkeypatch, after_programs=3)  # 4 row tiles x 2 channel blocks: 3 tickets drawn
+    interrupt_next_launch(monkeypatch, after_programs=3)  # 3 of its 8 programs (4 row tiles x 2 channel blocks)
     with pytest.raises(Exception) as raised:  # the interpreter may wrap it in an InterpreterError
         ops.bn_relu_conv(x, mean, var, gamma, beta, w, res, *conf, 1e-5, True, True, None, None, None, 0.1, "triton")
     assert "Interrupted" in repr(raised.value)
