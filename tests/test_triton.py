@@ -99,20 +99,27 @@ class Interrupted(Exception):
 
 
 def interrupt_next_launch(monkeypatch, after_programs: int) -> None:
-    """The next interpreted launch raises Interrupted when it starts program number
-    `after_programs` (the ones before it ran, drawing their tickets), as a warning made an
-    error or Ctrl-C would; the launches after it run whole."""
-    from triton.runtime import interpreter  # its grid loop calls set_grid_idx before each program
-    set_grid_idx = interpreter.InterpreterBuilder.set_grid_idx
-    started = []
+    """The next interpreted launch of more than `after_programs` programs raises Interrupted
+    as it starts program number `after_programs` (the ones before it ran, drawing their
+    tickets), as a warning made an error or Ctrl-C would; the launches after it run whole."""
+    from triton.runtime import interpreter  # its grid loop calls these two: per launch, per program
+    builder = interpreter.InterpreterBuilder
+    set_grid_dim, set_grid_idx = builder.set_grid_dim, builder.set_grid_idx
+    started = [0]  # programs of the current launch
+
+    def set_grid_dim_and_count(self, nx, ny, nz):
+        started[0] = 0
+        set_grid_dim(self, nx, ny, nz)
 
     def set_grid_idx_or_raise(self, x, y, z):
-        started.append((x, y, z))
-        if len(started) == after_programs + 1:
-            monkeypatch.setattr(interpreter.InterpreterBuilder, "set_grid_idx", set_grid_idx)
+        started[0] += 1
+        if started[0] == after_programs + 1:
+            monkeypatch.setattr(builder, "set_grid_dim", set_grid_dim)
+            monkeypatch.setattr(builder, "set_grid_idx", set_grid_idx)
             raise Interrupted
         set_grid_idx(self, x, y, z)
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "set_grid_idx", set_grid_idx_or_raise)
+    monkeypatch.setattr(builder, "set_grid_dim", set_grid_dim_and_count)
+    monkeypatch.setattr(builder, "set_grid_idx", set_grid_idx_or_raise)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter runs a launch's programs one after another")
