@@ -534,7 +534,8 @@ class FusedSequential(nn.Sequential):
 
 class TimmPreActBasic(_PreActUnits):
     """Fused stand-in for timm resnetv2.PreActBasic: norm1 (BatchNormAct2d), conv1, norm2,
-    conv2, downsample (DownsampleConv: conv + Identity norm) or None, drop_path Identity."""
+    conv2, downsample (DownsampleConv: conv + Identity norm; or DownsampleAvg whose pool is an
+    Identity) or None, drop_path Identity."""
 
     unit_names = (("norm1", "conv1"), ("norm2", "conv2"))
 
@@ -551,9 +552,16 @@ class TimmPreActBasic(_PreActUnits):
         if self.downsample is None:
             return
         children = dict(self.downsample.named_children())
+        # DownsampleAvg (timm's avg_down, the "d" models) pools before its conv; without a stride
+        # its pool is an Identity, and it computes what DownsampleConv does.
+        pool = children.pop("pool", nn.Identity())
+        if not isinstance(pool, nn.Identity):
+            raise ValueError(f"fused_preact: downsample pools before its conv ({type(pool).__name__}: timm's "
+                             f"avg_down at a stride), which a fused block does not compute")
         if set(children) != {"conv", "norm"} or not isinstance(children["norm"], nn.Identity):
-            raise ValueError(f"fused_preact: downsample must be a 1x1 conv with an Identity norm "
-                             f"(timm DownsampleConv, preact=True), got {type(self.downsample).__name__}")
+            raise ValueError(f"fused_preact: downsample must be a 1x1 conv with an Identity norm (timm "
+                             f"DownsampleConv, or DownsampleAvg without a stride; preact=True), got "
+                             f"{type(self.downsample).__name__}")
         Fp.check_conv(self.downsample.conv, "downsample.conv")
 
 

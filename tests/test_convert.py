@@ -1,7 +1,5 @@
 """convert(): swaps verified blocks, keeps parameters / keys / mode, reports what it left."""
 import copy
-import functools
-import inspect
 import logging
 
 import pytest
@@ -127,22 +125,63 @@ def test_convert_timm_leaves_other_activations_and_drop_path():
     assert "['drop_path']" in reasons["1"]
 
 
-def test_convert_real_timm_resnetv2_if_installed():
-    pytest.importorskip("timm", reason="timm (which needs torchvision) is not installed")
-    from timm.models.resnetv2 import ResNetV2, PreActBasic
-    from timm.layers import BatchNormAct2d, create_conv2d
-    # timm releases name the basic-block switch differently: `basic=True` or `block_fn=`.
-    params = inspect.signature(ResNetV2).parameters
-    block = {"basic": True} if "basic" in params else {"block_fn": PreActBasic}
-    # timm's own conv factory (symmetric padding) without bias: a plain bias-free nn.Conv2d.
-    conv = functools.partial(create_conv2d, bias=False)
-    model = ResNetV2([1, 1, 1, 1], channels=(32, 32, 64, 64), num_classes=10, stem_chs=16,
-                     conv_layer=conv, norm_layer=BatchNormAct2d, bottle_ratio=1.0, **block)
-    reference = copy.deepcopy(model).double().eval()
-    converted, report = fp.convert(model.double().eval(), return_report=True)
-    assert len(report.swapped) == 4, report
+def train_step(model, x):
+    """Output, input gradient, parameter gradients and buffers after one training step."""
+    model.train()
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return [out, x.grad, *(p.grad for p in model.parameters()), *model.buffers()]
+
+
+def test_convert_timm_avg_down_fuses_the_unpooled_projection_and_names_the_pooled_one():
+    """timm's "d" models (avg_down): a stage's first block without a stride has a DownsampleAvg
+    whose pool is an Identity, a 1x1 conv as DownsampleConv is; at a stride it pools first,
+    which a fused block does not compute, so that block is left and the report says why."""
+    import timm_like
+    model = nn.Sequential(timm_like.PreActBottleneck(8, 16, 1, avg_down=True), timm_like.PreActBasic(16, 16),
+                          timm_like.PreActBasic(16, 24, 2, avg_down=True)).double()
+    randomize_bn(model)
+    reference = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    converted, report = fp.convert(model, return_report=True)
+    assert [name for name, _ in report.swapped] == ["0", "1"], report
+    assert "pools before its conv (AvgPool2d" in dict(report.left)["2"]
+    assert list(converted.state_dict()) == keys
+    x = torch.randn(3, 8, 9, 9, dtype=torch.float64)
+    for got, expected in zip(train_step(converted, x), train_step(reference, x), strict=True):
+        assert_close(got, expected, torch.float64, "timm avg_down model")
+
+
+# timm's registered pre-activation ResNets: (blocks fused, blocks left) of each. The "d" models'
+# stride-2 projections pool first (avg_down), and their deep stem is no block.
+REAL_TIMM_MODELS = {"resnetv2_18": (8, []), "resnetv2_50": (16, []),
+                    "resnetv2_50d": (13, ["stem", "stages.1.blocks.0", "stages.2.blocks.0", "stages.3.blocks.0"])}
+
+
+@pytest.mark.parametrize("name", REAL_TIMM_MODELS)
+def test_convert_real_timm_resnetv2_if_installed(name):
+    """What tests/timm_like.py stands in for where timm (which needs torchvision) is installed:
+    its models as timm.create_model builds them, converted, against themselves in float64
+    (BatchNorms randomised as after training): one training step's output, gradients and
+    buffers."""
+    timm = pytest.importorskip("timm", reason="timm (which needs torchvision) is not installed")
+    if name not in timm.list_models(name):
+        pytest.skip(f"timm {timm.__version__} has no {name}")
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).double()
+    randomize_bn(model)
+    reference = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    converted, report = fp.convert(model, backend="reference", return_report=True)
+    fused, left = REAL_TIMM_MODELS[name]
+    assert len(report.swapped) == fused and [name for name, _ in report.left] == left, report
+    assert list(converted.state_dict()) == keys
+    # 64 x 64 images: the last stage's BatchNorms see 2 x 2 pixels per image. At 32 x 32 they see
+    # one, two values per channel, and the two models' float64 results differed by 1e-8 relative.
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    assert_close(converted(x), reference(x), torch.float64, "timm ResNetV2")
+    for got, expected in zip(train_step(converted, x), train_step(reference, x), strict=True):
+        assert_close(got, expected, torch.float64, f"timm {name}")
 
 
 class FunctionalDropoutBlock(PreActBlock):

@@ -33,10 +33,24 @@ class DownsampleConv(nn.Module):
         return self.norm(self.conv(x))
 
 
-class PreActBasic(nn.Module):
-    def __init__(self, in_chs, out_chs, stride=1, act_layer=nn.ReLU, drop_path=None):
+class DownsampleAvg(nn.Module):
+    """avg_down ("d" models): average pooling (none without a stride), then a 1x1 conv."""
+
+    def __init__(self, in_chs, out_chs, stride):
         super().__init__()
-        self.downsample = DownsampleConv(in_chs, out_chs, stride) if stride != 1 or in_chs != out_chs else None
+        self.pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
+        self.conv = nn.Conv2d(in_chs, out_chs, 1, stride=1, bias=False)
+        self.norm = nn.Identity()
+
+    def forward(self, x):
+        return self.norm(self.conv(self.pool(x)))
+
+
+class PreActBasic(nn.Module):
+    def __init__(self, in_chs, out_chs, stride=1, act_layer=nn.ReLU, drop_path=None, avg_down=False):
+        super().__init__()
+        projection = DownsampleAvg if avg_down else DownsampleConv
+        self.downsample = projection(in_chs, out_chs, stride) if stride != 1 or in_chs != out_chs else None
         self.norm1 = BatchNormAct2d(in_chs, act_layer)
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
         self.norm2 = BatchNormAct2d(out_chs, act_layer)
@@ -51,10 +65,10 @@ class PreActBasic(nn.Module):
 
 
 class PreActBottleneck(nn.Module):
-    def __init__(self, in_chs, out_chs, stride=1):
+    def __init__(self, in_chs, out_chs, stride=1, avg_down=False):
         super().__init__()
         mid = out_chs // 4
-        self.downsample = DownsampleConv(in_chs, out_chs, stride)
+        self.downsample = (DownsampleAvg if avg_down else DownsampleConv)(in_chs, out_chs, stride)
         self.norm1 = BatchNormAct2d(in_chs)
         self.conv1 = nn.Conv2d(in_chs, mid, 1, bias=False)
         self.norm2 = BatchNormAct2d(mid)
