@@ -400,47 +400,52 @@ class _KuangliuUnits(_PreActUnits):
         Fp.check_conv(shortcut[0], "shortcut[0]")
 
 
-def _projection(in_planes: int, out_planes: int, stride: int) -> Optional[nn.Sequential]:
+def _projection(in_planes: int, out_planes: int, stride: int, factory: dict) -> Optional[nn.Sequential]:
+    """kuangliu's shortcut where width or stride change (factory: nn.Conv2d's device and dtype)."""
     if stride != 1 or in_planes != out_planes:
-        return nn.Sequential(nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False))
+        return nn.Sequential(nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False, **factory))
     return None
 
 
 class PreActBlock(_KuangliuUnits):
-    """Pre-activation basic block: bn1, conv1 (3x3, stride), bn2, conv2 (3x3) [+ shortcut]."""
+    """Pre-activation basic block: bn1, conv1 (3x3, stride), bn2, conv2 (3x3) [+ shortcut].
+    device / dtype: where and in what its parameters and buffers are made, as for nn.Conv2d."""
 
     expansion = 1
     unit_names = (("bn1", "conv1"), ("bn2", "conv2"))
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, *, shortcut: str = "preact",
-                 backend: Optional[str] = None, sync_bn: bool = False, process_group=None):
+                 backend: Optional[str] = None, sync_bn: bool = False, process_group=None, device=None, dtype=None):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
-        projection = _projection(in_planes, self.expansion * planes, stride)
+        factory = dict(device=device, dtype=dtype)
+        self.bn1 = nn.BatchNorm2d(in_planes, **factory)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False, **factory)
+        self.bn2 = nn.BatchNorm2d(planes, **factory)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False, **factory)
+        projection = _projection(in_planes, self.expansion * planes, stride, factory)
         if projection is not None:
             self.shortcut = projection
         self._setup(shortcut, backend, sync_bn, process_group)
 
 
 class PreActBottleneck(_KuangliuUnits):
-    """Pre-activation bottleneck: bn1, conv1 (1x1), bn2, conv2 (3x3, stride), bn3, conv3 (1x1, x4)."""
+    """Pre-activation bottleneck: bn1, conv1 (1x1), bn2, conv2 (3x3, stride), bn3, conv3 (1x1, x4).
+    device / dtype as for PreActBlock."""
 
     expansion = 4
     unit_names = (("bn1", "conv1"), ("bn2", "conv2"), ("bn3", "conv3"))
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, *, shortcut: str = "preact",
-                 backend: Optional[str] = None, sync_bn: bool = False, process_group=None):
+                 backend: Optional[str] = None, sync_bn: bool = False, process_group=None, device=None, dtype=None):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, self.expansion * planes, kernel_size=1, bias=False)
-        projection = _projection(in_planes, self.expansion * planes, stride)
+        factory = dict(device=device, dtype=dtype)
+        self.bn1 = nn.BatchNorm2d(in_planes, **factory)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=1, bias=False, **factory)
+        self.bn2 = nn.BatchNorm2d(planes, **factory)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False, **factory)
+        self.bn3 = nn.BatchNorm2d(planes, **factory)
+        self.conv3 = nn.Conv2d(planes, self.expansion * planes, kernel_size=1, bias=False, **factory)
+        projection = _projection(in_planes, self.expansion * planes, stride, factory)
         if projection is not None:
             self.shortcut = projection
         self._setup(shortcut, backend, sync_bn, process_group)

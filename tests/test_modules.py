@@ -226,6 +226,36 @@ def test_state_dict_round_trip():
         assert torch.equal(a, b), k
 
 
+FACTORY_BUILDS = {"basic": lambda **factory: fp.PreActBlock(4, 6, 2, **factory),
+                  "bottleneck": lambda **factory: fp.PreActBottleneck(8, 3, 2, **factory),
+                  "preact_resnet18": lambda **factory: fp.models.preact_resnet18(**factory),
+                  "preact_resnet164": lambda **factory: fp.models.preact_resnet164(**factory)}
+
+
+@pytest.mark.parametrize("build", FACTORY_BUILDS)
+def test_device_and_dtype_make_every_tensor_there(build):
+    """device= / dtype= as nn.Conv2d and nn.BatchNorm2d take them: every parameter and
+    floating buffer made on that device in that dtype (num_batches_tracked stays int64),
+    the state_dict otherwise that of the default build."""
+    default = FACTORY_BUILDS[build]().state_dict()
+    made = FACTORY_BUILDS[build](device="meta", dtype=torch.float16).state_dict()
+    assert [(k, v.shape) for k, v in made.items()] == [(k, v.shape) for k, v in default.items()]
+    for key, tensor in made.items():
+        expected = torch.int64 if key.endswith("num_batches_tracked") else torch.float16
+        assert (tensor.device.type, tensor.dtype) == ("meta", expected), key
+
+
+def test_a_block_made_in_float64_computes_as_eager():
+    ours = fp.PreActBlock(4, 6, 2, backend="reference", dtype=torch.float64)
+    eager = EagerBlock(4, 6, 2).double()
+    randomize_bn(eager)
+    ours.load_state_dict(eager.state_dict())
+    x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
+    for got, expected in zip(run_step(ours, x), run_step(eager, x)):
+        assert_close(got, expected, torch.float64, "block made in float64")
+    compare_models(ours, eager, torch.float64, "block made in float64")
+
+
 @pytest.mark.parametrize("name,params_m", [("preact_resnet164", 1.7), ("preact_resnet1001", 10.2)])
 def test_paper_model_sizes(name, params_m):
     """Parameter counts of He et al. 2016, Table 2 (1.7M, 10.2M), within 2%: the paper
