@@ -41,11 +41,12 @@ _HARMLESS = (nn.ReLU, nn.Identity)
 class ConversionReport:
     swapped: list[tuple[str, str]] = field(default_factory=list)  # (module name, what it became)
     left: list[tuple[str, str]] = field(default_factory=list)     # (module name, why not)
-    updated: list[tuple[str, str]] = field(default_factory=list)  # (module name, what changed): already fused
+    # (module name, what changed): fused blocks given convert's settings, nn.Sequentials that now chain them
+    updated: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"fused_preact.convert: {len(self.swapped)} blocks swapped, {len(self.left)} left"
-                 + (f", {len(self.updated)} already fused updated" if self.updated else "")]
+                 + (f", {len(self.updated)} modules updated" if self.updated else "")]
         lines += [f"  swapped {name or '<root>'}: {what}" for name, what in self.swapped]
         lines += [f"  left    {name or '<root>'}: {why}" for name, why in self.left]
         lines += [f"  updated {name or '<root>'}: {what}" for name, what in self.updated]
