@@ -3,7 +3,8 @@
 A candidate is a module with the attribute layout of kuangliu/pytorch-cifar's
 PreActBlock (bn1, conv1, bn2, conv2 [, shortcut]) or PreActBottleneck (... bn3, conv3),
 or of timm's resnetv2 PreActBasic / PreActBottleneck (norm1, conv1, ... [, downsample],
-drop_path) with BatchNormAct2d norms.
+drop_path: an Identity, or stochastic depth, which the fused block calls) with BatchNormAct2d
+norms.
 Blocks of the same layout can compute different things: RobustBench / fast-adversarial
 blocks feed the projection shortcut raw x instead of relu(bn1(x)), some add dropout or
 squeeze-excitation, stochastic depth or noise that only acts in training. So every swap
@@ -116,8 +117,7 @@ def _candidate_modules(module: nn.Module, unit_names, optional) -> dict[str, nn.
     for name in optional:
         if name not in taken and hasattr(module, name):
             taken[name] = getattr(module, name)  # e.g. downsample = None
-    left_out = [(name, child) for name, child in module.named_children()
-                if name not in taken or (name == "drop_path" and not isinstance(child, nn.Identity))]
+    left_out = [(name, child) for name, child in module.named_children() if name not in taken]
     extra = [name for name, child in left_out if not isinstance(child, _HARMLESS)]
     if extra:
         raise ValueError(f"has submodules a fused block does not compute: {extra}")

@@ -240,6 +240,13 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
     def _check_projection(self) -> None:
         raise NotImplementedError
 
+    def branch_drop(self) -> Optional[nn.Module]:
+        """The module the eager block applies to its residual branch before the shortcut
+        joins it (timm's `drop_path`: stochastic depth), or None where it has none or an
+        Identity. The fused block calls it too, so it draws the same masks."""
+        module = self._modules.get("drop_path")
+        return None if module is None or isinstance(module, nn.Identity) else module
+
     def forward(self, x: Tensor) -> Tensor:
         reason = self.unfused_reason()
         if reason is not None:
@@ -253,13 +260,15 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
         standalone statistics pass between blocks: x_moments are bn1's, from the conv that
         wrote x (see Fp.bn_stats); the last conv computes those of `consumer`, the next
         block's first BatchNorm (None: nobody reads them). For chainable blocks only: it
-        calls no submodule, so it runs none of their hooks."""
+        calls no submodule but branch_drop(), so it runs none of their hooks."""
         units, projection = self.units(), self.projection()
         convs = [conv for _, conv in units] + ([projection] if projection is not None else [])
         bns = [bn for bn, _ in units] + ([consumer.bn] if consumer is not None else [])
         tensors = block_tensors(bns, convs, len(units))
-        taped = tensors is not None and isinstance(x, Tensor) and block_autograd.applies(
-            x, tensors.params, tensors.weights, Fp.compute_dtype(x, convs[0]))
+        # A branch_drop module computes in PyTorch between the units' autograd nodes, which the
+        # block's one node (block_autograd) cannot hold: such a block keeps a node per unit.
+        taped = tensors is not None and isinstance(x, Tensor) and self.branch_drop() is None and \
+            block_autograd.applies(x, tensors.params, tensors.weights, Fp.compute_dtype(x, convs[0]))
         # A plan (block_autograd) skips the checks below: its key fixes their outcome. None
         # under sync_bn: its glue exchanges statistics between ranks, which a replay would skip.
         key = self.plan_key(x, x_moments, consumer, bns, convs, tensors.signed) if taped and not self.sync_bn else None
@@ -292,20 +301,26 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
         units = self.units()
         bn1 = units[0][0]
         stats = Fp.bn_stats(bn1, x, x_moments, backend, sync, images, tape)
-        projection = self.projection()
+        projection, drop = self.projection(), self.branch_drop()
         h, moments, shortcut = x, x_moments, None
         for i, (bn, conv) in enumerate(units):
-            last = i == len(units) - 1
             if i > 0:
                 stats = Fp.bn_stats(bn, h, moments, backend, sync, images, tape)
-            next_consumer = consumer if last else Fp.Consumer(units[i + 1][0], bool(sync))
+            if i < len(units) - 1:
+                residual, next_consumer = None, Fp.Consumer(units[i + 1][0], bool(sync))
+            elif drop is None:  # the last conv adds the shortcut, and computes the consumer's statistics of the sum
+                residual, next_consumer = shortcut, consumer
+            else:  # the shortcut joins after the drop module; the next block computes its own statistics
+                residual, next_consumer = None, None
             # The shortcut reads x as the first unit's autograd node returns it (under a tape,
             # x itself), so its gradient (the identity's, or the projection's dx) joins that
             # unit's dx kernel.
-            h, moments, carried = Fp.unit(h, stats, bn, conv, shortcut if last else None, next_consumer, backend,
+            h, moments, carried = Fp.unit(h, stats, bn, conv, residual, next_consumer, backend,
                                           carry_input=i == 0, tape=tape)
             if i == 0:
                 shortcut = carried if projection is None else self.project(carried, stats, backend, tape)
+        if drop is not None:
+            return as_fused_output(drop(h) + shortcut), None
         return h, moments
 
     def plan_key(self, x: Tensor, x_moments, consumer: Optional[Fp.Consumer], bns, convs, tensors) -> tuple:
@@ -358,7 +373,7 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
         h = conv1(a)
         for bn, conv in rest:
             h = conv(self.pre_activation(bn, h))
-        drop_path = self._modules.get("drop_path")  # timm's: an Identity (convert takes no other)
+        drop_path = self._modules.get("drop_path")  # timm's
         if drop_path is not None:
             h = drop_path(h)
         return as_fused_output(h + (shortcut() if self.shortcut_last else early_shortcut))
@@ -540,7 +555,7 @@ class FusedSequential(nn.Sequential):
 class TimmPreActBasic(_PreActUnits):
     """Fused stand-in for timm resnetv2.PreActBasic: norm1 (BatchNormAct2d), conv1, norm2,
     conv2, downsample (DownsampleConv: conv + Identity norm; or DownsampleAvg whose pool is an
-    Identity) or None, drop_path Identity."""
+    Identity) or None, drop_path (an Identity, or DropPath: stochastic depth, branch_drop)."""
 
     unit_names = (("norm1", "conv1"), ("norm2", "conv2"))
 

@@ -11,7 +11,7 @@ import fused_preact as fp
 from fused_preact.testing import (DropoutPreActBlock, NoBN2PreActBlock, PreActBlock, PreActBottleneck,
                           PreActResNet, RawShortcutPreActBlock, WideBasicBlock)
 from fused_preact.testing import randomize_bn
-from helpers import assert_close
+from helpers import DEVICE, assert_close, assert_within_eager_error, use_backend_or_skip
 
 
 def test_convert_kuangliu_resnet():
@@ -114,15 +114,54 @@ def test_convert_timm_resnetv2_layout():
         assert_close(gx, ref_gx, torch.float64, "timm layout grad x")
 
 
-def test_convert_timm_leaves_other_activations_and_drop_path():
+def test_convert_timm_leaves_other_activations():
     import timm_like
-    model = nn.Sequential(timm_like.PreActBasic(8, 8, act_layer=nn.SiLU),
-                          timm_like.PreActBasic(8, 8, drop_path=timm_like.DropPath()))
+    model = nn.Sequential(timm_like.PreActBasic(8, 8, act_layer=nn.SiLU))
     converted, report = fp.convert(model, return_report=True)
     assert not report.swapped
-    reasons = dict(report.left)
-    assert "differs from every fused variant" in reasons["0"]  # SiLU, not ReLU
-    assert "['drop_path']" in reasons["1"]
+    assert "differs from every fused variant" in dict(report.left)["0"]  # SiLU, not ReLU
+
+
+def drop_path_model():
+    """timm-layout blocks with stochastic depth (identity, projection and bottleneck blocks),
+    then one without, which computes its own statistics after a dropped branch."""
+    import timm_like
+    torch.manual_seed(0)
+    model = nn.Sequential(timm_like.PreActBasic(8, 8, drop_path=timm_like.DropPath()),
+                          timm_like.PreActBasic(8, 12, 2, drop_path=timm_like.DropPath()),
+                          timm_like.PreActBottleneck(12, 16, drop_path=timm_like.DropPath()),
+                          timm_like.PreActBasic(16, 16))
+    randomize_bn(model)
+    return model
+
+
+@pytest.mark.parametrize("backend", fp.dispatch.BACKEND_NAMES)
+def test_drop_path_blocks_fused_draw_the_masks_eager_draws(backend, monkeypatch):
+    """timm's drop_path_rate puts a DropPath in every block but the first: the fused block
+    calls it on its residual branch where the eager block does, so with the same seed it
+    draws the same per-image masks, and the shortcut joins after it. float32 against the
+    float64 truth, within twice eager float32's error (plus the float32 floor)."""
+    x = torch.randn(6, 8, 7, 7, device=DEVICE)
+    use_backend_or_skip(backend, monkeypatch, x)
+    eager = drop_path_model().to(DEVICE)
+    truth = copy.deepcopy(eager).double()
+    ours, report = fp.convert(copy.deepcopy(eager), backend=backend, return_report=True)
+    assert len(report.swapped) == 4 and not report.left, report
+    results = []
+    for model, dtype in ((truth, torch.float64), (eager, torch.float32), (ours, torch.float32)):
+        torch.manual_seed(1)
+        results.append(train_step(model, x.to(dtype)))
+        results.append(model.eval()(x.to(dtype)))
+    masks = [m.masks for m in eager.modules() if hasattr(m, "masks")]
+    assert {0.0, 1.0} <= {v for block in masks for step in block for v in step}, "no image dropped and kept"
+    names = ["output", "dx", *(f"{n}.grad" for n, _ in eager.named_parameters()), *dict(eager.named_buffers())]
+    for name, true, ref, got in zip(names, results[0], results[2], results[4], strict=True):
+        if true.is_floating_point():
+            assert_within_eager_error(got, ref, true, f"train step: {name}")
+        else:
+            assert torch.equal(got, ref), name
+    assert_within_eager_error(results[5], results[3], results[1], "eval output")
+
 
 
 def train_step(model, x):
@@ -153,34 +192,39 @@ def test_convert_timm_avg_down_fuses_the_unpooled_projection_and_names_the_poole
         assert_close(got, expected, torch.float64, "timm avg_down model")
 
 
-# timm's registered pre-activation ResNets: (blocks fused, blocks left) of each. The "d" models'
-# stride-2 projections pool first (avg_down), and their deep stem is no block.
-REAL_TIMM_MODELS = {"resnetv2_18": (8, []), "resnetv2_50": (16, []),
-                    "resnetv2_50d": (13, ["stem", "stages.1.blocks.0", "stages.2.blocks.0", "stages.3.blocks.0"])}
+# timm's registered pre-activation ResNets: (name, create_model's options, blocks fused, blocks
+# left). The "d" models' stride-2 projections pool first (avg_down), and their deep stem is no
+# block; drop_path_rate gives every block but the first a DropPath (stochastic depth).
+REAL_TIMM_MODELS = [("resnetv2_18", {}, 8, []), ("resnetv2_50", {}, 16, []),
+                    ("resnetv2_50d", {}, 13, ["stem", "stages.1.blocks.0", "stages.2.blocks.0", "stages.3.blocks.0"]),
+                    ("resnetv2_50", {"drop_path_rate": 0.2}, 16, [])]
 
 
-@pytest.mark.parametrize("name", REAL_TIMM_MODELS)
-def test_convert_real_timm_resnetv2_if_installed(name):
+@pytest.mark.parametrize("name,options,fused,left", REAL_TIMM_MODELS,
+                         ids=[name + "".join(f"-{k}" for k in options) for name, options, *_ in REAL_TIMM_MODELS])
+def test_convert_real_timm_resnetv2_if_installed(name, options, fused, left):
     """What tests/timm_like.py stands in for where timm (which needs torchvision) is installed:
     its models as timm.create_model builds them, converted, against themselves in float64
     (BatchNorms randomised as after training): one training step's output, gradients and
-    buffers."""
+    buffers, from the same seed (DropPath's masks)."""
     timm = pytest.importorskip("timm", reason="timm (which needs torchvision) is not installed")
     if name not in timm.list_models(name):
         pytest.skip(f"timm {timm.__version__} has no {name}")
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10).double()
+    model = timm.create_model(name, num_classes=10, **options).double()
     randomize_bn(model)
     reference = copy.deepcopy(model)
     keys = list(model.state_dict())
     converted, report = fp.convert(model, backend="reference", return_report=True)
-    fused, left = REAL_TIMM_MODELS[name]
     assert len(report.swapped) == fused and [name for name, _ in report.left] == left, report
     assert list(converted.state_dict()) == keys
     # 64 x 64 images: the last stage's BatchNorms see 2 x 2 pixels per image. At 32 x 32 they see
     # one, two values per channel, and the two models' float64 results differed by 1e-8 relative.
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    for got, expected in zip(train_step(converted, x), train_step(reference, x), strict=True):
+    torch.manual_seed(1)
+    expected = train_step(reference, x)
+    torch.manual_seed(1)
+    for got, expected in zip(train_step(converted, x), expected, strict=True):
         assert_close(got, expected, torch.float64, f"timm {name}")
 
 

@@ -65,7 +65,7 @@ class PreActBasic(nn.Module):
 
 
 class PreActBottleneck(nn.Module):
-    def __init__(self, in_chs, out_chs, stride=1, avg_down=False):
+    def __init__(self, in_chs, out_chs, stride=1, avg_down=False, drop_path=None):
         super().__init__()
         mid = out_chs // 4
         self.downsample = (DownsampleAvg if avg_down else DownsampleConv)(in_chs, out_chs, stride)
@@ -75,7 +75,7 @@ class PreActBottleneck(nn.Module):
         self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, bias=False)
         self.norm3 = BatchNormAct2d(mid)
         self.conv3 = nn.Conv2d(mid, out_chs, 1, bias=False)
-        self.drop_path = nn.Identity()
+        self.drop_path = drop_path or nn.Identity()
 
     def forward(self, x):
         x_preact = self.norm1(x)
@@ -87,7 +87,19 @@ class PreActBottleneck(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: identity in eval, so only the layout check can refuse it."""
+    """Stochastic depth as timm.layers.DropPath computes it: in training each image's branch
+    is kept with probability 1 - drop_prob and then scaled by 1 / (1 - drop_prob), else zeroed;
+    the identity in eval. Keeps its last mask (masks) for tests."""
+
+    def __init__(self, drop_prob=0.5):
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.masks = []
 
     def forward(self, x):
-        return x
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        self.masks.append(mask.flatten().tolist())
+        return x * mask.div_(keep)
