@@ -192,6 +192,17 @@ def test_convert_timm_avg_down_fuses_the_unpooled_projection_and_names_the_poole
         assert_close(got, expected, torch.float64, "timm avg_down model")
 
 
+def test_drop_path_blocks_keep_at_most_55_percent_of_eager_activations():
+    """The drop module multiplies the branch by a mask that needs no gradient: autograd
+    keeps the mask (one value per image), not the branch."""
+    from benchmarks.run import saved_activation_bytes
+    eager = drop_path_model()
+    ours = fp.convert(copy.deepcopy(eager), backend="reference")
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    ratio = saved_activation_bytes(ours, x) / saved_activation_bytes(eager, x)
+    assert ratio <= 0.55, ratio
+
+
 # timm's registered pre-activation ResNets: (name, create_model's options, blocks fused, blocks
 # left). The "d" models' stride-2 projections pool first (avg_down), and their deep stem is no
 # block; drop_path_rate gives every block but the first a DropPath (stochastic depth).
