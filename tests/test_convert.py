@@ -152,8 +152,10 @@ def test_drop_path_blocks_fused_draw_the_masks_eager_draws(backend, monkeypatch)
         torch.manual_seed(1)
         results.append(train_step(model, x.to(dtype)))
         results.append(model.eval()(x.to(dtype)))
-    masks = [m.masks for m in eager.modules() if hasattr(m, "masks")]
-    assert {0.0, 1.0} <= {v for block in masks for step in block for v in step}, "no image dropped and kept"
+    truth_masks, eager_masks, our_masks = ([m.masks for m in model.modules() if hasattr(m, "masks")]
+                                           for model in (truth, eager, ours))
+    assert truth_masks == eager_masks == our_masks, "the three models drew different masks"
+    assert {0.0, 1.0} <= {v for block in eager_masks for step in block for v in step}, "no image dropped and kept"
     names = ["output", "dx", *(f"{n}.grad" for n, _ in eager.named_parameters()), *dict(eager.named_buffers())]
     for name, true, ref, got in zip(names, results[0], results[2], results[4], strict=True):
         if true.is_floating_point():

@@ -2,6 +2,7 @@
 which has no CPU build here). Attribute names, BatchNormAct2d (BN -> drop -> act) and the
 forward follow timm/models/resnetv2.py; tests against real timm run where it is installed.
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -89,7 +90,9 @@ class PreActBottleneck(nn.Module):
 class DropPath(nn.Module):
     """Stochastic depth as timm.layers.DropPath computes it: in training each image's branch
     is kept with probability 1 - drop_prob and then scaled by 1 / (1 - drop_prob), else zeroed;
-    the identity in eval. Keeps its last mask (masks) for tests."""
+    the identity in eval. Keeps every mask it drew (masks) for tests. Unlike timm's, it draws
+    in float32 whatever x's dtype, so a float64 copy of a model draws what its float32 copy
+    draws from the same seed (on a GPU, bernoulli_ may draw differently per dtype)."""
 
     def __init__(self, drop_prob=0.5):
         super().__init__()
@@ -100,6 +103,6 @@ class DropPath(nn.Module):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep = 1 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device).bernoulli_(keep)
         self.masks.append(mask.flatten().tolist())
-        return x * mask.div_(keep)
+        return x * mask.div_(keep).to(x.dtype)
