@@ -122,6 +122,15 @@ def test_convert_timm_leaves_other_activations():
     assert "differs from every fused variant" in dict(report.left)["0"]  # SiLU, not ReLU
 
 
+def train_step(model, x):
+    """Output, input gradient, parameter gradients and buffers after one training step."""
+    model.train()
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return [out, x.grad, *(p.grad for p in model.parameters()), *model.buffers()]
+
+
 def drop_path_model():
     """timm-layout blocks with stochastic depth (identity, projection and bottleneck blocks),
     then one without, which computes its own statistics after a dropped branch."""
@@ -163,16 +172,6 @@ def test_drop_path_blocks_fused_draw_the_masks_eager_draws(backend, monkeypatch)
         else:
             assert torch.equal(got, ref), name
     assert_within_eager_error(results[5], results[3], results[1], "eval output")
-
-
-
-def train_step(model, x):
-    """Output, input gradient, parameter gradients and buffers after one training step."""
-    model.train()
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-    return [out, x.grad, *(p.grad for p in model.parameters()), *model.buffers()]
 
 
 def test_convert_timm_avg_down_fuses_the_unpooled_projection_and_names_the_pooled_one():
@@ -229,15 +228,15 @@ def test_convert_real_timm_resnetv2_if_installed(name, options, fused, left):
     reference = copy.deepcopy(model)
     keys = list(model.state_dict())
     converted, report = fp.convert(model, backend="reference", return_report=True)
-    assert len(report.swapped) == fused and [name for name, _ in report.left] == left, report
+    assert len(report.swapped) == fused and [where for where, _ in report.left] == left, report
     assert list(converted.state_dict()) == keys
     # 64 x 64 images: the last stage's BatchNorms see 2 x 2 pixels per image. At 32 x 32 they see
     # one, two values per channel, and the two models' float64 results differed by 1e-8 relative.
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     torch.manual_seed(1)
-    expected = train_step(reference, x)
+    expected_step = train_step(reference, x)
     torch.manual_seed(1)
-    for got, expected in zip(train_step(converted, x), expected, strict=True):
+    for got, expected in zip(train_step(converted, x), expected_step, strict=True):
         assert_close(got, expected, torch.float64, f"timm {name}")
 
 
