@@ -267,7 +267,8 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
         tensors = block_tensors(bns, convs, len(units))
         # A branch_drop module computes in PyTorch between the units' autograd nodes, which the
         # block's one node (block_autograd) cannot hold: such a block keeps a node per unit.
-        taped = tensors is not None and isinstance(x, Tensor) and self.branch_drop() is None and \
+        drop = self.branch_drop()
+        taped = tensors is not None and isinstance(x, Tensor) and drop is None and \
             block_autograd.applies(x, tensors.params, tensors.weights, Fp.compute_dtype(x, convs[0]))
         # A plan (block_autograd) skips the checks below: its key fixes their outcome. None
         # under sync_bn: its glue exchanges statistics between ranks, which a replay would skip.
@@ -288,20 +289,21 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
         backend = self.backend or "auto"
 
         def forward_units(x: Tensor, tape: Optional[Tape]):
-            return self.forward_units(x, x_moments, consumer, sync, images, backend, tape)
+            return self.forward_units(x, x_moments, consumer, sync, images, backend, tape, drop)
         if not taped:
             return forward_units(x, None)
         inputs = block_autograd.BlockInputs(x, x_moments, tensors.params, tensors.buffers)
         return block_autograd.run_block(forward_units, key, program, inputs)
 
     def forward_units(self, x: Tensor, x_moments, consumer: Optional[Fp.Consumer], sync: int,
-                      images: Optional[int], backend: str, tape: Optional[Tape]):
+                      images: Optional[int], backend: str, tape: Optional[Tape], drop: Optional[nn.Module]):
         """forward_with_stats after its checks: the units one after another, each with its
-        own autograd node, or recorded on the block's tape (block_autograd) if given."""
+        own autograd node, or recorded on the block's tape (block_autograd) if given; drop:
+        branch_drop(), applied to the residual branch before the shortcut joins it."""
         units = self.units()
         bn1 = units[0][0]
         stats = Fp.bn_stats(bn1, x, x_moments, backend, sync, images, tape)
-        projection, drop = self.projection(), self.branch_drop()
+        projection = self.projection()
         h, moments, shortcut = x, x_moments, None
         for i, (bn, conv) in enumerate(units):
             if i > 0:
