@@ -14,7 +14,7 @@ from fused_preact.testing import PreActBlock as EagerBlock
 from fused_preact.testing import PreActBottleneck as EagerBottleneck
 from fused_preact.testing import RawShortcutPreActBlock
 from fused_preact.testing import randomize_bn
-from helpers import DEVICE, assert_close, use_backend_or_skip
+from helpers import DEVICE, assert_close, assert_within_eager_error, use_backend_or_skip
 
 
 def small_pair(dtype=torch.float32):
@@ -151,6 +151,45 @@ def test_checkpoint_pickle_deepcopy_round_trips():
     buffer.seek(0)
     fresh.load_state_dict(torch.load(buffer))
     assert torch.equal(fresh(x), expected)
+
+
+def checkpointed(model: nn.Sequential, how: str):
+    """model's forward under activation checkpointing as memory-bound training recipes use it
+    (timm's set_grad_checkpointing calls checkpoint_seq, which calls checkpoint per segment)."""
+    from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+    if how == "sequential":
+        return lambda x: checkpoint_sequential(model, 2, x, use_reentrant=False)
+    return lambda x: model[2](checkpoint(model[:2], x, use_reentrant=how == "reentrant"))
+
+
+@pytest.mark.parametrize("how", ["reentrant", "non-reentrant", "sequential"])
+@pytest.mark.parametrize("backend", fp.dispatch.BACKEND_NAMES)
+def test_activation_checkpointing_gives_eagers_training_step(backend, how, monkeypatch):
+    """torch.utils.checkpoint runs a segment's forward again in backward (the blocks' saved
+    tensors then come from the recomputation), and its BatchNorms count the batch twice, as
+    eager ones do. float32 against the float64 truth under the same checkpointing, within
+    twice eager float32's error (plus the float32 floor); the running statistics and
+    num_batches_tracked as eager's."""
+    x = torch.randn(3, 3, 8, 8, device=DEVICE)
+    use_backend_or_skip(backend, monkeypatch, x)
+    eager = small_pair()[1].to(DEVICE)
+    eager(torch.randn(4, 3, 8, 8, device=DEVICE))  # trained running statistics, num_batches_tracked 1
+    truth = copy.deepcopy(eager).double()
+    ours = fp.convert(copy.deepcopy(eager), backend=backend)
+    results = []
+    for model, dtype in ((truth, torch.float64), (eager, torch.float32), (ours, torch.float32)):
+        xd = x.to(dtype).requires_grad_(True)
+        out = checkpointed(model, how)(xd)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype, device=DEVICE).view_as(out)).sum().backward()
+        results.append([out, xd.grad, *(p.grad for p in model.parameters()), *model.buffers()])
+    names = ["output", "dx", *(f"{n}.grad" for n, _ in eager.named_parameters()), *dict(eager.named_buffers())]
+    counted = [b.item() for n, b in ours.named_buffers() if n.endswith("num_batches_tracked")]
+    assert counted[:2] == [3, 3], counted  # the first block was recomputed: counted twice (the loop: as eager)
+    for name, true, ref, got in zip(names, *results, strict=True):
+        if true.is_floating_point():
+            assert_within_eager_error(got, ref, true, f"{how}: {name}")
+        else:
+            assert torch.equal(got, ref), name
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks, constant for a trace
