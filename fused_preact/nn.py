@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from . import block_autograd, dispatch, distributed
 from . import functional as Fp
 from .block_autograd import Tape
+from .pooled_projection import PooledConv, conv_reason, pool_reason, pools_partial_windows
 from .unfused import built_classes, calls_hooks, sync_batchnorms_swapped_in, unfused_reason
 
 SHORTCUT_SOURCES = ("preact", "input")
@@ -57,8 +58,11 @@ def block_tensors(bns, convs, units: int) -> Optional[BlockTensors]:
     """The registered parameters and buffers of the units' BatchNorms and convs (bns: the
     units' and the consumer's, convs: the units' and the projection), or None where one is
     not registered (a parametrized weight is a property that computes a new tensor on
-    every read: autograd must see that computation, so the block keeps its per-unit path)."""
+    every read, a PooledConv's weight is derived from its 1x1 conv's: autograd must see
+    that computation, so the block keeps its per-unit path)."""
     def registered(module, names):
+        if not isinstance(module, nn.Module):  # a PooledConv
+            return [MISSING] * len(names)
         params, buffers = module._parameters, module._buffers
         return [params[n] if n in params else buffers[n] if n in buffers else MISSING for n in names]
     weights = [w for conv in convs for w in registered(conv, ("weight",))]
@@ -123,18 +127,20 @@ class _SyncBNOption:
         self.submodule_classes = built_classes(self)
         return None
 
-    def check_unfused(self, reason: str) -> None:
-        """Before this module calls its submodules (unfused.unfused_reason gave `reason`):
-        refused where it synchronises statistics (its BatchNorms are plain ones: called, they
-        would not), else a warning that it runs unfused."""
+    def check_unfused(self, reason: str, cause: str = "a fused module does not call its submodules",
+                      remedy: str = "remove the hooks or the replacement") -> None:
+        """Before this module calls its submodules (unfused.unfused_reason gave `reason`, or
+        size_unfused_reason with its own cause and remedy): refused where it synchronises
+        statistics (its BatchNorms are plain ones: called, they would not), else a warning
+        that it runs unfused."""
         name = type(self).__name__
         if self.sync_handle():
             raise ValueError(f"fused_preact: {name} with sync_bn=True cannot call its submodules ({reason}): it "
-                             f"synchronises its BatchNorms without calling them; remove the hooks or the "
-                             f"replacement, or use sync_bn=False and nn.SyncBatchNorm")
+                             f"synchronises its BatchNorms without calling them; {remedy}, or use sync_bn=False "
+                             f"and nn.SyncBatchNorm")
         if not torch.compiler.is_compiling():  # a warning would end torch.compile's graph
             warnings.warn(f"fused_preact: {name} runs unfused, calling its submodules as eager PyTorch does, "
-                          f"while {reason} (a fused module does not call its submodules)", stacklevel=2)
+                          f"while {reason} ({cause})", stacklevel=2)
 
 
 class FusedBNReLUConv2d(_NotScriptable, _SyncBNOption, nn.Module):
@@ -234,7 +240,8 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
         return module_attr(self, self.unit_names[0][0])
 
     def projection(self) -> Optional[nn.Conv2d]:
-        """The 1x1 projection conv of the shortcut, or None for the identity."""
+        """The projection conv of the shortcut as the kernels compute it (an nn.Conv2d, or a
+        pooled_projection.PooledConv), or None for the identity."""
         raise NotImplementedError
 
     def _check_projection(self) -> None:
@@ -247,10 +254,21 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
         module = self._modules.get("drop_path")
         return None if module is None or isinstance(module, nn.Identity) else module
 
+    def size_unfused_reason(self, x: Tensor) -> Optional[tuple[str, str, str]]:
+        """Why the fused units do not compute this block at x's size (its submodules then
+        do), as check_unfused's (reason, cause, remedy), or None; see TimmPreActBasic. A block
+        that may give one is never chained (fuses_every_size): handed statistics, its first
+        BatchNorm would count the batch twice."""
+        return None
+
+    def fuses_every_size(self) -> bool:
+        return True
+
     def forward(self, x: Tensor) -> Tensor:
         reason = self.unfused_reason()
-        if reason is not None:
-            self.check_unfused(reason)
+        size_reason = self.size_unfused_reason(x) if reason is None else None
+        if reason is not None or size_reason is not None:
+            self.check_unfused(*((reason,) if size_reason is None else size_reason))
             return self.submodule_forward(x)
         return self.forward_with_stats(x, None, None)[0]
 
@@ -540,8 +558,9 @@ def _entered(modules):
 
 def chainable(module: nn.Module) -> bool:
     """A fused block that run_chain may call directly: calling it would run no hooks (a direct
-    call does not), and it runs its fused ops (no unfused_reason)."""
-    return isinstance(module, _PreActUnits) and not calls_hooks(module) and module.unfused_reason() is None
+    call does not), and it runs its fused ops (no unfused_reason, whatever the input size)."""
+    return isinstance(module, _PreActUnits) and not calls_hooks(module) and module.unfused_reason() is None \
+        and module.fuses_every_size()
 
 
 class FusedSequential(nn.Sequential):
@@ -556,13 +575,34 @@ class FusedSequential(nn.Sequential):
 
 class TimmPreActBasic(_PreActUnits):
     """Fused stand-in for timm resnetv2.PreActBasic: norm1 (BatchNormAct2d), conv1, norm2,
-    conv2, downsample (DownsampleConv: conv + Identity norm; or DownsampleAvg whose pool is an
-    Identity) or None, drop_path (an Identity, or DropPath: stochastic depth, branch_drop)."""
+    conv2, downsample (DownsampleConv: conv + Identity norm; or DownsampleAvg: pool, an
+    Identity or an nn.AvgPool2d(2, 2), then conv + Identity norm) or None, drop_path (an
+    Identity, or DropPath: stochastic depth, branch_drop)."""
 
     unit_names = (("norm1", "conv1"), ("norm2", "conv2"))
 
-    def projection(self) -> Optional[nn.Conv2d]:
-        return None if self.downsample is None else self.downsample.conv
+    def projection(self):
+        """downsample's conv, or its pool and conv as one PooledConv (a new one per call, its
+        weight derived on first read: a forward reads it once, in project)."""
+        if self.downsample is None:
+            return None
+        pool = self.downsample_pool()
+        return self.downsample.conv if pool is None else PooledConv(self.downsample.conv)
+
+    def downsample_pool(self) -> Optional[nn.AvgPool2d]:
+        pool = self.downsample._modules.get("pool") if self.downsample is not None else None
+        return None if pool is None or isinstance(pool, nn.Identity) else pool
+
+    def size_unfused_reason(self, x: Tensor) -> Optional[tuple[str, str, str]]:
+        pool = self.downsample_pool()
+        if pool is None or not pools_partial_windows(pool, x):
+            return None
+        return (f"its downsample pools an input of odd size {tuple(x.shape[2:])} with ceil_mode",
+                "its last window averages fewer values, which the fused conv does not compute",
+                "feed it inputs of even height and width")
+
+    def fuses_every_size(self) -> bool:
+        return self.downsample_pool() is None
 
     def shortcut_module(self) -> Optional[nn.Module]:
         return self.downsample
@@ -574,17 +614,17 @@ class TimmPreActBasic(_PreActUnits):
         if self.downsample is None:
             return
         children = dict(self.downsample.named_children())
-        # DownsampleAvg (timm's avg_down, the "d" models) pools before its conv; without a stride
-        # its pool is an Identity, and it computes what DownsampleConv does.
+        # DownsampleAvg (timm's avg_down, the "d" models) pools before its conv: an Identity
+        # without a stride (then it computes what DownsampleConv does), at stride 2 one conv
+        # with it (PooledConv).
         pool = children.pop("pool", nn.Identity())
-        if not isinstance(pool, nn.Identity):
-            raise ValueError(f"fused_preact: downsample pools before its conv ({type(pool).__name__}: timm's "
-                             f"avg_down at a stride), which a fused block does not compute")
         if set(children) != {"conv", "norm"} or not isinstance(children["norm"], nn.Identity):
             raise ValueError(f"fused_preact: downsample must be a 1x1 conv with an Identity norm (timm "
-                             f"DownsampleConv, or DownsampleAvg without a stride; preact=True), got "
-                             f"{type(self.downsample).__name__}")
+                             f"DownsampleConv or DownsampleAvg; preact=True), got {type(self.downsample).__name__}")
         Fp.check_conv(self.downsample.conv, "downsample.conv")
+        reason = pool_reason(pool) or (None if isinstance(pool, nn.Identity) else conv_reason(self.downsample.conv))
+        if reason is not None:
+            raise ValueError(f"fused_preact: {reason}")
 
 
 class TimmPreActBottleneck(TimmPreActBasic):

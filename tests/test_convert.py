@@ -1,10 +1,12 @@
 """convert(): swaps verified blocks, keeps parameters / keys / mode, reports what it left."""
 import copy
 import logging
+import warnings
 
 import pytest
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fused_preact as fp
@@ -174,23 +176,95 @@ def test_drop_path_blocks_fused_draw_the_masks_eager_draws(backend, monkeypatch)
     assert_within_eager_error(results[5], results[3], results[1], "eval output")
 
 
-def test_convert_timm_avg_down_fuses_the_unpooled_projection_and_names_the_pooled_one():
-    """timm's "d" models (avg_down): a stage's first block without a stride has a DownsampleAvg
-    whose pool is an Identity, a 1x1 conv as DownsampleConv is; at a stride it pools first,
-    which a fused block does not compute, so that block is left and the report says why."""
+def avg_down_model():
+    """timm's "d" models (avg_down): a stage's first block has a DownsampleAvg, whose pool is
+    an Identity without a stride and an nn.AvgPool2d(2, 2, ceil_mode=True) at stride 2."""
     import timm_like
+    torch.manual_seed(0)
     model = nn.Sequential(timm_like.PreActBottleneck(8, 16, 1, avg_down=True), timm_like.PreActBasic(16, 16),
-                          timm_like.PreActBasic(16, 24, 2, avg_down=True)).double()
+                          timm_like.PreActBasic(16, 24, 2, avg_down=True),
+                          timm_like.PreActBottleneck(24, 32, 2, avg_down=True))
     randomize_bn(model)
+    return model
+
+
+def test_convert_timm_avg_down_computes_the_pooled_projection_as_one_conv(monkeypatch):
+    """At even sizes the fused block computes pool + 1x1 conv as one 2x2 stride-2 conv (no
+    pool called); at an odd size ceil_mode's last window averages fewer values, so the block
+    calls its submodules, with a warning. float64 training steps and eval against timm's."""
+    model = avg_down_model().double()
     reference = copy.deepcopy(model)
     keys = list(model.state_dict())
     converted, report = fp.convert(model, return_report=True)
-    assert [name for name, _ in report.swapped] == ["0", "1"], report
-    assert "pools before its conv (AvgPool2d" in dict(report.left)["2"]
+    assert [name for name, _ in report.swapped] == ["0", "1", "2", "3"] and not report.left, report
     assert list(converted.state_dict()) == keys
-    x = torch.randn(3, 8, 9, 9, dtype=torch.float64)
-    for got, expected in zip(train_step(converted, x), train_step(reference, x), strict=True):
-        assert_close(got, expected, torch.float64, "timm avg_down model")
+    for size in ((8, 8), (12, 16), (9, 9)):
+        x = torch.randn(3, 8, *size, dtype=torch.float64)
+        expected = [*train_step(reference, x), reference.eval()(x)]
+        with monkeypatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if size != (9, 9):
+                patch.setattr(nn.AvgPool2d, "forward", lambda *_: pytest.fail("the pool ran at an even size"))
+            got = [*train_step(converted, x), converted.eval()(x)]
+        unfused = {str(w.message) for w in caught}
+        if size == (9, 9):  # 9 x 9, then 5 x 5: both pooled blocks see an odd size
+            assert len(unfused) == 2 and all("pools an input of odd size" in m for m in unfused), unfused
+        else:
+            assert not unfused, unfused
+        for a, b in zip(got, expected, strict=True):
+            assert_close(a, b, torch.float64, f"timm avg_down model at {size}")
+
+
+class AvgPool2dSame(nn.AvgPool2d):
+    """timm's: an nn.AvgPool2d that pads unevenly (a dilated stage's avg_down, stride 1)."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, [0, 1, 0, 1]))
+
+
+@pytest.mark.parametrize("pool", [AvgPool2dSame(2, 1, ceil_mode=True, count_include_pad=False),
+                                  nn.AvgPool2d(3, 2, padding=1), nn.AvgPool2d(2, 2, divisor_override=3),
+                                  nn.MaxPool2d(2, 2)], ids=["AvgPool2dSame", "3x3", "divisor", "max"])
+def test_convert_leaves_a_downsample_pool_no_conv_computes_and_says_so(pool):
+    import timm_like
+    block = timm_like.PreActBasic(8, 16, 2, avg_down=True)
+    block.downsample.pool = pool
+    _, report = fp.convert(nn.Sequential(block), return_report=True)
+    assert not report.swapped and "downsample pools with" in dict(report.left)["0"], report
+
+
+@pytest.mark.parametrize("backend", fp.dispatch.BACKEND_NAMES)
+def test_avg_down_blocks_within_eagers_float32_error(backend, monkeypatch):
+    """The pooled projection's 2x2 stride-2 conv (BN + ReLU prologue) on every backend:
+    float32 against the float64 truth, within twice eager float32's error (plus the float32
+    floor), at an even size (fused) and an odd one (the pooled blocks call their submodules)."""
+    x = torch.randn(4, 8, 12, 16, device=DEVICE)
+    use_backend_or_skip(backend, monkeypatch, x)
+    eager = avg_down_model().to(DEVICE)
+    truth = copy.deepcopy(eager).double()
+    ours, report = fp.convert(copy.deepcopy(eager), backend=backend, return_report=True)
+    assert len(report.swapped) == 4 and not report.left, report
+    names = ["output", "dx", *(f"{n}.grad" for n, _ in eager.named_parameters()), *dict(eager.named_buffers())]
+    for x in (x, x[..., :11, :13]):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "fused_preact: .* pools an input of odd size")
+            results = [train_step(model, x.to(dtype)) for model, dtype in
+                       ((truth, torch.float64), (eager, torch.float32), (ours, torch.float32))]
+        for name, true, ref, got in zip(names, *results, strict=True):
+            if true.is_floating_point():
+                assert_within_eager_error(got, ref, true, f"{tuple(x.shape)}: {name}")
+            else:
+                assert torch.equal(got, ref), name
+
+
+def test_avg_down_blocks_keep_at_most_55_percent_of_eager_activations():
+    """The pooled projection reads x, which the first unit keeps anyway; eager keeps the pool's output too."""
+    from benchmarks.run import saved_activation_bytes
+    eager = avg_down_model()
+    ours = fp.convert(copy.deepcopy(eager), backend="reference")
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    ratio = saved_activation_bytes(ours, x) / saved_activation_bytes(eager, x)
+    assert ratio <= 0.55, ratio
 
 
 def test_drop_path_blocks_keep_at_most_55_percent_of_eager_activations():
@@ -205,10 +279,10 @@ def test_drop_path_blocks_keep_at_most_55_percent_of_eager_activations():
 
 
 # timm's registered pre-activation ResNets: (name, create_model's options, blocks fused, blocks
-# left). The "d" models' stride-2 projections pool first (avg_down), and their deep stem is no
-# block; drop_path_rate gives every block but the first a DropPath (stochastic depth).
+# left). The "d" models' stride-2 projections pool first (avg_down: PooledConv), and their deep
+# stem is no block; drop_path_rate gives every block but the first a DropPath (stochastic depth).
 REAL_TIMM_MODELS = [("resnetv2_18", {}, 8, []), ("resnetv2_50", {}, 16, []),
-                    ("resnetv2_50d", {}, 13, ["stem", "stages.1.blocks.0", "stages.2.blocks.0", "stages.3.blocks.0"]),
+                    ("resnetv2_50d", {}, 16, ["stem"]),
                     ("resnetv2_50", {"drop_path_rate": 0.2}, 16, [])]
 
 
