@@ -8,7 +8,6 @@ zero-padded conv computes; the block then calls its submodules (TimmPreActBasic)
 """
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Optional
 
 from torch import Tensor, nn
@@ -47,10 +46,14 @@ class PooledConv:
     def __init__(self, conv: nn.Conv2d):
         self.conv = conv
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.derived: Optional[Tensor] = None
 
-    @cached_property
+    @property
     def weight(self) -> Tensor:
-        return self.conv.weight.expand(-1, -1, 2, 2) * 0.25  # a power of two: W / 4 exactly
+        # Not functools.cached_property: its lock (Python < 3.12) stops torch.compile's tracing.
+        if self.derived is None:
+            self.derived = self.conv.weight.expand(-1, -1, 2, 2) * 0.25  # a power of two: W / 4 exactly
+        return self.derived
 
 
 def conv_reason(conv: nn.Conv2d) -> Optional[str]:

@@ -257,6 +257,17 @@ def test_avg_down_blocks_within_eagers_float32_error(backend, monkeypatch):
                 assert torch.equal(got, ref), name
 
 
+def test_avg_down_model_compiles_with_fullgraph():
+    """torch.compile traces the pooled projection's derived weight (no graph break) and gives
+    timm's training step; float64, reference backend."""
+    model = avg_down_model().double()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(fp.convert(model, backend="reference"), fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 8, 12, 16, dtype=torch.float64)
+    for got, expected in zip(train_step(compiled, x), train_step(reference, x), strict=True):
+        assert_close(got, expected, torch.float64, "compiled timm avg_down model")
+
+
 def test_avg_down_blocks_keep_at_most_55_percent_of_eager_activations():
     """The pooled projection reads x, which the first unit keeps anyway; eager keeps the pool's output too."""
     from benchmarks.run import saved_activation_bytes
