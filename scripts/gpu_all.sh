@@ -6,8 +6,10 @@
 # start included, and 10 minutes per call: the most that fits one call of about 8 minutes, with the
 # nvidia-cutlass wheel carried in .whl (see the build step) and timeout_s 600:
 #   PACK=$OUT/gpu_all.tar.gz STEPS="tests kernels profile bench" TESTS_TIMEOUT_S=200 \
-#   TESTS="tests/test_triton.py tests/test_conformance.py tests/test_gpu.py" \
+#   TESTS="tests/test_triton.py tests/test_conformance.py tests/test_gpu.py tests/test_convert.py" \
 #   BENCH_CASES=r18-s1-id,tiny-overhead BENCH_DTYPES=bf16 bash scripts/gpu_all.sh /tmp/gpu_all
+# (test_convert.py: the drop-path and avg_down blocks, never yet on a GPU, in float32 on the device: the
+# triton cases skip there with the backend's reason, exact float32 being declined on GPUs)
 # and, with the time left, on the same warm machine (the build is kept):
 #   PACK=$OUT/sanitizer.tar.gz STEPS=sanitizer bash scripts/gpu_all.sh /tmp/gpu_sanitizer
 # build the extension in place, run the whole test suite on the GPU (the Triton tests
