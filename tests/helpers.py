@@ -61,3 +61,16 @@ def assert_within_eager_error(actual, eager, truth, what="", factor=2.0, floor=F
         return ((t.double() - truth).norm() / truth.norm().clamp_min(1e-12)).item()
     ours, theirs = error(actual), error(eager)
     assert ours <= factor * theirs + floor, f"{what}: relative L2 error {ours:.2e} > {factor:g} x eager's {theirs:.2e} + {floor:g}"
+
+
+def assert_step_within_eager_error(model, truth, eager, ours, what=""):
+    """Three models' training steps, each a list of the output, the input gradient, `model`'s
+    parameter gradients and its buffers (in its order, which names them): ours within eager's
+    error against the float64 truth (assert_within_eager_error), integer buffers
+    (num_batches_tracked) equal to eager's."""
+    names = ["output", "dx", *(f"{n}.grad" for n, _ in model.named_parameters()), *dict(model.named_buffers())]
+    for name, true, ref, got in zip(names, truth, eager, ours, strict=True):
+        if true.is_floating_point():
+            assert_within_eager_error(got, ref, true, f"{what}: {name}")
+        else:
+            assert torch.equal(got, ref), f"{what}: {name}"

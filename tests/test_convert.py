@@ -13,7 +13,7 @@ import fused_preact as fp
 from fused_preact.testing import (DropoutPreActBlock, NoBN2PreActBlock, PreActBlock, PreActBottleneck,
                           PreActResNet, RawShortcutPreActBlock, WideBasicBlock)
 from fused_preact.testing import randomize_bn
-from helpers import DEVICE, assert_close, assert_within_eager_error, use_backend_or_skip
+from helpers import DEVICE, assert_close, assert_step_within_eager_error, assert_within_eager_error, use_backend_or_skip
 
 
 def test_convert_kuangliu_resnet():
@@ -167,12 +167,7 @@ def test_drop_path_blocks_fused_draw_the_masks_eager_draws(backend, monkeypatch)
                                            for model in (truth, eager, ours))
     assert truth_masks == eager_masks == our_masks, "the three models drew different masks"
     assert {0.0, 1.0} <= {v for block in eager_masks for step in block for v in step}, "no image dropped and kept"
-    names = ["output", "dx", *(f"{n}.grad" for n, _ in eager.named_parameters()), *dict(eager.named_buffers())]
-    for name, true, ref, got in zip(names, results[0], results[2], results[4], strict=True):
-        if true.is_floating_point():
-            assert_within_eager_error(got, ref, true, f"train step: {name}")
-        else:
-            assert torch.equal(got, ref), name
+    assert_step_within_eager_error(eager, results[0], results[2], results[4], "train step")
     assert_within_eager_error(results[5], results[3], results[1], "eval output")
 
 
@@ -253,17 +248,12 @@ def test_avg_down_blocks_within_eagers_float32_error(backend, monkeypatch):
     truth = copy.deepcopy(eager).double()
     ours, report = fp.convert(copy.deepcopy(eager), backend=backend, return_report=True)
     assert len(report.swapped) == 4 and not report.left, report
-    names = ["output", "dx", *(f"{n}.grad" for n, _ in eager.named_parameters()), *dict(eager.named_buffers())]
     for x in (x, x[..., :11, :13]):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "fused_preact: .* pools an input of odd size")
             results = [seeded_train_step(model, x.to(dtype)) for model, dtype in
                        ((truth, torch.float64), (eager, torch.float32), (ours, torch.float32))]
-        for name, true, ref, got in zip(names, *results, strict=True):
-            if true.is_floating_point():
-                assert_within_eager_error(got, ref, true, f"{tuple(x.shape)}: {name}")
-            else:
-                assert torch.equal(got, ref), name
+        assert_step_within_eager_error(eager, *results, str(tuple(x.shape)))
 
 
 def test_avg_down_model_compiles_with_fullgraph():
