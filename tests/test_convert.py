@@ -133,6 +133,17 @@ def train_step(model, x):
     return [out, x.grad, *(p.grad for p in model.parameters()), *model.buffers()]
 
 
+def eager_truth_fused(build, x, backend: str, monkeypatch):
+    """What a float32 test against float64 compares: build()'s model on x's device (eager
+    float32), its float64 copy (the truth) and its conversion to `backend`, every block
+    swapped. Skips where the backend declines x."""
+    use_backend_or_skip(backend, monkeypatch, x)
+    eager = build().to(x.device)
+    ours, report = fp.convert(copy.deepcopy(eager), backend=backend, return_report=True)
+    assert not report.left and report.swapped, report
+    return eager, copy.deepcopy(eager).double(), ours
+
+
 def drop_path_model():
     """timm-layout blocks with stochastic depth (identity, projection and bottleneck blocks),
     then one without, which computes its own statistics after a dropped branch."""
@@ -153,11 +164,7 @@ def test_drop_path_blocks_fused_draw_the_masks_eager_draws(backend, monkeypatch)
     draws the same per-image masks, and the shortcut joins after it. float32 against the
     float64 truth, within twice eager float32's error (plus the float32 floor)."""
     x = torch.randn(6, 8, 7, 7, device=DEVICE)
-    use_backend_or_skip(backend, monkeypatch, x)
-    eager = drop_path_model().to(DEVICE)
-    truth = copy.deepcopy(eager).double()
-    ours, report = fp.convert(copy.deepcopy(eager), backend=backend, return_report=True)
-    assert len(report.swapped) == 4 and not report.left, report
+    eager, truth, ours = eager_truth_fused(drop_path_model, x, backend, monkeypatch)
     results = []
     for model, dtype in ((truth, torch.float64), (eager, torch.float32), (ours, torch.float32)):
         torch.manual_seed(1)
@@ -243,11 +250,7 @@ def test_avg_down_blocks_within_eagers_float32_error(backend, monkeypatch):
     float32 against the float64 truth, within twice eager float32's error (plus the float32
     floor), at an even size (fused) and an odd one (the pooled blocks call their submodules)."""
     x = torch.randn(4, 8, 12, 16, device=DEVICE)
-    use_backend_or_skip(backend, monkeypatch, x)
-    eager = avg_down_model().to(DEVICE)
-    truth = copy.deepcopy(eager).double()
-    ours, report = fp.convert(copy.deepcopy(eager), backend=backend, return_report=True)
-    assert len(report.swapped) == 4 and not report.left, report
+    eager, truth, ours = eager_truth_fused(avg_down_model, x, backend, monkeypatch)
     for x in (x, x[..., :11, :13]):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "fused_preact: .* pools an input of odd size")
