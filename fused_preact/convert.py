@@ -69,9 +69,14 @@ def _probe_copy(module: nn.Module) -> nn.Module:
 
 def _local(module: Optional[nn.Module]) -> Optional[nn.Module]:
     """An nn.SyncBatchNorm as the nn.BatchNorm2d it is on one rank, holding the same
-    parameters and buffers; any other module as it is."""
+    parameters and buffers; any other module as it is. A subclass computes more than that
+    (timm's SyncBatchNormAct: its activation too), which no local BatchNorm stands for."""
     if not isinstance(module, nn.SyncBatchNorm):
         return module
+    if type(module) is not nn.SyncBatchNorm:
+        raise ValueError(f"has a {type(module).__name__} (a subclass of nn.SyncBatchNorm, as timm's "
+                         f"convert_sync_batchnorm makes), which a fused block does not take over; for synchronised "
+                         f"statistics, fused: fp.convert(model, sync_bn=True) on the model without it")
     local = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
                            module.track_running_stats, device="meta")
     local._parameters.update(module._parameters)

@@ -104,9 +104,13 @@ def unfused_reason(module: nn.Module, built: tuple[type, ...]) -> Optional[str]:
     sub, cls = differences[0]
     if own_hooks(sub):
         return f"submodule {_name(module, sub)!r} has hooks"
-    hint = (" (a block stays fused where all its BatchNorms are SyncBatchNorms of one process group, as "
-            "nn.SyncBatchNorm.convert_sync_batchnorm(model) makes them, or with fp.convert(model, "
-            "sync_bn=True))" if isinstance(sub, nn.SyncBatchNorm) else "")
+    hint = ""
+    if type(sub) is nn.SyncBatchNorm and cls is nn.BatchNorm2d:
+        hint = (" (a block stays fused where all its BatchNorms are SyncBatchNorms of one process group, as "
+                "nn.SyncBatchNorm.convert_sync_batchnorm(model) makes them, or with fp.convert(model, sync_bn=True))")
+    elif isinstance(sub, nn.SyncBatchNorm):  # timm's SyncBatchNormAct (its convert_sync_batchnorm, --sync-bn)
+        hint = (" (a block takes over only plain nn.SyncBatchNorms in place of nn.BatchNorm2ds; for synchronised "
+                "statistics, fused: fp.convert(model, sync_bn=True), without converting the blocks' BatchNorms)")
     return f"submodule {_name(module, sub)!r} is now a {type(sub).__name__}, not a {cls.__name__}{hint}"
 
 

@@ -369,6 +369,35 @@ def test_sync_batchnorms_swapped_in_are_taken_over(monkeypatch):
     assert calls == {"bn_relu_conv": 3} and not ours[1].sync_bn
 
 
+def test_timm_sync_batchnorm_act_is_not_taken_over_and_the_messages_say_what_to_do():
+    """timm's convert_sync_batchnorm (its train.py --sync-bn) puts SyncBatchNormAct, a subclass
+    of nn.SyncBatchNorm that applies the activation too, where BatchNormAct2d was. A block does
+    not take it over: after fp.convert the blocks call their submodules, as eager timm does, with
+    a warning naming fp.convert(model, sync_bn=True) (before, its hint named
+    nn.SyncBatchNorm.convert_sync_batchnorm, which drops timm's activations); before fp.convert,
+    the blocks are left with that reason (before, "its computation differs": the probe's local
+    BatchNorm had no activation)."""
+    def model():
+        torch.manual_seed(0)
+        built = nn.Sequential(timm_like.PreActBasic(4, 6, 2), timm_like.PreActBottleneck(6, 6)).double()
+        randomize_bn(built)
+        return built
+    eager = model()
+    ours = fp.convert(copy.deepcopy(eager), backend="reference")
+    ours, eager = (timm_like.convert_sync_batchnorm(m) for m in (ours, eager))
+    assert type(ours[0].norm1) is timm_like.SyncBatchNormAct
+    x = torch.randn(3, 4, 8, 8, dtype=F64)
+    with pytest.warns(UserWarning, match=r"'norm1' is now a SyncBatchNormAct, not a BatchNormAct2d \(a block takes over "
+                                         r"only plain nn.SyncBatchNorms .* fp.convert\(model, sync_bn=True\)"):
+        ours_step = train_step(ours, x)
+    assert_steps_alike(ours, ours_step, eager, x)
+    assert not any(block.sync_bn for block in ours)
+
+    _, report = fp.convert(timm_like.convert_sync_batchnorm(model()), backend="reference", return_report=True)
+    assert not report.swapped and len(report.left) == 2, report
+    assert all("has a SyncBatchNormAct" in why and "fp.convert(model, sync_bn=True)" in why for _, why in report.left)
+
+
 def test_convert_takes_blocks_whose_batchnorms_are_sync_batchnorms(monkeypatch):
     """nn.SyncBatchNorm.convert_sync_batchnorm run before fp.convert (before, convert left
     every block: "bn1 must be nn.BatchNorm2d"). The blocks keep the user's SyncBatchNorms and

@@ -24,6 +24,32 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return self.act(self.drop(x))
 
 
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """timm.layers.SyncBatchNormAct: what timm's convert_sync_batchnorm puts where a
+    BatchNormAct2d was (timm's train.py --sync-bn), SyncBatchNorm -> drop -> act."""
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+def convert_sync_batchnorm(module):
+    """timm.layers.convert_sync_batchnorm: each BatchNormAct2d becomes a SyncBatchNormAct
+    holding its act and drop, each other BatchNorm an nn.SyncBatchNorm (same tensors)."""
+    converted = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        cls = SyncBatchNormAct if isinstance(module, BatchNormAct2d) else nn.SyncBatchNorm
+        converted = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        if isinstance(module, BatchNormAct2d):
+            converted.act, converted.drop = module.act, module.drop
+        if module.affine:
+            converted.weight, converted.bias = module.weight, module.bias
+        converted.running_mean, converted.running_var = module.running_mean, module.running_var
+        converted.num_batches_tracked = module.num_batches_tracked
+    for name, child in module.named_children():
+        converted.add_module(name, convert_sync_batchnorm(child))
+    return converted
+
+
 class DownsampleConv(nn.Module):
     def __init__(self, in_chs, out_chs, stride):
         super().__init__()
