@@ -329,6 +329,19 @@ def test_convert_real_timm_resnetv2_if_installed(name, options, fused, left):
         assert_close(got, expected, torch.float64, f"timm {name}")
 
 
+def test_real_timm_sync_batchnorm_act_if_installed():
+    """tests/test_unfused.py's SyncBatchNormAct test on timm's own classes and converter."""
+    timm = pytest.importorskip("timm", reason="timm (which needs torchvision) is not installed")
+    from timm.layers import convert_sync_batchnorm
+    _, report = fp.convert(convert_sync_batchnorm(timm.create_model("resnetv2_18")), backend="reference",
+                           return_report=True)
+    assert not report.swapped and len(report.left) == 8, report
+    assert all("has a SyncBatchNormAct" in why for _, why in report.left), report
+    model = convert_sync_batchnorm(fp.convert(timm.create_model("resnetv2_18"), backend="reference"))
+    with pytest.warns(UserWarning, match=r"is now a SyncBatchNormAct.* fp.convert\(model, sync_bn=True\)"):
+        model(torch.randn(2, 3, 32, 32))
+
+
 class FunctionalDropoutBlock(PreActBlock):
     """Wide-ResNet style: F.dropout in forward, no dropout submodule (identity in eval)."""
 
