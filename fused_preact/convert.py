@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import sync_batchnorms
 from .dispatch import check_backend_name
 from .testing import randomize_bn
 from .nn import (SHORTCUT_SOURCES, FusedBNReLUConv2d, FusedSequential, PreActBlock, PreActBottleneck,
@@ -63,25 +64,8 @@ def _probe_copy(module: nn.Module) -> nn.Module:
         for name in HOOK_DICTS:
             getattr(m, name).clear()
         for name, child in m._modules.items():
-            m._modules[name] = _local(child)
+            m._modules[name] = sync_batchnorms.local(child)
     return probe
-
-
-def _local(module: Optional[nn.Module]) -> Optional[nn.Module]:
-    """An nn.SyncBatchNorm as the nn.BatchNorm2d it is on one rank, holding the same
-    parameters and buffers; any other module as it is. A subclass computes more than that
-    (timm's SyncBatchNormAct: its activation too), which no local BatchNorm stands for."""
-    if not isinstance(module, nn.SyncBatchNorm):
-        return module
-    if type(module) is not nn.SyncBatchNorm:
-        raise ValueError(f"has a {type(module).__name__} (a subclass of nn.SyncBatchNorm, as timm's "
-                         f"convert_sync_batchnorm makes), which a fused block does not take over; for synchronised "
-                         f"statistics, fused: fp.convert(model, sync_bn=True) on the model without it")
-    local = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                           module.track_running_stats, device="meta")
-    local._parameters.update(module._parameters)
-    local._buffers.update(module._buffers)
-    return local.train(module.training)
 
 
 def _move_hooks(source: nn.Module, target: nn.Module) -> bool:
@@ -185,8 +169,8 @@ def _try_swap(module: nn.Module, backend: Optional[str], sync_bn: bool, process_
     block_cls, unit_names, optional = _layout(module)
     try:
         modules = _candidate_modules(module, unit_names, optional)
-        # Built on local BatchNorms where nn.SyncBatchNorm.convert_sync_batchnorm ran first (validates layout)
-        fused = from_modules(block_cls, {name: _local(m) for name, m in modules.items()}, shortcut="preact",
+        # Built on local BatchNorms where a convert_sync_batchnorm ran first (validates layout; sync_batchnorms.py)
+        fused = from_modules(block_cls, {name: sync_batchnorms.local(m) for name, m in modules.items()}, shortcut="preact",
                              backend=backend, sync_bn=sync_bn, process_group=process_group)
         source = _matching_shortcut_source(module, block_cls, unit_names, optional)
     except (ValueError, TypeError, RuntimeError) as e:
@@ -223,8 +207,8 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = 
     device, dtype, optimizer references and train/eval mode are unchanged). sync_bn:
     synchronise the blocks' BatchNorm statistics over `process_group` (default: world)
     like nn.SyncBatchNorm; a block whose BatchNorms nn.SyncBatchNorm.convert_sync_batchnorm
-    made SyncBatchNorms keeps them and synchronises over their process group (another
-    process_group given here raises, before anything changes). Returns the
+    (or timm's) made SyncBatchNorms keeps them and synchronises over their process group
+    (another process_group given here raises, before anything changes). Returns the
     model, or (model, ConversionReport) with return_report=True. Blocks that look like
     pre-activation blocks but do not compute what a fused block computes are left untouched
     and logged as warnings.

@@ -115,8 +115,8 @@ class _SyncBNOption:
     def unfused_reason(self) -> Optional[str]:
         """unfused.unfused_reason for this module (whose submodules' classes it recorded as
         submodule_classes). SyncBatchNorms swapped in for its BatchNorms (the usual DDP recipe,
-        nn.SyncBatchNorm.convert_sync_batchnorm) are no reason: the module takes them over,
-        synchronising as sync_bn=True does over their process group, and stays fused."""
+        nn.SyncBatchNorm.convert_sync_batchnorm, or timm's) are no reason: the module takes them
+        over, synchronising as sync_bn=True does over their process group, and stays fused."""
         reason = unfused_reason(self, self.submodule_classes)
         if reason is None:
             return None

@@ -7,19 +7,23 @@ computed when the fused module was built or converted. Otherwise (unfused_reason
 module calls them as the eager definition does, which is then what eager PyTorch computes:
 a Grad-CAM hook on conv2, torch.nn.utils.prune's pre-hook, FlopCounterMode's global hooks,
 conv1 replaced by a QAT conv, bn2 alone by an nn.SyncBatchNorm. (Where all of a block's
-BatchNorms became SyncBatchNorms, sync_batchnorms_swapped_in, the block takes them over:
+BatchNorms became SyncBatchNorms (or timm's SyncBatchNormActs: sync_batchnorms.py),
+sync_batchnorms_swapped_in, the block takes them over:
 nn._SyncBNOption.unfused_reason.) Nor do the fused ops differentiate the way a torch.func
 transform (vmap, grad, jvp) or forward-mode AD asks: while one is active, the module calls
 its submodules too, whose PyTorch ops those support.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Optional
 
 import torch
 from torch import nn
 from torch.autograd import forward_ad
 from torch.nn.modules import module as torch_module
+
+from .sync_batchnorms import synchronises
 
 # The hook dictionaries of an nn.Module that act on its own forward / backward.
 HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
@@ -105,27 +109,38 @@ def unfused_reason(module: nn.Module, built: tuple[type, ...]) -> Optional[str]:
     if own_hooks(sub):
         return f"submodule {_name(module, sub)!r} has hooks"
     hint = ""
-    if type(sub) is nn.SyncBatchNorm and cls is nn.BatchNorm2d:
+    if synchronises(type(sub), cls):
         hint = (" (a block stays fused where all its BatchNorms are SyncBatchNorms of one process group, as "
-                "nn.SyncBatchNorm.convert_sync_batchnorm(model) makes them, or with fp.convert(model, sync_bn=True))")
-    elif isinstance(sub, nn.SyncBatchNorm):  # timm's SyncBatchNormAct (its convert_sync_batchnorm, --sync-bn)
-        hint = (" (a block takes over only plain nn.SyncBatchNorms in place of nn.BatchNorm2ds; for synchronised "
+                "nn.SyncBatchNorm.convert_sync_batchnorm(model), or timm's convert_sync_batchnorm for timm's "
+                "blocks, makes them, or with fp.convert(model, sync_bn=True))")
+    elif isinstance(sub, nn.SyncBatchNorm):
+        hint = (" (a block takes over nn.SyncBatchNorm and timm's SyncBatchNormAct only; for synchronised "
                 "statistics, fused: fp.convert(model, sync_bn=True), without converting the blocks' BatchNorms)")
     return f"submodule {_name(module, sub)!r} is now a {type(sub).__name__}, not a {cls.__name__}{hint}"
 
 
 def sync_batchnorms_swapped_in(module: nn.Module, built: tuple[type, ...]) -> Optional[list[nn.SyncBatchNorm]]:
-    """The nn.SyncBatchNorms that took the place of all of `module`'s nn.BatchNorm2ds (what
-    nn.SyncBatchNorm.convert_sync_batchnorm does), where that is all that changed (no hooks,
-    nothing else replaced; a BatchNorm left local would change if synchronised too) and they
-    share one process group; else None."""
-    differences = _differences(module, built)
-    if global_hooks() or not differences:
+    """The synchronised BatchNorms that took the place of all of `module`'s BatchNorms (what
+    nn.SyncBatchNorm.convert_sync_batchnorm or timm's convert_sync_batchnorm does; see
+    sync_batchnorms.py), where that is all that changed (no hooks, nothing else replaced; a
+    BatchNorm left local would change if synchronised too) and they share one process group;
+    else None. A swapped BatchNorm's own submodules (timm's drop and act) may come in another
+    order: timm's converter registers them anew."""
+    found = submodules(module)
+    if global_hooks() or len(found) != len(built) or any(map(own_hooks, found)):
         return None
-    swapped = [sub for sub, cls in differences
-               if cls is nn.BatchNorm2d and type(sub) is nn.SyncBatchNorm and not own_hooks(sub)]
-    if len(swapped) != len(differences) or len(swapped) != built.count(nn.BatchNorm2d):
+    at = [i for i, (sub, cls) in enumerate(zip(found, built)) if synchronises(type(sub), cls)]
+    if not at or len(at) != sum(issubclass(cls, nn.modules.batchnorm._BatchNorm) for cls in built):
         return None
+    own = {i + 1 + k: i for i in at for k in range(len(submodules(found[i])))}  # position -> its BatchNorm's
+    for i, (sub, cls) in enumerate(zip(found, built)):
+        if i not in at and i not in own and type(sub) is not cls and not computes_alike(type(sub), cls):
+            return None
+    for i in at:
+        span = range(i + 1, i + 1 + len(submodules(found[i])))
+        if Counter(type(found[k]) for k in span) != Counter(built[k] for k in span):
+            return None
+    swapped = [found[i] for i in at]
     if any(bn.process_group is not swapped[0].process_group for bn in swapped):
         return None
     return swapped

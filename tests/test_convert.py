@@ -330,16 +330,24 @@ def test_convert_real_timm_resnetv2_if_installed(name, options, fused, left):
 
 
 def test_real_timm_sync_batchnorm_act_if_installed():
-    """tests/test_unfused.py's SyncBatchNormAct test on timm's own classes and converter."""
+    """tests/test_unfused.py's SyncBatchNormAct test on timm's own classes and converter: the
+    blocks take them over, before fp.convert and after it (one process: local statistics)."""
     timm = pytest.importorskip("timm", reason="timm (which needs torchvision) is not installed")
     from timm.layers import convert_sync_batchnorm
-    _, report = fp.convert(convert_sync_batchnorm(timm.create_model("resnetv2_18")), backend="reference",
-                           return_report=True)
-    assert not report.swapped and len(report.left) == 8, report
-    assert all("has a SyncBatchNormAct" in why for _, why in report.left), report
-    model = convert_sync_batchnorm(fp.convert(timm.create_model("resnetv2_18"), backend="reference"))
-    with pytest.warns(UserWarning, match=r"is now a SyncBatchNormAct.* fp.convert\(model, sync_bn=True\)"):
-        model(torch.randn(2, 3, 32, 32))
+    base = timm.create_model("resnetv2_18").double()
+    randomize_bn(base)
+    before, report = fp.convert(convert_sync_batchnorm(copy.deepcopy(base)), backend="reference", return_report=True)
+    assert len(report.swapped) == 8 and not report.left, report
+    assert all("takes its SyncBatchNorms over" in what for _, what in report.swapped), report
+    after = convert_sync_batchnorm(fp.convert(copy.deepcopy(base), backend="reference"))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)  # as test_convert_real_timm_resnetv2_if_installed
+    expected = train_step(convert_sync_batchnorm(base), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for ours in (before, after):
+            for got, want in zip(train_step(ours, x), expected, strict=True):
+                assert_close(got, want, torch.float64, "timm --sync-bn model")
+            assert all(block.sync_bn for block in ours.modules() if isinstance(block, fp.nn.TimmPreActBasic))
 
 
 class FunctionalDropoutBlock(PreActBlock):

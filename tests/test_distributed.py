@@ -18,6 +18,7 @@ import fused_preact as fp
 from fused_preact.testing import PreActBlock as EagerBlock
 from fused_preact.testing import PreActBottleneck as EagerBottleneck
 from fused_preact.testing import randomize_bn
+import timm_like
 from helpers import assert_close
 
 WORLD = 2
@@ -25,11 +26,19 @@ STEPS = 3
 LR = 0.1
 
 
-def make_model():
+def make_model(layout="kuangliu"):
+    """kuangliu's blocks, or timm's (a pooled avg_down projection, then a bottleneck), whose
+    BatchNormAct2ds timm's own convert_sync_batchnorm synchronises (SYNC_CONVERTERS)."""
     torch.manual_seed(0)
-    model = nn.Sequential(EagerBlock(3, 4, 2), EagerBottleneck(4, 2, 1)).double()
+    if layout == "kuangliu":
+        model = nn.Sequential(EagerBlock(3, 4, 2), EagerBottleneck(4, 2, 1)).double()
+    else:
+        model = nn.Sequential(timm_like.PreActBasic(3, 4, 2, avg_down=True), timm_like.PreActBottleneck(4, 8)).double()
     randomize_bn(model)
     return model
+
+
+SYNC_CONVERTERS = {"kuangliu": nn.SyncBatchNorm.convert_sync_batchnorm, "timm": timm_like.convert_sync_batchnorm}
 
 
 def batches():
@@ -43,20 +52,20 @@ def loss_weights(out):
     return torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
 
 
-def worker(rank, init_file, sync_bn, result_file):
-    """sync_bn: True, False, or the usual DDP recipe, nn.SyncBatchNorm.convert_sync_batchnorm,
-    run "after" fp.convert (it swaps the fused blocks' BatchNorms for SyncBatchNorms) or
-    "before" it (convert builds the blocks on them); either way the blocks take the
-    SyncBatchNorms over, fused. DDP refuses SyncBatchNorm modules on the CPU, so with them the
-    gradients are averaged by hand."""
+def worker(rank, init_file, sync_bn, result_file, layout):
+    """sync_bn: True, False, or the usual DDP recipe, nn.SyncBatchNorm.convert_sync_batchnorm
+    (timm's convert_sync_batchnorm for timm's blocks), run "after" fp.convert (it swaps the
+    fused blocks' BatchNorms for SyncBatchNorms) or "before" it (convert builds the blocks on
+    them); either way the blocks take the SyncBatchNorms over, fused. DDP refuses SyncBatchNorm
+    modules on the CPU, so with them the gradients are averaged by hand."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    model = make_model()
+    model = make_model(layout)
     if sync_bn == "before":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = SYNC_CONVERTERS[layout](model)
     model = fp.convert(model, backend="reference", sync_bn=sync_bn is True)
     ddp = None
     if sync_bn == "after":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = SYNC_CONVERTERS[layout](model)
     if sync_bn not in ("before", "after"):
         ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -83,16 +92,17 @@ def worker(rank, init_file, sync_bn, result_file):
     dist.destroy_process_group()
 
 
-def run_world(tmp_path, sync_bn):
+def run_world(tmp_path, sync_bn, layout="kuangliu"):
     result_file = str(tmp_path / "result")
-    mp.spawn(worker, args=(str(tmp_path / "init"), sync_bn, result_file), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(str(tmp_path / "init"), sync_bn, result_file, layout), nprocs=WORLD, join=True)
     return [torch.load(f"{result_file}.{r}") for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("sync_bn", [True, "after", "before"])
-def test_sync_bn_matches_single_process_big_batch(tmp_path, sync_bn):
-    results = run_world(tmp_path, sync_bn=sync_bn)
-    model = fp.convert(make_model(), backend="reference")
+@pytest.mark.parametrize("sync_bn,layout", [(True, "kuangliu"), ("after", "kuangliu"), ("before", "kuangliu"),
+                                            (True, "timm"), ("after", "timm"), ("before", "timm")])
+def test_sync_bn_matches_single_process_big_batch(tmp_path, sync_bn, layout):
+    results = run_world(tmp_path, sync_bn=sync_bn, layout=layout)
+    model = fp.convert(make_model(layout), backend="reference")
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     for step, step_batches in enumerate(batches()):
         x = torch.cat(step_batches).requires_grad_(True)

@@ -369,33 +369,62 @@ def test_sync_batchnorms_swapped_in_are_taken_over(monkeypatch):
     assert calls == {"bn_relu_conv": 3} and not ours[1].sync_bn
 
 
-def test_timm_sync_batchnorm_act_is_not_taken_over_and_the_messages_say_what_to_do():
-    """timm's convert_sync_batchnorm (its train.py --sync-bn) puts SyncBatchNormAct, a subclass
-    of nn.SyncBatchNorm that applies the activation too, where BatchNormAct2d was. A block does
-    not take it over: after fp.convert the blocks call their submodules, as eager timm does, with
-    a warning naming fp.convert(model, sync_bn=True) (before, its hint named
-    nn.SyncBatchNorm.convert_sync_batchnorm, which drops timm's activations); before fp.convert,
-    the blocks are left with that reason (before, "its computation differs": the probe's local
-    BatchNorm had no activation)."""
+def test_timm_sync_batchnorm_acts_are_taken_over(monkeypatch):
+    """timm's convert_sync_batchnorm (its train.py --sync-bn) puts SyncBatchNormAct, an
+    nn.SyncBatchNorm that then applies the BatchNormAct2d's drop and act (registered anew, act
+    first), where BatchNormAct2d was. Run after fp.convert or before it, the blocks take them
+    over as they take nn.SyncBatchNorms (before: after fp.convert the blocks ran unfused, with a
+    hint naming nn.SyncBatchNorm.convert_sync_batchnorm, which drops timm's activations; before
+    it, convert left every block: "its computation differs"). One process here: the
+    SyncBatchNormActs compute local statistics, and so do the blocks."""
     def model():
         torch.manual_seed(0)
         built = nn.Sequential(timm_like.PreActBasic(4, 6, 2), timm_like.PreActBottleneck(6, 6)).double()
         randomize_bn(built)
         return built
-    eager = model()
-    ours = fp.convert(copy.deepcopy(eager), backend="reference")
-    ours, eager = (timm_like.convert_sync_batchnorm(m) for m in (ours, eager))
-    assert type(ours[0].norm1) is timm_like.SyncBatchNormAct
+    after = timm_like.convert_sync_batchnorm(fp.convert(model(), backend="reference"))
+    before, report = fp.convert(timm_like.convert_sync_batchnorm(model()), backend="reference", return_report=True)
+    assert all("takes its SyncBatchNorms over" in what for _, what in report.swapped) and not report.left, report
+    calls = count_ops(monkeypatch, "bn_relu_conv")
     x = torch.randn(3, 4, 8, 8, dtype=F64)
-    with pytest.warns(UserWarning, match=r"'norm1' is now a SyncBatchNormAct, not a BatchNormAct2d \(a block takes over "
-                                         r"only plain nn.SyncBatchNorms .* fp.convert\(model, sync_bn=True\)"):
-        ours_step = train_step(ours, x)
-    assert_steps_alike(ours, ours_step, eager, x)
-    assert not any(block.sync_bn for block in ours)
+    for ours in (after, before):
+        assert type(ours[0].norm1) is timm_like.SyncBatchNormAct
+        calls.update(bn_relu_conv=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours_step = train_step(ours, x)
+        assert calls == {"bn_relu_conv": 7}  # fused: two units and the projection, three units and the projection
+        assert all(block.sync_bn and block.process_group is None for block in ours)
+        assert_steps_alike(ours, ours_step, timm_like.convert_sync_batchnorm(model()), x)
 
-    _, report = fp.convert(timm_like.convert_sync_batchnorm(model()), backend="reference", return_report=True)
-    assert not report.swapped and len(report.left) == 2, report
-    assert all("has a SyncBatchNormAct" in why and "fp.convert(model, sync_bn=True)" in why for _, why in report.left)
+
+def test_a_sync_batchnorm_subclass_of_unknown_computation_is_not_taken_over():
+    """Another subclass of nn.SyncBatchNorm may compute more than it: after fp.convert the block
+    calls its submodules, with a warning saying which it takes over; before it, convert leaves
+    the block with that reason."""
+    class ScaledSyncBatchNorm(nn.SyncBatchNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    def convert_sync(model):
+        for block in model:
+            for name in ("bn1", "bn2"):
+                bn = getattr(block, name)
+                synced = ScaledSyncBatchNorm(bn.num_features).double()
+                synced.load_state_dict(bn.state_dict())
+                setattr(block, name, synced)
+        return model
+    torch.manual_seed(0)
+    eager = nn.Sequential(EagerBlock(4, 4)).double()
+    randomize_bn(eager)
+    ours = convert_sync(fp.convert(copy.deepcopy(eager), backend="reference"))
+    x = torch.randn(3, 4, 8, 8, dtype=F64)
+    with pytest.warns(UserWarning, match=r"'bn1' is now a ScaledSyncBatchNorm, not a BatchNorm2d \(a block takes over "
+                                         r"nn.SyncBatchNorm and timm's SyncBatchNormAct only"):
+        ours_step = train_step(ours, x)
+    assert_steps_alike(ours, ours_step, convert_sync(eager), x)
+    _, report = fp.convert(convert_sync(copy.deepcopy(eager)), backend="reference", return_report=True)
+    assert not report.swapped and "has a ScaledSyncBatchNorm, a subclass of nn.SyncBatchNorm" in report.left[0][1], report
 
 
 def test_convert_takes_blocks_whose_batchnorms_are_sync_batchnorms(monkeypatch):
