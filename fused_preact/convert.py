@@ -170,8 +170,9 @@ def _try_swap(module: nn.Module, backend: Optional[str], sync_bn: bool, process_
     try:
         modules = _candidate_modules(module, unit_names, optional)
         # Built on local BatchNorms where a convert_sync_batchnorm ran first (validates layout; sync_batchnorms.py)
-        fused = from_modules(block_cls, {name: sync_batchnorms.local(m) for name, m in modules.items()}, shortcut="preact",
-                             backend=backend, sync_bn=sync_bn, process_group=process_group)
+        local_modules = {name: sync_batchnorms.local(m) for name, m in modules.items()}
+        fused = from_modules(block_cls, local_modules, shortcut="preact", backend=backend, sync_bn=sync_bn,
+                             process_group=process_group)
         source = _matching_shortcut_source(module, block_cls, unit_names, optional)
     except (ValueError, TypeError, RuntimeError) as e:
         return None, str(e)

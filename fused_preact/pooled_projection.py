@@ -65,6 +65,7 @@ def conv_reason(conv: nn.Conv2d) -> Optional[str]:
 
 
 def pools_partial_windows(pool: nn.Module, x: Tensor) -> bool:
-    """Whether `pool` (see pool_reason) averages a partial window at x's size: with ceil_mode at an odd height or width."""
+    """Whether `pool` (see pool_reason) averages a partial window at x's size: with ceil_mode
+    at an odd height or width."""
     return isinstance(pool, nn.AvgPool2d) and pool.ceil_mode and isinstance(x, Tensor) and x.dim() == 4 and \
         (x.shape[2] % 2 == 1 or x.shape[3] % 2 == 1)

@@ -132,14 +132,13 @@ def sync_batchnorms_swapped_in(module: nn.Module, built: tuple[type, ...]) -> Op
     at = [i for i, (sub, cls) in enumerate(zip(found, built)) if synchronises(type(sub), cls)]
     if not at or len(at) != sum(issubclass(cls, nn.modules.batchnorm._BatchNorm) for cls in built):
         return None
-    own = {i + 1 + k: i for i in at for k in range(len(submodules(found[i])))}  # position -> its BatchNorm's
+    spans = {i: range(i + 1, i + 1 + len(submodules(found[i]))) for i in at}  # each one's own submodules
+    theirs = {k for span in spans.values() for k in span}
     for i, (sub, cls) in enumerate(zip(found, built)):
-        if i not in at and i not in own and type(sub) is not cls and not computes_alike(type(sub), cls):
+        if i not in spans and i not in theirs and type(sub) is not cls and not computes_alike(type(sub), cls):
             return None
-    for i in at:
-        span = range(i + 1, i + 1 + len(submodules(found[i])))
-        if Counter(type(found[k]) for k in span) != Counter(built[k] for k in span):
-            return None
+    if any(Counter(type(found[k]) for k in span) != Counter(built[k] for k in span) for span in spans.values()):
+        return None
     swapped = [found[i] for i in at]
     if any(bn.process_group is not swapped[0].process_group for bn in swapped):
         return None

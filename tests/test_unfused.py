@@ -424,7 +424,8 @@ def test_a_sync_batchnorm_subclass_of_unknown_computation_is_not_taken_over():
         ours_step = train_step(ours, x)
     assert_steps_alike(ours, ours_step, convert_sync(eager), x)
     _, report = fp.convert(convert_sync(copy.deepcopy(eager)), backend="reference", return_report=True)
-    assert not report.swapped and "has a ScaledSyncBatchNorm, a subclass of nn.SyncBatchNorm" in report.left[0][1], report
+    assert not report.swapped, report
+    assert "has a ScaledSyncBatchNorm, a subclass of nn.SyncBatchNorm" in report.left[0][1], report
 
 
 def test_convert_takes_blocks_whose_batchnorms_are_sync_batchnorms(monkeypatch):
