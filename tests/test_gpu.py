@@ -80,6 +80,43 @@ def test_real_size_block_gradients_earned_tolerance(case, precision, request, mo
     assert not bad, f"tensors (output, input grad, parameter grads) over 3x eager + {floor:.0e}: {bad}"
 
 
+def timm_d_stage_models(device):
+    """timm-layout blocks as a "d" model's stage boundary with drop_path_rate has them: a
+    pooled avg_down projection (fused as a 2x2 stride-2 conv), a DropPath, then a pooled
+    bottleneck projection. (eager, its float64 copy: the truth, fused on the triton backend)."""
+    import copy
+
+    import timm_like
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(
+        timm_like.PreActBasic(64, 128, 2, avg_down=True),
+        timm_like.PreActBasic(128, 128, drop_path=timm_like.DropPath(0.3)),
+        timm_like.PreActBottleneck(128, 256, 2, avg_down=True, drop_path=timm_like.DropPath(0.3)))
+    randomize_bn(eager)
+    eager = eager.to(device, memory_format=torch.channels_last)
+    ours, report = fp.convert(copy.deepcopy(eager), backend="triton", return_report=True)
+    assert len(report.swapped) == 3 and not report.left, report
+    return eager, copy.deepcopy(eager).double(), ours
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_timm_pooled_projection_and_drop_path_blocks_earned_tolerance(dtype):
+    """The avg_down and drop-path blocks compiled for the GPU (the CPU tests run them in the
+    interpreter, in float32 only): under autocast against the float64 truth, within 3x eager's
+    own error plus 1e-5, as the real-size blocks. Each model draws its drop masks from the
+    same seed."""
+    eager, truth_model, ours = timm_d_stage_models("cuda")
+    x = torch.randn(64, 64, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    results = []
+    for model, run_dtype, source in ((truth_model, torch.float32, x.double()), (eager, dtype, x), (ours, dtype, x)):
+        torch.manual_seed(1)
+        results.append(grads(model, source, run_dtype))
+    truth, ref, got = results
+    errors = [(rel_err(g, t), rel_err(r, t)) for g, r, t in zip(got, ref, truth)]
+    bad = {i: f"{o:.2e} vs eager {e:.2e}" for i, (o, e) in enumerate(errors) if not o <= 3 * e + 1e-5}
+    assert not bad, f"tensors (output, input grad, parameter grads) over 3x eager + 1e-05: {bad}"
+
+
 def kernel_names(fn):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
