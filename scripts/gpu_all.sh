@@ -8,8 +8,8 @@
 #   PACK=$OUT/gpu_all.tar.gz STEPS="tests kernels profile bench" TESTS_TIMEOUT_S=200 \
 #   TESTS="tests/test_triton.py tests/test_conformance.py tests/test_gpu.py tests/test_convert.py" \
 #   BENCH_CASES=r18-s1-id,tiny-overhead BENCH_DTYPES=bf16 bash scripts/gpu_all.sh /tmp/gpu_all
-# (test_convert.py: the drop-path and avg_down blocks, never yet on a GPU, in float32 on the device: the
-# triton cases skip there with the backend's reason, exact float32 being declined on GPUs)
+# (test_convert.py: the drop-path and avg_down blocks, never yet on a GPU, in float32 on the device, the
+# exact-float32 Triton kernels included as tests/conftest.py asks; test_gpu.py has them in bf16 / fp16)
 # and, with the time left, on the same warm machine (the build is kept):
 #   PACK=$OUT/sanitizer.tar.gz STEPS=sanitizer bash scripts/gpu_all.sh /tmp/gpu_sanitizer
 # build the extension in place, run the whole test suite on the GPU (the Triton tests
