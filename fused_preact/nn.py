@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import block_autograd, dispatch, distributed
 from . import functional as Fp
 from .block_autograd import Tape
-from .pooled_projection import PooledConv, conv_reason, pool_reason, pools_partial_windows
+from .pooled_projection import PooledConv, downsample_reason, pools_partial_windows
 from .unfused import built_classes, calls_hooks, sync_batchnorms_swapped_in, unfused_reason
 
 SHORTCUT_SOURCES = ("preact", "input")
@@ -622,7 +622,7 @@ class TimmPreActBasic(_PreActUnits):
             raise ValueError(f"fused_preact: downsample must be a 1x1 conv with an Identity norm (timm "
                              f"DownsampleConv or DownsampleAvg; preact=True), got {type(self.downsample).__name__}")
         Fp.check_conv(self.downsample.conv, "downsample.conv")
-        reason = pool_reason(pool) or (None if isinstance(pool, nn.Identity) else conv_reason(self.downsample.conv))
+        reason = downsample_reason(pool, self.downsample.conv)
         if reason is not None:
             raise ValueError(f"fused_preact: {reason}")
 

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from . import functional as Fp
 
 
-def pool_reason(pool: nn.Module) -> Optional[str]:
-    """Why a fused block cannot compute `pool` (a DownsampleAvg's) as part of a conv; None where it can."""
+def downsample_reason(pool: nn.Module, conv: nn.Conv2d) -> Optional[str]:
+    """Why a fused block cannot compute a DownsampleAvg's `pool` then `conv` (None where it can:
+    an Identity pool, or an nn.AvgPool2d(2, 2) before a 1x1 conv of stride 1: a PooledConv)."""
     if isinstance(pool, nn.Identity):
         return None
     # Exactly nn.AvgPool2d: timm's AvgPool2dSame (a dilated stage's, stride 1) subclasses it and pads unevenly.
@@ -24,6 +25,9 @@ def pool_reason(pool: nn.Module) -> Optional[str]:
             or _pair(pool.padding) != (0, 0) or pool.divisor_override is not None:
         return (f"downsample pools with {pool!r}; a fused block computes an nn.AvgPool2d(2, 2) without padding or "
                 f"divisor_override (timm's avg_down at stride 2)")
+    if tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or Fp.zero_padding(conv) != (0, 0):
+        return (f"downsample pools before a conv of kernel {tuple(conv.kernel_size)}, stride {tuple(conv.stride)}, "
+                f"padding {conv.padding!r}; a fused block computes a pool then a 1x1 conv of stride 1 without padding")
     return None
 
 
@@ -56,16 +60,8 @@ class PooledConv:
         return self.derived
 
 
-def conv_reason(conv: nn.Conv2d) -> Optional[str]:
-    """Why a pooled DownsampleAvg's conv does not make a PooledConv (None: it does)."""
-    if tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or Fp.zero_padding(conv) != (0, 0):
-        return (f"downsample pools before a conv of kernel {tuple(conv.kernel_size)}, stride {tuple(conv.stride)}, "
-                f"padding {conv.padding!r}; a fused block computes a pool then a 1x1 conv of stride 1 without padding")
-    return None
-
-
 def pools_partial_windows(pool: nn.Module, x: Tensor) -> bool:
-    """Whether `pool` (see pool_reason) averages a partial window at x's size: with ceil_mode
+    """Whether `pool` (see downsample_reason) averages a partial window at x's size: with ceil_mode
     at an odd height or width."""
     return isinstance(pool, nn.AvgPool2d) and pool.ceil_mode and isinstance(x, Tensor) and x.dim() == 4 and \
         (x.shape[2] % 2 == 1 or x.shape[3] % 2 == 1)

@@ -31,7 +31,9 @@ def synchronises(sync_cls: type, local_cls: type) -> bool:
     """Whether a module of sync_cls computes, synchronised, what one of local_cls computed."""
     if sync_cls is nn.SyncBatchNorm:
         return local_cls is nn.BatchNorm2d
-    return is_timm_sync_batchnorm_act(sync_cls) and local_cls.__name__ in ("BatchNormAct2d", "LocalBatchNormAct")
+    # timm's BatchNormAct2d (by name), or convert's stand-in for a SyncBatchNormAct (local)
+    return is_timm_sync_batchnorm_act(sync_cls) and (local_cls is LocalBatchNormAct or
+                                                     local_cls.__name__ == "BatchNormAct2d")
 
 
 def local(module: Optional[nn.Module]) -> Optional[nn.Module]:
