@@ -93,7 +93,7 @@ def breakdown(repeats: int, calls: int) -> dict:
     tensors = [conv.weight for conv in convs] + [getattr(bn, name) for bn in bns for name in fp.nn.BN_TENSORS]
     params = list(block.parameters())
     block(x)  # records the plan the next calls replay
-    assert block_autograd.PLANS.get(block.plan_key(x, None, None, bns, convs, tensors)) is not None
+    assert block_autograd.PLANS.get(block.plan_key(x, None, None, False, bns, convs, tensors)) is not None
 
     def bare_fwdbwd():
         Bare.apply(x, *params).backward(torch.ones_like(x))
@@ -104,7 +104,7 @@ def breakdown(repeats: int, calls: int) -> dict:
         "the same unit bound, as a plan replays it (allocation, launch arguments refilled)":
             lambda: bound_unit(**unit_args),
         "plan key (module settings, tensor signatures, backend state)":
-            lambda: block_autograd.PLANS.get(block.plan_key(x, None, None, bns, convs, tensors)),
+            lambda: block_autograd.PLANS.get(block.plan_key(x, None, None, False, bns, convs, tensors)),
         "block forward, plan replayed (3 launches, 1 autograd node)": lambda: block(x),
         "floor: bare Function.apply with the block's inputs": lambda: Bare.apply(x, *params),
         "floor: bare Function.apply + backward (7 gradients)": bare_fwdbwd,

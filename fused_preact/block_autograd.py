@@ -14,6 +14,10 @@ formula the per-unit node runs too) last unit first, passing each unit's input g
 the unit that produced that input and the shortcut's gradient to the first unit's
 BN-backward kernel (dx_other). A projection that reads relu(bn1(x)) hands its conv's input
 gradient to the first unit's dgrad kernel instead (da_other), so bn1's backward runs once.
+A block that drops its residual branch before the shortcut joins it (timm's DropPath:
+stochastic depth) returns the branch and the shortcut from its node; the drop module and
+the add run in PyTorch after it, and the shortcut's gradient comes back to the node as its
+second output's, to join in the same kernel.
 
 What the tape recorded is a Program: the implementation calls with every tensor they read
 or wrote as a slot (the block's input, the incoming statistics, the modules' parameters and
@@ -172,13 +176,13 @@ class Recording:
 
 class RecordedBackward(NamedTuple):
     """A Program's backward for one request of gradients as calls on slots: the saved
-    tensors (Program.saved's list), the output's gradient, then the calls' outputs."""
+    tensors (Program.saved's list), the outputs' gradients, then the calls' outputs."""
     calls: list[Call]
     x_grad: Optional[int]  # the slot of x's gradient (None: none)
     param_grads: tuple[Optional[int], ...]  # the slot of each parameter's
 
-    def __call__(self, saved: Sequence[Optional[Tensor]], output_grad: Tensor):
-        values = [*saved, output_grad]
+    def __call__(self, saved: Sequence[Optional[Tensor]], output_grads: Sequence[Optional[Tensor]]):
+        values = [*saved, *output_grads]
         replay(self.calls, values)
         return (None if self.x_grad is None else values[self.x_grad],
                 [None if slot is None else values[slot] for slot in self.param_grads])
@@ -219,43 +223,50 @@ class Program:
     def __init__(self):
         self.calls: list[Call] = []
         self.units: list[UnitRecord] = []
-        self.output = 0  # the slot of the block's output
+        # The slots of the block's outputs (nn._PreActUnits.forward_units): its output (or its
+        # residual branch), and the shortcut that joins the branch after the block's drop
+        # module (None: it joined in the last conv's epilogue).
+        self.outputs: tuple[int, Optional[int]] = (0, None)
         self.moments: tuple[int, ...] = ()  # the slots of the consumer's statistics, if computed
         self.bn_backward_in: tuple[int, ...] = ()  # per unit, the unit whose BN backward serves it (see finish)
         self.requests: dict[tuple, RecordedBackward] = {}  # the backward per request (see backward)
+
+    @staticmethod
+    def values_of(slots: Sequence[Optional[int]], values: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
+        return [None if slot is None else values[slot] for slot in slots]
 
     def saved(self, values: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
         """What the backward reads, unit after unit (ops.unit_saved each)."""
         return [None if slot is None else values[slot] for unit in self.units for slot in unit.saved]
 
-    def backward(self, saved: Sequence[Optional[Tensor]], output_grad: Tensor, x_needs_grad: bool,
-                 param_needs_grad: Sequence[bool]) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
-        """(x's gradient, each parameter's) given the gradient of the block's output, from
-        ctx.saved_tensors (self.saved's list, unpacked). The first backward of a request
-        runs the glue (run_units) and records it; the later ones replay that, without the
-        glue. A request: the gradients autograd asks for (a model asks the same ones step
+    def backward(self, saved: Sequence[Optional[Tensor]], output_grads: Sequence[Optional[Tensor]],
+                 x_needs_grad: bool, param_needs_grad: Sequence[bool]) -> tuple[Optional[Tensor], list]:
+        """(x's gradient, each parameter's) given the gradients of the block's outputs (None:
+        a zero one), from ctx.saved_tensors (self.saved's list, unpacked). The first backward
+        of a request runs the glue (run_units) and records it; the later ones replay that,
+        without the glue. A request: the gradients autograd asks for (a model asks the same ones step
         after step), the TF32 setting (which the backward's launches read, as the forward's
-        do: the key has it), output_grad's layout and the saved tensors' as unpacked (what the
+        do: the key has it), output_grads' layouts and the saved tensors' as unpacked (what the
         backward gets from outside the plan: a bound replay launches with the layouts it was
         bound with, replay.py)."""
         # The forward's tensors were plain ones (applies): only the incoming gradient, or a
         # mode entered since, can make the ops go through their registered versions.
-        if registered_op_needed((output_grad,)):
-            return self.run_units(saved, output_grad, x_needs_grad, param_needs_grad, None)
-        request = (tf32_convolutions(), layout(output_grad), tuple(map(saved_layout, saved)),
-                   x_needs_grad, *param_needs_grad)
+        if registered_op_needed([g for g in output_grads if g is not None]):
+            return self.run_units(saved, output_grads, x_needs_grad, param_needs_grad, None)
+        request = (tf32_convolutions(), tuple(None if g is None else layout(g) for g in output_grads),
+                   tuple(map(saved_layout, saved)), x_needs_grad, *param_needs_grad)
         recorded = self.requests.get(request)
         if recorded is not None:
-            return recorded(saved, output_grad)
-        tape = BackwardTape([*saved, output_grad])
-        gradients = self.run_units(saved, output_grad, x_needs_grad, param_needs_grad, tape)
+            return recorded(saved, output_grads)
+        tape = BackwardTape([*saved, *output_grads])
+        gradients = self.run_units(saved, output_grads, x_needs_grad, param_needs_grad, tape)
         recorded = tape.finish(gradients)
         if recorded is not None:  # (else the next backward runs the glue, recording, again)
             self.requests[request] = recorded
         return gradients
 
-    def run_units(self, saved: Sequence[Optional[Tensor]], output_grad: Tensor, x_needs_grad: bool,
-                  param_needs_grad: Sequence[bool],
+    def run_units(self, saved: Sequence[Optional[Tensor]], output_grads: Sequence[Optional[Tensor]],
+                  x_needs_grad: bool, param_needs_grad: Sequence[bool],
                   tape: Optional[BackwardTape]) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
         """The backward's glue: each unit's backward (ops.unit_gradients) last unit first,
         each gradient passed on to where its value came from, through the implementations,
@@ -268,7 +279,10 @@ class Program:
             value_needs[unit.output] = (value_needs[unit.input]
                                         or (unit.residual is not None and value_needs[unit.residual])
                                         or any(p is not None and param_needs_grad[p] for p in unit.params))
-        value_grads: dict[int, Tensor] = {self.output: output_grad}
+        # The outputs' gradients, where they are not zero and their value needs one (the
+        # shortcut may be x itself, for which autograd may want none).
+        value_grads: dict[int, Tensor] = {slot: grad for slot, grad in zip(self.outputs, output_grads)
+                                          if slot is not None and grad is not None and value_needs[slot]}
         param_grads: list[Optional[Tensor]] = [None] * len(param_needs_grad)
         # The gradient of a shared activation relu(bn(x)) from the later units that read it,
         # by the unit whose BN backward serves them all (ops.unit_gradients).
@@ -330,9 +344,9 @@ class Tape(Recording):
             tuple(None if p is None else self.param_of[id(p)] for p in (bn_weight, bn_bias, weight))))
         return outputs
 
-    def finish(self, output: Tensor, moments: Optional[tuple[Tensor, Tensor]]) -> Program:
+    def finish(self, outputs: tuple[Tensor, Optional[Tensor]], moments: Optional[tuple[Tensor, Tensor]]) -> Program:
         self.program.calls = self.calls
-        self.program.output = self.slot_of[id(output)]
+        self.program.outputs = tuple(None if output is None else self.slot_of[id(output)] for output in outputs)
         self.program.moments = () if moments is None else tuple(self.slot_of[id(m)] for m in moments)
         # Units that apply the same BatchNorm to the same x (the same x, statistics, affine
         # parameters, eps and use of batch statistics: a projection shortcut and the first
@@ -368,7 +382,8 @@ PLANS = Plans()
 
 def execute(forward_units: Callable, key, program: Optional[Program], inputs: BlockInputs):
     """The block's forward: program None runs forward_units(x, tape) (the block's glue,
-    returning (output, moments), moments the consumer's (mean, var) or None), records it and
+    returning (outputs, moments): Program.outputs' values, and the consumer's (mean, var)
+    or None), records it and
     keeps the Program in PLANS under `key` (None: keeps none); else replays `program`.
     Returns (the Program that ran, the values of its slots). Runs on x's device
     (ops.other_cuda_device): a replay's bound launches take none of the ops' own steps."""
@@ -379,8 +394,8 @@ def execute(forward_units: Callable, key, program: Optional[Program], inputs: Bl
     if program is None:
         tape = Tape(inputs)
         with ops.recording(tape):
-            output, moments = forward_units(inputs.x, tape)
-        program = tape.finish(output, moments)
+            outputs, moments = forward_units(inputs.x, tape)
+        program = tape.finish(outputs, moments)
         if tape.replayable:
             PLANS.put(key, program)
         return program, tape.values
@@ -394,7 +409,7 @@ class BlockFunction(torch.autograd.Function):
 
     forward(ctx, run, x, *params): `execute` with the arguments in `run` (a BlockRun, one
     argument: each argument of a Function call is host work), where run.inputs holds x and
-    params too. Returns (output, *moments).
+    params too. Returns (*outputs, *moments): Program.outputs' values (the second may be None).
     """
 
     @staticmethod
@@ -406,15 +421,16 @@ class BlockFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if moments:
             ctx.mark_non_differentiable(*moments)
-        return (values[program.output], *moments)
+        return (*program.values_of(program.outputs, values), *moments)
 
     @staticmethod
-    def backward(ctx, output_grad: Optional[Tensor], *_moment_grads):
-        if output_grad is None:
+    def backward(ctx, *grads: Optional[Tensor]):
+        output_grads = grads[:2]  # the outputs' (the moments' are None: not differentiable)
+        if all(g is None for g in output_grads):
             return (None,) * len(ctx.needs_input_grad)
         needs = ops.gradients_used(ctx, range(1, len(ctx.needs_input_grad)))  # run, x, *params: tensors but run
         ops.check_no_double_backward()
-        dx, param_grads = ctx.program.backward(ctx.saved_tensors, output_grad, needs[1], needs[2:])
+        dx, param_grads = ctx.program.backward(ctx.saved_tensors, output_grads, needs[1], needs[2:])
         return (None, dx if needs[1] else None, *param_grads)
 
 
@@ -427,12 +443,13 @@ class BlockRun(NamedTuple):
 
 
 def run_block(forward_units: Callable, key, program: Optional[Program], inputs: BlockInputs):
-    """The block's (output, moments): through one BlockFunction where autograd records,
-    else `execute` alone (inference: no node)."""
+    """The block's (outputs, moments) as forward_units returns them: through one
+    BlockFunction where autograd records, else `execute` alone (inference: no node)."""
     if records_autograd(inputs.x, inputs.params):
-        output, *moments = BlockFunction.apply(BlockRun(forward_units, key, program, inputs), inputs.x,
-                                               *inputs.params)
+        output, shortcut, *moments = BlockFunction.apply(BlockRun(forward_units, key, program, inputs), inputs.x,
+                                                         *inputs.params)
     else:
         program, values = execute(forward_units, key, program, inputs)
-        output, moments = values[program.output], [values[m] for m in program.moments]
-    return output, (tuple(moments) if moments else None)
+        output, shortcut = program.values_of(program.outputs, values)
+        moments = [values[m] for m in program.moments]
+    return (output, shortcut), (tuple(moments) if moments else None)

@@ -283,14 +283,13 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
         convs = [conv for _, conv in units] + ([projection] if projection is not None else [])
         bns = [bn for bn, _ in units] + ([consumer.bn] if consumer is not None else [])
         tensors = block_tensors(bns, convs, len(units))
-        # A branch_drop module computes in PyTorch between the units' autograd nodes, which the
-        # block's one node (block_autograd) cannot hold: such a block keeps a node per unit.
         drop = self.branch_drop()
-        taped = tensors is not None and isinstance(x, Tensor) and drop is None and \
+        taped = tensors is not None and isinstance(x, Tensor) and \
             block_autograd.applies(x, tensors.params, tensors.weights, Fp.compute_dtype(x, convs[0]))
         # A plan (block_autograd) skips the checks below: its key fixes their outcome. None
         # under sync_bn: its glue exchanges statistics between ranks, which a replay would skip.
-        key = self.plan_key(x, x_moments, consumer, bns, convs, tensors.signed) if taped and not self.sync_bn else None
+        key = self.plan_key(x, x_moments, consumer, drop is not None, bns, convs, tensors.signed) \
+            if taped and not self.sync_bn else None
         program = block_autograd.PLANS.get(key)
         if program is None:
             shapes = self.check_input(x, units)
@@ -307,17 +306,24 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
         backend = self.backend or "auto"
 
         def forward_units(x: Tensor, tape: Optional[Tape]):
-            return self.forward_units(x, x_moments, consumer, sync, images, backend, tape, drop)
-        if not taped:
-            return forward_units(x, None)
-        inputs = block_autograd.BlockInputs(x, x_moments, tensors.params, tensors.buffers)
-        return block_autograd.run_block(forward_units, key, program, inputs)
+            return self.forward_units(x, x_moments, consumer, sync, images, backend, tape, drop is not None)
+        if taped:
+            inputs = block_autograd.BlockInputs(x, x_moments, tensors.params, tensors.buffers)
+            (h, shortcut), moments = block_autograd.run_block(forward_units, key, program, inputs)
+        else:
+            (h, shortcut), moments = forward_units(x, None)
+        if drop is None:
+            return h, moments
+        # The drop module computes in PyTorch, after the block's autograd node (block_autograd)
+        # or its units' nodes; the shortcut's gradient comes back to that node as an output's.
+        return as_fused_output(drop(h) + shortcut), None
 
     def forward_units(self, x: Tensor, x_moments, consumer: Optional[Fp.Consumer], sync: int,
-                      images: Optional[int], backend: str, tape: Optional[Tape], drop: Optional[nn.Module]):
+                      images: Optional[int], backend: str, tape: Optional[Tape], shortcut_apart: bool):
         """forward_with_stats after its checks: the units one after another, each with its
-        own autograd node, or recorded on the block's tape (block_autograd) if given; drop:
-        branch_drop(), applied to the residual branch before the shortcut joins it."""
+        own autograd node, or recorded on the block's tape (block_autograd) if given. Returns
+        ((output, None), moments), or where shortcut_apart (the block drops its residual branch
+        before the shortcut joins it: branch_drop) ((the residual branch, the shortcut), None)."""
         units = self.units()
         bn1 = units[0][0]
         stats = Fp.bn_stats(bn1, x, x_moments, backend, sync, images, tape)
@@ -328,7 +334,7 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
                 stats = Fp.bn_stats(bn, h, moments, backend, sync, images, tape)
             if i < len(units) - 1:
                 residual, next_consumer = None, Fp.Consumer(units[i + 1][0], bool(sync))
-            elif drop is None:  # the last conv adds the shortcut, and computes the consumer's statistics of the sum
+            elif not shortcut_apart:  # the last conv adds the shortcut, and computes the consumer's statistics
                 residual, next_consumer = shortcut, consumer
             else:  # the shortcut joins after the drop module; the next block computes its own statistics
                 residual, next_consumer = None, None
@@ -339,20 +345,21 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
                                           carry_input=i == 0, tape=tape)
             if i == 0:
                 shortcut = carried if projection is None else self.project(carried, stats, backend, tape)
-        if drop is not None:
-            return as_fused_output(drop(h) + shortcut), None
-        return h, moments
+        if shortcut_apart:
+            return (h, shortcut), None
+        return (h, None), moments
 
-    def plan_key(self, x: Tensor, x_moments, consumer: Optional[Fp.Consumer], bns, convs, tensors) -> tuple:
+    def plan_key(self, x: Tensor, x_moments, consumer: Optional[Fp.Consumer], shortcut_apart: bool, bns, convs,
+                 tensors) -> tuple:
         """Everything the forward glue decides from, for block_autograd's plans: the block's
-        structure, the settings of every BatchNorm (bns: the units' and the consumer's) and
-        conv it reads, autocast, the backend asked for, and the layout of every tensor the
-        plan gets: x's, the incoming statistics' (None: none come in) and their tensors'
-        (dtype, shape, strides, device, 16-byte alignment: a bound replay launches with the
-        layout it was bound with, replay.py)."""
+        structure (shortcut_apart: forward_units'), the settings of every BatchNorm (bns: the
+        units' and the consumer's) and conv it reads, autocast, the backend asked for, and
+        the layout of every tensor the plan gets: x's, the incoming statistics' (None: none
+        come in) and their tensors' (dtype, shape, strides, device, 16-byte alignment: a
+        bound replay launches with the layout it was bound with, replay.py)."""
         device_type = x.device.type
         layout = block_autograd.layout
-        return (type(self), self.shortcut_source, layout(x),
+        return (type(self), self.shortcut_source, shortcut_apart, layout(x),
                 None if x_moments is None else tuple(map(layout, x_moments)), consumer is not None and consumer.synced,
                 torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
                 dispatch.selection_state(self.backend or "auto"),

@@ -43,9 +43,10 @@ def make_block(kind, in_planes, planes, stride, shortcut, dtype=torch.float32, s
     return block
 
 
-def step(block, x, per_unit=False):
-    """One training step: (output, x.grad, parameter grads, buffers), all copied."""
-    x = x.clone().requires_grad_(True)
+def step(block, x, per_unit=False, x_needs_grad=True):
+    """One training step: (output, x.grad, parameter grads, buffers), all copied (x.grad
+    empty where x needs none, a parameter's NaN where it needs none)."""
+    x = x.clone().requires_grad_(x_needs_grad)
     for p in block.parameters():
         p.grad = None
     if per_unit:
@@ -56,7 +57,8 @@ def step(block, x, per_unit=False):
     weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
     (out * weights).sum().backward()
     grads = [torch.full((1,), float("nan")) if p.grad is None else p.grad.clone() for p in block.parameters()]
-    return [out.detach().clone(), x.grad.clone()] + grads + [b.clone() for b in block.buffers()]
+    x_grad = x.grad.clone() if x_needs_grad else torch.empty(0)
+    return [out.detach().clone(), x_grad] + grads + [b.clone() for b in block.buffers()]
 
 
 def assert_bitwise(ours, reference, what, rounding=None):
@@ -83,7 +85,8 @@ def joined_gradients(block):
         return {}
     names = [name for name, _ in block.named_parameters()]
     allowed = 2e-6 if block.conv1.weight.dtype == torch.float32 else 1e-14
-    return {position: allowed for position in [1] + [2 + names.index(n) for n in ("bn1.weight", "bn1.bias")]}
+    bn1 = block.unit_names[0][0]
+    return {position: allowed for position in [1] + [2 + names.index(f"{bn1}.{n}") for n in ("weight", "bias")]}
 
 
 def assert_as_per_unit(ours, per_unit, block, what):
@@ -380,6 +383,118 @@ def test_a_chain_hands_statistics_forward_on_replay(memory_format, backend, monk
         assert calls and all(isinstance(impl, BoundCall) for impl in calls)
 
 
+# timm-layout blocks with stochastic depth (a DropPath, as drop_path_rate gives every block
+# but a model's first): identity, strided projection, strided bottleneck; odd channel counts.
+DROP_BLOCKS = [("basic", 5, 5, 1), ("basic", 5, 7, 2), ("bottleneck", 6, 12, 2)]
+
+
+def make_drop_block(kind, in_chs, out_chs, stride, seed=0, drop=True):
+    """A fused timm-layout block with a DropPath (timm_like's: it keeps the masks it drew),
+    or with drop False an Identity."""
+    import timm_like
+    torch.manual_seed(seed)
+    cls = timm_like.PreActBasic if kind == "basic" else timm_like.PreActBottleneck
+    block = cls(in_chs, out_chs, stride, drop_path=timm_like.DropPath() if drop else None)
+    randomize_bn(block, seed)
+    fused, report = fp.convert(block, return_report=True)
+    assert report.swapped and not report.left, report
+    block_autograd.PLANS.programs.clear()  # (those of convert's probe, which ran float64 copies)
+    return fused
+
+
+def node_names(output):
+    """The class name of every node of output's autograd graph, counted."""
+    names, todo, seen = Counter(), [output.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names[type(node).__name__] += 1
+        todo += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+def test_a_drop_path_block_is_one_node_then_its_drop_and_add():
+    """The block node returns its residual branch and its shortcut (x itself here); the drop
+    module's mul and the add follow it, and the add's gradient of the shortcut comes back
+    to the node as its second output's."""
+    block = make_drop_block("basic", 5, 5, 1)
+    x = torch.randn(4, 5, 6, 6, requires_grad=True)
+    names = node_names(block(x))
+    assert names == {"AddBackward0": 1, "MulBackward0": 1, "BlockFunctionBackward": 1,
+                     "AccumulateGrad": 1 + len(list(block.parameters()))}, names
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("config", DROP_BLOCKS, ids=lambda c: "-".join(map(str, c)))
+def test_drop_path_blocks_recorded_and_replayed_equal_the_per_unit_path(config, backend, monkeypatch):
+    """Three training steps, recorded then replayed, each from the same seed for both blocks
+    (the same masks): as the per-unit path, bitwise but the joined gradients."""
+    x = torch.randn(6, config[1], 7, 7) * 2 + 0.5
+    use_backend_or_skip(backend, monkeypatch, x)
+    ours, reference = make_drop_block(*config), make_drop_block(*config)
+    with fp.use_backend(backend):
+        for i in range(3):
+            x = torch.randn_like(x) * 2 + 0.5
+            torch.manual_seed(i)
+            got = step(ours, x)
+            torch.manual_seed(i)
+            assert_as_per_unit(got, step(reference, x, per_unit=True), ours, f"step {i}")
+    assert len(block_autograd.PLANS.programs) == 1
+    assert ours.drop_path.masks == reference.drop_path.masks
+    assert {0.0, 1.0} <= {v for mask in ours.drop_path.masks for v in mask}, "no image both dropped and kept"
+
+
+def test_blocks_with_and_without_a_drop_module_keep_their_own_plans():
+    """timm's first block has no DropPath, the next ones of the same shape have one: a plan
+    returns the branch and the shortcut apart or adds them, so each keeps its own."""
+    import timm_like
+    blocks = [make_drop_block("basic", 5, 5, 1, drop=drop) for drop in (False, True)]
+    references = copy.deepcopy(blocks)
+    for i in range(2):
+        x = torch.randn(6, 5, 7, 7)
+        for number, (block, reference) in enumerate(zip(blocks, references)):
+            torch.manual_seed(i)
+            got = step(block, x)
+            torch.manual_seed(i)
+            assert_as_per_unit(got, step(reference, x, per_unit=True), block, f"step {i}, block {number}")
+    assert len(block_autograd.PLANS.programs) == 2
+
+
+@pytest.mark.parametrize("x_needs_grad", [False, True])
+@pytest.mark.parametrize("config", DROP_BLOCKS[:2], ids=lambda c: "-".join(map(str, c)))
+def test_a_drop_path_block_computes_the_gradients_asked_for(config, x_needs_grad):
+    """A model's first block sees an input that needs no gradient (the images): the
+    shortcut's gradient (x's own, for the identity) is then asked for by nobody. A frozen
+    conv too. As the per-unit path, twice (recorded, replayed)."""
+    ours, reference = make_drop_block(*config), make_drop_block(*config)
+    for block in (ours, reference):
+        block.conv2.weight.requires_grad_(False)
+    for i in range(2):
+        x = torch.randn(6, config[1], 7, 7)
+        torch.manual_seed(i)
+        got = step(ours, x, x_needs_grad=x_needs_grad)
+        torch.manual_seed(i)
+        assert_as_per_unit(got, step(reference, x, True, x_needs_grad), ours, f"step {i}")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_drop_path_block_without_autograd_replays_its_plan(train):
+    """Inference (torch.no_grad): no node, the drop module still called (in training it
+    draws), as the per-unit path computes."""
+    ours, reference = make_drop_block("basic", 5, 7, 2), make_drop_block("basic", 5, 7, 2)
+    for i in range(2):
+        x = torch.randn(6, 5, 7, 7)
+        outputs = []
+        for block, per_unit in ((ours.train(train), False), (reference.train(train), True)):
+            torch.manual_seed(i)
+            with torch.no_grad(), PassThrough() if per_unit else contextlib.nullcontext():
+                outputs.append([block(x), *block.buffers()])
+        assert_bitwise(*outputs, f"call {i}")
+    assert len(block_autograd.PLANS.programs) == 1
+
+
 def test_a_parametrized_weight_keeps_the_per_unit_path():
     """A parametrized conv weight is computed anew on every read (autograd must record that
     computation): such a block is not one node and records no plan, and trains like eager."""
@@ -509,7 +624,7 @@ def test_bound_replays_see_the_layouts_they_were_bound_with(monkeypatch):
         for request, recorded in first.requests.items():
             # Each unit's three kernels bound, and the glue's steps: each BN's parameter
             # gradients, and the incoming gradient copied to channels_last where it is not.
-            _dtype, grad_shape, grad_strides, *_ = request[1]
+            (_dtype, grad_shape, grad_strides, *_), _shortcut_grad = request[1]  # the block's output's, the shortcut's
             grad_cl = torch.empty_strided(grad_shape, grad_strides).is_contiguous(memory_format=torch.channels_last)
             bound = [call for call in recorded.calls if isinstance(call.impl, BoundCall)]
             glue = sorted(call.impl.__name__ for call in recorded.calls if not isinstance(call.impl, BoundCall))
