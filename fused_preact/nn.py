@@ -58,11 +58,12 @@ def block_tensors(bns, convs, units: int) -> Optional[BlockTensors]:
     """The registered parameters and buffers of the units' BatchNorms and convs (bns: the
     units' and the consumer's, convs: the units' and the projection), or None where one is
     not registered (a parametrized weight is a property that computes a new tensor on
-    every read, a PooledConv's weight is derived from its 1x1 conv's: autograd must see
-    that computation, so the block keeps its per-unit path)."""
+    every read: autograd must see that computation, so the block keeps its per-unit path).
+    A PooledConv's weight is derived from its 1x1 conv's once, on this read, with autograd
+    recording: the block's units then read that tensor (its gradient flows back to W)."""
     def registered(module, names):
-        if not isinstance(module, nn.Module):  # a PooledConv
-            return [MISSING] * len(names)
+        if isinstance(module, PooledConv):
+            return [module.weight]
         params, buffers = module._parameters, module._buffers
         return [params[n] if n in params else buffers[n] if n in buffers else MISSING for n in names]
     weights = [w for conv in convs for w in registered(conv, ("weight",))]
@@ -292,7 +293,7 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
             if taped and not self.sync_bn else None
         program = block_autograd.PLANS.get(key)
         if program is None:
-            shapes = self.check_input(x, units)
+            shapes = self.check_input(x, units, projection)
             sync, images = self.synchronise(x)
             if x.shape[0] == 0 and not sync:  # an empty local batch under sync BN still joins the exchanges
                 return self.submodule_forward(x), None
@@ -306,7 +307,7 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
         backend = self.backend or "auto"
 
         def forward_units(x: Tensor, tape: Optional[Tape]):
-            return self.forward_units(x, x_moments, consumer, sync, images, backend, tape, drop is not None)
+            return self.forward_units(x, x_moments, consumer, sync, images, backend, tape, projection, drop is not None)
         if taped:
             inputs = block_autograd.BlockInputs(x, x_moments, tensors.params, tensors.buffers)
             (h, shortcut), moments = block_autograd.run_block(forward_units, key, program, inputs)
@@ -318,16 +319,16 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
         # or its units' nodes; the shortcut's gradient comes back to that node as an output's.
         return as_fused_output(drop(h) + shortcut), None
 
-    def forward_units(self, x: Tensor, x_moments, consumer: Optional[Fp.Consumer], sync: int,
-                      images: Optional[int], backend: str, tape: Optional[Tape], shortcut_apart: bool):
+    def forward_units(self, x: Tensor, x_moments, consumer: Optional[Fp.Consumer], sync: int, images: Optional[int],
+                      backend: str, tape: Optional[Tape], projection, shortcut_apart: bool):
         """forward_with_stats after its checks: the units one after another, each with its
-        own autograd node, or recorded on the block's tape (block_autograd) if given. Returns
+        own autograd node, or recorded on the block's tape (block_autograd) if given;
+        projection: self.projection() as the block's tensors were taken from it. Returns
         ((output, None), moments), or where shortcut_apart (the block drops its residual branch
         before the shortcut joins it: branch_drop) ((the residual branch, the shortcut), None)."""
         units = self.units()
         bn1 = units[0][0]
         stats = Fp.bn_stats(bn1, x, x_moments, backend, sync, images, tape)
-        projection = self.projection()
         h, moments, shortcut = x, x_moments, None
         for i, (bn, conv) in enumerate(units):
             if i > 0:
@@ -344,7 +345,7 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
             h, moments, carried = Fp.unit(h, stats, bn, conv, residual, next_consumer, backend,
                                           carry_input=i == 0, tape=tape)
             if i == 0:
-                shortcut = carried if projection is None else self.project(carried, stats, backend, tape)
+                shortcut = carried if projection is None else self.project(carried, projection, stats, backend, tape)
         if shortcut_apart:
             return (h, shortcut), None
         return (h, None), moments
@@ -367,11 +368,11 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
                 *((tuple(conv.stride), Fp.zero_padding(conv)) for conv in convs),
                 *(None if t is None else layout(t) for t in tensors))
 
-    def project(self, x: Tensor, stats: Fp.BNStats, backend: str, tape: Optional[Tape]) -> Tensor:
-        """The projection shortcut of x: conv(relu(bn1(x))) ("preact") or conv(x) ("input")."""
+    def project(self, x: Tensor, projection, stats: Fp.BNStats, backend: str, tape: Optional[Tape]) -> Tensor:
+        """The projection shortcut of x: projection(relu(bn1(x))) ("preact") or projection(x) ("input")."""
         if self.shortcut_source == "preact":
-            return Fp.unit(x, stats, self.first_bn(), self.projection(), None, None, backend, tape=tape).output
-        return Fp.unit(x, None, None, self.projection(), None, None, backend, tape=tape).output
+            return Fp.unit(x, stats, self.first_bn(), projection, None, None, backend, tape=tape).output
+        return Fp.unit(x, None, None, projection, None, None, backend, tape=tape).output
 
     def consumer(self) -> Fp.Consumer:
         """This block's first BatchNorm as the consumer of the previous block's statistics."""
@@ -405,15 +406,14 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
             h = drop_path(h)
         return as_fused_output(h + (shortcut() if self.shortcut_last else early_shortcut))
 
-    def check_input(self, x, units) -> list[tuple[int, ...]]:
+    def check_input(self, x, units, projection) -> list[tuple[int, ...]]:
         """Every unit's input shape, derived from x, before any statistic changes (units:
-        self.units()), then the block's output shape: returns them."""
+        self.units(), projection: self.projection()), then the block's output shape: returns them."""
         shapes = [tuple(x.shape)]
         shape = Fp.check_input(x, units[0][0], units[0][1], "x")
         for (bn, conv), (name, _) in zip(units[1:], self.unit_names[1:]):
             shapes.append(shape)
             shape = Fp.check_shape(shape, bn, conv, f"the input of {name}")
-        projection = self.projection()
         shortcut = tuple(x.shape) if projection is None else Fp.check_shape(tuple(x.shape), None, projection, "x")
         if shortcut != shape:
             raise ValueError(f"fused_preact: the shortcut gives shape {shortcut} but the residual branch {shape}")

@@ -39,9 +39,8 @@ def _pair(value) -> tuple:
 class PooledConv:
     """A DownsampleAvg's pool (an nn.AvgPool2d(2, 2)) and 1x1 conv as the conv the kernels
     compute, read like an nn.Conv2d: 2x2, stride 2, no padding, each tap W / 4. Its weight is
-    derived from the 1x1 conv's on its first read (one per block forward), so autograd takes
-    its gradient back to W: the block keeps one autograd node per unit, as for a parametrized
-    weight (nn.block_tensors)."""
+    derived from the 1x1 conv's on its first read (one per block forward, before the block's
+    autograd node: nn.block_tensors), so autograd takes its gradient back to W."""
 
     kernel_size = (2, 2)
     stride = (2, 2)

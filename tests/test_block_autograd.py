@@ -383,23 +383,33 @@ def test_a_chain_hands_statistics_forward_on_replay(memory_format, backend, monk
         assert calls and all(isinstance(impl, BoundCall) for impl in calls)
 
 
-# timm-layout blocks with stochastic depth (a DropPath, as drop_path_rate gives every block
-# but a model's first): identity, strided projection, strided bottleneck; odd channel counts.
-DROP_BLOCKS = [("basic", 5, 5, 1), ("basic", 5, 7, 2), ("bottleneck", 6, 12, 2)]
+# timm-layout blocks (kind, in_chs, out_chs, stride, what they have): stochastic depth (a
+# DropPath, as drop_path_rate gives every block but a model's first) in an identity block, a
+# strided projection and a strided bottleneck; a projection that average-pools first (timm's
+# avg_down, a PooledConv), alone and with a DropPath. Odd channel counts.
+TIMM_BLOCKS = [("basic", 5, 5, 1, "drop"), ("basic", 5, 7, 2, "drop"), ("bottleneck", 6, 12, 2, "drop"),
+               ("basic", 5, 7, 2, "avg_down"), ("bottleneck", 6, 12, 2, "avg_down+drop")]
 
 
-def make_drop_block(kind, in_chs, out_chs, stride, seed=0, drop=True):
-    """A fused timm-layout block with a DropPath (timm_like's: it keeps the masks it drew),
-    or with drop False an Identity."""
+def make_timm_block(kind, in_chs, out_chs, stride, features, seed=0):
+    """A fused timm-layout block, with a DropPath (timm_like's: it keeps the masks it drew)
+    where `features` says "drop", and an avg_down projection where it says "avg_down"."""
     import timm_like
     torch.manual_seed(seed)
     cls = timm_like.PreActBasic if kind == "basic" else timm_like.PreActBottleneck
-    block = cls(in_chs, out_chs, stride, drop_path=timm_like.DropPath() if drop else None)
+    block = cls(in_chs, out_chs, stride, drop_path=timm_like.DropPath() if "drop" in features else None,
+                avg_down="avg_down" in features)
     randomize_bn(block, seed)
     fused, report = fp.convert(block, return_report=True)
     assert report.swapped and not report.left, report
     block_autograd.PLANS.programs.clear()  # (those of convert's probe, which ran float64 copies)
     return fused
+
+
+def timm_input(config, batch=6):
+    """An input of odd size, but even where the block pools (odd sizes run its submodules)."""
+    size = (8, 6) if "avg_down" in config[4] else (7, 7)
+    return torch.randn(batch, config[1], *size) * 2 + 0.5
 
 
 def node_names(output):
@@ -419,21 +429,31 @@ def test_a_drop_path_block_is_one_node_then_its_drop_and_add():
     """The block node returns its residual branch and its shortcut (x itself here); the drop
     module's mul and the add follow it, and the add's gradient of the shortcut comes back
     to the node as its second output's."""
-    block = make_drop_block("basic", 5, 5, 1)
+    block = make_timm_block("basic", 5, 5, 1, "drop")
     x = torch.randn(4, 5, 6, 6, requires_grad=True)
     names = node_names(block(x))
     assert names == {"AddBackward0": 1, "MulBackward0": 1, "BlockFunctionBackward": 1,
                      "AccumulateGrad": 1 + len(list(block.parameters()))}, names
 
 
+def test_a_pooled_projection_block_is_one_node_after_its_derived_weight():
+    """The PooledConv's weight W / 4 on four taps is derived before the block node (an
+    expand and a mul), which takes it as an input: no node per unit."""
+    block = make_timm_block("basic", 5, 7, 2, "avg_down")
+    x = torch.randn(4, 5, 6, 6, requires_grad=True)
+    names = node_names(block(x))
+    assert names == {"BlockFunctionBackward": 1, "MulBackward0": 1, "ExpandBackward0": 1,
+                     "AccumulateGrad": 1 + len(list(block.parameters()))}, names
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("config", DROP_BLOCKS, ids=lambda c: "-".join(map(str, c)))
-def test_drop_path_blocks_recorded_and_replayed_equal_the_per_unit_path(config, backend, monkeypatch):
+@pytest.mark.parametrize("config", TIMM_BLOCKS, ids=lambda c: "-".join(map(str, c)))
+def test_timm_blocks_recorded_and_replayed_equal_the_per_unit_path(config, backend, monkeypatch):
     """Three training steps, recorded then replayed, each from the same seed for both blocks
     (the same masks): as the per-unit path, bitwise but the joined gradients."""
-    x = torch.randn(6, config[1], 7, 7) * 2 + 0.5
+    x = timm_input(config)
     use_backend_or_skip(backend, monkeypatch, x)
-    ours, reference = make_drop_block(*config), make_drop_block(*config)
+    ours, reference = make_timm_block(*config), make_timm_block(*config)
     with fp.use_backend(backend):
         for i in range(3):
             x = torch.randn_like(x) * 2 + 0.5
@@ -442,15 +462,15 @@ def test_drop_path_blocks_recorded_and_replayed_equal_the_per_unit_path(config, 
             torch.manual_seed(i)
             assert_as_per_unit(got, step(reference, x, per_unit=True), ours, f"step {i}")
     assert len(block_autograd.PLANS.programs) == 1
-    assert ours.drop_path.masks == reference.drop_path.masks
-    assert {0.0, 1.0} <= {v for mask in ours.drop_path.masks for v in mask}, "no image both dropped and kept"
+    if "drop" in config[4]:
+        assert ours.drop_path.masks == reference.drop_path.masks
+        assert {0.0, 1.0} <= {v for mask in ours.drop_path.masks for v in mask}, "no image both dropped and kept"
 
 
 def test_blocks_with_and_without_a_drop_module_keep_their_own_plans():
     """timm's first block has no DropPath, the next ones of the same shape have one: a plan
     returns the branch and the shortcut apart or adds them, so each keeps its own."""
-    import timm_like
-    blocks = [make_drop_block("basic", 5, 5, 1, drop=drop) for drop in (False, True)]
+    blocks = [make_timm_block("basic", 5, 5, 1, features) for features in ("", "drop")]
     references = copy.deepcopy(blocks)
     for i in range(2):
         x = torch.randn(6, 5, 7, 7)
@@ -463,16 +483,16 @@ def test_blocks_with_and_without_a_drop_module_keep_their_own_plans():
 
 
 @pytest.mark.parametrize("x_needs_grad", [False, True])
-@pytest.mark.parametrize("config", DROP_BLOCKS[:2], ids=lambda c: "-".join(map(str, c)))
-def test_a_drop_path_block_computes_the_gradients_asked_for(config, x_needs_grad):
+@pytest.mark.parametrize("config", [TIMM_BLOCKS[i] for i in (0, 1, 3)], ids=lambda c: "-".join(map(str, c)))
+def test_timm_blocks_compute_the_gradients_asked_for(config, x_needs_grad):
     """A model's first block sees an input that needs no gradient (the images): the
     shortcut's gradient (x's own, for the identity) is then asked for by nobody. A frozen
     conv too. As the per-unit path, twice (recorded, replayed)."""
-    ours, reference = make_drop_block(*config), make_drop_block(*config)
+    ours, reference = make_timm_block(*config), make_timm_block(*config)
     for block in (ours, reference):
         block.conv2.weight.requires_grad_(False)
     for i in range(2):
-        x = torch.randn(6, config[1], 7, 7)
+        x = timm_input(config)
         torch.manual_seed(i)
         got = step(ours, x, x_needs_grad=x_needs_grad)
         torch.manual_seed(i)
@@ -480,12 +500,13 @@ def test_a_drop_path_block_computes_the_gradients_asked_for(config, x_needs_grad
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_a_drop_path_block_without_autograd_replays_its_plan(train):
-    """Inference (torch.no_grad): no node, the drop module still called (in training it
-    draws), as the per-unit path computes."""
-    ours, reference = make_drop_block("basic", 5, 7, 2), make_drop_block("basic", 5, 7, 2)
+def test_a_timm_block_without_autograd_replays_its_plan(train):
+    """Inference (torch.no_grad) of a pooled projection block with a DropPath: no node, the
+    weight derived, the drop module called (in training it draws), as the per-unit path."""
+    config = TIMM_BLOCKS[4]  # a pooled projection and a DropPath
+    ours, reference = make_timm_block(*config), make_timm_block(*config)
     for i in range(2):
-        x = torch.randn(6, 5, 7, 7)
+        x = timm_input(config)
         outputs = []
         for block, per_unit in ((ours.train(train), False), (reference.train(train), True)):
             torch.manual_seed(i)
