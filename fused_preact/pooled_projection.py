@@ -55,7 +55,10 @@ class PooledConv:
     def weight(self) -> Tensor:
         # Not functools.cached_property: its lock (Python < 3.12) stops torch.compile's tracing.
         if self.derived is None:
-            self.derived = self.conv.weight.expand(-1, -1, 2, 2) * 0.25  # a power of two: W / 4 exactly
+            # Made [K, 2, 2, C] and viewed as [K, C, 2, 2]: input channels adjacent, as the kernels
+            # read weights (a default-layout one they copy first, one more kernel per launch).
+            taps = self.conv.weight.permute(0, 2, 3, 1).expand(-1, 2, 2, -1)
+            self.derived = (taps * 0.25).permute(0, 3, 1, 2)  # a power of two: W / 4 exactly
         return self.derived
 
 

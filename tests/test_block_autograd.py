@@ -437,12 +437,12 @@ def test_a_drop_path_block_is_one_node_then_its_drop_and_add():
 
 
 def test_a_pooled_projection_block_is_one_node_after_its_derived_weight():
-    """The PooledConv's weight W / 4 on four taps is derived before the block node (an
-    expand and a mul), which takes it as an input: no node per unit."""
+    """The PooledConv's weight W / 4 on four taps is derived before the block node (views
+    and a mul), which takes it as an input: no node per unit."""
     block = make_timm_block("basic", 5, 7, 2, "avg_down")
     x = torch.randn(4, 5, 6, 6, requires_grad=True)
     names = node_names(block(x))
-    assert names == {"BlockFunctionBackward": 1, "MulBackward0": 1, "ExpandBackward0": 1,
+    assert names == {"BlockFunctionBackward": 1, "PermuteBackward0": 2, "ExpandBackward0": 1, "MulBackward0": 1,
                      "AccumulateGrad": 1 + len(list(block.parameters()))}, names
 
 
