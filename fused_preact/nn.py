@@ -79,6 +79,14 @@ def block_tensors(bns, convs, units: int) -> Optional[BlockTensors]:
 MISSING = object()  # block_tensors: a name that is no registered parameter or buffer
 
 
+def passes_through(drop: nn.Module) -> bool:
+    """Whether `drop` is timm's DropPath (matched by name: the package does not import timm)
+    at a setting where it returns its input unchanged: in eval, or with drop_prob 0
+    (timm.layers.drop.drop_path). convert verified the block with it in both modes."""
+    return type(drop).__name__ == "DropPath" and hasattr(drop, "drop_prob") and \
+        (not drop.training or drop.drop_prob == 0.0)
+
+
 class _NotScriptable:
     """torch.jit.script calls __prepare_scriptable__ on every module of a model before it
     compiles any: a fused module, whose forward chooses and launches kernels in Python,
@@ -250,10 +258,11 @@ class _PreActUnits(_NotScriptable, _SyncBNOption, nn.Module):
 
     def branch_drop(self) -> Optional[nn.Module]:
         """The module the eager block applies to its residual branch before the shortcut
-        joins it (timm's `drop_path`: stochastic depth), or None where it has none or an
-        Identity. The fused block calls it too, so it draws the same masks."""
+        joins it (timm's `drop_path`: stochastic depth), or None where it has none, an
+        Identity, or one that returns its input now (passes_through: then the last conv adds
+        the shortcut). The fused block calls it too, so it draws the same masks."""
         module = self._modules.get("drop_path")
-        return None if module is None or isinstance(module, nn.Identity) else module
+        return None if module is None or isinstance(module, nn.Identity) or passes_through(module) else module
 
     def size_unfused_reason(self, x: Tensor) -> Optional[tuple[str, str, str]]:
         """Why the fused units do not compute this block at x's size (its submodules then

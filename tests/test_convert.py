@@ -1,5 +1,6 @@
 """convert(): swaps verified blocks, keeps parameters / keys / mode, reports what it left."""
 import copy
+import functools
 import logging
 import warnings
 
@@ -176,6 +177,39 @@ def test_drop_path_blocks_fused_draw_the_masks_eager_draws(backend, monkeypatch)
     assert {0.0, 1.0} <= {v for block in eager_masks for step in block for v in step}, "no image dropped and kept"
     assert_step_within_eager_error(eager, results[0], results[2], results[4], "train step")
     assert_within_eager_error(results[5], results[3], results[1], "eval output")
+
+
+@pytest.mark.parametrize("backend", fp.dispatch.BACKEND_NAMES)
+def test_a_drop_path_that_returns_its_input_is_not_called(backend, monkeypatch):
+    """timm's DropPath returns its input in eval and at drop_prob 0: there the fused block
+    computes as one without it (its last conv adds the shortcut, and a chain hands the
+    statistics on across it) and does not call it. float32 against the float64 truth,
+    within twice eager float32's error (plus the float32 floor)."""
+    import timm_like
+    x = torch.randn(6, 8, 7, 7, device=DEVICE)
+    eager, truth, ours = eager_truth_fused(drop_path_model, x, backend, monkeypatch)
+    for model in (eager, truth, ours):
+        for module in model.modules():
+            if isinstance(module, timm_like.DropPath):
+                module.drop_prob = 0.0
+                if model is ours:
+                    module.forward = lambda _: pytest.fail("a fused block called a DropPath that passes through")
+    implementations = fp.dispatch.get_backend(backend).impls
+    passes = []
+    monkeypatch.setitem(implementations, "batch_stats",
+                        functools.partial(lambda real, **args: passes.append(1) or real(**args),
+                                          implementations["batch_stats"]))
+    monkeypatch.setattr(fp.block_autograd.PLANS, "programs", {})  # (a replay calls the implementation it kept)
+    results = [train_step(model, x.to(dtype)) for model, dtype in
+               ((truth, torch.float64), (eager, torch.float32), (ours, torch.float32))]
+    assert_step_within_eager_error(eager, *results, "train step at drop_prob 0")
+    assert len(passes) == 1, "the chain did not hand the statistics on across the DropPaths"
+    for module in (*truth.modules(), *eager.modules(), *ours.modules()):
+        if isinstance(module, timm_like.DropPath):
+            module.drop_prob = 0.5  # drops in training, passes through in eval
+    truth_out, eager_out, our_out = (model.eval()(x.to(dtype)) for model, dtype in
+                                     ((truth, torch.float64), (eager, torch.float32), (ours, torch.float32)))
+    assert_within_eager_error(our_out, eager_out, truth_out, "eval output")
 
 
 def seeded_train_step(model, x):
