@@ -1,4 +1,6 @@
-"""Shared test helpers: comparison with a located report, tolerances per dtype."""
+"""Shared test helpers: comparison with a located report, tolerances per dtype, autograd graphs."""
+from collections import Counter
+
 import torch
 
 # Where the Triton tests run: compiled on a GPU, else in the interpreter on the CPU.
@@ -74,3 +76,16 @@ def assert_step_within_eager_error(model, truth, eager, ours, what=""):
             assert_within_eager_error(got, ref, true, f"{what}: {name}")
         else:
             assert torch.equal(got, ref), f"{what}: {name}"
+
+
+def node_names(output):
+    """The class name of every node of output's autograd graph, counted."""
+    names, todo, seen = Counter(), [output.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names[type(node).__name__] += 1
+        todo += [next_node for next_node, _ in node.next_functions]
+    return names

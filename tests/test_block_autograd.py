@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fused_preact as fp
 from fused_preact import block_autograd, ops
 from fused_preact.testing import randomize_bn
-from helpers import use_backend_or_skip
+from helpers import node_names, use_backend_or_skip
 
 # (kind, in_planes, planes, stride, shortcut): identity, projections from relu(bn1(x)) and
 # from x, a bottleneck with a strided projection; odd channel counts.
@@ -410,19 +410,6 @@ def timm_input(config, batch=6):
     """An input of odd size, but even where the block pools (odd sizes run its submodules)."""
     size = (8, 6) if "avg_down" in config[4] else (7, 7)
     return torch.randn(batch, config[1], *size) * 2 + 0.5
-
-
-def node_names(output):
-    """The class name of every node of output's autograd graph, counted."""
-    names, todo, seen = Counter(), [output.grad_fn], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names[type(node).__name__] += 1
-        todo += [next_node for next_node, _ in node.next_functions]
-    return names
 
 
 def test_a_drop_path_block_is_one_node_then_its_drop_and_add():

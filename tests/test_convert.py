@@ -14,7 +14,8 @@ import fused_preact as fp
 from fused_preact.testing import (DropoutPreActBlock, NoBN2PreActBlock, PreActBlock, PreActBottleneck,
                           PreActResNet, RawShortcutPreActBlock, WideBasicBlock)
 from fused_preact.testing import randomize_bn
-from helpers import DEVICE, assert_close, assert_step_within_eager_error, assert_within_eager_error, use_backend_or_skip
+from helpers import (DEVICE, assert_close, assert_step_within_eager_error, assert_within_eager_error, node_names,
+                     use_backend_or_skip)
 
 
 def test_convert_kuangliu_resnet():
@@ -341,7 +342,7 @@ def test_convert_real_timm_resnetv2_if_installed(name, options, fused, left):
     """What tests/timm_like.py stands in for where timm (which needs torchvision) is installed:
     its models as timm.create_model builds them, converted, against themselves in float64
     (BatchNorms randomised as after training): one training step's output, gradients and
-    buffers, from the same seed (DropPath's masks)."""
+    buffers, from the same seed (DropPath's masks). Each fused block is one autograd node."""
     timm = pytest.importorskip("timm", reason="timm (which needs torchvision) is not installed")
     if name not in timm.list_models(name):
         pytest.skip(f"timm {timm.__version__} has no {name}")
@@ -359,8 +360,10 @@ def test_convert_real_timm_resnetv2_if_installed(name, options, fused, left):
     torch.manual_seed(1)
     expected_step = train_step(reference, x)
     torch.manual_seed(1)
-    for got, expected in zip(train_step(converted, x), expected_step, strict=True):
+    got_step = train_step(converted, x)
+    for got, expected in zip(got_step, expected_step, strict=True):
         assert_close(got, expected, torch.float64, f"timm {name}")
+    assert node_names(got_step[0])["BlockFunctionBackward"] == fused
 
 
 def test_real_timm_sync_batchnorm_act_if_installed():
