@@ -244,11 +244,11 @@ class Program:
         """(x's gradient, each parameter's) given the gradients of the block's outputs (None:
         a zero one), from ctx.saved_tensors (self.saved's list, unpacked). The first backward
         of a request runs the glue (run_units) and records it; the later ones replay that,
-        without the glue. A request: the gradients autograd asks for (a model asks the same ones step
-        after step), the TF32 setting (which the backward's launches read, as the forward's
-        do: the key has it), output_grads' layouts and the saved tensors' as unpacked (what the
-        backward gets from outside the plan: a bound replay launches with the layouts it was
-        bound with, replay.py)."""
+        without the glue. A request: the gradients autograd asks for (a model asks the same
+        ones step after step), the TF32 setting (which the backward's launches read, as the
+        forward's do: the key has it), output_grads' layouts and the saved tensors' as
+        unpacked (what the backward gets from outside the plan: a bound replay launches with
+        the layouts it was bound with, replay.py)."""
         # The forward's tensors were plain ones (applies): only the incoming gradient, or a
         # mode entered since, can make the ops go through their registered versions.
         if registered_op_needed([g for g in output_grads if g is not None]):
@@ -383,8 +383,8 @@ PLANS = Plans()
 def execute(forward_units: Callable, key, program: Optional[Program], inputs: BlockInputs):
     """The block's forward: program None runs forward_units(x, tape) (the block's glue,
     returning (outputs, moments): Program.outputs' values, and the consumer's (mean, var)
-    or None), records it and
-    keeps the Program in PLANS under `key` (None: keeps none); else replays `program`.
+    or None), records it and keeps the Program in PLANS under `key` (None: keeps none);
+    else replays `program`.
     Returns (the Program that ran, the values of its slots). Runs on x's device
     (ops.other_cuda_device): a replay's bound launches take none of the ops' own steps."""
     device = ops.other_cuda_device(inputs.x)

@@ -599,7 +599,7 @@ class TimmPreActBasic(_PreActUnits):
 
     def projection(self):
         """downsample's conv, or its pool and conv as one PooledConv (a new one per call, its
-        weight derived on first read: a forward reads it once, in project)."""
+        weight derived on first read: a forward takes one, whose weight block_tensors reads)."""
         if self.downsample is None:
             return None
         pool = self.downsample_pool()
