@@ -333,7 +333,8 @@ def test_drop_path_blocks_keep_at_most_55_percent_of_eager_activations():
 REAL_TIMM_MODELS = [("resnetv2_18", {}, 8, []), ("resnetv2_50", {}, 16, []),
                     ("resnetv2_50d", {}, 16, ["stem"]),
                     ("resnetv2_50", {"drop_path_rate": 0.2}, 16, []),
-                    ("resnetv2_50d", {"drop_path_rate": 0.2}, 16, ["stem"])]
+                    ("resnetv2_50d", {"drop_path_rate": 0.2}, 16, ["stem"]),
+                    ("resnetv2_50d", {"drop_path_rate": 0.2, "grad_checkpointing": True}, 16, ["stem"])]
 
 
 @pytest.mark.parametrize("name,options,fused,left", REAL_TIMM_MODELS,
@@ -342,16 +343,22 @@ def test_convert_real_timm_resnetv2_if_installed(name, options, fused, left):
     """What tests/timm_like.py stands in for where timm (which needs torchvision) is installed:
     its models as timm.create_model builds them, converted, against themselves in float64
     (BatchNorms randomised as after training): one training step's output, gradients and
-    buffers, from the same seed (DropPath's masks). Each fused block is one autograd node."""
+    buffers, from the same seed (DropPath's masks). Each fused block is one autograd node.
+    grad_checkpointing: timm's model.set_grad_checkpointing(True) on both (its stages then
+    call their blocks through torch.utils.checkpoint, recomputing each in the backward)."""
     timm = pytest.importorskip("timm", reason="timm (which needs torchvision) is not installed")
     if name not in timm.list_models(name):
         pytest.skip(f"timm {timm.__version__} has no {name}")
+    options = dict(options)
+    checkpointing = options.pop("grad_checkpointing", False)
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, **options).double()
     randomize_bn(model)
     reference = copy.deepcopy(model)
     keys = list(model.state_dict())
     converted, report = fp.convert(model, backend="reference", return_report=True)
+    for checkpointed in (reference, converted):
+        checkpointed.set_grad_checkpointing(checkpointing)
     assert len(report.swapped) == fused and [where for where, _ in report.left] == left, report
     assert list(converted.state_dict()) == keys
     # 64 x 64 images: the last stage's BatchNorms see 2 x 2 pixels per image. At 32 x 32 they see
