@@ -147,11 +147,13 @@ def eager_truth_fused(build, x, backend: str, monkeypatch):
 
 
 def drop_path_model():
-    """timm-layout blocks with stochastic depth (identity, projection and bottleneck blocks),
-    then one without, which computes its own statistics after a dropped branch."""
+    """timm-layout blocks as drop_path_rate makes them: the first without stochastic depth
+    (it hands its statistics to the next), then identity, projection and bottleneck blocks
+    with it, then one without, which computes its own statistics after a dropped branch."""
     import timm_like
     torch.manual_seed(0)
-    model = nn.Sequential(timm_like.PreActBasic(8, 8, drop_path=timm_like.DropPath()),
+    model = nn.Sequential(timm_like.PreActBasic(8, 8),
+                          timm_like.PreActBasic(8, 8, drop_path=timm_like.DropPath()),
                           timm_like.PreActBasic(8, 12, 2, drop_path=timm_like.DropPath()),
                           timm_like.PreActBottleneck(12, 16, drop_path=timm_like.DropPath()),
                           timm_like.PreActBasic(16, 16))
