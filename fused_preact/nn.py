@@ -55,17 +55,20 @@ class BlockTensors(NamedTuple):
 
 
 def block_tensors(bns, convs, units: int) -> Optional[BlockTensors]:
-    """The registered parameters and buffers of the units' BatchNorms and convs (bns: the
-    units' and the consumer's, convs: the units' and the projection), or None where one is
-    not registered (a parametrized weight is a property that computes a new tensor on
-    every read: autograd must see that computation, so the block keeps its per-unit path).
+    """The parameters and buffers of the units' BatchNorms and convs (bns: the units' and the
+    consumer's, convs: the units' and the projection) as the modules hold them, or None where
+    one is held by none of these: registered, or a tensor held as a plain attribute (an
+    nn.DataParallel replica holds its parameters so, non-leaf copies made once per forward).
+    A parametrized weight is a property that computes a new tensor on every read: autograd
+    must see that computation, so the block keeps its per-unit path.
     A PooledConv's weight is derived from its 1x1 conv's once, on this read, with autograd
     recording: the block's units then read that tensor (its gradient flows back to W)."""
     def registered(module, names):
         if isinstance(module, PooledConv):
             return [module.weight]
         params, buffers = module._parameters, module._buffers
-        return [params[n] if n in params else buffers[n] if n in buffers else MISSING for n in names]
+        return [params[n] if n in params else buffers[n] if n in buffers else plain_attribute(module, n)
+                for n in names]
     weights = [w for conv in convs for w in registered(conv, ("weight",))]
     bn_tensors = [registered(bn, BN_TENSORS) for bn in bns]
     signed = [*weights, *(t for ts in bn_tensors for t in ts)]
@@ -76,7 +79,13 @@ def block_tensors(bns, convs, units: int) -> Optional[BlockTensors]:
     return BlockTensors(params, weights, [t for ts in bn_tensors for t in ts[2:]], signed)
 
 
-MISSING = object()  # block_tensors: a name that is no registered parameter or buffer
+MISSING = object()  # block_tensors: a name that names no tensor the module holds
+
+
+def plain_attribute(module: nn.Module, name: str):
+    """The tensor (or None) `module` holds as a plain attribute `name`, else MISSING."""
+    held = module.__dict__.get(name, MISSING)
+    return held if held is None or isinstance(held, Tensor) else MISSING
 
 
 def passes_through(drop: nn.Module) -> bool:

@@ -1,4 +1,5 @@
-"""Ecosystem: torch.compile, autocast, checkpoints / pickling / deepcopy, .to(), determinism."""
+"""Ecosystem: torch.compile, autocast, checkpoints / pickling / deepcopy, .to(), determinism,
+nn.DataParallel's replicas."""
 import copy
 import io
 import pickle
@@ -14,7 +15,7 @@ from fused_preact.testing import PreActBlock as EagerBlock
 from fused_preact.testing import PreActBottleneck as EagerBottleneck
 from fused_preact.testing import RawShortcutPreActBlock
 from fused_preact.testing import randomize_bn
-from helpers import DEVICE, assert_close, assert_step_within_eager_error, use_backend_or_skip
+from helpers import DEVICE, assert_close, assert_step_within_eager_error, node_names, use_backend_or_skip
 
 
 def small_pair(dtype=torch.float32):
@@ -185,6 +186,56 @@ def test_activation_checkpointing_gives_eagers_training_step(backend, how, monke
     counted = [b.item() for n, b in ours.named_buffers() if n.endswith("num_batches_tracked")]
     assert counted[:2] == [3, 3], counted  # the first block was recomputed: counted twice (the loop: as eager)
     assert_step_within_eager_error(eager, *results, how)
+
+
+def data_parallel_replica(network: nn.Module) -> nn.Module:
+    """What nn.parallel.replicate makes of `network` for its first device, following its code
+    (replicate itself needs CUDA devices): each module a _replicate_for_data_parallel() shallow
+    copy holding its children's replicas, the buffers themselves, and its parameters as non-leaf
+    copies set as plain attributes (Broadcast's outputs; nn.DataParallel replicates on every
+    forward, so they are new tensors each time)."""
+    modules = list(network.modules())
+    index = {module: i for i, module in enumerate(modules)}
+    replicas = [module._replicate_for_data_parallel() for module in modules]
+    for module, replica in zip(modules, replicas):
+        for name, child in module._modules.items():
+            if child is None:
+                replica._modules[name] = None
+            else:
+                setattr(replica, name, replicas[index[child]])
+        for name, param in module._parameters.items():
+            if param is None:
+                replica._parameters[name] = None
+            else:
+                setattr(replica, name, param.clone())
+    return replicas[0]
+
+
+@pytest.mark.parametrize("backend", fp.dispatch.BACKEND_NAMES)
+def test_data_parallel_replicas_are_one_node_per_block_and_train_like_eager(backend, monkeypatch):
+    """nn.DataParallel's replicas hold the parameters as non-leaf tensors (a replica's threads
+    run on one GPU each, under the GIL: host time counts twice there): their blocks are one
+    autograd node each, the next step's replica replays the plans, and the gradients reach
+    the model's parameters. Two steps, float32 against the float64 truth replicated the same
+    way, within twice eager float32's error (plus the float32 floor)."""
+    x = torch.randn(3, 3, 8, 8, device=DEVICE)
+    use_backend_or_skip(backend, monkeypatch, x)
+    eager = small_pair()[1].to(DEVICE)
+    truth = copy.deepcopy(eager).double()
+    ours = fp.convert(copy.deepcopy(eager), backend=backend)
+    monkeypatch.setattr(fp.block_autograd.PLANS, "programs", {})  # (those of convert's probe)
+    for step_index in range(2):
+        if step_index == 1:
+            monkeypatch.setattr(ops, "check_unit_args", lambda *_, **__: pytest.fail("a replica ran the glue"))
+        results = []
+        for model, dtype in ((truth, torch.float64), (eager, torch.float32), (ours, torch.float32)):
+            model.zero_grad(set_to_none=True)
+            xd = x.to(dtype).clone().requires_grad_(True)
+            out = data_parallel_replica(model)(xd)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=dtype, device=DEVICE).view_as(out)).sum().backward()
+            results.append([out, xd.grad, *(p.grad for p in model.parameters()), *model.buffers()])
+        assert node_names(results[2][0])["BlockFunctionBackward"] == len(ours)
+        assert_step_within_eager_error(eager, *results, f"step {step_index}")
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks, constant for a trace
