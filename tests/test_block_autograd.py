@@ -489,7 +489,8 @@ def test_timm_blocks_compute_the_gradients_asked_for(config, x_needs_grad):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_a_timm_block_without_autograd_replays_its_plan(train):
     """Inference (torch.no_grad) of a pooled projection block with a DropPath: no node, the
-    weight derived, the drop module called (in training it draws), as the per-unit path."""
+    weight derived, the DropPath called in training (it draws) and passed over in eval (it
+    returns its input there), as the per-unit path computes."""
     config = TIMM_BLOCKS[4]  # a pooled projection and a DropPath
     ours, reference = make_timm_block(*config), make_timm_block(*config)
     for i in range(2):
