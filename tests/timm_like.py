@@ -116,19 +116,20 @@ class PreActBottleneck(nn.Module):
 class DropPath(nn.Module):
     """Stochastic depth as timm.layers.DropPath computes it: in training each image's branch
     is kept with probability 1 - drop_prob and then scaled by 1 / (1 - drop_prob), else zeroed;
-    the identity in eval. Keeps every mask it drew (masks) for tests. Unlike timm's, it draws
+    the identity in eval. Keeps every mask it drew (masks) for tests, unless told not to. Unlike timm's, it draws
     in float32 whatever x's dtype, so a float64 copy of a model draws what its float32 copy
     draws from the same seed (on a GPU, bernoulli_ may draw differently per dtype)."""
 
-    def __init__(self, drop_prob=0.5):
+    def __init__(self, drop_prob=0.5, keep_masks=True):
         super().__init__()
         self.drop_prob = drop_prob
-        self.masks = []
+        self.masks = [] if keep_masks else None  # (None: torch.compile traces it; tolist() it does not)
 
     def forward(self, x):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep = 1 - self.drop_prob
         mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device).bernoulli_(keep)
-        self.masks.append(mask.flatten().tolist())
+        if self.masks is not None:
+            self.masks.append(mask.flatten().tolist())
         return x * mask.div_(keep).to(x.dtype)
