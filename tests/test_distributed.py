@@ -19,7 +19,7 @@ from fused_preact.testing import PreActBlock as EagerBlock
 from fused_preact.testing import PreActBottleneck as EagerBottleneck
 from fused_preact.testing import randomize_bn
 import timm_like
-from helpers import assert_close
+from helpers import assert_close, node_names
 
 WORLD = 2
 STEPS = 3
@@ -81,7 +81,10 @@ def worker(rank, init_file, sync_bn, result_file, layout):
                 p.grad /= WORLD
         opt.step()
         record.append((out.detach(), x.grad))
-    torch.save({"steps": record, "state": model.state_dict()}, f"{result_file}.{rank}")
+    # Each fused block one autograd node: synchronised blocks record their calls anew on every
+    # call (no plan), but in one node.
+    block_nodes = node_names(out)["BlockFunctionBackward"]
+    torch.save({"steps": record, "state": model.state_dict(), "block_nodes": block_nodes}, f"{result_file}.{rank}")
     # Both ranks done before either tears gloo down, and DDP (whose reducer holds the process
     # group and its work) gone first: destroy_process_group only drops c10d's own references,
     # and a group that outlives it is torn down at interpreter exit, where gloo can abort (seen
@@ -118,6 +121,7 @@ def test_sync_bn_matches_single_process_big_batch(tmp_path, sync_bn, layout):
             assert_close(got_out, halves[rank].detach(), torch.float64, f"step {step} rank {rank} output")
             assert_close(got_dx, grads[rank] * WORLD, torch.float64, f"step {step} rank {rank} grad x")
     for rank in range(WORLD):
+        assert results[rank]["block_nodes"] == len(model), results[rank]["block_nodes"]
         for name, value in model.state_dict().items():
             got = results[rank]["state"][name]
             if value.is_floating_point():
