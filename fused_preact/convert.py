@@ -88,6 +88,11 @@ _LAYOUTS = (
 )
 
 
+def _known_layouts() -> str:
+    return "; ".join(f"{block_cls.__name__} ({', '.join(units + tuple(f'[{n}]' for n in optional))})"
+                     for block_cls, units, optional in _LAYOUTS)
+
+
 def _layout(module: nn.Module):
     """(fused class, unit names, optional names) for a pre-activation block layout, else None."""
     if isinstance(module, _PreActUnits):
@@ -212,18 +217,20 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = 
     (another process_group given here raises, before anything changes). Returns the
     model, or (model, ConversionReport) with return_report=True. Blocks that look like
     pre-activation blocks but do not compute what a fused block computes are left untouched
-    and logged as warnings.
+    and logged as warnings; so is a model in which convert finds no block at all.
     """
     check_backend_name(backend)
     _check_sync_batchnorm_groups(model, process_group)
     report = ConversionReport()
     done: dict[int, nn.Module] = {}  # id(original block) -> its fused block (a block used twice)
+    fused_before = []  # the fused modules the model already held
 
     def visit(name: str, module: nn.Module) -> nn.Module:
         if id(module) in done:
             report.swapped.append((name, f"the same block as an earlier place: {type(done[id(module)]).__name__}"))
             return done[id(module)]
         if isinstance(module, (_PreActUnits, FusedBNReLUConv2d)):
+            fused_before.append(name)
             changes = []
             if sync_bn and not module.sync_bn:
                 module.set_sync_bn(True, process_group)
@@ -266,4 +273,9 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, sync_bn: bool = 
 
     model = visit("", model)
     log.info("%s", report)
+    if not (report.swapped or report.left or fused_before):
+        # A layout convert does not know (a post-activation ResNet, DeepMind's RobustBench blocks)
+        # would otherwise run eager without a word.
+        log.warning("fused_preact.convert: found no pre-activation block in %s, so nothing changed. It swaps "
+                    "modules with the submodules of %s", type(model).__name__, _known_layouts())
     return (model, report) if return_report else model

@@ -87,6 +87,41 @@ def test_convert_leaves_blocks_that_compute_something_else(caplog):
     assert "2 blocks swapped" not in str(report) and "1 blocks swapped, 2 left" in str(report)
 
 
+class DeepMindBlock(nn.Module):
+    """The attribute names of RobustBench's DMPreActResNet block (stride 1), which no layout of
+    convert's has."""
+
+    def __init__(self, planes):
+        super().__init__()
+        self.batchnorm_0, self.relu_0 = nn.BatchNorm2d(planes), nn.SiLU()
+        self.conv_2d_1 = nn.Conv2d(planes, planes, 3, padding=0, bias=False)
+        self.batchnorm_1, self.relu_1 = nn.BatchNorm2d(planes), nn.SiLU()
+        self.conv_2d_2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        out = self.conv_2d_1(F.pad(self.relu_0(self.batchnorm_0(x)), (1, 1, 1, 1)))
+        return x + self.conv_2d_2(self.relu_1(self.batchnorm_1(out)))
+
+
+def test_convert_warns_where_it_finds_no_block(caplog):
+    """A model with no layout convert knows runs eager: convert says so and names the layouts it
+    swaps. A model whose blocks are fused already gets no warning."""
+    model = nn.Sequential(DeepMindBlock(4), DeepMindBlock(4))
+    keys = list(model.state_dict())
+    with caplog.at_level(logging.WARNING, logger="fused_preact.convert"):
+        converted, report = fp.convert(model, return_report=True)
+    assert not report.swapped and not report.left and list(converted.state_dict()) == keys
+    assert all(type(block) is DeepMindBlock for block in converted)
+    assert "found no pre-activation block in Sequential" in caplog.text
+    assert "PreActBlock (bn1, conv1, bn2, conv2, [shortcut])" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fused_preact.convert"):
+        fp.convert(converted)  # again: still nothing
+        fp.convert(fp.models.preact_resnet18())
+        fp.convert(nn.Sequential(fp.FusedBNReLUConv2d(4, 4, 3)))
+    assert caplog.text.count("found no pre-activation block") == 1, caplog.text
+
+
 def test_convert_keeps_device_dtype_and_backend():
     model = nn.Sequential(PreActBlock(3, 4, 2)).to(torch.bfloat16)
     converted = fp.convert(model, backend="reference")
