@@ -70,7 +70,7 @@ __global__ void batch_stats_kernel(StatsParams p) {
 template <typename R>
 __device__ void update_running(R* running, int64_t c, float value, float factor) {
   const float old = to_float(running[c]);
-  running[c] = from_float<R>(old + factor * (value - old));
+  running[c] = from_float<R>((1.f - factor) * old + factor * value);  // nn.BatchNorm2d's form: exact at factor 1
 }
 
 // (count, mean, M2) of a set of values.

@@ -12,7 +12,7 @@ from fused_preact.testing import PreActBottleneck as EagerBottleneck
 from fused_preact.testing import PreActResNet as EagerResNet
 from fused_preact.testing import RawShortcutPreActBlock
 from fused_preact.testing import randomize_bn
-from helpers import assert_close, assert_within_eager_error
+from helpers import assert_close, assert_within_eager_error, use_backend_or_skip
 
 BLOCKS = {"basic": (fp.PreActBlock, EagerBlock), "bottleneck": (fp.PreActBottleneck, EagerBottleneck)}
 # (in_planes, planes, stride): identity, channel projection, strided projection, odd sizes.
@@ -157,6 +157,31 @@ def test_fused_unit_bn_options(momentum, affine, track):
             assert_close(ours.bn.running_mean, bn.running_mean, dtype, "running_mean")
             assert_close(ours.bn.running_var, bn.running_var, dtype, "running_var")
             assert torch.equal(ours.bn.num_batches_tracked, bn.num_batches_tracked)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_cumulative_running_statistics_take_the_first_batch_exactly(backend, monkeypatch):
+    """momentum=None, first batch: nn.BatchNorm2d's running statistics become the batch's
+    ((1 - 1) * old + 1 * new). Far from the old values, old + 1 * (new - old) is one rounding
+    of the old value off (here 1e4's: 1e-3). Every update path: the first block's statistics
+    pass, a conv epilogue's for the next unit, and the chain's hand-off to the next block."""
+    use_backend_or_skip(backend, monkeypatch, torch.zeros(1, 4, 4, 4))
+    torch.manual_seed(0)
+    truth = nn.Sequential(EagerBlock(4, 4), EagerBlock(4, 4)).double()
+    for bn in truth.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.momentum = None
+            bn.running_mean.fill_(-1e4), bn.running_var.fill_(1e4)
+    eager = copy.deepcopy(truth).float()
+    ours = fp.convert(copy.deepcopy(truth).float(), backend=backend)
+    x = torch.randn(3, 4, 6, 5, dtype=torch.float64)
+    for model in (truth, eager, ours):
+        run_step(model, x.to(next(model.parameters()).dtype))
+    for (name, expected), theirs, got in zip(truth.named_buffers(), eager.buffers(), ours.buffers()):
+        if expected.is_floating_point():
+            assert_within_eager_error(got, theirs, expected, name)
+        else:
+            assert torch.equal(got, theirs), name
 
 
 def test_fused_unit_residual():

@@ -90,8 +90,10 @@ def bn_finalize(partials, running_mean, running_var, num_batches_tracked, moment
         # nn.BatchNorm2d: momentum=None means a cumulative average, 1 / num_batches_tracked.
         factor = (1.0 / num_batches_tracked.to(mean.dtype)) if momentum is None else momentum
         unbiased = var * count / (count - 1).clamp_min(1)
-        running_mean.copy_(running_mean + factor * (mean.to(running_mean.dtype) - running_mean))
-        running_var.copy_(running_var + factor * (unbiased.to(running_var.dtype) - running_var))
+        # Eager's form, not old + factor * (new - old): at factor 1 (momentum=None's first batch)
+        # it gives the batch's value exactly, not one rounding of the old value off.
+        running_mean.copy_((1 - factor) * running_mean + factor * mean.to(running_mean.dtype))
+        running_var.copy_((1 - factor) * running_var + factor * unbiased.to(running_var.dtype))
     return mean, var
 
 

@@ -180,8 +180,9 @@ def store_batch_stats(total, mean, m2, rc, c_ok, mean_ptr, var_ptr, rmean_ptr, r
         unbiased = m2 / tl.maximum(total - 1.0, 1.0)
         rmean = tl.load(rmean_ptr + rc, mask=c_ok).to(tl.float32)
         rvar = tl.load(rvar_ptr + rc, mask=c_ok).to(tl.float32)
-        tl.store(rmean_ptr + rc, rmean + factor * (mean - rmean), mask=c_ok)
-        tl.store(rvar_ptr + rc, rvar + factor * (unbiased - rvar), mask=c_ok)
+        # nn.BatchNorm2d's form (exact at factor 1: momentum=None's first batch)
+        tl.store(rmean_ptr + rc, (1.0 - factor) * rmean + factor * mean, mask=c_ok)
+        tl.store(rvar_ptr + rc, (1.0 - factor) * rvar + factor * unbiased, mask=c_ok)
 
 
 @triton.jit(noinline=True)
